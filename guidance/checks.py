@@ -1,0 +1,46 @@
+"""Input checks shared by the JEPA-SCORE functions: bad input fails here, with a message that teaches."""
+
+from __future__ import annotations
+
+import torch
+
+PIXEL_SLACK = 0.05  # images a little outside [0, 1] (resampling overshoot) pass; 0..255 or [-1, 1] do not
+
+
+def check_images(images: torch.Tensor) -> None:
+    """Images must be a non-empty, finite (B, 3, H, W) tensor with values in [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W) (RGB, batch first), got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError("images is an empty batch: pass at least one image")
+    if not images.is_floating_point():
+        raise TypeError(f"images must be floating point in [0, 1], got {images.dtype}; divide uint8 images by 255")
+    values = images.detach()
+    if not torch.isfinite(values).all():
+        bad = (~torch.isfinite(values)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise ValueError(f"images hold NaN or infinite pixels (batch indices {bad})")
+    low, high = values.min().item(), values.max().item()
+    if low < -PIXEL_SLACK or high > 1 + PIXEL_SLACK:
+        raise ValueError(
+            f"images must be in [0, 1], got values in [{low:.3g}, {high:.3g}]; "
+            "divide [0, 255] images by 255, map [-1, 1] images with (x + 1) / 2"
+        )
+
+
+def check_sketch(k: int, oversample: int, power_iters: int) -> None:
+    """The randomized-SVD settings: k >= 1, oversample >= 0, power_iters >= 0, all integers."""
+    for label, value, least in (("k", k, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
+
+
+def check_rank(k: int, oversample: int, embed_dim: int, num_pixels: int) -> None:
+    """The sketch width r = k + oversample cannot exceed the rank bound min(D, N) of the Jacobian."""
+    limit = min(embed_dim, num_pixels)
+    if k + oversample > limit:
+        raise ValueError(
+            f"k + oversample = {k} + {oversample} exceeds min(D, N) = min({embed_dim}, {num_pixels}) = {limit}, "
+            "the most singular values the encoder Jacobian has; lower k or oversample"
+        )

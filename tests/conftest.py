@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny DINOv2-architecture ViTs saved and loaded through the product's code, and
+closed-form encoders whose Jacobians are known."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from guidance import load_encoder
+
+ENCODER_NAME = "vit_small_patch14_reg4_dinov2"
+TINY_SIZE = 28  # 2 x 2 patches of 14 pixels
+# A DINOv2-S architecture shrunk to test size; LayerScale at 1 so the blocks matter at random init.
+TINY_ARGS = dict(embed_dim=32, depth=2, num_heads=2, init_values=1.0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def build_tiny_vit(name: str = ENCODER_NAME, seed: int = 0, **overrides) -> nn.Module:
+    torch.manual_seed(seed)
+    args = TINY_ARGS | overrides
+    return timm.create_model(name, pretrained=False, img_size=TINY_SIZE, num_classes=0, **args).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_folder(tmp_path_factory):
+    """A tiny random DINOv2 ViT saved in timm's folder layout (config.json + model.safetensors)."""
+    folder = tmp_path_factory.mktemp("tiny_dinov2")
+    timm.models.save_for_hf(build_tiny_vit(), folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_vit_folder):
+    return load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder64(tiny_vit_folder):
+    """The same tiny encoder in float64, for comparisons that must agree to 1e-6 or better."""
+    return load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE).double()
+
+
+class LinearEncoder(nn.Module):
+    """f(x) = A x with A = U diag(sigma) V^T: the Jacobian is A, its singular values are sigma."""
+
+    def __init__(self, sigma: torch.Tensor, image_shape=(3, 4, 4), seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.Size(image_shape).numel()
+        u = torch.linalg.qr(torch.randn(len(sigma), len(sigma), generator=generator, dtype=torch.float64)).Q
+        v = torch.linalg.qr(torch.randn(pixels, len(sigma), generator=generator, dtype=torch.float64)).Q
+        self.register_buffer("matrix", u @ torch.diag(sigma.double()) @ v.T)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1) @ self.matrix.T
+
+
+class SmoothEncoder(nn.Module):
+    """f(x) = W2 tanh(W1 x + b): a small smooth nonlinear encoder (float64), full rank D."""
+
+    def __init__(self, dim: int = 8, hidden: int = 24, image_shape=(3, 4, 4), seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        pixels = torch.Size(image_shape).numel()
+        self.w1 = nn.Parameter(torch.randn(hidden, pixels, generator=generator, dtype=torch.float64) / pixels**0.5)
+        self.b = nn.Parameter(torch.randn(hidden, generator=generator, dtype=torch.float64))
+        self.w2 = nn.Parameter(torch.randn(dim, hidden, generator=generator, dtype=torch.float64) / hidden**0.5)
+        self.requires_grad_(False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(images.flatten(1) @ self.w1.T + self.b) @ self.w2.T
+
+
+def rand_images(batch: int, shape=(3, 4, 4), seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    return torch.rand((batch, *shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
