@@ -1,0 +1,1 @@
+"""Entry points: each parses arguments, builds a config and calls one library function."""

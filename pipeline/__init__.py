@@ -1,0 +1,1 @@
+"""The factory around guidance/: reading and writing images and tables, Ray stages, storage, tracking."""

@@ -1,0 +1,43 @@
+"""Image files in, tensors out: finding PNG / JPEG files and decoding them to [0, 1] RGB tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def find_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand files and folders (searched recursively) into a sorted list of image files."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_dir():
+            inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not inside:
+                raise ValueError(f"folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+            found.extend(inside)
+        elif path.is_file():
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise ValueError(f"{path} is not an image file; expected one of {', '.join(IMAGE_SUFFIXES)}")
+            found.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {path}")
+    if not found:
+        raise ValueError("no images given: pass image files or folders")
+    return found
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """Decode one image file to a float32 RGB tensor (3, H, W) in [0, 1]."""
+    try:
+        with Image.open(path) as image:
+            rgb = np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255

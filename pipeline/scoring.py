@@ -1,0 +1,102 @@
+"""Rank a user's own images by world-prior rarity: exact JEPA-SCORE or its top-k approximation."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from guidance import ENCODERS, jepa_score, load_encoder, topk_log_volume
+from guidance.checks import check_sketch
+from pipeline.images import find_images, read_image
+
+SCORE_METHODS = ("exact", "topk")
+OUTPUT_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """What to score and how. Lower scores are rarer under the world prior."""
+
+    paths: tuple[str, ...]  # image files or folders (searched recursively)
+    encoder: str = "vit_small_patch14_reg4_dinov2"  # a name from guidance.ENCODERS
+    weights: str = "hub"  # local file / folder, "hub[:TAG]", or "random" (explicitly untrained)
+    method: str = "exact"  # "exact" JEPA-SCORE (all singular values) or "topk" log-volume (randomized SVD)
+    k: int = 9  # top-k singular values for method "topk"
+    oversample: int = 2  # extra sketch columns for method "topk"
+    power_iters: int = 2  # subspace iterations for method "topk"
+    seed: int = 0  # seeds each image's sketch for method "topk"
+    input_size: int = 224  # the encoder's input resolution; every image is resized to it
+    batch_size: int = 4  # images per encoder call
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    output: str | None = None  # optional .csv or .parquet table of the scores
+
+    def __post_init__(self):
+        if not self.paths:
+            raise ValueError("paths is empty: pass image files or folders to score")
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {self.encoder!r}; valid names: {', '.join(sorted(ENCODERS))}")
+        if self.method not in SCORE_METHODS:
+            raise ValueError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.method == "topk":
+            check_sketch(self.k, self.oversample, self.power_iters)
+        if self.output is not None and Path(self.output).suffix not in OUTPUT_SUFFIXES:
+            raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {self.output}")
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    path: str
+    score: float
+
+
+def score_images(config: ScoreConfig) -> list[ScoredImage]:
+    """Score every image; returns them rarest (lowest score) first, ties broken by path."""
+    files = find_images(config.paths)
+    encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size).to(config.device)
+    scored: list[ScoredImage] = []
+    batches = [files[i : i + config.batch_size] for i in range(0, len(files), config.batch_size)]
+    for batch in tqdm(batches, desc=f"{config.method} JEPA-SCORE", unit="batch"):
+        with torch.no_grad():
+            images = torch.stack([encoder.resize(read_image(path)[None].to(config.device))[0] for path in batch])
+        scores = _score(encoder, images, config)
+        scored.extend(ScoredImage(str(path), float(score)) for path, score in zip(batch, scores))
+    return sorted(scored, key=lambda row: (row.score, row.path))
+
+
+def _score(encoder, images: torch.Tensor, config: ScoreConfig) -> torch.Tensor:
+    if config.method == "exact":
+        return jepa_score(encoder, images)
+    generators = [torch.Generator(config.device).manual_seed(config.seed) for _ in range(len(images))]
+    with torch.no_grad():
+        return topk_log_volume(encoder, images, config.k, config.oversample, config.power_iters, generators)
+
+
+def write_scores(rows: list[ScoredImage], output: str | Path, method: str) -> None:
+    """Write ``path, score, method`` rows to a .csv or .parquet file (by its suffix), atomically."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial")
+    if output.suffix == ".csv":
+        with partial.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["path", "score", "method"])
+            writer.writerows((row.path, repr(row.score), method) for row in rows)
+    elif output.suffix == ".parquet":
+        table = pa.table({
+            "path": pa.array([row.path for row in rows], pa.string()),
+            "score": pa.array([row.score for row in rows], pa.float64()),
+            "method": pa.array([method] * len(rows), pa.string()),
+        })
+        pq.write_table(table, partial)
+    else:
+        raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+    os.replace(partial, output)

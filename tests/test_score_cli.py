@@ -1,0 +1,122 @@
+"""jepa-minority score: the user's own image files ranked by world-prior rarity."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from guidance import jepa_score, topk_log_volume
+from jobs import cli
+from pipeline.images import read_image
+from tests.conftest import ENCODER_NAME, TINY_SIZE
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Five images of different sizes and formats, one in a subfolder."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "more").mkdir(parents=True)
+    ramp = np.linspace(0, 255, 42, dtype=np.uint8)
+    Image.fromarray(np.stack([np.tile(ramp, (42, 1))] * 3, -1)).save(folder / "ramp.png")
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(folder / "noise.png")
+    Image.fromarray(np.full((56, 40, 3), 128, np.uint8)).save(folder / "flat.jpg")
+    Image.fromarray(rng.integers(0, 256, (30, 30), dtype=np.uint8)).save(folder / "more" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (28, 28, 4), dtype=np.uint8)).save(folder / "more" / "rgba.png")
+    (folder / "notes.txt").write_text("not an image: skipped inside folders")
+    return folder
+
+
+def direct_scores(encoder, folder):
+    paths = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg"))
+    images = torch.stack([encoder.resize(read_image(p)[None])[0] for p in paths])
+    return {str(p): s for p, s in zip(paths, jepa_score(encoder, images).tolist())}
+
+
+def test_exact_scores_are_ranked_rarest_first_and_written_to_csv(image_folder, tiny_vit_folder, tiny_encoder,
+                                                               tmp_path, capsys):
+    output = tmp_path / "out" / "scores.csv"
+    code = cli.main(["score", str(image_folder), "--encoder", ENCODER_NAME, "--weights", str(tiny_vit_folder),
+                     "--input-size", str(TINY_SIZE), "--batch-size", "2", "--output", str(output)])
+    assert code == 0
+    with output.open() as handle:
+        rows = list(csv.DictReader(handle))
+    want = direct_scores(tiny_encoder, image_folder)
+    assert [row["path"] for row in rows] == sorted(want, key=want.get)
+    for row in rows:
+        # fp32: the final LayerNorm's null direction leaves one singular value at rounding level
+        assert float(row["score"]) == pytest.approx(want[row["path"]], abs=0.01)
+        assert row["method"] == "exact"
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["rank", "score", "path"]
+    assert [line.split()[2] for line in printed[1:]] == [row["path"] for row in rows]
+    assert not list(output.parent.glob(".*partial"))
+
+
+def test_topk_scores_to_parquet_do_not_depend_on_batch_size(image_folder, tiny_vit_folder, tiny_encoder, tmp_path):
+    tables = []
+    for batch_size in (1, 3):
+        output = tmp_path / f"scores{batch_size}.parquet"
+        cli.main(["score", str(image_folder), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE),
+                  "--method", "topk", "--k", "5", "--power-iters", "1", "--seed", "3",
+                  "--batch-size", str(batch_size), "--output", str(output)])
+        tables.append(pq.read_table(output).to_pylist())
+    assert [r["path"] for r in tables[0]] == [r["path"] for r in tables[1]]
+    for one, three in zip(*tables):
+        assert one["score"] == pytest.approx(three["score"], rel=1e-5) and one["method"] == "topk"
+    first = tables[0][0]
+    image = tiny_encoder.resize(read_image(first["path"])[None])
+    want = topk_log_volume(tiny_encoder, image, k=5, power_iters=1, generator=[torch.Generator().manual_seed(3)])
+    assert first["score"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_console_script_runs(image_folder, tiny_vit_folder):
+    script = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "score", str(image_folder / "noise.png"), "--weights",
+         str(tiny_vit_folder), "--input-size", str(TINY_SIZE)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.splitlines()[1].split()[2].endswith("noise.png")
+
+
+def test_undecodable_image_names_the_file(tmp_path, tiny_vit_folder):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(ValueError, match="cannot decode image .*broken.png"):
+        cli.main(["score", str(broken), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE)])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["missing.png"], "no such image file or folder"),
+    (["{tmp}/notes.txt"], "is not an image file"),
+    (["{tmp}"], "holds no"),
+])
+def test_bad_paths_are_refused(tmp_path, args, message):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        cli.main(["score", *[a.format(tmp=tmp_path) for a in args], "--weights", "random"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--output", "scores.json"], "output must end in .csv or .parquet"),
+    (["--method", "topk", "--k", "0"], "k must be an integer >= 1"),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_bad_flags_exit_2_with_the_reason(image_folder, flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["score", str(image_folder), *flags])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_command_is_refused(capsys):
+    assert cli.main(["generate-all"]) == 2
+    assert "unknown command 'generate-all'" in capsys.readouterr().err
