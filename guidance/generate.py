@@ -1,0 +1,103 @@
+"""The library entry point: a model, a batch of work items and a method in; images and scores out."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from guidance.checks import check_rank
+from guidance.encoders import JepaEncoder
+from guidance.jepa_score import jepa_score
+from guidance.methods import SamplingConfig
+from guidance.models import DiffusionModel, WorkItem
+from guidance.objectives import get_objective
+from guidance.sampling import JepaGuidance, sample
+from guidance.schedules import noise_schedule
+
+
+@dataclass(frozen=True)
+class GeneratedSample:
+    """One finished row."""
+
+    image: np.ndarray  # uint8 (H, W, 3)
+    jepa_score: float  # exact JEPA-SCORE of the final image under the run's encoder
+    embedding: np.ndarray  # float32 (D,): the encoder's CLS embedding of the final image
+    steps_guided: int  # how many sampling steps ran JEPA guidance
+    seconds: float  # this row's share of its batch's wall time
+
+
+def sketch_seed(seed: int) -> int:
+    """The seed of a row's sketch stream: derived from the row seed, apart from its noise stream."""
+    return int.from_bytes(hashlib.sha256(f"jepa-sketch:{seed}".encode()).digest()[:8], "big") >> 1
+
+
+def generate_images(
+    model: DiffusionModel,
+    items: Sequence[WorkItem],
+    config: SamplingConfig,
+    encoder: JepaEncoder | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[torch.Tensor, int]:
+    """Sample one image per work item: ((B, 3, H, W) float images in [0, 1], guided step count).
+
+    Row b's initial noise and every stochastic step come from ``torch.Generator().manual_seed(seed_b)``
+    (CPU generators, as diffusers recommends), so a row's image does not depend on the rest of the
+    batch. JEPA methods need ``encoder`` (on the model's device).
+    """
+    if not items:
+        raise ValueError("items is empty: pass at least one WorkItem")
+    model.check(items, config.cfg_scale)
+    overrides = {"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {}
+    schedule = noise_schedule(model.scheduler_config, config.steps, config.sampler, **overrides)
+    guidance = None
+    if config.objective is not None:
+        if encoder is None:
+            raise ValueError(f"method {config.method!r} guides with a JEPA encoder: pass encoder=load_encoder(...)")
+        check_rank(config.guidance.k, config.guidance.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
+        guidance = JepaGuidance(
+            encoder=encoder,
+            objective=get_objective(config.objective),
+            decode=model.decode,
+            config=config.guidance,
+            sketch_generators=[torch.Generator().manual_seed(sketch_seed(item.seed)) for item in items],
+        )
+    generators = [torch.Generator().manual_seed(item.seed) for item in items]
+    x = randn_tensor((len(items), *model.sample_shape), generator=generators, device=model.device, dtype=model.dtype)
+    if config.method == "bns":
+        x = config.bns.gamma * x
+        schedule = schedule.skip(config.bns.skip)
+    x0, steps_guided = sample(
+        model.denoiser(items, config.cfg_scale), x, schedule, generators,
+        ddim_eta=config.ddim_eta, guidance=guidance, progress=progress,
+    )
+    with torch.no_grad():
+        return model.decode(x0).clamp(0, 1).float(), steps_guided
+
+
+def generate(
+    model: DiffusionModel,
+    items: Sequence[WorkItem],
+    config: SamplingConfig,
+    encoder: JepaEncoder,
+    *,
+    progress: bool = False,
+) -> list[GeneratedSample]:
+    """Generate one image per work item with ``config.method``; score each with the exact JEPA-SCORE."""
+    start = time.perf_counter()
+    images, steps_guided = generate_images(model, items, config, encoder, progress=progress)
+    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    encoder_input = encoder.resize(images.to(encoder.mean.device))
+    with torch.no_grad():
+        embeddings = encoder(encoder_input).cpu().numpy().astype(np.float32)
+    scores = jepa_score(encoder, encoder_input).tolist()
+    seconds = (time.perf_counter() - start) / len(items)
+    return [
+        GeneratedSample(pixels[b], scores[b], embeddings[b], steps_guided, seconds) for b in range(len(items))
+    ]

@@ -1,0 +1,105 @@
+"""Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance.
+
+Defaults follow the authors' release (METHOD.md section 3): eta 0.5, constant schedule, L-inf
+normalisation, tau 0.8, interval 1, pre-step placement, k 9, oversample 2, 2 power iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from guidance.checks import check_sketch
+from guidance.schedules import SAMPLERS
+
+METHODS = ("unguided", "bns", "jepa", "jepa-reference")
+GUIDANCE_SCHEDULES = ("constant", "variance")
+PLACEMENTS = ("pre-step", "posterior-mean")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _finite_at_least(name: str, value: float, least: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < least:
+        raise ValueError(f"{name} must be a finite number >= {least}, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """JEPA guidance: descend on the top-k log-volume of the decoded Tweedie estimate."""
+
+    eta: float = 0.5  # strength: the step is eta * g (or eta * beta-tilde_t * g); 0 never guides
+    schedule: str = "constant"  # "constant" or "variance" (scale by the DDPM posterior variance)
+    normalize: bool = True  # divide g by its per-sample max |g| (L-inf normalisation)
+    tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
+    interval: int = 1  # guide every interval-th step once deferral allows
+    placement: str = "pre-step"  # "pre-step": x_t -= step, then the sampler step; "posterior-mean": mean -= step
+    k: int = 9  # top-k singular values in the log-volume
+    oversample: int = 2  # extra sketch columns (r = k + oversample)
+    power_iters: int = 2  # subspace iterations of the sketch
+
+    def __post_init__(self):
+        _finite_at_least("guidance.eta", self.eta, 0)
+        _choice("guidance.schedule", self.schedule, GUIDANCE_SCHEDULES)
+        _choice("guidance.placement", self.placement, PLACEMENTS)
+        if not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
+            raise ValueError(f"guidance.tau must be in [0, 1] (0 never guides, 1 guides from the first step), got {self.tau!r}")
+        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
+            raise ValueError(f"guidance.interval must be an integer >= 1, got {self.interval!r}")
+        check_sketch(self.k, self.oversample, self.power_iters)
+
+    def guided_steps(self, total: int) -> list[bool]:
+        """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
+        if self.eta == 0:
+            return [False] * total
+        eligible = [1 - s / total <= self.tau for s in range(total)]
+        first = eligible.index(True) if True in eligible else total
+        return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(eligible)]
+
+
+@dataclass(frozen=True)
+class BoostSkipConfig:
+    """Boost-and-skip baseline: start from gamma-scaled noise and skip the first ``skip`` steps."""
+
+    gamma: float = 1.1  # initial-noise boost (> 1 pushes towards low-density regions)
+    skip: int = 2  # noisiest steps skipped
+
+    def __post_init__(self):
+        _finite_at_least("bns.gamma", self.gamma, 0)
+        if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 0:
+            raise ValueError(f"bns.skip must be an integer >= 0, got {self.skip!r}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
+
+    method: str = "jepa"  # one of METHODS
+    sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
+    steps: int = 50  # sampling steps
+    ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
+    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        _choice("sampler", self.sampler, SAMPLERS)
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
+        _finite_at_least("ddim_eta", self.ddim_eta, 0)
+        _finite_at_least("cfg_scale", self.cfg_scale, 0)
+        if self.timestep_spacing is not None:
+            _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if self.method == "bns" and self.bns.skip >= self.steps:
+            raise ValueError(f"bns.skip ({self.bns.skip}) must be smaller than steps ({self.steps})")
+
+    @property
+    def objective(self) -> str | None:
+        """The registered top-k objective the method guides with, or None when it does not guide."""
+        return {"jepa": "rsvd", "jepa-reference": "reference"}.get(self.method)

@@ -1,0 +1,224 @@
+"""One denoiser contract, one thin adapter per diffusers model family.
+
+A ``DiffusionModel`` turns a batch of work items into a ``Denoiser`` (x_t, t) -> network output,
+with the conditioning (class labels, prompts, classifier-free guidance) bound inside, and decodes
+a clean sample to an image in [0, 1] (differentiably: guidance flows back through it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One sample to generate: its seed and its condition (a class label, a prompt, or neither)."""
+
+    seed: int
+    class_label: int | None = None
+    prompt: str | None = None
+
+
+class DiffusionModel(ABC):
+    """The contract every family adapter fulfils."""
+
+    family: str
+    network: nn.Module  # the denoising network (UNet or transformer)
+    scheduler_config: dict[str, Any]  # the model's own diffusers scheduler config
+    sample_shape: tuple[int, int, int]  # (C, H, W) of x_t: pixels, or latents for latent models
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.network.device
+
+    @abstractmethod
+    def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
+        """Refuse conditions this model cannot take, naming the fix."""
+
+    @abstractmethod
+    def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
+        """(x_t, t) -> network output for this batch of items, conditioning and CFG bound inside."""
+
+    @abstractmethod
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """Clean sample -> image in [0, 1] (before clamping), differentiable."""
+
+
+def _refuse_prompts(items: Sequence[WorkItem], family: str) -> None:
+    if any(item.prompt is not None for item in items):
+        raise ValueError(f"a {family} model takes no prompts; drop them or choose a text-to-image preset")
+
+
+def _class_labels(items: Sequence[WorkItem], num_classes: int, family: str) -> None:
+    for item in items:
+        if item.class_label is None:
+            raise ValueError(f"a class-conditional {family} model needs a class_label for every item (seed {item.seed})")
+        if isinstance(item.class_label, bool) or not 0 <= item.class_label < num_classes:
+            raise ValueError(f"class_label {item.class_label!r} is out of range: this model has classes 0..{num_classes - 1}")
+
+
+def _guided(conditional: torch.Tensor, unconditional: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, 2022): eps_u + s (eps_c - eps_u)."""
+    return unconditional + cfg_scale * (conditional - unconditional)
+
+
+class PixelUNet(DiffusionModel):
+    """DDPM-style pixel UNet (``UNet2DModel``), unconditional or with class embeddings; x in [-1, 1]."""
+
+    family = "pixel-unet"
+
+    def __init__(self, unet: nn.Module, scheduler_config: dict[str, Any]):
+        self.network = unet
+        self.scheduler_config = scheduler_config
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.sample_shape = (unet.config.in_channels, *size)
+        self.num_classes = unet.config.num_class_embeds
+
+    def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
+        _refuse_prompts(items, self.family)
+        if cfg_scale != 1:
+            raise ValueError(f"a pixel UNet has no null class for classifier-free guidance; set cfg_scale=1, got {cfg_scale}")
+        if self.num_classes is None:
+            if any(item.class_label is not None for item in items):
+                raise ValueError("this pixel UNet is unconditional: drop class labels or load a class-conditional UNet")
+        else:
+            _class_labels(items, self.num_classes, "pixel UNet")
+
+    def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
+        self.check(items, cfg_scale)
+        labels = None
+        if self.num_classes is not None:
+            labels = torch.tensor([item.class_label for item in items], device=self.device)
+        return lambda x, t: self.network(x, t, class_labels=labels).sample
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return (x0 + 1) / 2
+
+
+class DiT(DiffusionModel):
+    """Class-conditional latent transformer (``DiTTransformer2DModel`` + ``AutoencoderKL``) with CFG.
+
+    The null class of classifier-free guidance is the extra label-embedding row ``num_classes``.
+    """
+
+    family = "dit"
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any]):
+        self.network = transformer
+        self.vae = vae
+        self.scheduler_config = scheduler_config
+        size = transformer.config.sample_size
+        self.sample_shape = (transformer.config.in_channels, size, size)
+        self.num_classes = transformer.config.num_embeds_ada_norm
+        table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        self.has_null_class = table.num_embeddings > self.num_classes
+
+    def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
+        _refuse_prompts(items, self.family)
+        _class_labels(items, self.num_classes, "DiT")
+        if cfg_scale != 1 and not self.has_null_class:
+            raise ValueError("this DiT has no null-class embedding for classifier-free guidance; set cfg_scale=1")
+
+    def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
+        self.check(items, cfg_scale)
+        labels = torch.tensor([item.class_label for item in items], device=self.device)
+        channels = self.sample_shape[0]
+
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            if cfg_scale == 1:
+                out = self.network(x, timestep=torch.full((len(x),), t, device=x.device), class_labels=labels).sample
+                return out[:, :channels]
+            both = torch.cat([x, x])
+            null = torch.full_like(labels, self.num_classes)
+            out = self.network(both, timestep=torch.full((len(both),), t, device=x.device),
+                               class_labels=torch.cat([labels, null])).sample[:, :channels]
+            conditional, unconditional = out.chunk(2)
+            return _guided(conditional, unconditional, cfg_scale)
+
+        return eps
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return _vae_decode(self.vae, x0)
+
+
+def _vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (image / 2 + 0.5).to(latents.dtype)
+
+
+class StableDiffusion(DiffusionModel):
+    """Text-to-image latent UNet with CFG: Stable Diffusion 1.x / 2.x, and SDXL (``xl=True``).
+
+    Prompts are encoded by the diffusers pipeline's own ``encode_prompt`` (tokenizers, clip skip,
+    SDXL's second encoder and zeroed empty prompts), so the conditioning matches the pipelines.
+    """
+
+    family = "text-to-image"
+
+    def __init__(self, pipeline: Any, xl: bool):
+        self.pipeline = pipeline
+        self.xl = xl
+        self.network = pipeline.unet
+        self.vae = pipeline.vae
+        self.scheduler_config = dict(pipeline.scheduler.config)
+        size = pipeline.unet.config.sample_size
+        self.sample_shape = (pipeline.unet.config.in_channels, size, size)
+
+    def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
+        for item in items:
+            if item.class_label is not None:
+                raise ValueError("a text-to-image model takes prompts, not class labels")
+            if not item.prompt:
+                raise ValueError(f"a text-to-image model needs a non-empty prompt for every item (seed {item.seed})")
+
+    def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
+        self.check(items, cfg_scale)
+        prompts = [item.prompt for item in items]
+        cfg = cfg_scale > 1
+        with torch.no_grad():
+            if self.xl:
+                embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
+                    prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+                extra = self._xl_conditions(pooled, negative_pooled, embeds.dtype, cfg)
+            else:
+                embeds, negative = self.pipeline.encode_prompt(
+                    prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+                extra = {}
+        context = torch.cat([negative, embeds]) if cfg else embeds
+
+        def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+            model_input = torch.cat([x, x]) if cfg else x
+            out = self.network(model_input, t, encoder_hidden_states=context, **extra).sample
+            if not cfg:
+                return out
+            unconditional, conditional = out.chunk(2)
+            return _guided(conditional, unconditional, cfg_scale)
+
+        return eps
+
+    def _xl_conditions(self, pooled, negative_pooled, dtype, cfg: bool) -> dict[str, Any]:
+        """SDXL's micro-conditioning: pooled text embeddings and (size, crop, size) time ids."""
+        height = self.sample_shape[1] * self.pipeline.vae_scale_factor
+        projection = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(
+            (height, height), (0, 0), (height, height), dtype=dtype, text_encoder_projection_dim=projection
+        ).to(self.device).repeat(len(pooled), 1)
+        text_embeds = torch.cat([negative_pooled, pooled]) if cfg else pooled
+        time_ids = torch.cat([time_ids, time_ids]) if cfg else time_ids
+        return {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return _vae_decode(self.vae, x0)

@@ -1,0 +1,138 @@
+"""Model presets in one table, loaded with diffusers ``from_pretrained`` from a hub id or a local folder.
+
+Every source is a diffusers pipeline folder (``model_index.json`` and one subfolder per component,
+as ``pipeline.save_pretrained`` writes and hub repos hold). A preset names the family and the
+sampling defaults the paper's settings use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from guidance.models import DiT, DiffusionModel, PixelUNet, StableDiffusion
+
+FAMILIES = {  # family -> (diffusers pipeline class that loads it, pipeline class names it accepts)
+    "pixel-unet": (DDPMPipeline, ("DDPMPipeline", "DDIMPipeline")),
+    "dit": (DiTPipeline, ("DiTPipeline",)),
+    "sd": (StableDiffusionPipeline, ("StableDiffusionPipeline",)),
+    "sdxl": (StableDiffusionXLPipeline, ("StableDiffusionXLPipeline",)),
+}
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """One row of the model table."""
+
+    family: str  # a key of FAMILIES
+    hub_id: str | None  # default source (needs the internet); None: the user passes a folder
+    sampler: str  # default update rule ("ddim" or "ddpm")
+    steps: int  # default sampling steps
+    cfg_scale: float  # default classifier-free guidance scale
+    timestep_spacing: str | None = None  # None keeps the scheduler config's spacing
+    needs_unet_weights: bool = False  # the UNet comes from a separate weights file (SDXL-Lightning)
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "pixel-unet": ModelPreset("pixel-unet", None, "ddim", 50, 1.0),
+    "ddpm-celebahq-256": ModelPreset("pixel-unet", "google/ddpm-celebahq-256", "ddim", 50, 1.0),
+    "dit": ModelPreset("dit", None, "ddim", 50, 4.0),
+    "dit-xl-2-256": ModelPreset("dit", "facebook/DiT-XL-2-256", "ddim", 50, 4.0),
+    "sd": ModelPreset("sd", None, "ddim", 50, 7.5),
+    "sd-1.5": ModelPreset("sd", "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 7.5),
+    "sd-2.1-base": ModelPreset("sd", "stabilityai/stable-diffusion-2-1-base", "ddim", 50, 7.5),
+    "sdxl-base": ModelPreset("sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "ddim", 50, 5.0),
+    "sdxl-lightning-4step": ModelPreset(
+        "sdxl", "stabilityai/stable-diffusion-xl-base-1.0", "ddim", 4, 1.0, "trailing", needs_unet_weights=True
+    ),
+}
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def load_model(
+    preset: str,
+    source: str | os.PathLike | None = None,
+    *,
+    variant: str | None = None,
+    unet_weights: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> DiffusionModel:
+    """Load a preset's model, frozen and in eval mode.
+
+    source: a local pipeline folder or a hub id (default: the preset's hub id).
+    variant: diffusers weight variant, e.g. "fp16".
+    unet_weights: a .safetensors / .pth file that replaces the UNet's weights (SDXL-Lightning).
+    dtype: the denoiser's and VAE's dtype (fp32 on CPU; bf16 / fp16 on GPU).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    source = str(source) if source is not None else spec.hub_id
+    if source is None:
+        raise ValueError(f"preset {preset!r} has no default weights: pass the model's pipeline folder as source")
+    if spec.needs_unet_weights and unet_weights is None:
+        raise ValueError(f"preset {preset!r} needs unet_weights: the path of its distilled UNet weights file")
+    pipeline_class, accepted = FAMILIES[spec.family]
+    options: dict[str, Any] = {"dtype": dtype, "variant": variant}
+    if spec.family == "sd":
+        options |= {"safety_checker": None, "requires_safety_checker": False}
+    pipeline = _from_pretrained(pipeline_class, accepted, source, options)
+    if unet_weights is not None:
+        _load_unet_weights(pipeline.unet, Path(unet_weights))
+    vae = getattr(pipeline, "vae", None)
+    if vae is not None and vae.config.get("force_upcast", False) and dtype == torch.float16:
+        vae.to(torch.float32)  # the SDXL VAE overflows in fp16
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.to(device).eval().requires_grad_(False)
+    if spec.family == "pixel-unet":
+        return PixelUNet(pipeline.unet, dict(pipeline.scheduler.config))
+    if spec.family == "dit":
+        return DiT(pipeline.transformer, pipeline.vae, dict(pipeline.scheduler.config))
+    return StableDiffusion(pipeline, xl=spec.family == "sdxl")
+
+
+def _from_pretrained(pipeline_class, accepted: tuple[str, ...], source: str, options: dict[str, Any]):
+    folder = Path(source).expanduser()
+    if folder.exists():
+        index = folder / "model_index.json"
+        if not index.is_file():
+            raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+                             "save one with pipeline.save_pretrained(folder)")
+        found = json.loads(index.read_text()).get("_class_name")
+        if found not in accepted:
+            raise ValueError(f"{folder} holds a {found}, but this preset loads a {' or '.join(accepted)}")
+        return pipeline_class.from_pretrained(folder, **options)
+    if not HUB_ID.match(source):
+        raise FileNotFoundError(f"model folder not found: {folder} (and it is not a hub id like 'org/name')")
+    try:
+        return pipeline_class.from_pretrained(source, **options)
+    except Exception as error:  # offline or unknown repo: either way there are no weights
+        raise RuntimeError(f"could not fetch {source} from the hub ({error}). Without the internet, download "
+                           "the pipeline elsewhere and pass its folder as the model source.") from error
+
+
+def _load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
+    """Replace every UNet weight from a safetensors or weights-only torch file (strict)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"UNet weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"could not read UNet weights {path} (truncated, corrupted, or not weights-only): {error}") from error
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"UNet weights {path} do not fit this UNet: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")

@@ -1,0 +1,330 @@
+"""The sampling core against the diffusers pipelines, and the guidance contracts every family keeps."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from guidance import jepa_score
+from guidance.generate import generate, generate_images
+from guidance.methods import BoostSkipConfig, GuidanceConfig, SamplingConfig
+from guidance.models import WorkItem
+from guidance.presets import PRESETS, load_model
+from guidance.schedules import noise_schedule
+from tests import tiny_diffusion
+
+CAT, DOG = "a photo of a cat", "a photo of a dog"
+TEXT_ITEMS = [WorkItem(11, prompt=CAT), WorkItem(12, prompt=DOG)]
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_pipelines")
+    return {
+        "pixel": tiny_diffusion.save_pixel_unet(root / "pixel"),
+        "class": tiny_diffusion.save_pixel_unet(root / "class", num_classes=10),
+        "dit": tiny_diffusion.save_dit(root / "dit"),
+        "sd": tiny_diffusion.save_sd(root / "sd", root / "scratch_sd"),
+        "sdxl": tiny_diffusion.save_sdxl(root / "sdxl", root / "scratch_sdxl"),
+    }
+
+
+@pytest.fixture(scope="session")
+def models(folders):
+    return {
+        "pixel": load_model("pixel-unet", folders["pixel"]),
+        "class": load_model("pixel-unet", folders["class"]),
+        "dit": load_model("dit", folders["dit"]),
+        "sd": load_model("sd", folders["sd"]),
+        "sdxl": load_model("sdxl-base", folders["sdxl"]),
+    }
+
+
+# family -> (work items, cfg scale) used by the shared contracts below
+CASES = {
+    "pixel": ([WorkItem(1), WorkItem(2), WorkItem(3)], 1.0),
+    "class": ([WorkItem(1, 3), WorkItem(2, 7), WorkItem(3, 0)], 1.0),
+    "dit": ([WorkItem(1, 3), WorkItem(2, 7), WorkItem(3, 999)], 4.0),
+    "sd": ([WorkItem(1, prompt=CAT), WorkItem(2, prompt=DOG), WorkItem(3, prompt="a red car")], 7.5),
+    "sdxl": ([WorkItem(1, prompt=CAT), WorkItem(2, prompt=DOG), WorkItem(3, prompt="a red car")], 5.0),
+}
+
+
+def generators(seeds):
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def ours(model, items, encoder=None, **config):
+    images, _ = generate_images(model, items, SamplingConfig(**config), encoder)
+    return images.permute(0, 2, 3, 1).numpy()
+
+
+# -- unguided reproduces the diffusers pipelines -------------------------------------------------
+
+def test_ddpm_matches_ddpm_pipeline(folders, models):
+    pipe = DDPMPipeline.from_pretrained(folders["pixel"])
+    want = pipe(batch_size=2, generator=generators([5, 6]), num_inference_steps=6, output_type="np").images
+    got = ours(models["pixel"], [WorkItem(5), WorkItem(6)], method="unguided", sampler="ddpm", steps=6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("ddim_eta", [0.0, 0.5])
+def test_ddim_matches_ddim_pipeline(folders, models, ddim_eta):
+    pipe = DDIMPipeline.from_pretrained(folders["pixel"])
+    want = pipe(batch_size=2, generator=generators([5, 6]), num_inference_steps=5, eta=ddim_eta, output_type="np").images
+    got = ours(models["pixel"], [WorkItem(5), WorkItem(6)], method="unguided", steps=5, ddim_eta=ddim_eta)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_dit_matches_dit_pipeline_with_classifier_free_guidance(folders, models):
+    pipe = DiTPipeline.from_pretrained(folders["dit"])
+    want = pipe(class_labels=[3, 7], guidance_scale=4.0, generator=generators([5, 6]), num_inference_steps=5,
+                output_type="np").images
+    got = ours(models["dit"], [WorkItem(5, 3), WorkItem(6, 7)], method="unguided", steps=5, cfg_scale=4.0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_stable_diffusion_matches_its_pipeline(folders, models):
+    pipe = StableDiffusionPipeline.from_pretrained(folders["sd"], safety_checker=None, requires_safety_checker=False)
+    want = pipe([CAT, DOG], guidance_scale=7.5, num_inference_steps=4, generator=generators([11, 12]),
+                output_type="np").images
+    got = ours(models["sd"], TEXT_ITEMS, method="unguided", steps=4, cfg_scale=7.5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sdxl_matches_its_pipeline(folders, models):
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    want = pipe([CAT, DOG], guidance_scale=5.0, num_inference_steps=4, generator=generators([11, 12]),
+                output_type="np").images
+    got = ours(models["sdxl"], TEXT_ITEMS, method="unguided", steps=4, cfg_scale=5.0)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sdxl_lightning_loads_its_unet_file_and_samples_four_trailing_steps(folders, tmp_path):
+    base = load_model("sdxl-base", folders["sdxl"])
+    distilled = {name: value + 0.01 for name, value in base.network.state_dict().items()}
+    weights = tmp_path / "sdxl_lightning_4step_unet.safetensors"
+    safetensors.torch.save_file(distilled, weights)
+    lightning = load_model("sdxl-lightning-4step", folders["sdxl"], unet_weights=weights)
+    for name, value in lightning.network.state_dict().items():
+        torch.testing.assert_close(value, distilled[name])
+    preset = PRESETS["sdxl-lightning-4step"]
+    schedule = noise_schedule(lightning.scheduler_config, preset.steps, preset.sampler,
+                              timestep_spacing=preset.timestep_spacing)
+    assert schedule.timesteps == (999, 749, 499, 249)
+    config = dict(method="unguided", steps=preset.steps, cfg_scale=preset.cfg_scale, timestep_spacing="trailing")
+    assert not np.allclose(ours(lightning, TEXT_ITEMS, **config), ours(base, TEXT_ITEMS, **config))
+
+
+def test_timesteps_come_from_the_models_scheduler_config(models):
+    sd = noise_schedule(models["sd"].scheduler_config, 4, "ddim")
+    assert sd.timesteps == (751, 501, 251, 1)  # leading spacing with steps_offset = 1
+    assert sd.previous == (501, 251, 1, -249)
+    ddpm = noise_schedule(models["pixel"].scheduler_config, 4, "ddpm")
+    assert ddpm.timesteps == (750, 500, 250, 0) and ddpm.previous == (500, 250, 0, -1)
+
+
+# -- the guidance contracts, for every family -----------------------------------------------------
+
+@pytest.mark.parametrize("family", CASES)
+def test_guidance_that_never_acts_is_identical_to_unguided(models, tiny_encoder, family):
+    items, cfg = CASES[family]
+    unguided = ours(models[family], items, method="unguided", steps=4, cfg_scale=cfg)
+    for guidance in (GuidanceConfig(tau=0.0), GuidanceConfig(eta=0.0, tau=1.0)):
+        guided = ours(models[family], items, tiny_encoder, method="jepa", steps=4, cfg_scale=cfg, guidance=guidance)
+        assert np.array_equal(guided, unguided)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_a_batch_equals_single_rows_and_seeds_reproduce(models, tiny_encoder, family):
+    items, cfg = CASES[family]
+    config = dict(method="jepa", sampler="ddpm", steps=4, cfg_scale=cfg, guidance=GuidanceConfig(tau=1.0, k=4))
+    batched = ours(models[family], items, tiny_encoder, **config)
+    singles = np.concatenate([ours(models[family], [item], tiny_encoder, **config) for item in items])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+    again = ours(models[family], items[:1], tiny_encoder, **config)
+    assert np.array_equal(again, singles[:1])
+
+
+@pytest.mark.parametrize("family", ["class", "dit", "sd", "sdxl"])
+def test_conditioning_changes_the_output(models, family):
+    items, cfg = CASES[family]
+    first, second = items[0], items[1]
+    swapped = dataclasses.replace(second, seed=first.seed)  # same noise, other condition
+    a = ours(models[family], [first], method="unguided", steps=3, cfg_scale=cfg)
+    b = ours(models[family], [swapped], method="unguided", steps=3, cfg_scale=cfg)
+    assert np.abs(a - b).max() > 1e-3
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_jepa_guidance_lowers_the_mean_exact_jepa_score(models, tiny_encoder, family):
+    """8 seeds, same noise; the tiny random models respond strongly, so the margin is a full nat."""
+    base_items, cfg = CASES[family]
+    items = [dataclasses.replace(base_items[i % 3], seed=100 + i) for i in range(8)]
+    unguided = generate(models[family], items, SamplingConfig(method="unguided", steps=4, cfg_scale=cfg), tiny_encoder)
+    guided = generate(models[family], items, SamplingConfig(
+        method="jepa", steps=4, cfg_scale=cfg, guidance=GuidanceConfig(tau=1.0, k=4)), tiny_encoder)
+    shift = np.mean([g.jepa_score for g in guided]) - np.mean([u.jepa_score for u in unguided])
+    assert shift < -1.0, shift
+
+
+def test_rows_carry_exact_scores_embeddings_and_metadata(models, tiny_encoder):
+    items = [WorkItem(1, 3), WorkItem(2, 7)]
+    rows = generate(models["class"], items, SamplingConfig(steps=4, guidance=GuidanceConfig(tau=0.5, k=4)), tiny_encoder)
+    images = torch.stack([torch.from_numpy(row.image).permute(2, 0, 1).float() / 255 for row in rows])
+    assert rows[0].image.dtype == np.uint8 and rows[0].image.shape == (8, 8, 3)
+    resized = tiny_encoder.resize(images)
+    want = jepa_score(tiny_encoder, resized)
+    for row, score, embedding in zip(rows, want, tiny_encoder(resized)):
+        assert row.jepa_score == pytest.approx(score.item(), abs=0.05)  # the row scored its float image
+        np.testing.assert_allclose(row.embedding, embedding.detach().numpy(), atol=0.05)
+        assert row.embedding.dtype == np.float32
+        assert row.steps_guided == 2  # tau = 0.5 of 4 steps: s = 2, 3
+        assert row.seconds > 0
+
+
+def test_reference_objective_guides_too(models, tiny_encoder):
+    items = [WorkItem(100 + i, i % 10) for i in range(4)]
+    config = dict(steps=4, guidance=GuidanceConfig(tau=1.0, k=4))
+    unguided = generate(models["class"], items, SamplingConfig(method="unguided", steps=4), tiny_encoder)
+    reference = generate(models["class"], items, SamplingConfig(method="jepa-reference", **config), tiny_encoder)
+    ours_rows = generate(models["class"], items, SamplingConfig(method="jepa", **config), tiny_encoder)
+    assert np.mean([r.jepa_score for r in reference]) < np.mean([u.jepa_score for u in unguided]) - 1.0
+    assert not all(np.array_equal(r.image, o.image) for r, o in zip(reference, ours_rows))
+
+
+@pytest.mark.parametrize("change", [dict(placement="posterior-mean"), dict(schedule="variance", eta=500.0),
+                                    dict(normalize=False, eta=50.0), dict(interval=2)])
+def test_every_guidance_option_acts(models, tiny_encoder, change):
+    items = [WorkItem(1, 3), WorkItem(2, 7)]
+    default = GuidanceConfig(tau=1.0, k=4)
+    base = ours(models["class"], items, tiny_encoder, steps=4, guidance=default)
+    changed = ours(models["class"], items, tiny_encoder, steps=4, guidance=dataclasses.replace(default, **change))
+    assert np.abs(base - changed).max() > 1e-4
+
+
+def test_deferral_and_interval_choose_the_guided_steps():
+    assert GuidanceConfig(tau=0.8).guided_steps(10) == [False] * 2 + [True] * 8
+    assert GuidanceConfig(tau=0.8, interval=2).guided_steps(10) == [False, False] + [True, False] * 4
+    assert GuidanceConfig(tau=1.0).guided_steps(4) == [True] * 4
+    assert GuidanceConfig(tau=0.0).guided_steps(4) == [False] * 4
+    assert GuidanceConfig(eta=0.0, tau=1.0).guided_steps(4) == [False] * 4
+
+
+def test_boost_and_skip(models):
+    items = [WorkItem(1, 3)]
+    unguided = ours(models["class"], items, method="unguided", steps=5)
+    neutral = ours(models["class"], items, method="bns", steps=5, bns=BoostSkipConfig(gamma=1.0, skip=0))
+    boosted = ours(models["class"], items, method="bns", steps=5, bns=BoostSkipConfig(gamma=1.3, skip=2))
+    assert np.array_equal(neutral, unguided)
+    assert np.abs(boosted - unguided).max() > 1e-3
+
+
+def test_bf16_model_keeps_the_encoder_branch_in_fp32(folders, tiny_encoder):
+    model = load_model("pixel-unet", folders["class"], dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    rows = generate(model, [WorkItem(1, 3)], SamplingConfig(steps=3, guidance=GuidanceConfig(tau=1.0, k=4)),
+                    tiny_encoder)
+    assert rows[0].steps_guided == 3 and np.isfinite(rows[0].jepa_score)
+    assert all(p.dtype == torch.float32 for p in tiny_encoder.parameters())
+
+
+# -- bad input --------------------------------------------------------------------------------------
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="unknown model preset 'sd-9'; valid presets: pixel-unet"):
+        load_model("sd-9")
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        load_model("pixel-unet", tmp_path / "nowhere" / "unet")
+
+
+def test_a_folder_of_another_family_is_refused(folders):
+    with pytest.raises(ValueError, match="holds a DDPMPipeline, but this preset loads a StableDiffusionPipeline"):
+        load_model("sd", folders["pixel"])
+
+
+def test_not_a_pipeline_folder(tmp_path):
+    with pytest.raises(ValueError, match="no model_index.json"):
+        load_model("pixel-unet", tmp_path)
+
+
+def test_preset_without_default_weights_needs_a_source():
+    with pytest.raises(ValueError, match="pass the model's pipeline folder as source"):
+        load_model("pixel-unet")
+
+
+def test_lightning_without_its_unet_file(folders, tmp_path):
+    with pytest.raises(ValueError, match="needs unet_weights"):
+        load_model("sdxl-lightning-4step", folders["sdxl"])
+    with pytest.raises(FileNotFoundError, match="UNet weights file not found"):
+        load_model("sdxl-lightning-4step", folders["sdxl"], unet_weights=tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("family,items,message", [
+    ("class", [WorkItem(1, 10)], "class_label 10 is out of range: this model has classes 0..9"),
+    ("class", [WorkItem(1)], "needs a class_label for every item"),
+    ("pixel", [WorkItem(1, 2)], "this pixel UNet is unconditional"),
+    ("dit", [WorkItem(1, 1000)], "out of range: this model has classes 0..999"),
+    ("sd", [WorkItem(1)], "needs a non-empty prompt"),
+    ("sd", [WorkItem(1, prompt="")], "needs a non-empty prompt"),
+    ("sd", [WorkItem(1, 3, prompt=CAT)], "takes prompts, not class labels"),
+    ("class", [WorkItem(1, 3, prompt=CAT)], "takes no prompts"),
+])
+def test_bad_conditions_are_refused(models, family, items, message):
+    with pytest.raises(ValueError, match=message):
+        ours(models[family], items, method="unguided", steps=2)
+
+
+def test_cfg_on_a_pixel_unet_is_refused(models):
+    with pytest.raises(ValueError, match="set cfg_scale=1"):
+        ours(models["class"], [WorkItem(1, 3)], method="unguided", steps=2, cfg_scale=3.0)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(method="magic"), "method must be one of unguided, bns, jepa, jepa-reference"),
+    (dict(steps=0), "steps must be an integer >= 1"),
+    (dict(ddim_eta=-0.1), "ddim_eta must be a finite number >= 0"),
+    (dict(sampler="euler"), "sampler must be one of ddpm, ddim"),
+    (dict(method="bns", steps=2, bns=BoostSkipConfig(skip=2)), "bns.skip \\(2\\) must be smaller than steps"),
+])
+def test_bad_sampling_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**settings)
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(tau=1.5), "tau must be in \\[0, 1\\]"),
+    (dict(tau=-0.1), "tau must be in \\[0, 1\\]"),
+    (dict(eta=-1.0), "guidance.eta must be a finite number >= 0"),
+    (dict(eta=float("nan")), "guidance.eta must be a finite number >= 0"),
+    (dict(interval=0), "interval must be an integer >= 1"),
+    (dict(placement="after"), "placement must be one of pre-step, posterior-mean"),
+    (dict(schedule="cosine"), "schedule must be one of constant, variance"),
+])
+def test_bad_guidance_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        GuidanceConfig(**settings)
+
+
+def test_sketch_wider_than_the_encoder_is_refused_before_sampling(models, tiny_encoder):
+    config = SamplingConfig(steps=2, guidance=GuidanceConfig(k=31, oversample=2))
+    with pytest.raises(ValueError, match="k \\+ oversample = 31 \\+ 2 exceeds min\\(D, N\\) = min\\(32"):
+        generate_images(models["class"], [WorkItem(1, 3)], config, tiny_encoder)
+
+
+def test_steps_beyond_the_training_schedule_are_refused(models):
+    with pytest.raises(ValueError, match="steps must be an integer in \\[1, 1000\\]"):
+        ours(models["pixel"], [WorkItem(1)], method="unguided", steps=1001)
+
+
+def test_jepa_without_an_encoder_is_refused(models):
+    with pytest.raises(ValueError, match="pass encoder=load_encoder"):
+        generate_images(models["class"], [WorkItem(1, 3)], SamplingConfig(steps=2))
