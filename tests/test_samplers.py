@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from guidance import jepa_score
 from guidance.generate import generate, generate_images
@@ -94,6 +95,18 @@ def test_stable_diffusion_matches_its_pipeline(folders, models):
     want = pipe([CAT, DOG], guidance_scale=7.5, num_inference_steps=4, generator=generators([11, 12]),
                 output_type="np").images
     got = ours(models["sd"], TEXT_ITEMS, method="unguided", steps=4, cfg_scale=7.5)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_v_prediction_matches_the_pipeline(folders, models):
+    """SD 2.x (768) predicts v: the same pipeline with a v-prediction scheduler config."""
+    pipe = StableDiffusionPipeline.from_pretrained(folders["sd"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    want = pipe([CAT, DOG], guidance_scale=7.5, num_inference_steps=4, generator=generators([11, 12]),
+                output_type="np").images
+    model = copy.copy(models["sd"])
+    model.scheduler_config = dict(pipe.scheduler.config)
+    got = ours(model, TEXT_ITEMS, method="unguided", steps=4, cfg_scale=7.5)
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
