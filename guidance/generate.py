@@ -26,7 +26,7 @@ class GeneratedSample:
     """One finished row."""
 
     image: np.ndarray  # uint8 (H, W, 3)
-    jepa_score: float  # exact JEPA-SCORE of the final image under the run's encoder
+    jepa_score: float  # exact JEPA-SCORE of the final uint8 image under the run's encoder
     embedding: np.ndarray  # float32 (D,): the encoder's CLS embedding of the final image
     steps_guided: int  # how many sampling steps ran JEPA guidance
     seconds: float  # this row's share of its batch's wall time
@@ -93,7 +93,8 @@ def generate(
     start = time.perf_counter()
     images, steps_guided = generate_images(model, items, config, encoder, progress=progress)
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    encoder_input = encoder.resize(images.to(encoder.mean.device))
+    stored = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # score what is stored: the uint8 image
+    encoder_input = encoder.resize(stored.to(encoder.mean.device))
     with torch.no_grad():
         embeddings = encoder(encoder_input).cpu().numpy().astype(np.float32)
     scores = jepa_score(encoder, encoder_input).tolist()

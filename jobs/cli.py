@@ -7,6 +7,7 @@ import logging
 import sys
 
 COMMANDS = {
+    "generate": "jobs.generate",  # the main job: JEPA-guided samples on Ray into Parquet
     "score": "jobs.score",  # rank image files by world-prior rarity
 }
 

@@ -3,6 +3,8 @@ closed-form encoders whose Jacobians are known."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import timm
 import torch
@@ -83,3 +85,36 @@ class SmoothEncoder(nn.Module):
 
 def rand_images(batch: int, shape=(3, 4, 4), seed: int = 0, dtype=torch.float64) -> torch.Tensor:
     return torch.rand((batch, *shape), generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """A real S3-protocol server on 127.0.0.1 with authentication; its user's keys are in the
+    environment (the standard AWS chain), as a user's would be, for the driver and Ray workers."""
+    from tests.services import start_s3_server
+
+    server = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log")
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update({"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"})
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """A local Ray cluster on loopback (2 CPUs), started after the AWS environment so workers inherit it."""
+    import ray
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -194,8 +194,8 @@ def test_rows_carry_exact_scores_embeddings_and_metadata(models, tiny_encoder):
     resized = tiny_encoder.resize(images)
     want = jepa_score(tiny_encoder, resized)
     for row, score, embedding in zip(rows, want, tiny_encoder(resized)):
-        assert row.jepa_score == pytest.approx(score.item(), abs=0.05)  # the row scored its float image
-        np.testing.assert_allclose(row.embedding, embedding.detach().numpy(), atol=0.05)
+        assert row.jepa_score == pytest.approx(score.item(), abs=0.02)  # fp32 noise of a near-null direction
+        np.testing.assert_allclose(row.embedding, embedding.detach().numpy(), atol=1e-5)
         assert row.embedding.dtype == np.float32
         assert row.steps_guided == 2  # tau = 0.5 of 4 steps: s = 2, 3
         assert row.seconds > 0

@@ -1,0 +1,54 @@
+"""jepa-minority generate: the main job. Samples every work item on Ray into Parquet, tracked in MLflow.
+
+Submit to a cluster with: ray job submit --working-dir . -- python -m jobs.generate CONFIG
+(``ray.init()`` attaches to RAY_ADDRESS when set and starts a local cluster otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import ConfigError, load_config
+from pipeline.generation import run_generation
+from pipeline.storage import StorageError
+from pipeline.work import WorkError
+
+log = logging.getLogger("jepa-minority")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jepa-minority generate", description=__doc__)
+    parser.add_argument("config", nargs="?", help="a YAML config (sections: model, encoder, sampling, work, output, "
+                                                  "storage, ray, tracking); defaults when omitted")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one value, e.g. --set sampling.steps=20 (repeatable)")
+    parser.add_argument("--output", help="output URI (same as --set output.uri=...)")
+    parser.add_argument("--dry-run", action="store_true", help="validate the config and expand the work; sample nothing")
+    args = parser.parse_args(argv)
+    overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
+    try:
+        config = load_config(args.config, overrides)
+        summary = run_generation(config, dry_run=args.dry_run)
+    except (ConfigError, WorkError, StorageError) as error:
+        print(f"jepa-minority generate: {error}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"dry run: {summary.planned} samples planned for {summary.output_uri}"
+              f"{f' ({summary.truncated_prompts} prompts truncated)' if summary.truncated_prompts else ''}")
+        return 0
+    print(f"output:    {summary.output_uri}")
+    print(f"samples:   {summary.committed} of {summary.planned} committed ({summary.generated} by this run), "
+          f"{summary.failed} failed")
+    if summary.truncated_prompts:
+        print(f"prompts:   {summary.truncated_prompts} truncated to work.max_prompt_chars")
+    if summary.run_id:
+        print(f"mlflow:    run {summary.run_id} in {summary.tracking_uri}")
+    print(f"status:    {'complete' if summary.complete else 'INCOMPLETE: rerun the same command to resume'}")
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""The generation job's config: typed dataclasses from YAML, ``--set a.b=value`` overrides, strict checks.
+
+Everything is validated before any model is loaded: unknown keys, wrong types and out-of-range
+values are errors that name the key. Credentials have no field here: they come only from the
+standard AWS environment / profile chain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from guidance.encoders import ENCODERS
+from guidance.methods import SamplingConfig
+from guidance.presets import PRESETS
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which diffusion model, and where its weights are."""
+
+    preset: str = "pixel-unet"  # a name from guidance.PRESETS
+    source: str | None = None  # a local diffusers pipeline folder or a hub id (default: the preset's)
+    variant: str | None = None  # diffusers weight variant, e.g. "fp16"
+    unet_weights: str | None = None  # a separate UNet weights file (SDXL-Lightning)
+    dtype: str = "auto"  # denoiser / VAE dtype: auto = float32 on CPU, bfloat16 on GPU
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The world prior: a DINOv2 encoder and its weights."""
+
+    name: str = "vit_small_patch14_reg4_dinov2"  # a name from guidance.ENCODERS
+    weights: str = "hub"  # a .safetensors / .pth file, a timm folder, "hub[:TAG]", or "random" (explicit)
+    input_size: int = 224  # images are resized to this before the encoder
+
+    def __post_init__(self):
+        if self.name not in ENCODERS:
+            raise ConfigError(f"encoder.name: unknown encoder {self.name!r}; valid names: {', '.join(sorted(ENCODERS))}")
+        if self.input_size < 14 or self.input_size % 14:
+            raise ConfigError(f"encoder.input_size must be a positive multiple of 14, got {self.input_size}")
+
+
+@dataclass(frozen=True)
+class WorkConfig:
+    """What to generate: prompts from a file, or class labels x samples per label, or a count."""
+
+    prompts: str | None = None  # a .txt / .jsonl / .csv / .parquet file of prompts (local, file:// or s3://)
+    repeats: int = 1  # samples per prompt
+    class_labels: list[int] | None = None  # class-conditional models: the labels to sample
+    samples_per_label: int = 1  # samples per class label
+    count: int | None = None  # unconditional models: how many samples
+    base_seed: int = 0  # every row's seed derives from this and the row's place in the work
+    max_prompt_chars: int = 1000  # longer prompts are truncated (and the truncation is reported)
+
+    def __post_init__(self):
+        given = [name for name in ("prompts", "class_labels", "count") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ConfigError(
+                f"work: set exactly one of prompts, class_labels or count (got {', '.join(given) or 'none'})"
+            )
+        for name in ("repeats", "samples_per_label", "max_prompt_chars"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"work.{name} must be >= 1, got {getattr(self, name)}")
+        if self.count is not None and self.count < 1:
+            raise ConfigError(f"work.count must be >= 1, got {self.count}")
+        if self.class_labels is not None:
+            if not self.class_labels:
+                raise ConfigError("work.class_labels is empty: list at least one label")
+            if any(label < 0 for label in self.class_labels):
+                raise ConfigError(f"work.class_labels must be >= 0, got {self.class_labels}")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage. Credentials come only from the AWS environment / profile chain."""
+
+    endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
+    region: str | None = None  # the bucket's region
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray resources for the sampler actors."""
+
+    actors: int = 1  # sampler actors in the pool (each loads the models once)
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0  # CPUs reserved per actor (fractions keep small machines from stalling)
+    batch_size: int = 4  # samples per actor call
+
+    def __post_init__(self):
+        if self.actors < 1:
+            raise ConfigError(f"ray.actors must be >= 1, got {self.actors}")
+        if self.batch_size < 1:
+            raise ConfigError(f"ray.batch_size must be >= 1, got {self.batch_size}")
+        if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
+            raise ConfigError("ray.cpus_per_actor and ray.gpus_per_actor must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the MLflow run goes."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
+    artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
+    experiment: str = "jepa-minority"
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the rows go and how they are laid out."""
+
+    uri: str = "outputs/run"  # a local path, file:// or s3://bucket/prefix
+    max_rows_per_file: int = 1024  # bounds each Parquet file
+    row_group_size: int = 128  # rows per Parquet row group
+    max_failure_fraction: float = 0.0  # more failed samples than this makes the job exit non-zero
+
+    def __post_init__(self):
+        if self.max_rows_per_file < 1 or self.row_group_size < 1:
+            raise ConfigError("output.max_rows_per_file and output.row_group_size must be >= 1")
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ConfigError(f"output.max_failure_fraction must be in [0, 1], got {self.max_failure_fraction}")
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """The whole generation job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    work: WorkConfig = field(default_factory=lambda: WorkConfig(count=8))
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerateConfig:
+    """Read a YAML config (or start from the defaults), apply ``a.b=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override)
+    return build(GenerateConfig, data, "")
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value (e.g. sampling.steps=20), got {override!r}")
+    parts = key.strip().split(".")
+    target = data
+    for part in parts[:-1]:
+        node = target.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
+        target = node
+    target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def build(cls: type, data: Any, where: str):
+    """Build dataclass ``cls`` from a mapping, checking keys and types; errors name the dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(fields)}")
+    values = {name: _convert(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where or 'config'}: {error}") from error
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be empty")
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, key)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as nested plain data (it holds no secrets: there are no credential fields)."""
+    return dataclasses.asdict(config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+

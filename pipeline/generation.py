@@ -1,0 +1,224 @@
+"""The main job: manifest first, then Ray Data sampling into atomically committed Parquet, tracked in MLflow.
+
+Exactly once, resumable (why shard files and not Ray's row-id checkpointing: Ray's Parquet writer
+writes straight to the final path, so a killed run can leave a half file that looks like data, and
+its checkpoint and data files are not committed together). Here:
+  1. the manifest (one row per sample, deterministic ids) is written before any sampling;
+  2. data files are committed atomically (pipeline/sink.py), each holding whole rows;
+  3. a run reads the committed ids back and samples only the rest; a crash loses only uncommitted
+     work, and no id can be committed twice because the next run skips every committed id;
+  4. ``_run.json`` is written last, only when every sample is committed or recorded as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from pipeline.config import GenerateConfig, flatten, to_dict
+from pipeline.report import contact_sheet, score_histogram
+from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from pipeline.storage import Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes, write_table
+from pipeline.tracking import RunTracker
+from pipeline.work import Manifest, build_manifest
+
+log = logging.getLogger(__name__)
+SHEET_SIZE = 8  # samples per contact-sheet row
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+@dataclass(frozen=True)
+class GenerationSummary:
+    """What a run did and where everything is."""
+
+    output_uri: str
+    planned: int  # samples in the manifest
+    generated: int  # committed by this run
+    committed: int  # committed in total
+    failed: int  # recorded under failures/ and not committed
+    truncated_prompts: int
+    complete: bool  # _run.json written
+    ok: bool  # complete, or failures within output.max_failure_fraction
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    seconds: float = 0.0
+
+
+def committed_ids(output: Location) -> pa.Array:
+    """Sample ids of every committed data file."""
+    files = list_files(output.child(DATA_DIR), ".parquet")
+    if not files:
+        return pa.array([], pa.string())
+    dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
+    return dataset.to_table(columns=["sample_id"]).column("sample_id").combine_chunks()
+
+
+def failed_ids(output: Location, committed: pa.Array) -> list[str]:
+    """Ids recorded as failed and still not committed; records of since-committed ids are removed."""
+    done = set(committed.to_pylist())
+    failed = []
+    for record in list_files(output.child(FAILURES_DIR), ".json"):
+        sample_id = record.path.rsplit("/", 1)[1].removesuffix(".json")
+        if sample_id in done:
+            delete(record)
+        else:
+            failed.append(sample_id)
+    return failed
+
+
+def prepare_manifest(output: Location, manifest: Manifest) -> None:
+    """Write the manifest, or check that the one already there is this config's."""
+    target = output.child(MANIFEST_FILE)
+    if exists(target):
+        found = pq.read_schema(pa.BufferReader(read_bytes(target))).metadata or {}
+        digest = found.get(b"config_digest", b"").decode()
+        if digest != manifest.digest:
+            raise StorageError(
+                f"{output.uri} holds another run (manifest digest {digest[:12]}, this config {manifest.digest[:12]}); "
+                "choose a new output.uri, or rerun with the config that made it to resume"
+            )
+        return
+    write_table(target, manifest.table, row_group_size=65536)
+
+
+def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> GenerationSummary:
+    """Generate every manifest sample not yet committed; finish with _run.json when all are accounted for."""
+    output = resolve(config.output.uri, config.storage)
+    manifest = build_manifest(config)
+    planned = manifest.table.num_rows
+    if dry_run:
+        return GenerationSummary(config.output.uri, planned, 0, 0, 0, manifest.truncated_prompts, False, True)
+    check_writable(output)
+    prepare_manifest(output, manifest)
+    if exists(output.child(RUN_FILE)):
+        counts = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]
+        log.info("%s is already complete: nothing to do", config.output.uri)
+        return GenerationSummary(config.output.uri, planned, 0, counts["committed"], counts["failed"],
+                                 manifest.truncated_prompts, True, True)
+
+    start = time.perf_counter()
+    before = committed_ids(output)
+    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("sample_id"), value_set=before)))
+    tracker = RunTracker(config.tracking, run_name=f"generate-{manifest.digest[:8]}",
+                         tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
+                               "resumed": str(len(before) > 0).lower()})
+    tracker.log_params(flatten(to_dict(config)))
+    tracker.log_lineage(manifest.table.to_pandas(), output.child(MANIFEST_FILE).uri, manifest.digest,
+                        output.child(DATA_DIR).uri)
+    status = "FAILED"
+    try:
+        if todo.num_rows:
+            log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
+            _sample_on_ray(config, todo, tracker.run_id)
+        committed = committed_ids(output)
+        failed = failed_ids(output, committed)
+        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start)
+        status = "FINISHED" if summary.ok else "FAILED"
+        return summary
+    finally:
+        tracker.end(status)
+
+
+def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.sampler_stage import SampleGenerator
+    from pipeline.sink import AtomicParquetSink
+
+    if not ray.is_initialized():
+        ray.init()  # attaches to RAY_ADDRESS when set, else starts a local cluster
+    gpus = config.ray.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    blocks = min(10_000, math.ceil(todo.num_rows / config.ray.batch_size))  # small blocks keep every actor busy
+    dataset = ray.data.from_arrow(todo).repartition(blocks)
+    dataset = dataset.map_batches(
+        SampleGenerator,
+        fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": max(1, int(config.ray.cpus_per_actor))},
+        batch_size=config.ray.batch_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.ray.actors),
+        num_cpus=config.ray.cpus_per_actor,
+        num_gpus=gpus,
+    )
+    dataset.write_datasink(AtomicParquetSink(config.output, config.storage), ray_remote_args={"num_cpus": 0.1})
+
+
+def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,
+            committed: pa.Array, failed: list[str], before: int, start: float) -> GenerationSummary:
+    planned = manifest.table.num_rows
+    unique = len(pc.unique(committed))
+    if unique != len(committed):
+        raise RuntimeError(f"{output.uri}/data holds {len(committed) - unique} duplicate sample ids: report this bug")
+    seconds = time.perf_counter() - start
+    generated = len(committed) - before
+    accounted = len(committed) + len(failed) == planned
+    ok = accounted and len(failed) <= config.output.max_failure_fraction * planned
+    scores = _scores(output)
+    metrics = {
+        "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
+        "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
+        "accelerator_seconds": seconds * config.ray.actors * (config.ray.gpus_per_actor or 0.0),
+        "truncated_prompts": manifest.truncated_prompts,
+    }
+    if len(scores):
+        values = scores.column("jepa_score").to_numpy()
+        metrics |= {"jepa_score_mean": float(values.mean()), "jepa_score_std": float(values.std())}
+        metrics |= {f"jepa_score_p{int(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
+        tracker.log_artifact_bytes("jepa_score_histogram.png", score_histogram(values, config.output.uri))
+        tracker.log_artifact_bytes("rarest_and_typical.png", _sheet(output, scores))
+    tracker.log_metrics(metrics)
+    if ok:
+        run = {
+            "status": "complete", "finished_at": datetime.now(timezone.utc).isoformat(),
+            "config": to_dict(config), "manifest_digest": manifest.digest, "last_run_id": tracker.run_id,
+            "counts": {"planned": planned, "committed": len(committed), "failed": len(failed),
+                       "truncated_prompts": manifest.truncated_prompts},
+            "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
+        }
+        data = json.dumps(run, indent=2).encode()
+        tracker.log_artifact_bytes(RUN_FILE, data)
+        write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
+    return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
+                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri, seconds)
+
+
+def _data(output: Location) -> pads.Dataset:
+    files = list_files(output.child(DATA_DIR), ".parquet")
+    return pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
+
+
+def _scores(output: Location) -> pa.Table:
+    if not list_files(output.child(DATA_DIR), ".parquet"):
+        return pa.table({"sample_id": pa.array([], pa.string()), "jepa_score": pa.array([], pa.float64())})
+    return _data(output).to_table(columns=["sample_id", "jepa_score", "__filename"])
+
+
+def _sheet(output: Location, scores: pa.Table) -> bytes:
+    """The rarest and the most typical samples, reading images only from the files that hold them."""
+    order = pc.sort_indices(scores, sort_keys=[("jepa_score", "ascending"), ("sample_id", "ascending")])
+    ranked = scores.take(order)
+    picks = {"rarest": ranked.slice(0, SHEET_SIZE), "most typical": ranked.slice(max(0, len(ranked) - SHEET_SIZE))}
+    wanted = pa.concat_tables(picks.values())
+    images = {}
+    for path in set(wanted.column("__filename").to_pylist()):
+        table = pq.read_table(path, filesystem=output.filesystem, columns=["sample_id", "image"],
+                              filters=pc.field("sample_id").isin(wanted.column("sample_id")))
+        images |= {row["sample_id"]: row["image"]["bytes"] for row in table.to_pylist()}
+    rows = []
+    for label, table in picks.items():
+        ids, values = table.column("sample_id").to_pylist(), table.column("jepa_score").to_pylist()
+        rows.append((label, [images[i] for i in ids], values))
+    return contact_sheet(rows)

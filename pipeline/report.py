@@ -1,0 +1,44 @@
+"""Pictures of a run: the JEPA-SCORE histogram and contact sheets of samples with their scores."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+def score_histogram(scores: np.ndarray, title: str) -> bytes:
+    """A PNG histogram of JEPA-SCOREs (lower = rarer)."""
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    axis.hist(scores, bins=min(50, max(5, len(scores) // 4)), color="#4c72b0")
+    axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
+    axis.set_ylabel("samples")
+    axis.set_title(title)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 96) -> bytes:
+    """A PNG grid: one labelled row of images per (label, PNG bytes, scores) entry."""
+    columns = max(len(images) for _, images, _ in rows)
+    label_height = 16
+    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + 2 * label_height)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images, scores) in enumerate(rows):
+        top = r * (cell + 2 * label_height)
+        draw.text((4, top + 2), label, fill="black")
+        for c, (png, score) in enumerate(zip(images, scores)):
+            image = Image.open(io.BytesIO(png)).convert("RGB").resize((cell, cell), Image.NEAREST)
+            sheet.paste(image, (c * cell, top + label_height))
+            draw.text((c * cell + 4, top + label_height + cell + 2), f"{score:.1f}", fill="black")
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -1,0 +1,107 @@
+"""The GPU stage: a callable class that Ray Data runs on an actor pool.
+
+Models load once in ``__init__``; ``__call__`` maps a batch of manifest rows to output rows with
+the images already PNG-encoded, so raw arrays never travel through the object store. A sample that
+fails (an exception, a non-finite image or score) is recorded under ``failures/`` with its error
+and left out of the output; it is retried on the next run of the same config.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+
+from guidance import WorkItem, generate, load_encoder, load_model
+from guidance.generate import GeneratedSample
+from pipeline.config import GenerateConfig
+from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
+from pipeline.storage import resolve, write_bytes
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def model_dtype(name: str, device: str) -> torch.dtype:
+    """auto: float32 on CPU, bfloat16 on GPU (the encoder branch stays fp32 either way)."""
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return DTYPES[name]
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class SampleGenerator:
+    """Manifest rows (pyarrow) -> output rows (pyarrow, OUTPUT_SCHEMA)."""
+
+    def __init__(self, config: GenerateConfig, run_id: str, threads: int = 1):
+        torch.set_num_threads(max(1, threads))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config = config
+        self.run_id = run_id
+        self.model = load_model(
+            config.model.preset, config.model.source, variant=config.model.variant,
+            unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
+        )
+        self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
+                                    input_size=config.encoder.input_size).to(device)
+        self.failures = resolve(config.output.uri, config.storage).child(FAILURES_DIR)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        items = [WorkItem(row["seed"], row["class_label"], row["prompt"]) for row in rows]
+        try:
+            outcomes = list(generate(self.model, items, self.config.sampling, self.encoder))
+        except Exception as error:  # one bad row must not sink its batch: retry the rows one by one
+            log.warning("batch of %d failed (%s); retrying its rows one at a time", len(rows), error)
+            outcomes = [self._one(item) for item in items]
+        created = datetime.now(timezone.utc)
+        kept = []
+        for row, outcome in zip(rows, outcomes):
+            problem = outcome if isinstance(outcome, str) else _non_finite(outcome)
+            if problem:
+                self._record_failure(row, problem, created)
+                continue
+            kept.append(self._output_row(row, outcome, created))
+        return pa.Table.from_pylist(kept, schema=OUTPUT_SCHEMA)
+
+    def _one(self, item: WorkItem) -> GeneratedSample | str:
+        try:
+            return generate(self.model, [item], self.config.sampling, self.encoder)[0]
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+
+    def _output_row(self, row: dict, sample: GeneratedSample, created: datetime) -> dict:
+        height, width = sample.image.shape[:2]
+        return {
+            "sample_id": row["sample_id"], "seed": row["seed"], "prompt": row["prompt"],
+            "class_label": row["class_label"],
+            "image": {"bytes": png_bytes(sample.image), "path": f"{row['sample_id']}.png"},
+            "width": width, "height": height, "jepa_score": sample.jepa_score,
+            "embedding": sample.embedding.tolist(), "method": self.config.sampling.method,
+            "model": self.config.model.preset, "encoder": self.config.encoder.name,
+            "run_id": self.run_id, "created_at": created,
+        }
+
+    def _record_failure(self, row: dict, error: str, created: datetime) -> None:
+        record = row | {"error": error[:4000], "run_id": self.run_id, "created_at": created.isoformat()}
+        write_bytes(self.failures.child(f"{row['sample_id']}.json"), json.dumps(record).encode())
+
+
+def _non_finite(sample: GeneratedSample) -> str | None:
+    if not math.isfinite(sample.jepa_score):
+        return f"non-finite JEPA-SCORE {sample.jepa_score}"
+    if not np.isfinite(sample.embedding).all():
+        return "non-finite embedding"
+    return None

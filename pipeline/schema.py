@@ -1,0 +1,64 @@
+"""The one source of column names and types: the work manifest, the output rows, failure records."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+MANIFEST_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string()),  # deterministic: config digest + row index
+    pa.field("seed", pa.int64()),  # the row's generator seed
+    pa.field("prompt", pa.string()),  # text-to-image rows
+    pa.field("class_label", pa.int64()),  # class-conditional rows
+])
+
+IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+
+# Hugging Face `datasets` reads this schema metadata and loads `image` as an Image feature.
+_HF_FEATURES = {
+    "sample_id": {"dtype": "string", "_type": "Value"},
+    "seed": {"dtype": "int64", "_type": "Value"},
+    "prompt": {"dtype": "string", "_type": "Value"},
+    "class_label": {"dtype": "int64", "_type": "Value"},
+    "image": {"_type": "Image"},
+    "width": {"dtype": "int32", "_type": "Value"},
+    "height": {"dtype": "int32", "_type": "Value"},
+    "jepa_score": {"dtype": "float64", "_type": "Value"},
+    "embedding": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"},
+    "method": {"dtype": "string", "_type": "Value"},
+    "model": {"dtype": "string", "_type": "Value"},
+    "encoder": {"dtype": "string", "_type": "Value"},
+    "run_id": {"dtype": "string", "_type": "Value"},
+    "created_at": {"dtype": "timestamp[us, tz=UTC]", "_type": "Value"},
+}
+
+# All fields are nullable in the Arrow sense because `datasets` only honours the feature metadata for
+# nullable fields; the sampler stage writes nulls only in prompt and class_label.
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("sample_id", pa.string()),
+        pa.field("seed", pa.int64()),
+        pa.field("prompt", pa.string()),
+        pa.field("class_label", pa.int64()),
+        pa.field("image", IMAGE_TYPE),  # PNG bytes, path "<sample_id>.png"
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("jepa_score", pa.float64()),  # exact JEPA-SCORE of the final image
+        pa.field("embedding", pa.list_(pa.float32())),  # CLS embedding of the final image
+        pa.field("method", pa.string()),
+        pa.field("model", pa.string()),  # preset name
+        pa.field("encoder", pa.string()),  # encoder name
+        pa.field("run_id", pa.string()),  # the MLflow run that generated the row
+        pa.field("created_at", pa.timestamp("us", tz="UTC")),
+    ],
+    metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
+)
+
+FAILURE_FIELDS = ("sample_id", "seed", "prompt", "class_label", "error", "run_id", "created_at")
+
+# Layout of a run's output folder.
+MANIFEST_FILE = "manifest.parquet"  # the work, written before generation starts
+DATA_DIR = "data"  # committed output rows, part-*.parquet
+FAILURES_DIR = "failures"  # one <sample_id>.json per failed sample
+RUN_FILE = "_run.json"  # written last: the completion marker

@@ -1,0 +1,148 @@
+"""Object storage through pyarrow filesystems: local paths, ``file://`` and ``s3://`` URIs.
+
+Writes are atomic: a reader sees a file whole or not at all. On a local disk the bytes go to a
+``_``-prefixed temporary name (which every reader here skips) and are renamed into place; on S3 a
+PUT or a completed multipart upload is already all-or-nothing.
+Credentials are never passed in: pyarrow's S3 client reads the standard AWS environment / profile chain.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import StorageConfig
+
+TEMP_PREFIX = "_tmp-"  # readers skip names starting with "_" or "."
+
+
+class StorageError(RuntimeError):
+    """Storage cannot be reached or used; the message says which location and what to check."""
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder on some filesystem: where a run's files live."""
+
+    filesystem: pafs.FileSystem
+    path: str  # filesystem path without scheme (bucket/prefix on S3)
+    uri: str  # what the user wrote, for messages and lineage
+
+    def child(self, *parts: str) -> Location:
+        path = "/".join([self.path.rstrip("/"), *parts])
+        return Location(self.filesystem, path, "/".join([self.uri.rstrip("/"), *parts]))
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.filesystem, pafs.LocalFileSystem)
+
+
+def resolve(uri: str, storage: StorageConfig) -> Location:
+    """A Location for a local path, ``file://`` or ``s3://`` URI."""
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        local = Path(parsed.path if parsed.scheme == "file" else uri).expanduser().resolve()
+        return Location(pafs.LocalFileSystem(), str(local), uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"{uri} names no bucket: write s3://BUCKET/prefix")
+        return Location(s3_filesystem(storage), f"{parsed.netloc}{parsed.path}".rstrip("/"), uri)
+    raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
+
+
+def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    options: dict = {"region": storage.region} if storage.region else {}
+    if storage.endpoint_url:
+        endpoint = urlparse(storage.endpoint_url)
+        if endpoint.scheme not in ("http", "https") or not endpoint.netloc:
+            raise StorageError(f"storage.endpoint_url must look like http(s)://host:port, got {storage.endpoint_url!r}")
+        options |= {"endpoint_override": endpoint.netloc, "scheme": endpoint.scheme}
+    # Fail fast on a dead endpoint instead of retrying for minutes.
+    return pafs.S3FileSystem(connect_timeout=5, request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(3), **options)
+
+
+def check_writable(location: Location) -> None:
+    """Refuse early when the folder cannot be created or the bucket is missing or forbidden."""
+    fs, path = location.filesystem, location.path
+    try:
+        if location.is_local:
+            fs.create_dir(path, recursive=True)
+            return
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} of {location.uri} does not exist; create it or fix output.uri")
+        probe = f"{path}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"")
+        fs.delete_file(probe)
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(f"cannot write to {location.uri}: {_explain(error)}") from error
+
+
+def _explain(error: OSError) -> str:
+    text = str(error)
+    codes = ("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch", "accessdenied", "access_denied", "403")
+    if any(code in text.lower() for code in codes):
+        return f"the credentials were refused ({text.splitlines()[0]}); check AWS_ACCESS_KEY_ID / AWS_PROFILE"
+    if any(hint in text for hint in ("Couldn't connect", "Connection refused", "curlCode", "Timeout")):
+        return f"the storage endpoint did not answer ({text.splitlines()[0]}); check storage.endpoint_url"
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def exists(location: Location) -> bool:
+    return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
+
+
+def read_bytes(location: Location) -> bytes:
+    try:
+        with location.filesystem.open_input_stream(location.path) as stream:
+            return stream.read()
+    except FileNotFoundError as error:
+        raise StorageError(f"file not found: {location.uri}") from error
+    except OSError as error:
+        raise StorageError(f"cannot read {location.uri}: {_explain(error)}") from error
+
+
+def write_bytes(location: Location, data: bytes) -> None:
+    """Write a whole file atomically."""
+    fs, path = location.filesystem, location.path
+    parent, _, name = path.rpartition("/")
+    if location.is_local:
+        fs.create_dir(parent, recursive=True)
+        temp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        with fs.open_output_stream(temp) as stream:
+            stream.write(data)
+        fs.move(temp, path)
+    else:
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+
+
+def write_table(location: Location, table: pa.Table, row_group_size: int) -> None:
+    """Write a Parquet file atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, row_group_size=row_group_size)
+    write_bytes(location, buffer.getvalue())
+
+
+def list_files(location: Location, suffix: str) -> list[Location]:
+    """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted."""
+    selector = pafs.FileSelector(location.path, allow_not_found=True)
+    names = sorted(
+        info.base_name for info in location.filesystem.get_file_info(selector)
+        if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and info.base_name[0] not in "_."
+    )
+    return [location.child(name) for name in names]
+
+
+def delete(location: Location) -> None:
+    location.filesystem.delete_file(location.path)

@@ -1,0 +1,83 @@
+"""MLflow tracking, on the driver only, through ``MlflowClient`` (no global fluent state).
+
+One run per job: flat params from the resolved config, metrics, artifacts (made by report.py),
+and dataset lineage.
+The default store is a local sqlite file; an ``http://`` tracking server works the same.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.data import from_pandas
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import DatasetInput, InputTag, Metric, Param
+
+from pipeline.config import TrackingConfig
+
+PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:
+    """Make relative sqlite / artifact paths absolute, and their folders exist."""
+    uri, artifacts = tracking.tracking_uri, None
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///")).expanduser().resolve()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{db}"
+        artifacts = Path(tracking.artifact_location).expanduser().resolve().as_uri()
+    elif urlparse(uri).scheme in ("", "file"):
+        raise ValueError(f"tracking.tracking_uri {uri!r}: use sqlite:///path/mlflow.db or an http(s):// server")
+    return uri, artifacts
+
+
+class RunTracker:
+    """One MLflow run."""
+
+    def __init__(self, tracking: TrackingConfig, run_name: str, tags: dict[str, str]):
+        uri, artifacts = _local_tracking_paths(tracking)
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(tracking.experiment)
+        experiment_id = (
+            experiment.experiment_id if experiment
+            else self.client.create_experiment(tracking.experiment, artifact_location=artifacts)
+        )
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+        self.tracking_uri = uri
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        entries = [Param(key, str(value)[:PARAM_LIMIT]) for key, value in sorted(params.items())]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[start : start + 100])
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        now = int(pd.Timestamp.now().timestamp() * 1000)
+        entries = [Metric(key, float(value), now, 0) for key, value in sorted(metrics.items())]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+    def log_artifact_bytes(self, name: str, data: bytes) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / name
+            path.write_bytes(data)
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_lineage(self, manifest: pd.DataFrame, manifest_uri: str, digest: str, data_uri: str) -> None:
+        """The manifest as the run's input and the data folder as its output, with digests."""
+        with warnings.catch_warnings():  # mlflow's hint about integer columns concerns model signatures
+            warnings.simplefilter("ignore", UserWarning)
+            work = from_pandas(manifest, source=manifest_uri, name="manifest", digest=digest[:16])
+        output = MetaDataset(resolve_dataset_source(data_uri), name="generated", digest=digest[:16])
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(work._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "work")]),
+            DatasetInput(output._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]),
+        ])
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status=status)

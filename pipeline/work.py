@@ -1,0 +1,117 @@
+"""Expand the configured work into the manifest: one row per sample, with a deterministic id and seed.
+
+``sample_id`` hashes the config digest (model, encoder, sampling, the work rows, base seed) with the
+row's index: stable across re-runs of the same config, distinct across configs. ``seed`` hashes the
+base seed with the row's index only, so runs that differ in method share seeds row by row.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import GenerateConfig, StorageConfig, WorkConfig, to_dict
+from pipeline.schema import MANIFEST_SCHEMA
+from pipeline.storage import read_bytes, resolve
+
+PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+
+
+class WorkError(ValueError):
+    """The work cannot be expanded: unreadable prompt file, bad prompt; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    table: pa.Table  # MANIFEST_SCHEMA rows
+    digest: str  # identifies the config and its work
+    truncated_prompts: int  # prompts cut to work.max_prompt_chars
+
+
+def read_prompts(uri: str, storage: StorageConfig) -> list[str]:
+    """Prompts from a .txt (one per line), .jsonl ({"prompt": ...}), .csv or .parquet ("prompt" column)."""
+    suffix = next((s for s in PROMPT_SUFFIXES if uri.lower().endswith(s)), None)
+    if suffix is None:
+        raise WorkError(f"prompt file {uri} must end in one of {', '.join(PROMPT_SUFFIXES)}")
+    data = read_bytes(resolve(uri, storage))
+    if suffix == ".parquet":
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except pa.ArrowInvalid as error:
+            raise WorkError(f"prompt file {uri} is not a readable Parquet file: {error}") from error
+        if "prompt" not in table.column_names:
+            raise WorkError(f"prompt file {uri} has no 'prompt' column (columns: {', '.join(table.column_names)})")
+        return _checked(uri, [(i + 1, p) for i, p in enumerate(table.column("prompt").to_pylist())], "row")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise WorkError(f"prompt file {uri} is not valid UTF-8 (line {line}, byte {error.start}); "
+                        "re-save it as UTF-8") from error
+    if suffix == ".txt":
+        return _checked(uri, [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()], "line")
+    if suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise WorkError(f"prompt file {uri} line {n} is not JSON: {error}") from error
+            if not isinstance(record, dict) or "prompt" not in record:
+                raise WorkError(f'prompt file {uri} line {n} must be an object with a "prompt" key')
+            prompts.append((n, record["prompt"]))
+        return _checked(uri, prompts, "line")
+    reader = csv.DictReader(io.StringIO(text))
+    if not reader.fieldnames or "prompt" not in reader.fieldnames:
+        raise WorkError(f"prompt file {uri} needs a header row with a 'prompt' column")
+    return _checked(uri, [(n, row["prompt"]) for n, row in enumerate(reader, 2)], "line")
+
+
+def _checked(uri: str, numbered: list[tuple[int, object]], unit: str) -> list[str]:
+    prompts = []
+    for number, prompt in numbered:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise WorkError(f"prompt file {uri} {unit} {number}: empty or non-text prompt {prompt!r}")
+        prompts.append(prompt.strip())
+    if not prompts:
+        raise WorkError(f"prompt file {uri} holds no prompts")
+    return prompts
+
+
+def work_rows(work: WorkConfig, storage: StorageConfig) -> tuple[list[tuple[str | None, int | None]], int]:
+    """(prompt, class_label) per sample in a fixed order, and how many prompts were truncated."""
+    if work.prompts is not None:
+        prompts = read_prompts(work.prompts, storage)
+        truncated = sum(len(p) > work.max_prompt_chars for p in prompts)
+        return [(p[: work.max_prompt_chars], None) for p in prompts for _ in range(work.repeats)], truncated
+    if work.class_labels is not None:
+        return [(None, label) for label in work.class_labels for _ in range(work.samples_per_label)], 0
+    return [(None, None)] * work.count, 0
+
+
+def _hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def build_manifest(config: GenerateConfig) -> Manifest:
+    rows, truncated = work_rows(config.work, config.storage)
+    identity = {
+        "model": to_dict(config.model), "encoder": to_dict(config.encoder), "sampling": to_dict(config.sampling),
+        "base_seed": config.work.base_seed, "rows": rows,
+    }
+    digest = _hash(json.dumps(identity, sort_keys=True)).hex()
+    ids = [_hash(f"{digest}:{i}").hex()[:24] for i in range(len(rows))]
+    seeds = [int.from_bytes(_hash(f"seed:{config.work.base_seed}:{i}")[:8], "big") >> 1 for i in range(len(rows))]
+    table = pa.table(
+        {"sample_id": ids, "seed": seeds, "prompt": [p for p, _ in rows], "class_label": [c for _, c in rows]},
+        schema=MANIFEST_SCHEMA.with_metadata({"config_digest": digest}),
+    )
+    return Manifest(table, digest, truncated)

@@ -1,0 +1,67 @@
+"""Real services for the tests, bound to 127.0.0.1 and stopped afterwards: an S3-protocol server
+(moto's standalone server, with IAM authentication switched on) and a local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import boto3
+import botocore.exceptions
+
+BOOTSTRAP_ACTIONS = 3  # create user, attach its S3 policy, create its key; every later request is authenticated
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    process: subprocess.Popen
+
+    def client(self, access_key: str | None = None, secret_key: str | None = None):
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=access_key or self.access_key,
+                            aws_secret_access_key=secret_key or self.secret_key)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def start_s3_server(log: Path) -> S3Server:
+    """moto_server on a free loopback port; returns the credentials of an S3-only IAM user."""
+    port = free_port()
+    env = os.environ | {"INITIAL_NO_AUTH_ACTION_COUNT": str(BOOTSTRAP_ACTIONS)}
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                   env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1",
+                       aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            iam.create_user(UserName="tester")
+            break
+        except botocore.exceptions.EndpointConnectionError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"moto_server did not start; see {log}")
+            time.sleep(0.2)
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="tester", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="tester")["AccessKey"]
+    return S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], process)

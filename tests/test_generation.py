@@ -1,0 +1,292 @@
+"""The main job against real parts: a local Ray cluster (2 actors), moto's S3 server on 127.0.0.1,
+an MLflow sqlite store, tiny models saved locally and loaded through the product's code."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from guidance import jepa_score
+from jobs import generate as generate_job
+from pipeline.config import load_config
+from pipeline.generation import run_generation
+from pipeline.work import build_manifest
+from tests import tiny_diffusion
+from tests.conftest import ENCODER_NAME, TINY_SIZE
+
+
+@pytest.fixture(scope="session")
+def class_unet(tmp_path_factory):
+    return tiny_diffusion.save_pixel_unet(tmp_path_factory.mktemp("class_unet"), num_classes=10)
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    return tiny_diffusion.save_sd(root / "pipeline", root / "scratch")
+
+
+@pytest.fixture
+def write_config(tmp_path, class_unet, tiny_vit_folder):
+    """A YAML config for the tiny class-conditional job, with per-test changes merged in."""
+
+    def write(**sections) -> str:
+        config = {
+            "model": {"preset": "pixel-unet", "source": str(class_unet)},
+            "encoder": {"name": ENCODER_NAME, "weights": str(tiny_vit_folder), "input_size": TINY_SIZE},
+            "sampling": {"method": "jepa", "steps": 3, "guidance": {"tau": 1.0, "k": 4}},
+            "work": {"class_labels": [0, 3, 7], "samples_per_label": 4},
+            "output": {"uri": str(tmp_path / "out"), "max_rows_per_file": 4, "row_group_size": 2},
+            "ray": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                         "artifact_location": str(tmp_path / "mlruns" / "artifacts")},
+        }
+        for section, values in sections.items():
+            config[section] = config.get(section, {}) | values
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    return write
+
+
+def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
+    files = [info.path for info in filesystem.get_file_info(pafs.FileSelector(data_dir))
+             if info.base_name.startswith("part-")]
+    return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().to_pylist()
+
+
+def check_output(rows: list[dict], manifest_ids: list[str], encoder) -> None:
+    ids = [row["sample_id"] for row in rows]
+    assert sorted(ids) == sorted(manifest_ids) and len(set(ids)) == len(ids)
+    for row in rows[:3]:
+        image = Image.open(io.BytesIO(row["image"]["bytes"]))
+        assert image.format == "PNG" and image.size == (row["width"], row["height"]) == (8, 8)
+        assert row["image"]["path"] == f"{row['sample_id']}.png"
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float()[None] / 255
+        again = jepa_score(encoder, encoder.resize(pixels)).item()
+        assert row["jepa_score"] == pytest.approx(again, abs=0.02)  # fp32 noise of a near-null direction
+        assert len(row["embedding"]) == 32 and row["method"] == "jepa" and row["model"] == "pixel-unet"
+
+
+def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
+        ray_cluster, write_config, tmp_path, tiny_encoder, capsys):
+    path = write_config()
+    assert generate_job.main([path]) == 0
+    assert "12 of 12 committed (12 by this run), 0 failed" in capsys.readouterr().out  # 3 labels x 4
+    config = load_config(path)
+    out = tmp_path / "out"
+    manifest = pq.read_table(out / "manifest.parquet")
+    assert manifest.num_rows == 12
+    rows = read_rows(pafs.LocalFileSystem(), str(out / "data"))
+    check_output(rows, manifest.column("sample_id").to_pylist(), tiny_encoder)
+    assert {row["class_label"] for row in rows} == {0, 3, 7}
+    assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").glob("part-*.parquet"))
+    assert not list((out / "data").glob("_*"))
+
+    run = json.loads((out / "_run.json").read_text())
+    assert run["status"] == "complete" and run["counts"] == {"planned": 12, "committed": 12, "failed": 0,
+                                                             "truncated_prompts": 0}
+    assert set(run["versions"]) >= {"torch", "diffusers", "timm", "ray"}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    mlflow_run = client.get_run(run["last_run_id"])
+    assert mlflow_run.data.params["sampling.method"] == "jepa"
+    assert mlflow_run.data.params["work.class_labels"] == "[0, 3, 7]"
+    assert mlflow_run.data.metrics["generated"] == 12 and mlflow_run.data.metrics["failed"] == 0
+    assert mlflow_run.data.metrics["jepa_score_mean"] == pytest.approx(np.mean([r["jepa_score"] for r in rows]))
+    artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert artifacts == {"_run.json", "jepa_score_histogram.png", "rarest_and_typical.png"}
+    contexts = {tag.value for d in mlflow_run.inputs.dataset_inputs for tag in d.tags}
+    assert contexts == {"work", "output"}
+
+    # the same config again: nothing to do
+    assert run_generation(config).generated == 0
+    assert len(read_rows(pafs.LocalFileSystem(), str(out / "data"))) == 12
+
+    import datasets
+
+    loaded = datasets.load_dataset("parquet", data_files=sorted(map(str, (out / "data").glob("part-*.parquet"))),
+                                   split="train")
+    assert isinstance(loaded.features["image"], datasets.Image)
+    assert loaded[0]["image"].size == (8, 8) and loaded.num_rows == 12
+
+
+def test_prompts_from_object_storage_rows_to_object_storage(ray_cluster, s3, write_config, sd_folder, tiny_encoder):
+    s3.client().create_bucket(Bucket="runs")
+    s3.client().put_object(Bucket="runs", Key="prompts.txt", Body="a photo of a cat\n\na red car\n")
+    path = write_config(
+        model={"preset": "sd", "source": str(sd_folder)},
+        sampling={"method": "unguided", "steps": 2, "cfg_scale": 2.0},
+        work={"prompts": "s3://runs/prompts.txt", "repeats": 2, "class_labels": None},
+        output={"uri": "s3://runs/job1", "max_rows_per_file": 3},
+        storage={"endpoint_url": s3.endpoint, "region": "us-east-1"},
+    )
+    assert generate_job.main([path]) == 0
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="runs", Prefix="job1/")["Contents"]}
+    assert {"job1/manifest.parquet", "job1/_run.json"} <= keys
+    assert sum(k.startswith("job1/data/part-") for k in keys) == 2  # 4 rows, at most 3 per file
+    s3fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                             access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
+    rows = read_rows(s3fs, "runs/job1/data")
+    assert sorted(r["prompt"] for r in rows) == ["a photo of a cat"] * 2 + ["a red car"] * 2
+    assert all(Image.open(io.BytesIO(r["image"]["bytes"])).size == (16, 16) for r in rows)
+
+
+def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_config, tmp_path, tiny_encoder):
+    path = write_config(work={"class_labels": [1, 2, 4, 5, 8, 9], "samples_per_label": 4},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"max_rows_per_file": 2})
+    data = tmp_path / "out" / "data"
+    env = os.environ | {"RAY_ADDRESS": ray_cluster}
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.generate", path], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(data.glob("part-*.parquet")):
+        assert driver.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline, "no data file was committed in time"
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    partial = len(read_rows(pafs.LocalFileSystem(), str(data)))
+    assert 0 < partial < 24 and not (tmp_path / "out" / "_run.json").exists()
+
+    summary = run_generation(load_config(path))
+    assert summary.complete and summary.generated == 24 - partial
+    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").column("sample_id").to_pylist()
+    check_output(read_rows(pafs.LocalFileSystem(), str(data)), manifest, tiny_encoder)
+
+
+def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write_config, tmp_path):
+    path = write_config(work={"class_labels": [0, 42], "samples_per_label": 2})  # the model has classes 0..9
+    assert generate_job.main([path]) == 1
+    out = tmp_path / "out"
+    failures = sorted((out / "failures").glob("*.json"))
+    records = [json.loads(f.read_text()) for f in failures]
+    assert len(records) == 2 and all(r["class_label"] == 42 for r in records)
+    assert all("class_label 42 is out of range" in r["error"] for r in records)
+    assert {r["class_label"] for r in read_rows(pafs.LocalFileSystem(), str(out / "data"))} == {0}
+    assert not (out / "_run.json").exists()  # incomplete: never marked done
+
+
+def test_tolerated_failures_complete_the_run(ray_cluster, write_config, tmp_path):
+    path = write_config(work={"class_labels": [0, 0, 0, 42], "samples_per_label": 1},
+                        output={"max_failure_fraction": 0.25})
+    assert generate_job.main([path]) == 0
+    run = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert run["counts"]["failed"] == 1 and run["counts"]["committed"] == 3
+
+
+def test_sample_ids_are_stable_per_config_and_seeds_shared_across_methods(write_config):
+    path = write_config()
+    first, again = build_manifest(load_config(path)), build_manifest(load_config(path))
+    unguided = build_manifest(load_config(path, ["sampling.method=unguided"]))
+    assert first.table.equals(again.table)
+    assert set(first.table.column("sample_id").to_pylist()).isdisjoint(unguided.table.column("sample_id").to_pylist())
+    assert first.table.column("seed").equals(unguided.table.column("seed"))
+    assert len(set(first.table.column("seed").to_pylist())) == 12
+
+
+def test_dry_run_writes_nothing(write_config, tmp_path, capsys):
+    assert generate_job.main([write_config(), "--dry-run"]) == 0
+    assert "12 samples planned" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, capsys):
+    path = write_config()
+    (tmp_path / "out").mkdir()
+    pq.write_table(build_manifest(load_config(path, ["sampling.method=unguided"])).table,
+                   tmp_path / "out" / "manifest.parquet")
+    assert generate_job.main([path]) == 2
+    assert "holds another run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,message", [
+    (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
+    (["sampling.steps=many"], "sampling.steps must be an integer"),
+    (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
+    (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
+    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "file not found: /nowhere/prompts.txt"),
+    (["output.uri=ftp://host/x"], "unsupported storage URI"),
+])
+def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
+    path = write_config()
+    assert generate_job.main([path, *sum((["--set", c] for c in change), [])]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_undecodable_prompt_file_names_the_line(write_config, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"a cat\na \xff dog\n")
+    path = write_config(work={"prompts": str(prompts), "class_labels": None})
+    assert generate_job.main([path]) == 2
+    assert "not valid UTF-8 (line 2" in capsys.readouterr().err
+
+
+def test_missing_bucket_and_wrong_credentials_fail_before_sampling(s3, write_config, monkeypatch, capsys):
+    path = write_config(output={"uri": "s3://no-such-bucket/run"}, storage={"endpoint_url": s3.endpoint})
+    assert generate_job.main([path]) == 2
+    assert "bucket 'no-such-bucket'" in capsys.readouterr().err
+    s3.client().create_bucket(Bucket="guarded")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    path = write_config(output={"uri": "s3://guarded/run"}, storage={"endpoint_url": s3.endpoint})
+    assert generate_job.main([path]) == 2
+    err = capsys.readouterr().err
+    assert "credentials were refused" in err and "not-the-secret" not in err
+    assert "Contents" not in s3.client().list_objects_v2(Bucket="guarded")
+
+
+@pytest.mark.parametrize("suffix,body", [
+    (".txt", "a cat\n\na dog\n"),
+    (".jsonl", '{"prompt": "a cat"}\n{"prompt": "a dog"}\n'),
+    (".csv", "prompt,note\na cat,x\na dog,y\n"),
+])
+def test_prompt_files_of_every_format(write_config, tmp_path, suffix, body):
+    prompts = tmp_path / f"prompts{suffix}"
+    prompts.write_text(body)
+    manifest = build_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None,
+                                                             "repeats": 2})))
+    assert manifest.table.column("prompt").to_pylist() == ["a cat", "a cat", "a dog", "a dog"]
+
+
+def test_parquet_prompts_and_truncation_report(write_config, tmp_path):
+    prompts = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"prompt": ["short", "x" * 50]}), prompts)
+    manifest = build_manifest(load_config(write_config(
+        work={"prompts": str(prompts), "class_labels": None, "max_prompt_chars": 10})))
+    assert manifest.table.column("prompt").to_pylist() == ["short", "x" * 10]
+    assert manifest.truncated_prompts == 1
+
+
+@pytest.mark.parametrize("suffix,body,message", [
+    (".csv", "text\na cat\n", "needs a header row with a 'prompt' column"),
+    (".jsonl", '{"text": "a cat"}\n', 'line 1 must be an object with a "prompt" key'),
+    (".jsonl", "not json\n", "line 1 is not JSON"),
+    (".txt", "\n\n", "holds no prompts"),
+    (".csv", "prompt\na cat\n\"\"\n", "line 3: empty or non-text prompt"),
+    (".md", "a cat", "must end in one of"),
+])
+def test_bad_prompt_files_are_refused(write_config, tmp_path, suffix, body, message):
+    prompts = tmp_path / f"prompts{suffix}"
+    prompts.write_text(body)
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
+        build_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None})))
