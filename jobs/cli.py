@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "generate": "jobs.generate",  # the main job: JEPA-guided samples on Ray into Parquet
+    "filter": "jobs.filter",  # keep the rarest samples of a generated dataset
     "score": "jobs.score",  # rank image files by world-prior rarity
 }
 

@@ -20,6 +20,7 @@ import yaml
 from guidance.encoders import ENCODERS
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
+from pipeline.storage import StorageConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -88,14 +89,6 @@ class WorkConfig:
                 raise ConfigError("work.class_labels is empty: list at least one label")
             if any(label < 0 for label in self.class_labels):
                 raise ConfigError(f"work.class_labels must be >= 0, got {self.class_labels}")
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How to reach object storage. Credentials come only from the AWS environment / profile chain."""
-
-    endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
-    region: str | None = None  # the bucket's region
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from pipeline.work import Manifest, build_manifest
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+WRITERS = 2  # concurrent write tasks: writing is cheap next to sampling
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,9 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
         num_cpus=config.ray.cpus_per_actor,
         num_gpus=gpus,
     )
-    dataset.write_datasink(AtomicParquetSink(config.output, config.storage), ray_remote_args={"num_cpus": 0.1})
+    sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
+                             config.output.row_group_size)
+    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
 
 
 def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,

@@ -16,9 +16,8 @@ import pyarrow as pa
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipeline.config import OutputConfig, StorageConfig
 from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA
-from pipeline.storage import resolve, write_table
+from pipeline.storage import StorageConfig, resolve, write_table
 
 
 def part_name(sample_ids: list[str]) -> str:
@@ -26,15 +25,20 @@ def part_name(sample_ids: list[str]) -> str:
 
 
 class AtomicParquetSink(Datasink[list[str]]):
-    """Writes OUTPUT_SCHEMA rows under ``<output>/data/`` in files of at most ``max_rows_per_file``."""
+    """Writes OUTPUT_SCHEMA rows under ``<uri>/data/`` in files of at most ``max_rows_per_file``.
 
-    def __init__(self, output: OutputConfig, storage: StorageConfig):
-        self.output = output
+    Holds plain settings only, so write workers import pyarrow and Ray, not the models.
+    """
+
+    def __init__(self, uri: str, storage: StorageConfig, max_rows_per_file: int, row_group_size: int):
+        self.uri = uri
         self.storage = storage
+        self.max_rows_per_file = max_rows_per_file
+        self.row_group_size = row_group_size
 
     @property
     def min_rows_per_write(self) -> int:
-        return self.output.max_rows_per_file
+        return self.max_rows_per_file
 
     def write(self, blocks: Iterable[Block], ctx) -> list[str]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
@@ -42,11 +46,11 @@ class AtomicParquetSink(Datasink[list[str]]):
         if not tables:
             return []
         table = pa.concat_tables([t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables])
-        folder = resolve(self.output.uri, self.storage).child(DATA_DIR)
+        folder = resolve(self.uri, self.storage).child(DATA_DIR)
         names = []
-        for offset in range(0, table.num_rows, self.output.max_rows_per_file):
-            chunk = table.slice(offset, self.output.max_rows_per_file)
+        for offset in range(0, table.num_rows, self.max_rows_per_file):
+            chunk = table.slice(offset, self.max_rows_per_file)
             name = part_name(chunk.column("sample_id").to_pylist())
-            write_table(folder.child(name), chunk, self.output.row_group_size)
+            write_table(folder.child(name), chunk, self.row_group_size)
             names.append(name)
         return names

@@ -18,9 +18,15 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import StorageConfig
-
 TEMP_PREFIX = "_tmp-"  # readers skip names starting with "_" or "."
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """How to reach object storage. Credentials come only from the AWS environment / profile chain."""
+
+    endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
+    region: str | None = None  # the bucket's region
 
 
 class StorageError(RuntimeError):

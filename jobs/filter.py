@@ -1,0 +1,47 @@
+"""jepa-minority filter: keep the rarest samples of a generated dataset (lowest JEPA-SCORE first)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.curation import GROUP_COLUMNS, FilterConfig, run_filter
+from pipeline.storage import StorageConfig, StorageError
+from pipeline.config import TrackingConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jepa-minority filter", description=__doc__)
+    parser.add_argument("--input", required=True, help="a completed generation output (local path, file:// or s3://)")
+    parser.add_argument("--output", required=True, help="where the curated dataset goes")
+    amount = parser.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--keep-fraction", type=float, help="keep this fraction of the valid rows (per group with --per)")
+    amount.add_argument("--keep", type=int, help="keep this many rows (per group with --per)")
+    parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
+    parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
+    parser.add_argument("--endpoint-url", help="S3-protocol endpoint (credentials come from the AWS environment)")
+    parser.add_argument("--region")
+    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri)
+    parser.add_argument("--experiment", default=TrackingConfig.experiment)
+    args = parser.parse_args(argv)
+    try:
+        config = FilterConfig(
+            input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
+            max_score=args.max_score, storage=StorageConfig(args.endpoint_url, args.region),
+            tracking=TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment),
+        )
+        report = run_filter(config)
+    except (ValueError, StorageError) as error:
+        print(f"jepa-minority filter: {error}", file=sys.stderr)
+        return 2
+    print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
+          f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
+    print(f"threshold: {report['threshold']}")
+    print(f"output:    {config.output}  (selection.json beside the data)")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())

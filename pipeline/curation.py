@@ -1,0 +1,161 @@
+"""Keep the rarest samples of a generated dataset: lowest exact JEPA-SCORE first, ties by sample_id.
+
+Two passes on Ray Data, memory bounded by blocks whatever the input size:
+  1. choose from the id / score / group columns only (images are never read to choose): drop rows
+     with a null or non-finite score (counted), sort by (score, id) and keep the first k, globally
+     or per group;
+  2. copy the chosen rows, images included, through the atomic sink into ``<output>/data/``.
+``selection.json`` is written last, as the completion marker of the curated set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from pipeline.config import TrackingConfig, flatten, to_dict
+from pipeline.generation import WRITERS
+from pipeline.selection import ids_digest, rarest, rarest_of_group, rows_with_ids, valid_scores
+from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
+from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
+
+log = logging.getLogger(__name__)
+SELECTION_FILE = "selection.json"
+GROUP_COLUMNS = ("class_label", "prompt")
+ROW_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """Which generated dataset to curate, how many rarest rows to keep, and where they go."""
+
+    input: str  # a completed generation output (holds _run.json)
+    output: str  # where the curated dataset goes
+    keep_fraction: float | None = None  # keep this fraction of the valid rows (of each group with `per`)
+    keep: int | None = None  # or keep this many rows (per group with `per`)
+    per: str | None = None  # "class_label" or "prompt": choose within each group
+    max_score: float | None = None  # never keep a row scoring above this
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    max_rows_per_file: int = 1024  # bounds each output Parquet file
+
+    def __post_init__(self):
+        if (self.keep_fraction is None) == (self.keep is None):
+            raise ValueError("give exactly one of keep_fraction (--keep-fraction) or keep (--keep)")
+        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"keep must be >= 1, got {self.keep}")
+        if self.per is not None and self.per not in GROUP_COLUMNS:
+            raise ValueError(f"per must be one of {', '.join(GROUP_COLUMNS)}, got {self.per!r}")
+        if self.max_score is not None and not math.isfinite(self.max_score):
+            raise ValueError(f"max_score must be a finite number, got {self.max_score}")
+        if self.input.rstrip("/") == self.output.rstrip("/"):
+            raise ValueError("output must differ from input: the curated set is a new dataset")
+
+
+def _quota(config: FilterConfig, valid: int) -> int:
+    return min(valid, config.keep if config.keep is not None else math.floor(config.keep_fraction * valid))
+
+
+def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict]:
+    """Pass 1 on Ray Data: (chosen id / score / group rows, rows in, valid rows per group)."""
+    import ray
+
+    group = [config.per] if config.per else []
+    scores = ray.data.read_parquet(files, filesystem=source.filesystem, columns=["sample_id", "jepa_score", *group])
+    rows_in = scores.count()
+    valid = scores.map_batches(valid_scores, batch_format="pyarrow")
+    if config.per:
+        partitions = max(1, min(64, rows_in // 100_000))  # hash-shuffle width: 1 for small inputs
+        counts = {row[config.per]: row["count()"] for row in valid.groupby(config.per, partitions).count().take_all()}
+        if None in counts:
+            raise ValueError(f"some rows have no {config.per}; curate without --per {config.per}")
+        quotas = {key: _quota(config, n) for key, n in counts.items()}
+        chosen = valid.groupby(config.per, partitions).map_groups(
+            rarest_of_group, fn_kwargs={"per": config.per, "quotas": quotas, "max_score": config.max_score},
+            batch_format="pyarrow")
+    else:
+        counts = {None: valid.count()}
+        chosen = valid.sort(["jepa_score", "sample_id"]).limit(_quota(config, counts[None]))
+    columns = ["sample_id", "jepa_score", *group]
+    blocks = [block.select(columns) for block in ray.get(chosen.to_arrow_refs()) if block.num_rows]
+    schema = pads.dataset(files, filesystem=source.filesystem, format="parquet").schema
+    table = pa.concat_tables(blocks) if blocks else pa.schema([schema.field(c) for c in columns]).empty_table()
+    if not config.per:
+        table = rarest(table, table.num_rows, config.max_score)
+    return table, rows_in, counts
+
+
+def run_filter(config: FilterConfig) -> dict:
+    """Curate ``config.input`` into ``config.output``; returns the selection report (selection.json)."""
+    import ray
+
+    from pipeline.sink import AtomicParquetSink
+    from pipeline.tracking import RunTracker
+
+    source, target = resolve(config.input, config.storage), resolve(config.output, config.storage)
+    if not exists(source.child(RUN_FILE)):
+        raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
+    check_writable(target)
+    if exists(target.child(SELECTION_FILE)):
+        log.info("%s is already curated: nothing to do", config.output)
+        return json.loads(read_bytes(target.child(SELECTION_FILE)))
+    for stale in list_files(target.child(DATA_DIR), ".parquet"):  # left by an interrupted earlier attempt
+        delete(stale)
+    files = [f.path for f in list_files(source.child(DATA_DIR), ".parquet")]
+    generation = json.loads(read_bytes(source.child(RUN_FILE)))
+    if not ray.is_initialized():
+        ray.init()  # attaches to RAY_ADDRESS when set, else starts a local cluster
+
+    tracker = RunTracker(config.tracking, run_name="filter",
+                         tags={"input_uri": config.input, "output_uri": config.output,
+                               "generation_run_id": generation.get("last_run_id", "")})
+    status = "FAILED"
+    try:
+        chosen, rows_in, counts = choose(config, files, source)
+        ids = chosen.column("sample_id")
+        copy = ray.data.read_parquet(files, filesystem=source.filesystem).map_batches(
+            rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()}, batch_format="pyarrow")
+        sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
+        copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+        report = _report(config, chosen, rows_in, counts, len(list_files(source.child(FAILURES_DIR), ".json")),
+                         generation.get("last_run_id"), tracker.run_id)
+        data = json.dumps(report, indent=2).encode()
+        tracker.log_params(flatten(to_dict(config)))
+        tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
+                             "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
+                            | ({"threshold": report["threshold"]} if report["threshold"] is not None else {}))
+        tracker.log_artifact_bytes(SELECTION_FILE, data)
+        write_bytes(target.child(SELECTION_FILE), data)  # last: the completion marker
+        status = "FINISHED"
+        return report
+    finally:
+        tracker.end(status)
+
+
+def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, failed: int,
+            generation_run: str | None, filter_run: str) -> dict:
+    ids = chosen.column("sample_id").to_pylist()
+    scores = chosen.column("jepa_score").to_pylist()
+    groups = {}
+    if config.per:
+        keys = chosen.column(config.per).to_pylist()
+        for key, valid in sorted(counts.items(), key=lambda item: str(item[0])):
+            mine = [s for k, s in zip(keys, scores) if k == key]
+            groups[str(key)] = {"valid": valid, "kept": len(mine), "threshold": max(mine) if mine else None}
+    return {
+        "input": config.input, "output": config.output,
+        "rule": {"keep_fraction": config.keep_fraction, "keep": config.keep, "per": config.per,
+                 "max_score": config.max_score},
+        "rows_in": rows_in, "failed_in_input": failed, "invalid_scores": rows_in - sum(counts.values()),
+        "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups,
+        "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }

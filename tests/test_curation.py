@@ -1,0 +1,166 @@
+"""The filter stage: rarest rows by (score, id), per group, with broken rows counted and never kept."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from jobs import filter as filter_job
+from pipeline.config import TrackingConfig
+from pipeline.curation import FilterConfig, run_filter
+from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.storage import StorageConfig
+
+
+def png(value: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), value, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3):
+    """A completed generation output in the real schema, with the given scores."""
+    now = datetime.now(timezone.utc)
+    rows = [{
+        "sample_id": f"id{i:03d}", "seed": i, "prompt": prompts[i] if prompts else None,
+        "class_label": labels[i] if labels else None, "image": {"bytes": png(i % 256), "path": f"id{i:03d}.png"},
+        "width": 4, "height": 4, "jepa_score": score, "embedding": [0.0, 1.0], "method": "jepa",
+        "model": "pixel-unet", "encoder": "vit_small_patch14_reg4_dinov2", "run_id": "gen-run", "created_at": now,
+    } for i, score in enumerate(scores)]
+    (folder / "data").mkdir(parents=True)
+    for part in range(files):
+        pq.write_table(pa.Table.from_pylist(rows[part::files], schema=OUTPUT_SCHEMA),
+                       folder / "data" / f"part-{part}.parquet")
+    (folder / "failures").mkdir()
+    for i in range(failures):
+        (folder / "failures" / f"failed{i}.json").write_text(json.dumps({"sample_id": f"failed{i}", "error": "x"}))
+    (folder / "_run.json").write_text(json.dumps({"status": "complete", "last_run_id": "gen-run"}))
+    return rows
+
+
+def kept_rows(folder) -> list[dict]:
+    files = sorted(str(p) for p in (folder / "data").glob("part-*.parquet"))
+    return pads.dataset(files, format="parquet").to_table().to_pylist() if files else []
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
+
+
+def test_keeps_the_rarest_fraction_with_ties_by_id_and_broken_rows_counted(ray_cluster, tmp_path, tracking):
+    scores = [5.0, 1.0, 3.0, 1.0, float("nan"), None, 2.0, 9.0, 1.0, 4.0, float("-inf"), 7.0]
+    rows = fake_generation(tmp_path / "gen", scores, failures=2)
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep_fraction=0.5,
+                                     tracking=tracking))
+    # 9 finite scores -> keep floor(4.5) = 4: the three 1.0s (by id) and the 2.0
+    want = ["id001", "id003", "id008", "id006"]
+    kept = kept_rows(tmp_path / "cur")
+    assert sorted(r["sample_id"] for r in kept) == sorted(want)
+    by_id = {r["sample_id"]: r for r in rows}
+    for row in kept:  # copied whole, images included
+        assert row["image"] == by_id[row["sample_id"]]["image"] and row["jepa_score"] == by_id[row["sample_id"]]["jepa_score"]
+    assert report["rows_in"] == 12 and report["invalid_scores"] == 3 and report["failed_in_input"] == 2
+    assert report["rows_kept"] == 4 and report["threshold"] == 2.0
+    assert report["kept_ids_digest"] == hashlib.sha256("\n".join(sorted(want)).encode()).hexdigest()
+    on_disk = json.loads((tmp_path / "cur" / "selection.json").read_text())
+    assert on_disk["kept_ids_digest"] == report["kept_ids_digest"]
+    run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(report["filter_run_id"])
+    assert run.data.tags["generation_run_id"] == "gen-run" and run.data.metrics["rows_kept"] == 4
+    assert run.data.params["keep_fraction"] == "0.5"
+
+
+def test_per_class_quota_and_a_score_cap(ray_cluster, tmp_path, tracking):
+    labels = [0] * 6 + [1] * 4
+    scores = [6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 40.0, 30.0, 20.0, 10.0]
+    fake_generation(tmp_path / "gen", scores, labels=labels)
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=2,
+                                     per="class_label", max_score=15.0, tracking=tracking))
+    kept = kept_rows(tmp_path / "cur")
+    assert sorted((r["class_label"], r["jepa_score"]) for r in kept) == [(0, 1.0), (0, 2.0), (1, 10.0)]
+    assert report["groups"] == {"0": {"valid": 6, "kept": 2, "threshold": 2.0},
+                                "1": {"valid": 4, "kept": 1, "threshold": 10.0}}
+
+
+def test_per_prompt_and_deterministic_reruns(ray_cluster, tmp_path, tracking):
+    prompts = ["a cat", "a dog"] * 5
+    scores = [float(s) for s in [3, 9, 1, 8, 2, 7, 5, 6, 4, 0]]
+    fake_generation(tmp_path / "gen", scores, prompts=prompts)
+    config = dict(input=str(tmp_path / "gen"), keep_fraction=0.4, per="prompt", tracking=tracking)
+    first = run_filter(FilterConfig(output=str(tmp_path / "a"), **config))
+    second = run_filter(FilterConfig(output=str(tmp_path / "b"), **config))
+    assert first["kept_ids_digest"] == second["kept_ids_digest"]
+    assert sorted(r["jepa_score"] for r in kept_rows(tmp_path / "a")) == [0.0, 1.0, 2.0, 6.0]
+    assert run_filter(FilterConfig(output=str(tmp_path / "a"), **config))["filter_run_id"] == first["filter_run_id"]
+
+
+def test_an_interrupted_filter_starts_over_cleanly(ray_cluster, tmp_path, tracking):
+    fake_generation(tmp_path / "gen", [float(i) for i in range(10)])
+    stale = tmp_path / "cur" / "data"
+    stale.mkdir(parents=True)
+    pq.write_table(pa.table({"sample_id": ["junk"]}), stale / "part-stale.parquet")
+    run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3, tracking=tracking))
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id002"]
+
+
+def test_filter_on_object_storage(ray_cluster, s3, tmp_path, tracking):
+    rows = fake_generation(tmp_path / "gen", [float(i) for i in range(8)], files=2)
+    client = s3.client()
+    client.create_bucket(Bucket="curate")
+    for path in (tmp_path / "gen").rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), "curate", f"gen/{path.relative_to(tmp_path / 'gen')}")
+    storage = StorageConfig(endpoint_url=s3.endpoint, region="us-east-1")
+    report = run_filter(FilterConfig(input="s3://curate/gen", output="s3://curate/rarest", keep=2, storage=storage,
+                                     tracking=tracking))
+    assert report["rows_kept"] == 2
+    fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                           access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector("curate/rarest/data")) if i.base_name.startswith("part-")]
+    kept = pads.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist()
+    assert sorted(r["sample_id"] for r in kept) == ["id000", "id001"]
+    assert kept[0]["image"]["bytes"] == rows[int(kept[0]["sample_id"][2:])]["image"]["bytes"]
+
+
+def test_cli_refuses_bad_requests(tmp_path, capsys):
+    fake_generation(tmp_path / "gen", [1.0, 2.0], labels=None)
+    (tmp_path / "unfinished").mkdir()
+    base = ["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "cur")]
+    assert filter_job.main(["--input", str(tmp_path / "unfinished"), "--output", str(tmp_path / "x"), "--keep", "1"]) == 2
+    assert "is not a completed generation run" in capsys.readouterr().err
+    assert filter_job.main([*base, "--keep-fraction", "1.5"]) == 2
+    assert "keep_fraction must be in (0, 1]" in capsys.readouterr().err
+    assert filter_job.main(["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "gen"), "--keep", "1"]) == 2
+    assert "output must differ from input" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        filter_job.main([*base, "--keep", "1", "--keep-fraction", "0.5"])
+    assert stop.value.code == 2
+
+
+def test_per_group_needs_the_group_column(ray_cluster, tmp_path, tracking):
+    fake_generation(tmp_path / "gen", [1.0, 2.0])
+    with pytest.raises(ValueError, match="some rows have no class_label"):
+        run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=1,
+                                per="class_label", tracking=tracking))
+    assert not (tmp_path / "cur" / "selection.json").exists()
+
+
+def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):
+    fake_generation(tmp_path / "gen", [math.nan, None, math.inf])
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep_fraction=1.0,
+                                     tracking=tracking))
+    assert report["rows_kept"] == 0 and report["invalid_scores"] == 3 and report["threshold"] is None
+    assert kept_rows(tmp_path / "cur") == []
