@@ -75,7 +75,10 @@ def _guided(conditional: torch.Tensor, unconditional: torch.Tensor, cfg_scale: f
 
 
 class PixelUNet(DiffusionModel):
-    """DDPM-style pixel UNet (``UNet2DModel``), unconditional or with class embeddings; x in [-1, 1]."""
+    """DDPM-style pixel UNet (``UNet2DModel``), unconditional or with class embeddings; x in [-1, 1].
+
+    One-channel (grey) models decode to RGB by repeating the channel.
+    """
 
     family = "pixel-unet"
 
@@ -105,7 +108,8 @@ class PixelUNet(DiffusionModel):
         return lambda x, t: self.network(x, t, class_labels=labels).sample
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return (x0 + 1) / 2
+        image = (x0 + 1) / 2
+        return image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image  # grey models give RGB images
 
 
 class DiT(DiffusionModel):
