@@ -9,6 +9,10 @@ $(VENV)/.installed: pyproject.toml infra/constraints.txt
 	$(PIP) install --quiet -c infra/constraints.txt -e '.[dev]'
 	touch $@
 
+.PHONY: demo
+demo: $(VENV)/.installed
+	$(VENV)/bin/jepa-minority demo
+
 .PHONY: test
 test: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest

@@ -7,9 +7,12 @@ import logging
 import sys
 
 COMMANDS = {
+    "demo": "jobs.demo",  # the embedded default end to end, with a visual report
     "generate": "jobs.generate",  # the main job: JEPA-guided samples on Ray into Parquet
     "filter": "jobs.filter",  # keep the rarest samples of a generated dataset
+    "refresh": "jobs.refresh",  # one scheduled dataset version, published when complete
     "score": "jobs.score",  # rank image files by world-prior rarity
+    "submit": "jobs.submit",  # run any of these jobs on a Ray cluster, once
 }
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from pipeline.config import TrackingConfig, flatten, to_dict
-from pipeline.generation import WRITERS
+from pipeline.generation import WRITERS, connect_ray
 from pipeline.selection import ids_digest, rarest, rarest_of_group, rows_with_ids, valid_scores
 from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -111,8 +111,7 @@ def run_filter(config: FilterConfig) -> dict:
         delete(stale)
     files = [f.path for f in list_files(source.child(DATA_DIR), ".parquet")]
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
-    if not ray.is_initialized():
-        ray.init()  # attaches to RAY_ADDRESS when set, else starts a local cluster
+    connect_ray()
 
     tracker = RunTracker(config.tracking, run_name="filter",
                          tags={"input_uri": config.input, "output_uri": config.output,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,6 +132,19 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
         tracker.end(status)
 
 
+def connect_ray() -> None:
+    """Attach to the cluster in RAY_ADDRESS (as Ray jobs have), else start a local one on loopback."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", _node_ip_address="127.0.0.1")
+
+
 def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
     import ray
     from ray.data import ActorPoolStrategy
@@ -138,11 +152,16 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
     from pipeline.sampler_stage import SampleGenerator
     from pipeline.sink import AtomicParquetSink
 
-    if not ray.is_initialized():
-        ray.init()  # attaches to RAY_ADDRESS when set, else starts a local cluster
+    connect_ray()
+    resources = ray.cluster_resources()
     gpus = config.ray.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
+    reserved = config.ray.actors * config.ray.cpus_per_actor
+    if reserved >= resources.get("CPU", 0):
+        log.warning("ray.actors x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
+                    "writing need some too, so unless the cluster scales up this run will stall; lower "
+                    "ray.cpus_per_actor (fractions are fine)", reserved, resources.get("CPU", 0))
     blocks = min(10_000, math.ceil(todo.num_rows / config.ray.batch_size))  # small blocks keep every actor busy
     dataset = ray.data.from_arrow(todo).repartition(blocks)
     dataset = dataset.map_batches(

@@ -28,7 +28,7 @@ def score_histogram(scores: np.ndarray, title: str) -> bytes:
 
 def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 96) -> bytes:
     """A PNG grid: one labelled row of images per (label, PNG bytes, scores) entry."""
-    columns = max(len(images) for _, images, _ in rows)
+    columns = max(1, *(len(images) for _, images, _ in rows))
     label_height = 16
     sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + 2 * label_height)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -41,4 +41,22 @@ def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 
             draw.text((c * cell + 4, top + label_height + cell + 2), f"{score:.1f}", fill="black")
     buffer = io.BytesIO()
     sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def overlaid_histograms(series: dict[str, np.ndarray], title: str) -> bytes:
+    """A PNG with one histogram per named score series on shared bins."""
+    values = np.concatenate(list(series.values()))
+    bins = np.linspace(values.min(), values.max(), 30)
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
+    for name, scores in series.items():
+        axis.hist(scores, bins=bins, alpha=0.55, label=f"{name} (mean {scores.mean():.1f})")
+    axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
+    axis.set_ylabel("samples")
+    axis.set_title(title)
+    axis.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
     return buffer.getvalue()

@@ -8,6 +8,7 @@ import os
 import pytest
 import timm
 import torch
+import yaml
 from torch import nn
 
 from guidance import load_encoder
@@ -115,6 +116,37 @@ def ray_cluster(s3):
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def class_unet(tmp_path_factory):
+    from tests import tiny_diffusion
+
+    return tiny_diffusion.save_pixel_unet(tmp_path_factory.mktemp("class_unet"), num_classes=10)
+
+
+@pytest.fixture
+def write_config(tmp_path, class_unet, tiny_vit_folder):
+    """A YAML config for the tiny class-conditional job, with per-test changes merged in."""
+
+    def write(**sections) -> str:
+        config = {
+            "model": {"preset": "pixel-unet", "source": str(class_unet)},
+            "encoder": {"name": ENCODER_NAME, "weights": str(tiny_vit_folder), "input_size": TINY_SIZE},
+            "sampling": {"method": "jepa", "steps": 3, "guidance": {"tau": 1.0, "k": 4}},
+            "work": {"class_labels": [0, 3, 7], "samples_per_label": 4},
+            "output": {"uri": str(tmp_path / "out"), "max_rows_per_file": 4, "row_group_size": 2},
+            "ray": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2},
+            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                         "artifact_location": str(tmp_path / "mlruns" / "artifacts")},
+        }
+        for section, values in sections.items():
+            config[section] = config.get(section, {}) | values
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    return write

@@ -65,3 +65,47 @@ def start_s3_server(log: Path) -> S3Server:
     iam.put_user_policy(UserName="tester", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="tester")["AccessKey"]
     return S3Server(endpoint, key["AccessKeyId"], key["SecretAccessKey"], process)
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A Ray head started with ``ray start --head`` on loopback, with its token auth on."""
+
+    address: str  # the job API
+    gcs_port: int
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)  # `ray start --block` stops what it started
+        self.process.wait(timeout=60)
+        current = Path("/tmp/ray/ray_current_cluster")  # as `ray stop` would, forget this head
+        if current.exists() and current.read_text().strip().endswith(f":{self.gcs_port}"):
+            current.unlink()
+
+
+def start_ray_head(log: Path) -> RayHead:
+    from ray.job_submission import JobSubmissionClient
+
+    port, dashboard = free_port(), free_port()
+    ray = Path(sys.executable).parent / "ray"
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Every per-node port on its own free port: the test session's local cluster holds Ray's defaults.
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+        "node-manager-port", "object-manager-port", "ray-client-server-port")]
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", *own_ports],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            return RayHead(address, port, process)
+        except Exception:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.poll() is None and os.killpg(process.pid, signal.SIGTERM)
+                raise RuntimeError(f"the Ray head did not come up; see {log}")
+            time.sleep(1)

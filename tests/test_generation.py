@@ -18,7 +18,6 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
@@ -28,42 +27,12 @@ from pipeline.config import load_config
 from pipeline.generation import run_generation
 from pipeline.work import build_manifest
 from tests import tiny_diffusion
-from tests.conftest import ENCODER_NAME, TINY_SIZE
-
-
-@pytest.fixture(scope="session")
-def class_unet(tmp_path_factory):
-    return tiny_diffusion.save_pixel_unet(tmp_path_factory.mktemp("class_unet"), num_classes=10)
 
 
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
     return tiny_diffusion.save_sd(root / "pipeline", root / "scratch")
-
-
-@pytest.fixture
-def write_config(tmp_path, class_unet, tiny_vit_folder):
-    """A YAML config for the tiny class-conditional job, with per-test changes merged in."""
-
-    def write(**sections) -> str:
-        config = {
-            "model": {"preset": "pixel-unet", "source": str(class_unet)},
-            "encoder": {"name": ENCODER_NAME, "weights": str(tiny_vit_folder), "input_size": TINY_SIZE},
-            "sampling": {"method": "jepa", "steps": 3, "guidance": {"tau": 1.0, "k": 4}},
-            "work": {"class_labels": [0, 3, 7], "samples_per_label": 4},
-            "output": {"uri": str(tmp_path / "out"), "max_rows_per_file": 4, "row_group_size": 2},
-            "ray": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                         "artifact_location": str(tmp_path / "mlruns" / "artifacts")},
-        }
-        for section, values in sections.items():
-            config[section] = config.get(section, {}) | values
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return str(path)
-
-    return write
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:

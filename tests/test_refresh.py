@@ -1,0 +1,52 @@
+"""Scheduled refresh: versions generated and curated, LATEST.json published only when complete,
+reruns doing no work, old versions pruned but never the published one."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import refresh as refresh_job
+from pipeline.refresh import RefreshConfig, run_refresh, version_seed
+
+
+def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
+    config = write_config(work={"class_labels": [1, 2], "samples_per_label": 2})
+    root = tmp_path / "dataset"
+    first = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=1,
+                                      keep_fraction=0.5))
+    assert first.published and first.generated == 4
+    latest = json.loads((root / "LATEST.json").read_text())
+    assert latest["version"] == "2026-11-01" and latest["rows_kept"] == 2
+    assert (root / "versions" / "2026-11-01" / "rarest" / "selection.json").exists()
+
+    again = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=1))
+    assert again.published and again.generated == 0 and again.deleted_versions == ()
+
+    second = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-02", keep_versions=1,
+                                       keep_fraction=0.5))
+    assert second.deleted_versions == ("2026-11-01",)
+    assert json.loads((root / "LATEST.json").read_text())["version"] == "2026-11-02"
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["2026-11-02"]
+    seeds = pq.read_table(root / "versions" / "2026-11-02" / "generated" / "manifest.parquet").column("seed")
+    first_seeds = {s for s in seeds.to_pylist()}
+    assert version_seed("2026-11-01") != version_seed("2026-11-02") and len(first_seeds) == 4
+
+
+def test_an_incomplete_version_is_not_published_and_latest_survives_pruning(ray_cluster, write_config, tmp_path):
+    good = write_config(work={"class_labels": [1], "samples_per_label": 2})
+    root = tmp_path / "dataset"
+    assert refresh_job.main([good, "--root", str(root), "--version", "v1", "--keep-versions", "1"]) == 0
+    bad = write_config(work={"class_labels": [1, 77], "samples_per_label": 1})  # label 77 fails: model has 10
+    assert refresh_job.main([bad, "--root", str(root), "--version", "v2", "--keep-versions", "1"]) == 1
+    assert json.loads((root / "LATEST.json").read_text())["version"] == "v1"
+    assert (root / "versions" / "v1" / "generated" / "_run.json").exists()
+    assert not (root / "versions" / "v2" / "rarest").exists()
+
+
+@pytest.mark.parametrize("version", ["", "../x", "a/b"])
+def test_bad_version_names_are_refused(version):
+    with pytest.raises(ValueError, match="must be a plain folder name"):
+        RefreshConfig(config="c.yaml", root="/tmp/r", version=version)
