@@ -73,11 +73,11 @@ class RunTracker:
         with warnings.catch_warnings():  # mlflow's hint about integer columns concerns model signatures
             warnings.simplefilter("ignore", UserWarning)
             work = from_pandas(manifest, source=manifest_uri, name="manifest", digest=digest[:16])
-        output = MetaDataset(resolve_dataset_source(data_uri), name="generated", digest=digest[:16])
-        self.client.log_inputs(self.run_id, datasets=[
-            DatasetInput(work._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "work")]),
-            DatasetInput(output._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]),
-        ])
+            output = MetaDataset(resolve_dataset_source(data_uri), name="generated", digest=digest[:16])
+            self.client.log_inputs(self.run_id, datasets=[
+                DatasetInput(work._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "work")]),
+                DatasetInput(output._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]),
+            ])
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)

@@ -109,3 +109,38 @@ def start_ray_head(log: Path) -> RayHead:
                 process.poll() is None and os.killpg(process.pid, signal.SIGTERM)
                 raise RuntimeError(f"the Ray head did not come up; see {log}")
             time.sleep(1)
+
+
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    process: subprocess.Popen
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def start_mlflow_server(folder: Path) -> MlflowServer:
+    """An MLflow tracking server on loopback: sqlite backend, proxied artifacts in ``folder``."""
+    import urllib.request
+
+    port = free_port()
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with (folder / "server.log").open("w") as out:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{folder}/server.db", "--artifacts-destination", str(folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return MlflowServer(uri, process)
+        except OSError:
+            if time.monotonic() > deadline or process.poll() is not None:
+                process.poll() is None and os.killpg(process.pid, signal.SIGTERM)
+                raise RuntimeError(f"the MLflow server did not start; see {folder / 'server.log'}")
+            time.sleep(0.5)

@@ -259,3 +259,20 @@ def test_bad_prompt_files_are_refused(write_config, tmp_path, suffix, body, mess
     prompts.write_text(body)
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
         build_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None})))
+
+
+def test_an_mlflow_server_works_like_the_local_store(ray_cluster, write_config, tmp_path_factory):
+    from tests.services import start_mlflow_server
+
+    server = start_mlflow_server(tmp_path_factory.mktemp("mlflow_server"))
+    try:
+        path = write_config(work={"class_labels": [4], "samples_per_label": 2},
+                            tracking={"tracking_uri": server.uri, "experiment": "served"})
+        assert generate_job.main([path]) == 0
+        client = MlflowClient(tracking_uri=server.uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("served").experiment_id])
+        assert run.data.metrics["generated"] == 2 and run.data.params["work.class_labels"] == "[4]"
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+            "_run.json", "jepa_score_histogram.png", "rarest_and_typical.png"}
+    finally:
+        server.stop()
