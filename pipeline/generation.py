@@ -120,12 +120,13 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
                         output.child(DATA_DIR).uri)
     status = "FAILED"
     try:
+        gpus_per_actor = 0.0
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            _sample_on_ray(config, todo, tracker.run_id)
+            gpus_per_actor = _sample_on_ray(config, todo, tracker.run_id)
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
-        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start)
+        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start, gpus_per_actor)
         status = "FINISHED" if summary.ok else "FAILED"
         return summary
     finally:
@@ -145,7 +146,8 @@ def connect_ray() -> None:
         ray.init(address="local", _node_ip_address="127.0.0.1")
 
 
-def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
+def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float:
+    """Sample ``todo`` on the actor pool into committed files; returns the GPUs each actor held."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -176,10 +178,12 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> None:
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
     dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+    return gpus
 
 
 def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,
-            committed: pa.Array, failed: list[str], before: int, start: float) -> GenerationSummary:
+            committed: pa.Array, failed: list[str], before: int, start: float,
+            gpus_per_actor: float) -> GenerationSummary:
     planned = manifest.table.num_rows
     unique = len(pc.unique(committed))
     if unique != len(committed):
@@ -192,7 +196,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     metrics = {
         "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
-        "accelerator_seconds": seconds * config.ray.actors * (config.ray.gpus_per_actor or 0.0),
+        "accelerator_seconds": seconds * config.ray.actors * gpus_per_actor,  # GPU-seconds held
         "truncated_prompts": manifest.truncated_prompts,
     }
     if len(scores):
