@@ -7,10 +7,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError
 from pipeline.demo import DEMO_CONFIG, run_demo
 from pipeline.storage import StorageError
-from pipeline.work import WorkError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = run_demo(args.config, args.root, args.keep_fraction, args.overrides)
-    except (ConfigError, WorkError, StorageError) as error:
+    except (StorageError, ValueError) as error:  # config and work errors are ValueErrors
         print(f"jepa-minority demo: {error}", file=sys.stderr)
         return 2
     print(f"\nreport:  {result.report}")

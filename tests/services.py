@@ -88,7 +88,9 @@ def start_ray_head(log: Path) -> RayHead:
 
     port, dashboard = free_port(), free_port()
     ray = Path(sys.executable).parent / "ray"
-    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Jobs run `python -m jobs.<name>`: on this head, as in a cluster's image, `python` is the runtime's.
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "PATH": path}
     # Every per-node port on its own free port: the test session's local cluster holds Ray's defaults.
     own_ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
