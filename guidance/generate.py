@@ -92,6 +92,9 @@ def generate(
     """Generate one image per work item with ``config.method``; score each with the exact JEPA-SCORE."""
     start = time.perf_counter()
     images, steps_guided = generate_images(model, items, config, encoder, progress=progress)
+    broken = (~torch.isfinite(images).flatten(1).all(1)).nonzero().flatten().tolist()
+    if broken:  # caught before uint8 quantisation would hide it
+        raise FloatingPointError(f"non-finite image for seeds {[items[b].seed for b in broken]}")
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     stored = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255  # score what is stored: the uint8 image
     encoder_input = encoder.resize(stored.to(encoder.mean.device))

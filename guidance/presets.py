@@ -16,7 +16,14 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers import DDPMPipeline, DiTPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DDPMPipeline,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DModel,
+)
 
 from guidance.models import DiT, DiffusionModel, PixelUNet, StableDiffusion
 
@@ -99,6 +106,23 @@ def load_model(
     if spec.family == "dit":
         return DiT(pipeline.transformer, pipeline.vae, dict(pipeline.scheduler.config))
     return StableDiffusion(pipeline, xl=spec.family == "sdxl")
+
+
+def class_count(preset: str, source: str | os.PathLike | None = None) -> int | None:
+    """How many class labels the preset's model takes (0..n-1); None when it takes none.
+
+    Reads only the model's config, so work can be checked against it before anything loads.
+    """
+    spec = PRESETS[preset]
+    if spec.family in ("sd", "sdxl"):
+        return None
+    component, key = ("unet", "num_class_embeds") if spec.family == "pixel-unet" else ("transformer", "num_embeds_ada_norm")
+    location = str(source) if source is not None else spec.hub_id
+    folder = Path(location).expanduser()
+    if not folder.exists() and not HUB_ID.match(location):
+        raise FileNotFoundError(f"model folder not found: {folder} (and it is not a hub id like 'org/name')")
+    model_class = UNet2DModel if spec.family == "pixel-unet" else DiTTransformer2DModel
+    return model_class.load_config(location, subfolder=component).get(key)
 
 
 def _from_pretrained(pipeline_class, accepted: tuple[str, ...], source: str, options: dict[str, Any]):

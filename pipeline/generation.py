@@ -32,7 +32,7 @@ from pipeline.report import contact_sheet, score_histogram
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.storage import Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes, write_table
 from pipeline.tracking import RunTracker
-from pipeline.work import Manifest, build_manifest
+from pipeline.work import Manifest, build_manifest, check_fits_model
 
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
@@ -97,6 +97,7 @@ def prepare_manifest(output: Location, manifest: Manifest) -> None:
 def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> GenerationSummary:
     """Generate every manifest sample not yet committed; finish with _run.json when all are accounted for."""
     output = resolve(config.output.uri, config.storage)
+    check_fits_model(config)
     manifest = build_manifest(config)
     planned = manifest.table.num_rows
     if dry_run:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from guidance.presets import PRESETS, class_count
 from pipeline.config import GenerateConfig, StorageConfig, WorkConfig, to_dict
 from pipeline.schema import MANIFEST_SCHEMA
 from pipeline.storage import read_bytes, resolve
@@ -95,6 +96,27 @@ def work_rows(work: WorkConfig, storage: StorageConfig) -> tuple[list[tuple[str 
     if work.class_labels is not None:
         return [(None, label) for label in work.class_labels for _ in range(work.samples_per_label)], 0
     return [(None, None)] * work.count, 0
+
+
+def check_fits_model(config: GenerateConfig) -> None:
+    """Refuse work the model cannot take (labels out of range, prompts for a class model, ...), before sampling."""
+    preset, work = config.model.preset, config.work
+    try:
+        classes = class_count(preset, config.model.source)
+    except OSError as error:  # a missing folder, or a hub id that cannot be fetched
+        raise WorkError(f"model.source: cannot read the model's config: {error}") from error
+    text = PRESETS[preset].family in ("sd", "sdxl")
+    if work.class_labels is not None:
+        if classes is None:
+            raise WorkError(f"work.class_labels: preset {preset!r} takes {'prompts' if text else 'no conditions'}, "
+                            "not class labels")
+        beyond = sorted({label for label in work.class_labels if label >= classes})
+        if beyond:
+            raise WorkError(f"work.class_labels {beyond} out of range: this model has classes 0..{classes - 1}")
+    if work.prompts is not None and not text:
+        raise WorkError(f"work.prompts: preset {preset!r} is not a text-to-image model; use class_labels or count")
+    if work.count is not None and (text or classes is not None):
+        raise WorkError(f"work.count: preset {preset!r} needs {'prompts' if text else 'class_labels'} for every sample")
 
 
 def _hash(text: str) -> bytes:

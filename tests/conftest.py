@@ -150,3 +150,18 @@ def write_config(tmp_path, class_unet, tiny_vit_folder):
         return str(path)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def nan_class_unet(tmp_path_factory):
+    """The tiny class UNet with a broken (NaN) embedding for class 9: every class-9 sample fails."""
+    from diffusers import DDPMPipeline
+
+    from tests import tiny_diffusion
+
+    folder = tmp_path_factory.mktemp("nan_class_unet")
+    pipeline = DDPMPipeline.from_pretrained(tiny_diffusion.save_pixel_unet(folder, num_classes=10))
+    with torch.no_grad():
+        pipeline.unet.class_embedding.weight[9] = float("nan")
+    pipeline.save_pretrained(folder)
+    return folder

@@ -142,20 +142,22 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
     check_output(read_rows(pafs.LocalFileSystem(), str(data)), manifest, tiny_encoder)
 
 
-def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write_config, tmp_path):
-    path = write_config(work={"class_labels": [0, 42], "samples_per_label": 2})  # the model has classes 0..9
+def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write_config, nan_class_unet, tmp_path):
+    path = write_config(model={"source": str(nan_class_unet)},
+                        work={"class_labels": [0, 9], "samples_per_label": 2})  # class 9 turns to NaN
     assert generate_job.main([path]) == 1
     out = tmp_path / "out"
     failures = sorted((out / "failures").glob("*.json"))
     records = [json.loads(f.read_text()) for f in failures]
-    assert len(records) == 2 and all(r["class_label"] == 42 for r in records)
-    assert all("class_label 42 is out of range" in r["error"] for r in records)
+    assert len(records) == 2 and all(r["class_label"] == 9 for r in records)
+    assert all("NaN or infinite" in r["error"] or "non-finite" in r["error"] for r in records)
     assert {r["class_label"] for r in read_rows(pafs.LocalFileSystem(), str(out / "data"))} == {0}
     assert not (out / "_run.json").exists()  # incomplete: never marked done
 
 
-def test_tolerated_failures_complete_the_run(ray_cluster, write_config, tmp_path):
-    path = write_config(work={"class_labels": [0, 0, 0, 42], "samples_per_label": 1},
+def test_tolerated_failures_complete_the_run(ray_cluster, write_config, nan_class_unet, tmp_path):
+    path = write_config(model={"source": str(nan_class_unet)},
+                        work={"class_labels": [0, 0, 0, 9], "samples_per_label": 1},
                         output={"max_failure_fraction": 0.25})
     assert generate_job.main([path]) == 0
     run = json.loads((tmp_path / "out" / "_run.json").read_text())
@@ -192,8 +194,13 @@ def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, ca
     (["sampling.steps=many"], "sampling.steps must be an integer"),
     (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
     (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
-    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "file not found: /nowhere/prompts.txt"),
+    (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],
+     "file not found: /nowhere/prompts.txt"),
+    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "preset 'pixel-unet' is not a text-to-image"),
     (["output.uri=ftp://host/x"], "unsupported storage URI"),
+    (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
+    (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
+    (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
 ])
 def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
     path = write_config()
@@ -202,10 +209,11 @@ def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, c
     assert not (tmp_path / "out").exists()
 
 
-def test_undecodable_prompt_file_names_the_line(write_config, tmp_path, capsys):
+def test_undecodable_prompt_file_names_the_line(write_config, sd_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a cat\na \xff dog\n")
-    path = write_config(work={"prompts": str(prompts), "class_labels": None})
+    path = write_config(model={"preset": "sd", "source": str(sd_folder)},
+                        work={"prompts": str(prompts), "class_labels": None})
     assert generate_job.main([path]) == 2
     assert "not valid UTF-8 (line 2" in capsys.readouterr().err
 

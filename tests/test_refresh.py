@@ -35,11 +35,13 @@ def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
     assert version_seed("2026-11-01") != version_seed("2026-11-02") and len(first_seeds) == 4
 
 
-def test_an_incomplete_version_is_not_published_and_latest_survives_pruning(ray_cluster, write_config, tmp_path):
+def test_an_incomplete_version_is_not_published_and_latest_survives_pruning(ray_cluster, write_config,
+                                                                           nan_class_unet, tmp_path):
     good = write_config(work={"class_labels": [1], "samples_per_label": 2})
     root = tmp_path / "dataset"
     assert refresh_job.main([good, "--root", str(root), "--version", "v1", "--keep-versions", "1"]) == 0
-    bad = write_config(work={"class_labels": [1, 77], "samples_per_label": 1})  # label 77 fails: model has 10
+    bad = write_config(model={"source": str(nan_class_unet)},  # class 9 samples fail
+                       work={"class_labels": [1, 9], "samples_per_label": 1})
     assert refresh_job.main([bad, "--root", str(root), "--version", "v2", "--keep-versions", "1"]) == 1
     assert json.loads((root / "LATEST.json").read_text())["version"] == "v1"
     assert (root / "versions" / "v1" / "generated" / "_run.json").exists()

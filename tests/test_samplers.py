@@ -338,6 +338,12 @@ def test_steps_beyond_the_training_schedule_are_refused(models):
         ours(models["pixel"], [WorkItem(1)], method="unguided", steps=1001)
 
 
+def test_a_non_finite_image_is_an_error_not_a_quantised_row(nan_class_unet, tiny_encoder):
+    model = load_model("pixel-unet", nan_class_unet)
+    with pytest.raises(FloatingPointError, match="non-finite image for seeds \\[8\\]"):
+        generate(model, [WorkItem(7, 1), WorkItem(8, 9)], SamplingConfig(method="unguided", steps=2), tiny_encoder)
+
+
 def test_jepa_without_an_encoder_is_refused(models):
     with pytest.raises(ValueError, match="pass encoder=load_encoder"):
         generate_images(models["class"], [WorkItem(1, 3)], SamplingConfig(steps=2))
