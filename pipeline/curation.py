@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 
 from pipeline.config import TrackingConfig, flatten, to_dict
 from pipeline.generation import WRITERS, connect_ray
 from pipeline.selection import ids_digest, rarest, rarest_of_group, rows_with_ids, valid_scores
-from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
+from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -86,8 +85,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
         chosen = valid.sort(["jepa_score", "sample_id"]).limit(_quota(config, counts[None]))
     columns = ["sample_id", "jepa_score", *group]
     blocks = [block.select(columns) for block in ray.get(chosen.to_arrow_refs()) if block.num_rows]
-    schema = pads.dataset(files, filesystem=source.filesystem, format="parquet").schema
-    table = pa.concat_tables(blocks) if blocks else pa.schema([schema.field(c) for c in columns]).empty_table()
+    table = pa.concat_tables(blocks) if blocks else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns]).empty_table()
     if not config.per:
         table = rarest(table, table.num_rows, config.max_score)
     return table, rows_in, counts

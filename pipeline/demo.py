@@ -13,17 +13,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from pipeline.config import GenerateConfig, load_config
 from pipeline.curation import FilterConfig, run_filter
-from pipeline.generation import GenerationSummary, run_generation
+from pipeline.generation import GenerationSummary, read_committed, run_generation
 from pipeline.report import contact_sheet, overlaid_histograms
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA
-from pipeline.storage import list_files, resolve
+from pipeline.storage import resolve
 
 log = logging.getLogger(__name__)
 DEMO_CONFIG = "jobs/configs/demo.yaml"
@@ -58,12 +55,7 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
 
 
 def _rows(uri: str, config: GenerateConfig) -> pa.Table:
-    location = resolve(uri, config.storage).child(DATA_DIR)
-    files = [f.path for f in list_files(location, ".parquet")]
-    columns = ["seed", "class_label", "image", "jepa_score"]
-    if not files:  # e.g. a curated set that kept nothing
-        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns]).empty_table()
-    table = pads.dataset(files, filesystem=location.filesystem, format="parquet").to_table(columns=columns)
+    table = read_committed(resolve(uri, config.storage), ["seed", "class_label", "image", "jepa_score"])
     return table.sort_by([("class_label", "ascending"), ("seed", "ascending")])
 
 

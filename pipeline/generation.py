@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import GenerateConfig, flatten, to_dict
 from pipeline.report import contact_sheet, score_histogram
-from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.storage import Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes, write_table
 from pipeline.tracking import RunTracker
 from pipeline.work import Manifest, build_manifest, check_fits_model
@@ -57,13 +57,21 @@ class GenerationSummary:
     seconds: float = 0.0
 
 
-def committed_ids(output: Location) -> pa.Array:
-    """Sample ids of every committed data file."""
+def read_committed(output: Location, columns: list[str]) -> pa.Table:
+    """These columns of every committed data file of an output; an empty table when there are none.
+
+    ``__filename`` (pyarrow's special column) may be asked for beside the schema's own columns.
+    """
     files = list_files(output.child(DATA_DIR), ".parquet")
     if not files:
-        return pa.array([], pa.string())
+        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
     dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
-    return dataset.to_table(columns=["sample_id"]).column("sample_id").combine_chunks()
+    return dataset.to_table(columns=columns)
+
+
+def committed_ids(output: Location) -> pa.Array:
+    """Sample ids of every committed data file."""
+    return read_committed(output, ["sample_id"]).column("sample_id").combine_chunks()
 
 
 def failed_ids(output: Location, committed: pa.Array) -> list[str]:
@@ -193,7 +201,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     generated = len(committed) - before
     accounted = len(committed) + len(failed) == planned
     ok = accounted and len(failed) <= config.output.max_failure_fraction * planned
-    scores = _scores(output)
+    scores = read_committed(output, ["sample_id", "jepa_score", "__filename"])
     metrics = {
         "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
@@ -220,17 +228,6 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
     return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
                              manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri, seconds)
-
-
-def _data(output: Location) -> pads.Dataset:
-    files = list_files(output.child(DATA_DIR), ".parquet")
-    return pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
-
-
-def _scores(output: Location) -> pa.Table:
-    if not list_files(output.child(DATA_DIR), ".parquet"):
-        return pa.table({"sample_id": pa.array([], pa.string()), "jepa_score": pa.array([], pa.float64())})
-    return _data(output).to_table(columns=["sample_id", "jepa_score", "__filename"])
 
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:
