@@ -1,0 +1,125 @@
+"""Faults during a run, all real: a sampler actor's process killed, a Ray worker node killed, the S3
+endpoint failing or going away. Each run must end with every manifest ``sample_id`` in the data
+exactly once, or fail clearly with nothing that looks complete."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+from pipeline.generation import run_generation
+from tests.test_generation import read_rows
+
+
+def sampler_pids(root: int) -> set[int]:
+    """PIDs of the sampler actors (Ray Data's MapWorker(MapBatches(SampleGenerator))) under process ``root``."""
+    pids = set()
+    for process in psutil.Process(root).children(recursive=True):
+        try:
+            if "SampleGenerator" in " ".join(process.cmdline()):
+                pids.add(process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return pids
+
+
+def start_driver(config: str, ray_address: str, log: Path, **env: str) -> subprocess.Popen:
+    """``python -m jobs.generate`` in its own process group, attached to the cluster at ``ray_address``."""
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "jobs.generate", config],
+                                env=os.environ | {"RAY_ADDRESS": ray_address} | env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_commits(driver: subprocess.Popen, data: Path, log: Path, timeout: float = 300) -> int:
+    """Wait until the running driver has committed its first data file; returns the rows committed."""
+    deadline = time.monotonic() + timeout
+    while not list(data.glob("part-*.parquet")):
+        assert driver.poll() is None, f"the run ended before the fault: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no data file was committed in time"
+        time.sleep(0.2)
+    return len(read_rows(pafs.LocalFileSystem(), str(data)))
+
+
+def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> int:
+    try:
+        return driver.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        pytest.fail(f"the run did not finish within {timeout} s: {log.read_text()[-3000:]}")
+
+
+def assert_exactly_once(out: Path) -> None:
+    """Every manifest id in the data once, nothing else, and the run marked complete."""
+    manifest = pq.read_table(out / "manifest.parquet").column("sample_id").to_pylist()
+    ids = [row["sample_id"] for row in read_rows(pafs.LocalFileSystem(), str(out / "data"))]
+    assert len(ids) == len(set(ids)), "a sample_id was committed twice"
+    assert sorted(ids) == sorted(manifest), "committed ids differ from the manifest"
+    run = json.loads((out / "_run.json").read_text())
+    assert run["counts"]["committed"] == len(manifest) and run["counts"]["failed"] == 0
+
+
+def test_a_killed_sampler_actor_is_restarted_and_every_sample_lands_once(ray_cluster, write_config, tmp_path):
+    path = write_config(work={"class_labels": [1, 2, 4, 5, 8, 9], "samples_per_label": 4},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"max_rows_per_file": 2})
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    driver = start_driver(path, ray_cluster, log)
+    committed = wait_for_commits(driver, out / "data", log)
+    (actor,) = sampler_pids(os.getpid())  # the session's local cluster runs under this process
+    os.kill(actor, signal.SIGKILL)
+    assert committed < 24 and driver.poll() is None  # killed mid-run
+    assert finish(driver, log) == 0, log.read_text()[-3000:]
+    assert_exactly_once(out)
+    assert not list((out / "failures").glob("*.json"))
+
+
+@pytest.fixture
+def two_node_cluster(monkeypatch):
+    """A head with no CPUs and two worker nodes with 2 CPUs each, all on 127.0.0.1 (Ray's own
+    ``cluster_utils.Cluster``): every sampler actor and write task runs on a worker node."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on loopback
+    current = Path("/tmp/ray/ray_current_cluster")  # Cluster records itself here; put back what was there
+    before = current.read_text() if current.exists() else None
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+    try:
+        workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
+        yield cluster, workers
+    finally:  # node by node: Cluster.shutdown() would also reset this process's own Ray connection
+        for node in [*cluster.worker_nodes, cluster.head_node]:
+            cluster.remove_node(node, allow_graceful=False)
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(before)
+
+
+@pytest.mark.slow
+def test_a_lost_worker_node_loses_no_sample(two_node_cluster, write_config, tmp_path):
+    cluster, workers = two_node_cluster
+    path = write_config(work={"class_labels": [1, 2, 4, 5, 8, 9], "samples_per_label": 4},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"max_rows_per_file": 2})
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    driver = start_driver(path, cluster.address, log)
+    committed = wait_for_commits(driver, out / "data", log)
+    (lost,) = [node for node in workers if sampler_pids(node.all_processes["raylet"][0].process.pid)]
+    cluster.remove_node(lost, allow_graceful=False)  # SIGKILL the node's raylet, workers and agents
+    assert committed < 24 and driver.poll() is None  # lost mid-run
+    # The only place left for the pool's one actor is the surviving node (the head has no CPUs).
+    assert finish(driver, log) == 0, log.read_text()[-3000:]
+    assert_exactly_once(out)
