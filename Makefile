@@ -13,6 +13,14 @@ $(VENV)/.installed: pyproject.toml infra/constraints.txt
 demo: $(VENV)/.installed
 	$(VENV)/bin/jepa-minority demo
 
+# The Serve page test drives Debian's chromium (root in CI; sudo elsewhere).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
 .PHONY: test
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(VENV)/bin/python -m pytest

@@ -13,6 +13,7 @@ COMMANDS = {
     "refresh": "jobs.refresh",  # one scheduled dataset version, published when complete
     "score": "jobs.score",  # rank image files by world-prior rarity
     "submit": "jobs.submit",  # run any of these jobs on a Ray cluster, once
+    "serve": "jobs.serve",  # the samplers and scores over HTTP on Ray Serve, and a page of the rarest
 }
 
 

@@ -1,0 +1,249 @@
+"""Ray Serve: the samplers and the JEPA-SCORE online, and a page to browse a dataset's rarest samples.
+
+Routes (one FastAPI app behind ``@serve.ingress``):
+  GET  /healthz        the replica's model, encoder and dataset
+  POST /score          a PNG / JPEG body -> exact JEPA-SCORE, top-k log-volume, CLS embedding
+  POST /generate       {"class_label" | "prompt", "n", "seed", "sampling"} -> PNGs with exact scores
+  GET  /               the page: a dataset version's rarest samples, paged, and drop-in scoring
+  GET  /api/dataset    a page of rows (version, offset, limit);  GET /api/image: one row's PNG
+Concurrent requests are batched with ``@serve.batch`` (generate requests that share a sampling config
+run as one batch). Models load once per replica through the same code the batch job uses.
+No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at runtime.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+from importlib.resources import files
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from ray import serve
+
+from guidance import generate, jepa_score, load_encoder, load_model, topk_log_volume
+from guidance.checks import check_rank
+from pipeline.browse import DatasetBrowser, DatasetError
+from pipeline.config import GenerateConfig, load_config
+from pipeline.generation import connect_ray
+from pipeline.sampler_stage import model_dtype
+from pipeline.serve_inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
+
+log = logging.getLogger(__name__)
+APP_NAME = "jepa-minority"
+MAX_PAGE_ROWS = 100
+
+app = FastAPI(title="jepa-minority", description=__doc__)
+
+
+@app.exception_handler(RequestError)
+async def _refused(request: Request, error: RequestError) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=error.status)
+
+
+@app.exception_handler(DatasetError)
+async def _not_found(request: Request, error: DatasetError) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=404)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The service: which generation config it serves, what it browses, where it listens, its bounds."""
+
+    config: str  # a generation config (YAML): model, encoder, default sampling settings, storage
+    overrides: tuple[str, ...] = ()  # --set overrides of that config
+    dataset: str | None = None  # a refresh root or a finished output folder shown on GET /
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    cpus_per_replica: float = 1.0
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    max_batch_size: int = 8  # score requests per batch; generate batches take max(1, this // max_n) requests
+    batch_wait_s: float = 0.02  # how long a batch waits to fill
+    limits: ServeLimits = field(default_factory=ServeLimits)
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in 1..65535, got {self.port}")
+        if self.replicas < 1 or self.max_batch_size < 1:
+            raise ValueError("replicas and max_batch_size must be >= 1")
+        if self.cpus_per_replica < 0 or self.batch_wait_s < 0:
+            raise ValueError("cpus_per_replica and batch_wait_s must be >= 0")
+
+
+@serve.deployment
+@serve.ingress(app)
+class JepaService:
+    def __init__(self, config: GenerateConfig, service: ServeConfig):
+        torch.set_num_threads(max(1, int(service.cpus_per_replica)))
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.config, self.service, self.limits = config, service, service.limits
+        self.model = load_model(
+            config.model.preset, config.model.source, variant=config.model.variant,
+            unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, self.device),
+            device=self.device,
+        )
+        self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
+                                    input_size=config.encoder.input_size).to(self.device)
+        self.browser = DatasetBrowser(service.dataset, config.storage) if service.dataset else None
+        self.score_batch.set_max_batch_size(service.max_batch_size)
+        self.score_batch.set_batch_wait_timeout_s(service.batch_wait_s)
+        self.generate_batch.set_max_batch_size(max(1, service.max_batch_size // service.limits.max_n))
+        self.generate_batch.set_batch_wait_timeout_s(service.batch_wait_s)
+
+    @app.get("/healthz")
+    def get_healthz(self) -> dict:
+        return {"status": "ok", "model": self.config.model.preset, "encoder": self.config.encoder.name,
+                "dataset": self.service.dataset, "max_n": self.limits.max_n}
+
+    @app.get("/", response_class=HTMLResponse)
+    def get_page(self) -> str:
+        return (files("pipeline") / "static" / "index.html").read_text()
+
+    @app.post("/score")
+    async def post_score(self, request: Request, version: str | None = None) -> dict:
+        image = decode_upload(await self._body(request), self.limits)
+        result = await self.score_batch(image)
+        if self.browser is not None:
+            try:
+                version = version or self.browser.latest()
+                rarer = self.browser.rank(version, result["jepa_score"])
+                result["dataset_rank"] = {"version": version, "rank": rarer + 1,
+                                          "total": self.browser.page(version, 0, 0).total}
+            except DatasetError as error:
+                result["dataset_rank"] = {"error": str(error)}
+        return result
+
+    @app.post("/generate")
+    async def post_generate(self, request: Request):
+        body = await self._body(request)
+        try:
+            payload = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RequestError(400, f"the body is not JSON: {error}") from error
+        job = parse_generate(payload, self.config.sampling, self.limits)
+        try:
+            self.model.check(job.items, job.sampling.cfg_scale)
+            if job.sampling.objective is not None:
+                guidance = job.sampling.guidance
+                check_rank(guidance.k, guidance.oversample, self.encoder.embed_dim, 3 * self.encoder.input_size**2)
+        except ValueError as error:
+            raise RequestError(422, str(error)) from error
+        outcome = await self.generate_batch(job)
+        if isinstance(outcome, str):
+            return JSONResponse({"detail": f"sampling failed: {outcome}"}, status_code=500)
+        return {"method": job.sampling.method, "samples": outcome}
+
+    @app.get("/api/dataset")
+    def get_dataset(self, version: str | None = None, offset: int = 0, limit: int = 24) -> dict:
+        if self.browser is None:
+            raise DatasetError("this service shows no dataset: start it with --dataset URI")
+        if offset < 0 or not 0 <= limit <= MAX_PAGE_ROWS:
+            raise RequestError(422, f"offset must be >= 0 and limit in 0..{MAX_PAGE_ROWS}")
+        page = self.browser.page(version, offset, limit)
+        return {"version": page.version, "versions": page.versions, "total": page.total,
+                "offset": page.offset, "rows": page.rows}
+
+    @app.get("/api/image")
+    def get_image(self, version: str, sample_id: str) -> Response:
+        if self.browser is None:
+            raise DatasetError("this service shows no dataset: start it with --dataset URI")
+        return Response(self.browser.image(version, sample_id), media_type="image/png",
+                        headers={"Cache-Control": "max-age=86400"})
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def score_batch(self, images: list[torch.Tensor]) -> list[dict]:
+        return await asyncio.to_thread(self._score, images)
+
+    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, jobs: list[GenerateRequest]) -> list[list[dict] | str]:
+        return await asyncio.to_thread(self._generate, jobs)
+
+    def _score(self, images: list[torch.Tensor]) -> list[dict]:
+        """Exact JEPA-SCORE, top-k log-volume (sketch seeded 0, as ``jepa-minority score``) and embedding."""
+        guidance = self.config.sampling.guidance
+        with torch.no_grad():
+            batch = torch.cat([self.encoder.resize(image[None].to(self.device)) for image in images])
+            embeddings = self.encoder(batch).cpu()
+            generators = [torch.Generator(self.device).manual_seed(0) for _ in images]
+            topk = topk_log_volume(self.encoder, batch, guidance.k, guidance.oversample, guidance.power_iters,
+                                   generators).cpu()
+        exact = jepa_score(self.encoder, batch).cpu()
+        return [{"jepa_score": float(exact[b]), "topk_score": float(topk[b]), "k": guidance.k,
+                 "width": int(images[b].shape[2]), "height": int(images[b].shape[1]),
+                 "encoder": self.config.encoder.name, "embedding": embeddings[b].tolist(),
+                 "batch_size": len(images)}  # requests answered together by @serve.batch
+                for b in range(len(images))]
+
+    def _generate(self, jobs: list[GenerateRequest]) -> list[list[dict] | str]:
+        """Jobs sharing a sampling config run as one batch; a failing batch is retried job by job."""
+        groups: dict = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault(job.sampling, []).append(index)
+        outcomes: list = [None] * len(jobs)
+        for members in groups.values():
+            try:
+                for member, samples in zip(members, self._sample([jobs[m] for m in members])):
+                    outcomes[member] = samples
+            except Exception as error:
+                if len(members) == 1:
+                    outcomes[members[0]] = f"{type(error).__name__}: {error}"
+                    continue
+                log.warning("a generate batch of %d requests failed (%s); retrying them one by one", len(members), error)
+                for member in members:
+                    outcomes[member] = self._generate([jobs[member]])[0]
+        return outcomes
+
+    def _sample(self, jobs: list[GenerateRequest]) -> list[list[dict]]:
+        items = [item for job in jobs for item in job.items]
+        samples = iter(generate(self.model, items, jobs[0].sampling, self.encoder))
+        return [[self._sample_json(next(samples), item) for item in job.items] for job in jobs]
+
+    @staticmethod
+    def _sample_json(sample, item) -> dict:
+        buffer = io.BytesIO()
+        Image.fromarray(sample.image).save(buffer, format="PNG")
+        return {"seed": item.seed, "class_label": item.class_label, "prompt": item.prompt,
+                "jepa_score": sample.jepa_score, "steps_guided": sample.steps_guided,
+                "png_base64": base64.b64encode(buffer.getvalue()).decode()}
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise RequestError(413, f"body of {declared} bytes; this service takes at most {limit}")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise RequestError(413, f"body larger than {limit} bytes; this service takes at most {limit}")
+        return bytes(body)
+
+
+def build_app(service: ServeConfig):
+    """The Serve application: the generation config checked here, models loaded in each replica."""
+    import ray
+
+    config = load_config(service.config, list(service.overrides))
+    if service.dataset:
+        DatasetBrowser(service.dataset, config.storage)  # a bad URI fails here, not in a replica
+    gpus = service.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    options = {"num_cpus": service.cpus_per_replica, "num_gpus": gpus}
+    return JepaService.options(num_replicas=service.replicas, ray_actor_options=options).bind(config, service)
+
+
+def run_serve(service: ServeConfig, *, blocking: bool = True) -> str:
+    """Deploy on the cluster in RAY_ADDRESS (else a local one); returns the service's base URL."""
+    connect_ray()
+    serve.start(http_options={"host": service.host, "port": service.port})
+    application = build_app(service)
+    url = f"http://{service.host}:{service.port}"
+    log.info("serving %s at %s (GET / for the page)", service.config, url)
+    serve.run(application, name=APP_NAME, route_prefix="/", blocking=blocking)
+    return url
