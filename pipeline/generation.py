@@ -186,8 +186,28 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
     )
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
-    dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+    try:
+        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+    except Exception as error:
+        cause = _storage_cause(error)
+        if cause is None:
+            raise
+        raise StorageError(f"{cause} (committed files are whole: rerun the same command to resume)") from error
     return gpus
+
+
+def _storage_cause(error: BaseException) -> StorageError | None:
+    """The StorageError a Ray task raised, unwrapped from Ray's and Ray Data's wrapping exceptions."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current) is StorageError:
+            return current
+        pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
 
 
 def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -104,8 +106,20 @@ def _explain(error: OSError) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+@contextmanager
+def _clear_errors(action: str, location: Location) -> Iterator[None]:
+    """Turn the filesystem's low-level OSError into a StorageError naming the location and the fix."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(f"cannot {action} {location.uri}: {_explain(error)}") from error
+
+
 def exists(location: Location) -> bool:
-    return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
+    with _clear_errors("reach", location):
+        return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
 
 
 def read_bytes(location: Location) -> bytes:
@@ -122,15 +136,16 @@ def write_bytes(location: Location, data: bytes) -> None:
     """Write a whole file atomically."""
     fs, path = location.filesystem, location.path
     parent, _, name = path.rpartition("/")
-    if location.is_local:
-        fs.create_dir(parent, recursive=True)
-        temp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
-        with fs.open_output_stream(temp) as stream:
-            stream.write(data)
-        fs.move(temp, path)
-    else:
-        with fs.open_output_stream(path) as stream:
-            stream.write(data)
+    with _clear_errors("write", location):
+        if location.is_local:
+            fs.create_dir(parent, recursive=True)
+            temp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            with fs.open_output_stream(temp) as stream:
+                stream.write(data)
+            fs.move(temp, path)
+        else:
+            with fs.open_output_stream(path) as stream:
+                stream.write(data)
 
 
 def write_table(location: Location, table: pa.Table, row_group_size: int) -> None:
@@ -143,12 +158,15 @@ def write_table(location: Location, table: pa.Table, row_group_size: int) -> Non
 def list_files(location: Location, suffix: str) -> list[Location]:
     """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted."""
     selector = pafs.FileSelector(location.path, allow_not_found=True)
+    with _clear_errors("list", location):
+        infos = location.filesystem.get_file_info(selector)
     names = sorted(
-        info.base_name for info in location.filesystem.get_file_info(selector)
+        info.base_name for info in infos
         if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and info.base_name[0] not in "_."
     )
     return [location.child(name) for name in names]
 
 
 def delete(location: Location) -> None:
-    location.filesystem.delete_file(location.path)
+    with _clear_errors("delete", location):
+        location.filesystem.delete_file(location.path)

@@ -1,17 +1,23 @@
 """Real services for the tests, bound to 127.0.0.1 and stopped afterwards: an S3-protocol server
-(moto's standalone server, with IAM authentication switched on) and a local Ray cluster."""
+(moto's standalone server, with IAM authentication switched on), a proxy in front of it that injects
+network faults, and a local Ray cluster."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlparse
 
 import boto3
 import botocore.exceptions
@@ -146,3 +152,104 @@ def start_mlflow_server(folder: Path) -> MlflowServer:
                 process.poll() is None and os.killpg(process.pid, signal.SIGTERM)
                 raise RuntimeError(f"the MLflow server did not start; see {folder / 'server.log'}")
             time.sleep(0.5)
+
+
+class FaultyS3Proxy:
+    """A real HTTP proxy on 127.0.0.1 in front of an S3 endpoint that injects faults a network and a
+    busy server really produce: every ``slowdown_every``-th request answered 503 SlowDown, every
+    ``reset_every``-th request's connection reset (TCP RST), and whole outages (``down()``: the port
+    refuses connections until ``up()``). Requests are forwarded byte for byte, the Host header
+    included, so signatures still verify; the proxy never sees or needs the credentials."""
+
+    SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+                b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, target: str, slowdown_every: int = 0, reset_every: int = 0):
+        self.target = urlparse(target).netloc
+        self.slowdown_every, self.reset_every = slowdown_every, reset_every
+        self.requests = self.slowdowns = self.resets = 0
+        self.lock = threading.Lock()
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.up()
+
+    def up(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), self._handler())
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def down(self) -> None:
+        """Stop answering: the port refuses new connections and open ones are closed."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _fault(self) -> str | None:
+        with self.lock:
+            self.requests += 1
+            if self.reset_every and self.requests % self.reset_every == 0:
+                self.resets += 1
+                return "reset"
+            if self.slowdown_every and self.requests % self.slowdown_every == 0:
+                self.slowdowns += 1
+                return "slowdown"
+        return None
+
+    def _handler(self):
+        proxy = self
+
+        class Forward(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)):
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length", 0)))
+
+            def _forward(self) -> None:
+                body = self._body()
+                fault = proxy._fault()
+                if fault == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    return
+                if fault == "slowdown":
+                    self.send_response(503, "Slow Down")
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOWDOWN)))
+                    self.end_headers()
+                    self.wfile.write(proxy.SLOWDOWN)
+                    return
+                upstream = http.client.HTTPConnection(proxy.target, timeout=60)
+                upstream.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+                for key, value in self.headers.items():
+                    if key.lower() not in ("transfer-encoding", "content-length"):
+                        upstream.putheader(key, value)
+                upstream.putheader("Content-Length", str(len(body)))
+                upstream.endheaders(body)
+                response = upstream.getresponse()
+                data = response.read()
+                self.send_response(response.status, response.reason)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "content-length", "connection", "server", "date"):
+                        self.send_header(key, value)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                elif response.getheader("Content-Length"):
+                    self.send_header("Content-Length", response.getheader("Content-Length"))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                upstream.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        return Forward

@@ -123,3 +123,80 @@ def test_a_lost_worker_node_loses_no_sample(two_node_cluster, write_config, tmp_
     # The only place left for the pool's one actor is the surviving node (the head has no CPUs).
     assert finish(driver, log) == 0, log.read_text()[-3000:]
     assert_exactly_once(out)
+
+
+@pytest.fixture
+def s3_proxy(s3):
+    """A faulty proxy in front of the session's moto server (see tests/services.py FaultyS3Proxy)."""
+    from tests.services import FaultyS3Proxy
+
+    proxies = []
+
+    def make(**faults) -> FaultyS3Proxy:
+        proxies.append(FaultyS3Proxy(s3.endpoint, **faults))
+        return proxies[-1]
+
+    yield make
+    for proxy in proxies:
+        proxy.down()
+
+
+def s3_rows(s3, bucket: str, prefix: str) -> list[dict]:
+    filesystem = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
+                                   access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
+    return read_rows(filesystem, f"{bucket}/{prefix}/data")
+
+
+def s3_keys(s3, bucket: str, prefix: str) -> set[str]:
+    listing = s3.client().list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/")
+    return {item["Key"].removeprefix(f"{prefix}/") for item in listing.get("Contents", [])}
+
+
+def assert_exactly_once_on_s3(s3, bucket: str, prefix: str) -> None:
+    import io
+
+    manifest = pq.read_table(io.BytesIO(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/manifest.parquet")
+                                        ["Body"].read())).column("sample_id").to_pylist()
+    ids = [row["sample_id"] for row in s3_rows(s3, bucket, prefix)]
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(manifest)
+    run = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/_run.json")["Body"].read())
+    assert run["counts"]["committed"] == len(manifest)
+
+
+def test_transient_s3_errors_are_retried_and_the_run_completes(ray_cluster, s3, s3_proxy, write_config):
+    proxy = s3_proxy(slowdown_every=5, reset_every=7)
+    s3.client().create_bucket(Bucket="flaky")
+    path = write_config(output={"uri": "s3://flaky/run"}, storage={"endpoint_url": proxy.endpoint})
+    assert run_generation(load_config(path)).complete
+    assert proxy.slowdowns >= 2 and proxy.resets >= 2, "the faults never reached the run"
+    assert_exactly_once_on_s3(s3, "flaky", "run")
+
+
+@pytest.mark.slow
+def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s3, s3_proxy, write_config, tmp_path):
+    proxy = s3_proxy()
+    s3.client().create_bucket(Bucket="outage")
+    path = write_config(work={"class_labels": [1, 2, 4, 5, 8, 9], "samples_per_label": 4},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"uri": "s3://outage/run", "max_rows_per_file": 2},
+                        storage={"endpoint_url": proxy.endpoint})
+    log = tmp_path / "driver.log"
+    driver = start_driver(path, ray_cluster, log)
+    deadline = time.monotonic() + 300
+    while not any(key.startswith("data/part-") for key in s3_keys(s3, "outage", "run")):
+        assert driver.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "no data file was committed in time"
+        time.sleep(0.2)
+    proxy.down()
+    assert finish(driver, log) != 0
+    message = log.read_text()
+    assert "jepa-minority generate: " in message and "storage endpoint did not answer" in message, message[-3000:]
+    keys = s3_keys(s3, "outage", "run")
+    assert "_run.json" not in keys
+    partial = s3_rows(s3, "outage", "run")  # every committed file reads whole
+    assert 0 < len(partial) < 24
+
+    proxy.up()
+    summary = run_generation(load_config(path))
+    assert summary.complete and summary.generated == 24 - len(partial)
+    assert_exactly_once_on_s3(s3, "outage", "run")
