@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from guidance import WorkItem
 from guidance.methods import SamplingConfig
@@ -64,6 +64,8 @@ def decode_upload(body: bytes, limits: ServeLimits) -> torch.Tensor:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise RequestError(413, f"image refused as a decompression bomb: {error}") from error
+    except UnidentifiedImageError as error:
+        raise RequestError(400, "cannot decode the body as a PNG or JPEG image: its format is not recognised") from error
     except Exception as error:  # PIL raises many types for undecodable or truncated bytes
         raise RequestError(400, f"cannot decode the body as a PNG or JPEG image: {error}") from error
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
