@@ -12,6 +12,7 @@ COMMANDS = {
     "filter": "jobs.filter",  # keep the rarest samples of a generated dataset
     "refresh": "jobs.refresh",  # one scheduled dataset version, published when complete
     "score": "jobs.score",  # rank image files by world-prior rarity
+    "evaluate": "jobs.evaluate",  # rarity and quality of generated runs against a reference
     "submit": "jobs.submit",  # run any of these jobs on a Ray cluster, once
     "serve": "jobs.serve",  # the samplers and scores over HTTP on Ray Serve, and a page of the rarest
 }

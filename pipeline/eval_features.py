@@ -1,0 +1,193 @@
+"""Image features for the evaluation, from local weights files only: the Ray Data actor and its models.
+
+- JEPA encoder (reference images only; generated rows already store theirs): the CLS embedding and
+  the exact JEPA-SCORE, computed as the sampler stage does (guidance/generate.py).
+- Inception-v3 (torch-fidelity's port of the TensorFlow FID network): pool3 features (2048) for FID,
+  and for sFID (Nash et al. 2021) the first 7 channels of ``mixed_6/conv`` (Mixed_6d's 1x1 branch,
+  17 x 17) flattened to 2023, as guided-diffusion's evaluator takes them. torch-fidelity has no sFID;
+  this hook is our glue.
+- CLIP (open_clip): CLIP score = 100 * max(cos(image, prompt), 0) (Hessel et al. 2021, scaled as
+  torchmetrics does).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from guidance import jepa_score, load_encoder
+
+SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
+INCEPTION_SUFFIXES = (".pth", ".pt")
+CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features the actor computes; every model comes from a local file."""
+
+    encoder: dict | None = None  # {name, weights, input_size} of the generated runs' encoder (reference images)
+    inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05 state dict (.pth)
+    clip_weights: str | None = None  # an open_clip checkpoint
+    clip_arch: str | None = None  # an open_clip architecture name, or a model config .json
+
+
+def check_weights_file(path: str, what: str, suffixes: tuple[str, ...], hint: str) -> Path:
+    """A readable local weights file, or an error saying what is missing and where to get it."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} weights not found: {file}. {hint}")
+    if file.suffix not in suffixes:
+        raise ValueError(f"{what} weights {file} must end in one of {', '.join(suffixes)}")
+    return file
+
+
+INCEPTION_HINT = ("FID / sFID need torch-fidelity's Inception file weights-inception-2015-12-05-6726825d.pth "
+                  "(fetch it where there is internet) passed as --inception-weights; nothing is downloaded here.")
+CLIP_HINT = "CLIP score needs an open_clip checkpoint file passed as --clip-weights with its --clip-arch."
+
+
+class InceptionFeatures:
+    """uint8 images (B, 3, H, W) -> pool3 (B, 2048) and spatial (B, 2023) float32 features."""
+
+    def __init__(self, weights: str, device: str):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        path = check_weights_file(weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
+        try:  # torch-fidelity unpickles the file: prove it holds plain tensors first
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise ValueError(f"{path} is not a weights-only torch state dict; refusing to unpickle it ({error})") from error
+        try:
+            self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                                     feature_extractor_weights_path=str(path)).to(device)
+        except RuntimeError as error:
+            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {error}") from error
+        self.device = device
+        self._spatial: torch.Tensor | None = None
+        self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
+
+    def _keep_spatial(self, module, inputs, output) -> None:
+        self._spatial = output[:, :SPATIAL_CHANNELS].flatten(1)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        (pool,) = self.model(images.to(self.device))
+        return pool.float().cpu().numpy(), self._spatial.float().cpu().numpy()
+
+
+class ClipScorer:
+    """(images, prompts) -> CLIP score per pair, 100 * max(cosine, 0)."""
+
+    def __init__(self, arch: str, weights: str, device: str):
+        import open_clip
+
+        path = check_weights_file(weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
+        name = arch
+        if arch.endswith(".json"):
+            config = Path(arch).expanduser()
+            if not config.is_file():
+                raise FileNotFoundError(f"CLIP model config not found: {config}")
+            open_clip.add_model_config(config)
+            name = config.stem
+        if name not in open_clip.list_models():
+            raise ValueError(f"unknown CLIP architecture {arch!r}: give an open_clip model name "
+                             f"(e.g. ViT-B-32, ViT-L-14) or a model config .json file")
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=str(path), device=device, weights_only=True)
+        except Exception as error:  # mismatched or unreadable checkpoints surface as assorted errors
+            raise ValueError(f"could not load CLIP weights {path} into {name}: {error}") from error
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        text = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
+        return (100 * (image * text).sum(-1).clamp_min(0)).cpu().numpy().astype(np.float64)
+
+
+def decode(row: dict) -> Image.Image:
+    """A row's image as RGB: PNG bytes of a generated row, or a file of a reference folder."""
+    source = row["path"] if row.get("image") is None else io.BytesIO(row["image"]["bytes"])
+    try:
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"cannot decode image of {row.get('sample_id') or row.get('path')}: {error}") from error
+
+
+def _uint8(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _list_column(rows: np.ndarray) -> pa.Array:
+    return pa.array(list(rows.astype(np.float32)), pa.list_(pa.float32()))
+
+
+class EvalFeatures:
+    """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
+
+    Adds ``jepa_score`` and ``embedding`` (when given an encoder), ``pool`` and ``spatial`` (Inception),
+    ``clip_score`` (CLIP; null for rows without a prompt). Drops the image so bytes travel no further.
+    """
+
+    def __init__(self, spec: FeatureSpec, threads: int = 1, device: str | None = None):
+        torch.set_num_threads(max(1, threads))
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.encoder = None
+        if spec.encoder:
+            self.encoder = load_encoder(spec.encoder["name"], spec.encoder["weights"],
+                                        input_size=spec.encoder["input_size"]).to(self.device)
+        self.inception = InceptionFeatures(spec.inception_weights, self.device) if spec.inception_weights else None
+        self.clip = ClipScorer(spec.clip_arch, spec.clip_weights, self.device) if spec.clip_weights else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        images = [decode(row) for row in rows]
+        out = batch.drop_columns([c for c in ("image", "path") if c in batch.column_names])
+        if self.encoder is not None:
+            embeddings, scores = self._encode(images)
+            out = out.append_column("jepa_score", pa.array(scores, pa.float64()))
+            out = out.append_column("embedding", _list_column(embeddings))
+        if self.inception is not None:
+            pool, spatial = self._inception(images)
+            out = out.append_column("pool", _list_column(pool)).append_column("spatial", _list_column(spatial))
+        if self.clip is not None:
+            out = out.append_column("clip_score", pa.array(self._clip(rows, images), pa.float64()))
+        return out
+
+    def _encode(self, images: list[Image.Image]) -> tuple[np.ndarray, list[float]]:
+        with torch.no_grad():
+            pixels = torch.stack([self.encoder.resize(_uint8(image)[None].float().to(self.device) / 255)[0]
+                                  for image in images])
+            embeddings = self.encoder(pixels).cpu().numpy()
+        return embeddings, jepa_score(self.encoder, pixels).tolist()
+
+    def _inception(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """One Inception call per image size (reference folders may mix sizes), rows kept in order."""
+        pool, spatial = [None] * len(images), [None] * len(images)
+        for size in {image.size for image in images}:
+            index = [i for i, image in enumerate(images) if image.size == size]
+            p, s = self.inception(torch.stack([_uint8(images[i]) for i in index]))
+            for j, i in enumerate(index):
+                pool[i], spatial[i] = p[j], s[j]
+        return np.stack(pool), np.stack(spatial)
+
+    def _clip(self, rows: list[dict], images: list[Image.Image]) -> list[float | None]:
+        scores: list[float | None] = [None] * len(rows)
+        index = [i for i, row in enumerate(rows) if row.get("prompt")]
+        if index:
+            values = self.clip([images[i] for i in index], [rows[i]["prompt"] for i in index])
+            for j, i in enumerate(index):
+                scores[i] = float(values[j])
+        return scores

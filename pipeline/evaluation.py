@@ -1,0 +1,437 @@
+"""Evaluate generated datasets against a reference: are the rare samples rare, and good?
+
+One row per generated run (method), as in the paper's tables:
+  - rarity: the JEPA-SCORE distribution and the share rarer than the reference's 10th percentile;
+  - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
+    (precision, recall, density, coverage; pipeline/metrics.py);
+  - with local weights files: Inception FID / sFID, and CLIP score for prompted runs.
+Generated rows are streamed through Ray Data reading only stored scores and embeddings (images only
+when FID or CLIP need them); nothing stored is recomputed. A reference image folder is embedded and
+scored with the generated runs' own encoder (from ``_run.json``). Means and covariances see every
+row; the k-NN metrics use a uniform subsample of at most ``max_samples`` per set (fixed seed).
+``evaluation.md`` then ``evaluation.json`` (the completion marker) go to the output folder; the table
+is logged to MLflow as a parent run with one child per generation run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+
+from pipeline.config import TrackingConfig, flatten, to_dict
+from pipeline.eval_features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
+                                    FeatureSpec, check_weights_file)
+from pipeline.generation import connect_ray
+from pipeline.images import IMAGE_SUFFIXES, find_images
+from pipeline.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
+from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
+from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
+
+log = logging.getLogger(__name__)
+RESULT_FILE = "evaluation.json"  # written last: the completion marker
+TABLE_FILE = "evaluation.md"
+READ_BATCH = 4096  # rows per driver-side batch when no model runs
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What to evaluate against what, and which metrics (the weights-file ones only when given)."""
+
+    generated: tuple[str, ...]  # completed generation outputs (each holds _run.json), one table row each
+    reference: str | None = None  # a folder of real images, or Parquet with jepa_score / embedding / encoder
+    output: str | None = None  # where evaluation.md and evaluation.json go
+    max_samples: int = 10_000  # per set, for the k-NN metrics (a uniform subsample with `seed`)
+    nearest_k: int = 5  # k of the k-NN balls (Naeem et al. 2020 use 5)
+    seed: int = 0  # chooses the k-NN subsample
+    inception_weights: str | None = None  # torch-fidelity Inception .pth: FID and sFID
+    clip_weights: str | None = None  # an open_clip checkpoint: CLIP score of prompted runs
+    clip_arch: str | None = None  # the checkpoint's open_clip architecture, or a model config .json
+    batch_size: int = 16  # images per actor call (reference images, FID, CLIP)
+    actors: int = 1  # actors in the pool that runs the models
+    cpus_per_actor: float = 1.0  # fractions keep small machines from stalling
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if not self.generated:
+            raise ValueError("give at least one generated run (--generated URI)")
+        if len(set(self.generated)) != len(self.generated):
+            raise ValueError(f"a generated run is listed twice: {', '.join(self.generated)}")
+        if self.nearest_k < 1:
+            raise ValueError(f"nearest_k must be >= 1, got {self.nearest_k}")
+        if self.max_samples <= self.nearest_k:
+            raise ValueError(f"max_samples must exceed nearest_k ({self.nearest_k}), got {self.max_samples}")
+        if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor < 0:
+            raise ValueError("batch_size and actors must be >= 1, cpus_per_actor >= 0")
+        if (self.clip_weights is None) != (self.clip_arch is None):
+            raise ValueError("CLIP score needs both --clip-weights and --clip-arch")
+        if self.inception_weights and not self.reference:
+            raise ValueError("FID / sFID compare against a reference: pass --reference with --inception-weights")
+        if self.inception_weights:
+            check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
+        if self.clip_weights:
+            check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
+
+
+@dataclass
+class SetStats:
+    """What one set (a generated run or the reference) contributes to the table."""
+
+    rows: int  # rows read
+    invalid: int  # rows without a finite score or an embedding (counted, left out)
+    scores: np.ndarray  # every valid row's JEPA-SCORE
+    embedding: Gaussian  # of the CLS embeddings
+    sample: np.ndarray  # uniform subsample of the embeddings, for the k-NN metrics
+    encoders: set[str]  # the `encoder` column's values
+    pool: Gaussian | None = None  # Inception pool3
+    spatial: Gaussian | None = None  # Inception mixed_6/conv[:7]
+    clip_score: float | None = None  # mean over prompted rows
+    clip_rows: int = 0
+
+
+class Collector:
+    """Consumes Arrow batches of one set; memory stays bounded by the subsample and the moments."""
+
+    def __init__(self, max_samples: int, seed: int):
+        self.rows = self.invalid = 0
+        self.scores: list[np.ndarray] = []
+        self.subsample = Subsample(max_samples, seed)
+        self.moments: dict[str, Moments] = {}
+        self.encoders: set[str] = set()
+        self.clip: list[np.ndarray] = []
+
+    def add(self, batch: pa.Table) -> None:
+        self.rows += batch.num_rows
+        score = batch.column("jepa_score")
+        ok = pc.and_(pc.and_(pc.is_valid(score), pc.is_finite(score)), pc.is_valid(batch.column("embedding")))
+        valid = batch.filter(pc.fill_null(ok, False))
+        self.invalid += batch.num_rows - valid.num_rows
+        if not valid.num_rows:
+            return
+        self.scores.append(valid.column("jepa_score").to_numpy())
+        if "encoder" in valid.column_names:
+            self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
+        embeddings = _matrix(valid.column("embedding"))
+        self.subsample.add(valid.column("sample_id").to_pylist(), embeddings)
+        for name in ("embedding", "pool", "spatial"):
+            if name in valid.column_names:
+                features = embeddings if name == "embedding" else _matrix(valid.column(name))
+                self.moments.setdefault(name, Moments(features.shape[1])).add(features)
+        if "clip_score" in valid.column_names:
+            values = valid.column("clip_score").drop_null().to_numpy()
+            self.clip.append(values)
+
+    def result(self, what: str) -> SetStats:
+        if "embedding" not in self.moments or self.moments["embedding"].count < 2:
+            raise ValueError(f"{what} holds fewer than 2 rows with a finite JEPA-SCORE and an embedding "
+                             f"({self.rows} rows read, {self.invalid} without): nothing to evaluate")
+        clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
+        gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
+        return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
+                        self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
+                        float(clip.mean()) if len(clip) else None, len(clip))
+
+
+def _matrix(column: pa.ChunkedArray) -> np.ndarray:
+    """A list<float> column of equal-length rows as an (N, D) float64 array."""
+    array = column.combine_chunks()
+    lengths = pc.list_value_length(array)
+    if pc.min(lengths).as_py() != pc.max(lengths).as_py():
+        raise ValueError(f"feature rows of different lengths ({pc.min(lengths)} to {pc.max(lengths)}) in one set")
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), -1).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class GeneratedRun:
+    """A completed generation output and what its _run.json says."""
+
+    uri: str
+    location: Location
+    files: list[str]
+    method: str
+    encoder: dict
+    generation_run_id: str | None
+    failed: int
+    label: str = ""
+
+
+def open_generated(uri: str, storage: StorageConfig) -> GeneratedRun:
+    location = resolve(uri, storage)
+    if not exists(location.child(RUN_FILE)):
+        raise StorageError(f"{uri} is not a completed generation run (no {RUN_FILE}); finish it first")
+    run = json.loads(read_bytes(location.child(RUN_FILE)))
+    config = run.get("config", {})
+    if "encoder" not in config or "sampling" not in config:
+        raise ValueError(f"{uri}/{RUN_FILE} has no encoder / sampling config: was it written by jepa-minority generate?")
+    files = [f.path for f in list_files(location.child(DATA_DIR), ".parquet")]
+    if not files:
+        raise ValueError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
+    return GeneratedRun(uri, location, files, config["sampling"]["method"], config["encoder"], run.get("last_run_id"),
+                        len(list_files(location.child(FAILURES_DIR), ".json")))
+
+
+def _labelled(runs: list[GeneratedRun]) -> list[GeneratedRun]:
+    """Rows are named by method; runs sharing a method are told apart by their folder names."""
+    methods = [run.method for run in runs]
+    return [replace(run, label=run.method if methods.count(run.method) == 1
+                    else f"{run.method} ({run.uri.rstrip('/').rsplit('/', 1)[-1]})") for run in runs]
+
+
+def _same_encoder(runs: list[GeneratedRun]) -> dict:
+    first = runs[0].encoder
+    for run in runs[1:]:
+        if run.encoder != first:
+            raise ValueError(f"{runs[0].uri} and {run.uri} were scored by different encoders ({first} vs {run.encoder}): "
+                             "their JEPA-SCOREs and embeddings are not comparable; evaluate them separately")
+    return first
+
+
+def run_evaluation(config: EvaluateConfig) -> dict:
+    """Evaluate every generated run against the reference; returns the report (evaluation.json)."""
+    from pipeline.tracking import RunTracker
+
+    runs = _labelled([open_generated(uri, config.storage) for uri in config.generated])
+    encoder = _same_encoder(runs)
+    target = resolve(config.output, config.storage) if config.output else None
+    if target:
+        check_writable(target)
+        if exists(target.child(RESULT_FILE)):  # a failed rerun must not leave the old marker beside a new table
+            delete(target.child(RESULT_FILE))
+    parquet, images = _reference_source(config) if config.reference else ([], [])
+    # every model loads once here first, on the CPU: a bad weights file fails before any data is read
+    EvalFeatures(FeatureSpec(encoder if images else None, config.inception_weights, config.clip_weights,
+                             config.clip_arch), device="cpu")
+    connect_ray()
+
+    reference = None
+    if parquet:
+        reference = _reference_parquet_stats(config, encoder, parquet)
+    elif images:
+        reference = _reference_image_stats(config, encoder, images)
+    stats = {}
+    for run in runs:
+        log.info("reading %s (%d files)", run.uri, len(run.files))
+        stats[run.label] = _generated_stats(config, run)
+    report = _report(config, encoder, runs, stats, reference)
+    table = markdown(report)
+
+    parent = RunTracker(config.tracking, run_name="evaluate",
+                        tags={"generated_uris": ",".join(config.generated), "reference_uri": config.reference or ""})
+    status = "FAILED"
+    try:
+        parent.log_params(flatten(to_dict(config)))
+        for run, row in zip(runs, report["rows"]):
+            child = RunTracker(config.tracking, run_name=f"evaluate-{run.label}",
+                               tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
+                                     "generation_run_id": run.generation_run_id or ""})
+            child.log_metrics(row_metrics(row))
+            child.end("FINISHED")
+            row["evaluation_run_id"] = child.run_id
+        report["evaluation_run_id"] = parent.run_id
+        data = json.dumps(report, indent=2).encode()
+        parent.log_artifact_bytes(TABLE_FILE, table.encode())
+        parent.log_artifact_bytes(RESULT_FILE, data)
+        if target:
+            write_bytes(target.child(TABLE_FILE), table.encode())
+            write_bytes(target.child(RESULT_FILE), data)  # last: the completion marker
+        status = "FINISHED"
+        return report
+    finally:
+        parent.end(status)
+
+
+def _actor_options(config: EvaluateConfig) -> dict:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return dict(batch_size=config.batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=config.actors),
+                num_cpus=config.cpus_per_actor, num_gpus=gpus)
+
+
+def _collect(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
+    if spec is not None:
+        dataset = dataset.map_batches(EvalFeatures, fn_constructor_kwargs={
+            "spec": spec, "threads": max(1, int(config.cpus_per_actor))}, **_actor_options(config))
+    collector = Collector(config.max_samples, config.seed)
+    for batch in dataset.iter_batches(batch_size=READ_BATCH if spec is None else config.batch_size,
+                                      batch_format="pyarrow"):
+        collector.add(batch)
+    return collector.result(what)
+
+
+def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> SetStats:
+    import ray
+
+    images = bool(config.inception_weights or config.clip_weights)
+    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image", "prompt"] if images else [])
+    dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
+    spec = FeatureSpec(None, config.inception_weights, config.clip_weights, config.clip_arch) if images else None
+    stats = _collect(config, dataset, spec, run.uri)
+    if stats.encoders - {run.encoder["name"]}:
+        raise ValueError(f"{run.uri} holds rows of encoders {sorted(stats.encoders)} but its {RUN_FILE} names "
+                         f"{run.encoder['name']}")
+    return stats
+
+
+def _reference_source(config: EvaluateConfig) -> tuple[list[str], list[Path]]:
+    """(Parquet files, image files) of the reference: exactly one of the two is non-empty."""
+    location = resolve(config.reference, config.storage)
+    if location.path.endswith(".parquet") and exists(location):
+        return [location.path], []
+    files = list_files(location.child(DATA_DIR), ".parquet") or list_files(location, ".parquet")
+    if files:
+        return [f.path for f in files], []
+    if not location.is_local or not Path(location.path).is_dir():
+        raise ValueError(f"reference {config.reference} holds no Parquet (data/*.parquet, *.parquet or a .parquet "
+                         "file) and is not a local folder of images")
+    try:
+        return [], find_images([location.path])
+    except ValueError as error:
+        raise ValueError(f"reference {config.reference} holds no Parquet files and no {'/'.join(IMAGE_SUFFIXES)} "
+                         "images: an empty reference cannot be compared against") from error
+
+
+def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[str]) -> SetStats:
+    """A reference already embedded and scored, read as stored and checked against the runs' encoder."""
+    import ray
+
+    location = resolve(config.reference, config.storage)
+    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if config.inception_weights else [])
+    schema = pads.dataset(files, filesystem=location.filesystem, format="parquet").schema
+    missing = [c for c in columns if c not in schema.names]
+    if missing:
+        raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
+                         "the generated schema (pipeline/schema.py) or a folder of images to embed here")
+    _check_reference_run(location, config.reference, encoder)
+    dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(columns)
+    spec = FeatureSpec(None, config.inception_weights) if config.inception_weights else None
+    stats = _collect(config, dataset, spec, f"reference {config.reference}")
+    if stats.encoders != {encoder["name"]}:
+        raise ValueError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
+                         f", not by the generated runs' {encoder['name']}: embed it with the same encoder")
+    return stats
+
+
+def _reference_image_stats(config: EvaluateConfig, encoder: dict, files: list[Path]) -> SetStats:
+    """Real images, embedded and scored (exact JEPA-SCORE) here by the generated runs' encoder."""
+    import ray
+
+    log.info("embedding and scoring %d reference images with %s", len(files), encoder["name"])
+    root = Path(resolve(config.reference, config.storage).path)
+    dataset = ray.data.from_items([{"sample_id": str(f.relative_to(root)), "path": str(f)} for f in files])
+    return _collect(config, dataset, FeatureSpec(encoder, config.inception_weights), f"reference {config.reference}")
+
+
+def _check_reference_run(location: Location, uri: str, encoder: dict) -> None:
+    """A reference that is itself a generation run must have been scored at the same input size."""
+    if location.path.endswith(".parquet") or not exists(location.child(RUN_FILE)):
+        return
+    theirs = json.loads(read_bytes(location.child(RUN_FILE))).get("config", {}).get("encoder", {})
+    if theirs.get("input_size") != encoder["input_size"]:
+        raise ValueError(f"reference {uri} was scored at input size {theirs.get('input_size')}, the generated runs at "
+                         f"{encoder['input_size']}: their JEPA-SCOREs are not comparable")
+
+
+def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], stats: dict[str, SetStats],
+            reference: SetStats | None) -> dict:
+    threshold = float(np.quantile(reference.scores, REFERENCE_QUANTILE)) if reference else None
+    if reference:
+        for run in runs:
+            dims = (stats[run.label].embedding.mean.shape, reference.embedding.mean.shape)
+            if dims[0] != dims[1]:
+                raise ValueError(f"reference embeddings have dimension {dims[1][0]}, {run.uri}'s {dims[0][0]}: "
+                                 "the reference must be embedded with the generated runs' encoder")
+    rows = []
+    for run in runs:
+        mine = stats[run.label]
+        row = {"method": run.label, "uri": run.uri, "generation_run_id": run.generation_run_id,
+               "rows": mine.rows, "invalid": mine.invalid, "failed_in_input": run.failed,
+               "jepa_score": score_summary(mine.scores)}
+        if reference:
+            row["jepa_score"]["rarer_than_reference_p10"] = share_below(mine.scores, threshold)
+            row["embedding"] = {"fd": mine.embedding.distance(reference.embedding), "samples": len(mine.sample)}
+            row["embedding"] |= manifold_metrics(reference.sample, mine.sample, config.nearest_k)
+        if mine.pool is not None:
+            row["inception"] = {"fid": mine.pool.distance(reference.pool), "sfid": mine.spatial.distance(reference.spatial)}
+        if config.clip_weights:
+            row["clip_score"] = mine.clip_score
+            row["clip_rows"] = mine.clip_rows
+        rows.append(row)
+    return {
+        "encoder": encoder,
+        "reference": None if reference is None else {
+            "uri": config.reference, "rows": reference.rows, "invalid": reference.invalid,
+            "jepa_score": score_summary(reference.scores), "p10": threshold, "knn_samples": len(reference.sample)},
+        "settings": {"max_samples": config.max_samples, "nearest_k": config.nearest_k, "seed": config.seed,
+                     "subsample": "uniform over sample ids (blake2b of seed and id); moments use every row",
+                     "inception_weights": config.inception_weights, "clip_arch": config.clip_arch},
+        "rows": rows,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def row_metrics(row: dict) -> dict[str, float]:
+    """A table row as flat MLflow metrics (values that exist and are finite)."""
+    values = {"rows": row["rows"], "invalid": row["invalid"], "failed_in_input": row["failed_in_input"]}
+    score = row["jepa_score"]
+    values |= {"jepa_score_mean": score["mean"], "jepa_score_std": score["std"]}
+    values |= {f"jepa_score_{name}": value for name, value in score["quantiles"].items()}
+    if "rarer_than_reference_p10" in score:
+        values["rarer_than_reference_p10"] = score["rarer_than_reference_p10"]
+    values |= {f"embedding_{name}": value for name, value in row.get("embedding", {}).items()}
+    values |= row.get("inception", {})
+    if row.get("clip_score") is not None:
+        values["clip_score"] = row["clip_score"]
+    return {key: float(value) for key, value in values.items() if math.isfinite(value)}
+
+
+COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / higher is better as marked
+    ("samples", lambda r: f"{r['rows'] - r['invalid']}"),
+    ("JEPA-SCORE ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
+    ("rarer than ref. p10 ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
+    ("FD (encoder) ↓", lambda r: _fmt(r.get("embedding", {}).get("fd"))),
+    ("precision ↑", lambda r: _fmt(r.get("embedding", {}).get("precision"))),
+    ("recall ↑", lambda r: _fmt(r.get("embedding", {}).get("recall"))),
+    ("density ↑", lambda r: _fmt(r.get("embedding", {}).get("density"))),
+    ("coverage ↑", lambda r: _fmt(r.get("embedding", {}).get("coverage"))),
+    ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
+    ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
+    ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
+]
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+def markdown(report: dict) -> str:
+    """The table (columns without any value left out), then what it was measured against."""
+    rows = report["rows"]
+    columns = [(name, cell) for name, cell in COLUMNS if any(cell(r) != "—" for r in rows)]
+    lines = ["| method | " + " | ".join(name for name, _ in columns) + " |",
+             "| --- | " + " | ".join("---" for _ in columns) + " |"]
+    lines += [f"| {r['method']} | " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
+    encoder = report["encoder"]
+    notes = [f"Encoder: {encoder['name']} ({encoder['weights']}, input {encoder['input_size']}). "
+             "JEPA-SCORE: mean ± std of the exact score, lower is rarer."]
+    reference = report["reference"]
+    if reference:
+        settings = report["settings"]
+        notes.append(f"Reference: {reference['uri']}, {reference['rows'] - reference['invalid']} samples, JEPA-SCORE "
+                     f"{reference['jepa_score']['mean']:.2f} ± {reference['jepa_score']['std']:.2f}, "
+                     f"10th percentile {reference['p10']:.2f}.")
+        notes.append(f"FD uses every sample; precision / recall / density / coverage use k = {settings['nearest_k']} "
+                     f"on at most {settings['max_samples']} samples per set (uniform, seed {settings['seed']}).")
+    else:
+        notes.append("No reference given: rarity only.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -1,0 +1,146 @@
+"""The evaluation's math, on feature arrays (numpy, no I/O): rarity, Frechet distance, k-NN manifolds.
+
+- Rarity: the JEPA-SCORE distribution of a set and the share of it below the reference's 10th
+  percentile (lower is rarer, METHOD.md section 1).
+- Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017):
+  ``FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``, in float64. The means and covariances
+  are accumulated block by block (``Moments``), so FD sees every row whatever the set's size.
+- Improved precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al.
+  2020) from the ``prdc`` package, on a bounded uniform subsample (``Subsample``): they need all
+  pairwise distances in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
+REFERENCE_QUANTILE = 0.1  # "rarer than the reference's 10th percentile"
+
+
+def score_summary(scores: np.ndarray) -> dict:
+    """Mean, standard deviation and quantiles of a set's JEPA-SCOREs."""
+    if not len(scores):
+        raise ValueError("no finite JEPA-SCOREs to summarise: the set is empty or every row failed")
+    return {"mean": float(scores.mean()), "std": float(scores.std()),
+            "quantiles": {f"p{round(q * 100):02d}": float(np.quantile(scores, q)) for q in QUANTILES}}
+
+
+def share_below(scores: np.ndarray, threshold: float) -> float:
+    """The fraction of ``scores`` strictly below ``threshold`` (rarer than it)."""
+    return float((scores < threshold).mean())
+
+
+class Moments:
+    """Running count, mean and centred scatter of feature rows, in float64.
+
+    Blocks merge by Chan et al.'s pairwise update, which stays accurate when the mean is large
+    next to the spread (a plain sum of squares would cancel).
+    """
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = np.zeros(dim)
+        self.scatter = np.zeros((dim, dim))
+
+    def add(self, features: np.ndarray) -> None:
+        rows = np.asarray(features, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != len(self.mean):
+            raise ValueError(f"features of shape {rows.shape} do not fit moments of dimension {len(self.mean)}")
+        if not len(rows):
+            return
+        mean = rows.mean(0)
+        centred = rows - mean
+        total = self.count + len(rows)
+        delta = mean - self.mean
+        self.scatter += centred.T @ centred + np.outer(delta, delta) * (self.count * len(rows) / total)
+        self.mean += delta * (len(rows) / total)
+        self.count = total
+
+    def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, unbiased covariance) of the rows added so far."""
+        if self.count < 2:
+            raise ValueError(f"a covariance needs at least 2 rows, got {self.count}")
+        cov = self.scatter / (self.count - 1)
+        return self.mean.copy(), (cov + cov.T) / 2
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """FD between N(mu1, sigma1) and N(mu2, sigma2), in float64.
+
+    ``Tr((S1 S2)^{1/2})`` is the sum of the square roots of the eigenvalues of the symmetric PSD
+    matrix ``S1^{1/2} S2 S1^{1/2}`` (similar to ``S1 S2``), so no complex square root is needed.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"feature dimensions differ: means {mu1.shape} vs {mu2.shape}, "
+                         f"covariances {sigma1.shape} vs {sigma2.shape}")
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    middle = root1 @ sigma2 @ root1
+    trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
+
+
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``fake`` against ``real`` with k-NN balls (prdc)."""
+    from prdc import compute_prdc
+
+    smallest = min(len(real), len(fake))
+    if smallest <= nearest_k:
+        raise ValueError(f"k-NN metrics with k={nearest_k} need more than {nearest_k} samples in each set, "
+                         f"got {len(real)} reference and {len(fake)} generated; lower --nearest-k or add samples")
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        values = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k)
+    return {name: float(value) for name, value in values.items()}
+
+
+def subsample_key(seed: int, sample_id: str) -> int:
+    """A uniform 64-bit key per row: keeping the smallest keys is a uniform subsample, in any read order."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest(), "big")
+
+
+class Subsample:
+    """At most ``size`` feature rows, uniform over all rows offered, the same whatever the block order."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.keys = np.zeros(0, np.uint64)
+        self.rows: np.ndarray | None = None
+
+    def add(self, ids: list[str], features: np.ndarray) -> None:
+        keys = np.array([subsample_key(self.seed, i) for i in ids], np.uint64)
+        rows = np.asarray(features, np.float32)
+        keys = np.concatenate([self.keys, keys])
+        rows = rows if self.rows is None else np.concatenate([self.rows, rows])
+        keep = np.sort(np.argpartition(keys, self.size - 1)[: self.size]) if len(keys) > self.size else slice(None)
+        self.keys, self.rows = keys[keep], rows[keep]
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.rows if self.rows is not None else np.zeros((0, 0), np.float32)
+
+
+@dataclass(frozen=True)
+class Gaussian:
+    """Mean and covariance of a feature set, and how many rows made them."""
+
+    mean: np.ndarray
+    cov: np.ndarray
+    count: int
+
+    @classmethod
+    def of(cls, moments: Moments) -> Gaussian:
+        mean, cov = moments.gaussian()
+        return cls(mean, cov, moments.count)
+
+    def distance(self, other: Gaussian) -> float:
+        return frechet_distance(self.mean, self.cov, other.mean, other.cov)

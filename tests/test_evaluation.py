@@ -1,0 +1,316 @@
+"""jepa-minority evaluate: closed forms for FD and the k-NN metrics, then whole evaluations on real
+generated runs (local Ray, MLflow sqlite), tiny random Inception / CLIP weights saved and loaded back."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import scipy.linalg
+import torch
+import torchvision
+from mlflow import MlflowClient
+from PIL import Image
+
+from jobs import evaluate as evaluate_job
+from pipeline.config import TrackingConfig, load_config
+from pipeline.evaluation import EvaluateConfig, run_evaluation
+from pipeline.generation import run_generation
+from pipeline.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.scoring import ScoreConfig, score_images
+from tests.conftest import ENCODER_NAME, TINY_SIZE
+
+
+def gaussian_fd(mu1, var1, mu2, var2) -> float:
+    """FD of two Gaussians with diagonal covariances: ||mu1 - mu2||^2 + sum (sqrt(v1) - sqrt(v2))^2."""
+    return float(((mu1 - mu2) ** 2).sum() + ((np.sqrt(var1) - np.sqrt(var2)) ** 2).sum())
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    sigma = a @ a.T + 0.1 * np.eye(6)
+    mu = rng.normal(size=6)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0, abs=1e-9)
+    var1, var2 = rng.uniform(0.5, 2, 6), rng.uniform(0.5, 2, 6)
+    mu2 = mu + 1
+    assert frechet_distance(mu, np.diag(var1), mu2, np.diag(var2)) == pytest.approx(gaussian_fd(mu, var1, mu2, var2), rel=1e-12)
+    b = rng.normal(size=(6, 6))
+    other = b @ b.T + np.eye(6)  # not commuting with sigma: against scipy's matrix square root
+    root = scipy.linalg.sqrtm(sigma @ other).real
+    want = ((mu - mu2) ** 2).sum() + np.trace(sigma) + np.trace(other) - 2 * np.trace(root)
+    assert frechet_distance(mu, sigma, mu2, other) == pytest.approx(want, rel=1e-9)
+
+
+def test_moments_over_blocks_estimate_the_analytic_fd():
+    rng = np.random.default_rng(1)
+    mu1, var1, mu2, var2 = np.zeros(4), np.full(4, 1.0), np.full(4, 0.5), np.full(4, 4.0)
+    first, second = Moments(4), Moments(4)
+    x = rng.normal(mu1, np.sqrt(var1), size=(40_000, 4))
+    for block in np.array_split(x, 7):
+        first.add(block)
+    second.add(rng.normal(mu2, np.sqrt(var2), size=(40_000, 4)))
+    mean, cov = first.gaussian()
+    assert np.allclose(mean, x.mean(0)) and np.allclose(cov, np.cov(x, rowvar=False))
+    fd = frechet_distance(*first.gaussian(), *second.gaussian())
+    assert fd == pytest.approx(gaussian_fd(mu1, var1, mu2, var2), rel=0.03)  # 1 + 4 = 5, up to sampling noise
+
+
+def lattice(n: int, offset: float = 0.0) -> np.ndarray:
+    """Points 0, 1, ..., n-1 (plus an offset) on a line in 3 dimensions: exact distances."""
+    return np.stack([np.arange(n) + offset, np.zeros(n), np.zeros(n)], 1).astype(np.float32)
+
+
+def test_precision_recall_density_coverage_on_known_manifolds():
+    real = lattice(20)
+    same = manifold_metrics(real, real.copy(), nearest_k=1)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    far = manifold_metrics(real, lattice(20, offset=1000), nearest_k=1)
+    assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    # Half the fakes copy real points 0..9, half lie far away. With k = 1 every ball has radius 1 and
+    # the comparisons are strict, so real point 10 (at distance 1 from fake 9) is neither covered nor
+    # recalled: every metric is exactly one half.
+    half = np.concatenate([real[:10], lattice(10, offset=1000)])
+    assert manifold_metrics(real, half, nearest_k=1) == {"precision": 0.5, "recall": 0.5, "density": 0.5,
+                                                        "coverage": 0.5}
+    with pytest.raises(ValueError, match="need more than 5 samples in each set"):
+        manifold_metrics(real, real[:5], nearest_k=5)
+
+
+def test_subsample_is_uniform_bounded_and_independent_of_read_order():
+    ids = [f"id{i:04d}" for i in range(1000)]
+    features = np.arange(1000, dtype=np.float32)[:, None]
+    forward, backward = Subsample(100, seed=3), Subsample(100, seed=3)
+    for start in range(0, 1000, 64):
+        forward.add(ids[start:start + 64], features[start:start + 64])
+    for start in reversed(range(0, 1000, 64)):
+        backward.add(ids[start:start + 64], features[start:start + 64])
+    assert forward.features.shape == (100, 1)
+    assert sorted(forward.features[:, 0]) == sorted(backward.features[:, 0])
+    assert 300 < forward.features.mean() < 700  # spread over the whole set, not its first rows
+    other = Subsample(100, seed=4)
+    other.add(ids, features)
+    assert sorted(other.features[:, 0]) != sorted(forward.features[:, 0])
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
+
+
+def stored(folder) -> pa.Table:
+    files = sorted(str(p) for p in (folder / "data").glob("part-*.parquet"))
+    return pads.dataset(files, format="parquet").to_table()
+
+
+def reference_folder(folder, count: int = 10, size: int = 8) -> list:
+    """Real-image stand-ins: random RGB PNG files."""
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"img{i:02d}.png")
+    return sorted(folder.glob("*.png"))
+
+
+def test_two_generated_runs_against_a_reference_folder_make_the_table(
+        ray_cluster, write_config, tiny_vit_folder, tmp_path, tracking, capsys):
+    runs = {}
+    for method in ("unguided", "jepa"):
+        path = write_config(work={"class_labels": [0, 3, 7], "samples_per_label": 3})
+        config = load_config(path, [f"sampling.method={method}", f"output.uri={tmp_path / method}"])
+        assert run_generation(config).ok
+        runs[method] = tmp_path / method
+    images = reference_folder(tmp_path / "real")
+
+    args = ["--generated", str(runs["unguided"]), "--generated", str(runs["jepa"]), "--reference", str(tmp_path / "real"),
+            "--output", str(tmp_path / "eval"), "--nearest-k", "2", "--cpus-per-actor", "0.5",
+            "--tracking-uri", tracking.tracking_uri]
+    assert evaluate_job.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    table = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert [row["method"] for row in report["rows"]] == ["unguided", "jepa"]
+    assert table.splitlines()[0].startswith("| method | samples | JEPA-SCORE ↓ | rarer than ref. p10 ↑ | FD (encoder) ↓")
+    assert table.splitlines()[2].startswith("| unguided | 9 |") and table.splitlines()[3].startswith("| jepa | 9 |")
+    assert table in printed
+
+    # the reference is embedded and scored by the runs' own encoder (the same as `jepa-minority score`)
+    reference_scores = np.array([row.score for row in score_images(ScoreConfig(
+        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE))])
+    assert report["reference"]["rows"] == len(images)
+    assert report["reference"]["p10"] == pytest.approx(np.quantile(reference_scores, 0.1), abs=1e-6)
+
+    from guidance import load_encoder
+    encoder = load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
+    with torch.no_grad():
+        pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")).copy()).permute(2, 0, 1)
+                              for p in images]).float() / 255
+        real = encoder(encoder.resize(pixels)).double().numpy()
+    client = MlflowClient(tracking_uri=tracking.tracking_uri)
+    for row, method in zip(report["rows"], ("unguided", "jepa")):
+        rows = stored(runs[method])  # stored scores and embeddings, not recomputed
+        scores, fake = rows.column("jepa_score").to_numpy(), np.array(rows.column("embedding").to_pylist(), np.float64)
+        assert row["jepa_score"]["mean"] == pytest.approx(scores.mean(), rel=1e-12)
+        assert row["jepa_score"]["rarer_than_reference_p10"] == pytest.approx(
+            (scores < np.quantile(reference_scores, 0.1)).mean())
+        root = scipy.linalg.sqrtm(np.cov(real, rowvar=False) @ np.cov(fake, rowvar=False)).real
+        want = (((real.mean(0) - fake.mean(0)) ** 2).sum() + np.trace(np.cov(real, rowvar=False))
+                + np.trace(np.cov(fake, rowvar=False)) - 2 * np.trace(root))
+        assert row["embedding"]["fd"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+        assert row["embedding"]["precision"] == pytest.approx(
+            manifold_metrics(real, fake, nearest_k=2)["precision"])
+        child = client.get_run(row["evaluation_run_id"])
+        assert child.data.tags["generation_run_id"] == rows.column("run_id")[0].as_py() == row["generation_run_id"]
+        assert child.data.tags["mlflow.parentRunId"] == report["evaluation_run_id"]
+        assert child.data.metrics["embedding_fd"] == pytest.approx(row["embedding"]["fd"])
+    parent = client.get_run(report["evaluation_run_id"])
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(report["evaluation_run_id"])}
+    assert artifacts == {"evaluation.json", "evaluation.md"}
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encoder: str = ENCODER_NAME,
+             prompts: bool = True, input_size: int = TINY_SIZE) -> pa.Table:
+    """A completed text-to-image generation output in the real schema, with random images and features."""
+    rng = np.random.default_rng(seed)
+    now = datetime.now(timezone.utc)
+    rows = [{
+        "sample_id": f"{method}{i:03d}", "seed": i, "prompt": ["a red square", "a blue circle"][i % 2] if prompts else None,
+        "class_label": None if prompts else i % 2,
+        "image": {"bytes": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
+        "width": 16, "height": 16, "jepa_score": float(rng.normal(-30, 3)), "embedding": rng.normal(size=dim).tolist(),
+        "method": method, "model": "sd", "encoder": encoder, "run_id": f"gen-{method}", "created_at": now,
+    } for i in range(count)]
+    (folder / "data").mkdir(parents=True)
+    table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
+    pq.write_table(table, folder / "data" / "part-0.parquet")
+    encoder_config = {"name": ENCODER_NAME, "weights": "dinov2.safetensors", "input_size": input_size}
+    (folder / "_run.json").write_text(json.dumps({"status": "complete", "last_run_id": f"gen-{method}",
+                                                  "config": {"encoder": encoder_config, "sampling": {"method": method}}}))
+    return table
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random Inception-v3 weights in torch-fidelity's layout (torchvision's modules, a 1008-way fc), with
+    batch-norm statistics taken from random images so that features stay near unit scale."""
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
+    fc = torch.nn.Linear(2048, 1008)
+    state = model.state_dict() | {"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}
+    state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random open_clip model: its config .json and its weights file."""
+    folder = tmp_path_factory.mktemp("clip")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip").eval()
+    torch.save(model.state_dict(), folder / "tiny-clip.pt")
+    return folder / "tiny-clip.json", folder / "tiny-clip.pt", model
+
+
+def clip_scores(model, table: pa.Table) -> np.ndarray:
+    _, _, preprocess = open_clip.create_model_and_transforms("tiny-clip")
+    tokenizer = open_clip.get_tokenizer("tiny-clip")
+    images = torch.stack([preprocess(Image.open(io.BytesIO(r["bytes"])).convert("RGB"))
+                          for r in table.column("image").to_pylist()])
+    with torch.no_grad():
+        a = torch.nn.functional.normalize(model.encode_image(images), dim=-1)
+        b = torch.nn.functional.normalize(model.encode_text(tokenizer(table.column("prompt").to_pylist())), dim=-1)
+    return (100 * (a * b).sum(-1).clamp_min(0)).numpy()
+
+
+@pytest.mark.slow  # a 299 x 299 Inception-v3 on the CPU for three sets: about two minutes
+def test_fid_sfid_and_clip_from_local_weights(ray_cluster, tmp_path, tracking, inception_weights, tiny_clip):
+    clip_config, clip_file, clip_model = tiny_clip
+    tables = {m: fake_run(tmp_path / m, m, seed) for m, seed in (("unguided", 0), ("jepa", 1))}
+    report = run_evaluation(EvaluateConfig(
+        generated=(str(tmp_path / "unguided"), str(tmp_path / "jepa")), reference=str(tmp_path / "unguided"),
+        output=str(tmp_path / "eval"), nearest_k=2, inception_weights=str(inception_weights),
+        clip_weights=str(clip_file), clip_arch=str(clip_config), batch_size=4, cpus_per_actor=0.5, tracking=tracking))
+    itself, other = report["rows"]
+    # the reference is the unguided run itself: every distance is zero and every manifold covered
+    assert itself["embedding"]["fd"] == pytest.approx(0, abs=1e-9)
+    assert itself["inception"]["fid"] == pytest.approx(0, abs=1e-6 * abs(other["inception"]["fid"]))
+    assert itself["inception"]["sfid"] == pytest.approx(0, abs=1e-6 * abs(other["inception"]["sfid"]))
+    assert other["inception"]["fid"] > 0 and other["inception"]["sfid"] > 0
+    assert itself["embedding"]["precision"] == itself["embedding"]["recall"] == itself["embedding"]["coverage"] == 1
+    for row, method in zip(report["rows"], tables):
+        assert row["clip_score"] == pytest.approx(clip_scores(clip_model, tables[method]).mean(), rel=1e-5)
+        assert row["clip_rows"] == 8
+    table = (tmp_path / "eval" / "evaluation.md").read_text()
+    assert "| FID ↓ | sFID ↓ | CLIP ↑ |" in table.splitlines()[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(inception_weights="missing.pth"), "Inception weights not found"),
+    (dict(clip_weights="missing.pt", clip_arch="ViT-B-32"), "CLIP weights not found"),
+    (dict(clip_weights="x.pt"), "needs both --clip-weights and --clip-arch"),
+    (dict(reference=None, inception_weights="x.pth"), "FID / sFID compare against a reference"),
+    (dict(max_samples=3, nearest_k=5), "max_samples must exceed nearest_k"),
+])
+def test_bad_settings_are_refused_before_any_work(tmp_path, change, message):
+    settings = dict(generated=("a",), reference="ref") | change
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        EvaluateConfig(**settings)
+
+
+def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracking, inception_weights, capsys):
+    fake_run(tmp_path / "gen", "jepa", 0)
+    base = ["--generated", str(tmp_path / "gen"), "--tracking-uri", tracking.tracking_uri, "--nearest-k", "2"]
+
+    def refused(*extra) -> str:
+        assert evaluate_job.main([*base, *extra]) == 2
+        return capsys.readouterr().err
+
+    (tmp_path / "empty").mkdir()
+    assert "holds no Parquet files and no .png/.jpg/.jpeg images" in refused("--reference", str(tmp_path / "empty"))
+    fake_run(tmp_path / "other-encoder", "x", 1, encoder="vit_base_patch14_dinov2")
+    assert "was embedded by ['vit_base_patch14_dinov2'], not by the generated runs' vit_small_patch14_reg4_dinov2" \
+        in refused("--reference", str(tmp_path / "other-encoder"))
+    fake_run(tmp_path / "other-dim", "y", 2, dim=5)
+    assert "reference embeddings have dimension 5" in refused("--reference", str(tmp_path / "other-dim"))
+    fake_run(tmp_path / "other-size", "z", 3, input_size=56)
+    assert "scored at input size 56" in refused("--reference", str(tmp_path / "other-size"))
+    (tmp_path / "bare").mkdir()
+    pq.write_table(pa.table({"sample_id": ["a"], "jepa_score": [1.0]}), tmp_path / "bare" / "rows.parquet")
+    assert "lacks the column(s) embedding, encoder" in refused("--reference", str(tmp_path / "bare"))
+    (tmp_path / "unfinished").mkdir()
+    assert "is not a completed generation run" in refused("--generated", str(tmp_path / "unfinished"))
+    fake_run(tmp_path / "big", "big", 4, input_size=56)
+    assert "scored by different encoders" in refused("--generated", str(tmp_path / "big"))
+    bad = tmp_path / "bad.pth"
+    torch.save({"Conv2d_1a_3x3.conv.weight": torch.zeros(1)}, bad)
+    assert "does not hold Inception-v3 weights" in refused("--reference", str(tmp_path / "gen"),
+                                                          "--inception-weights", str(bad))
+    assert not (tmp_path / "eval").exists()
