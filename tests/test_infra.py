@@ -179,6 +179,8 @@ def test_config_paths_in_entrypoints_are_mounted_configs_that_load_strictly(monk
     files = head_files()
     for entrypoint in ENTRYPOINTS:
         _, args = parse_entrypoint(entrypoint, monkeypatch)
+        if getattr(args, "config", None) is None:
+            continue
         assert args.config in files, f"{entrypoint!r}: {args.config} is not mounted on the Ray head from a ConfigMap"
         path = tmp_path / Path(args.config).name
         path.write_text(files[args.config])
@@ -235,8 +237,9 @@ def test_one_bucket_for_data_refresh_and_mlflow_artifacts(tmp_path, monkeypatch)
     buckets = {urlparse(cluster_config(tmp_path).output.uri).netloc}
     for entrypoint in ENTRYPOINTS:
         _, args = parse_entrypoint(entrypoint, monkeypatch)
-        if getattr(args, "root", None):
-            buckets.add(urlparse(args.root).netloc)
+        for uri in (getattr(args, "root", None), getattr(args, "dataset", None)):  # refresh root, served dataset
+            if uri:
+                buckets.add(urlparse(uri).netloc)
     (mlflow,) = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"]
     params = mlflow_server.make_context("mlflow server", mlflow["command"][2:]).params
     buckets.add(urlparse(params["artifacts_destination"]).netloc)
@@ -254,6 +257,18 @@ def test_gpu_group_requests_gpus_and_fits_the_actor_pool(tmp_path):
     assert gpu["minReplicas"] > 0 or config.ray.gpus_per_actor, "set ray.gpus_per_actor: the GPU group starts at 0"
     assert config.ray.gpus_per_actor <= int(limits["nvidia.com/gpu"])
     assert config.ray.actors * config.ray.gpus_per_actor <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
+
+
+def test_serve_listens_on_a_head_port_and_asks_for_gpus(monkeypatch):
+    served = [args for module, args in (parse_entrypoint(e, monkeypatch) for e in ENTRYPOINTS) if module == "jobs.serve"]
+    assert served, "no RayJob runs jobs.serve"
+    ports = {port["containerPort"] for port in HEAD["containers"][0]["ports"]}
+    (gpu,) = [g for g in RAYCLUSTER["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    for args in served:
+        assert args.host == "0.0.0.0", "Serve must listen beyond the head's loopback to be reached through the head Service"
+        assert args.port in ports, f"Serve's port {args.port} is not a port of the head container {sorted(ports)}"
+        # As for generation: the GPU group starts empty, so auto-detection would place replicas on CPUs.
+        assert 0 < args.gpus_per_replica <= int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
 
 
 def test_ray_version_satisfies_the_package():
