@@ -143,7 +143,7 @@ def parse_entrypoint(entrypoint: str, monkeypatch) -> tuple[str, argparse.Namesp
             with contextlib.redirect_stderr(errors):
                 parsed = original(parser, args, namespace)
         except SystemExit:
-            raise EntrypointError(f"{entrypoint!r}: {module} rejects its arguments: {errors.getvalue().strip()}")
+            raise EntrypointError(f"{entrypoint!r}: {module} rejects its arguments: {errors.getvalue().strip()}") from None
         raise _Parsed(parsed)
 
     with monkeypatch.context() as patch:
@@ -168,7 +168,7 @@ def test_every_entrypoint_names_a_job_module_that_accepts_its_flags(monkeypatch)
     "python -m jobs.generate /app/configs/cluster.yaml --dryrun",  # a renamed flag
     "python -m jobs.generator /app/configs/cluster.yaml",  # a renamed module
     "python -m jobs.refresh /app/configs/cluster.yaml",  # a required flag (--root) missing
-    "python -m jobs.filter --input s3://b/x --output s3://b/y --per shape",  # a value the parser refuses
+    "python -m jobs.filter --input s3://b/x --output s3://b/y --keep-fraction 0.1 --per shape",  # a value the parser refuses
 ])
 def test_the_entrypoint_check_fails_on_drift(drifted, monkeypatch):
     with pytest.raises(EntrypointError):
