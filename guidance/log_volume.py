@@ -10,11 +10,17 @@ Envelope theorem: sum_{i<=k} log sigma_i(J) = 1/2 max_Q log det(Q^T J J^T Q) ove
 at the maximiser the gradient with Q held fixed is exact, so no gradient flows through the
 power iterations, the QR or the random sketch. J v comes from forward-mode AD (exact, no
 finite differences); Q^T J comes from r VJPs with a graph, so JS_bar can be differentiated.
+
+Warm start (METHOD.md section 5): the rows of Q^T J are J^T Q, half a subspace iteration towards the
+top-k right singular vectors. Consecutive guided steps see nearby images, so a ``SketchMemory``
+keeps those rows and the next sketch starts from them instead of random tangents: each guided step
+then adds one subspace iteration for the cost of a fresh sketch without power iterations.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -24,6 +30,22 @@ from guidance.jepa_score import Encoder
 
 LOG_FLOOR = 1e-8  # METHOD.md: the top-k singular values are clamped at 1e-8 before the log
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class SketchMemory:
+    """The right subspace J^T Q found by the last call, to start the next sketch from (warm start).
+
+    Holds one set of r input-space directions per image, (B, r, C, H, W), detached. Keep one memory
+    per batch of rows across the guided steps of a sampling run; it is replaced on every call.
+    """
+
+    directions: torch.Tensor | None = None
+
+    def start(self, images: torch.Tensor, rank: int) -> torch.Tensor | None:
+        """The stored directions when they fit this batch and sketch width, else None (a fresh sketch)."""
+        fits = self.directions is not None and self.directions.shape == (images.shape[0], rank, *images.shape[1:])
+        return self.directions.to(images.dtype) if fits else None
 
 
 def unit_tangents(images: torch.Tensor, rank: int, generator: Generators = None) -> torch.Tensor:
@@ -54,14 +76,20 @@ def orthonormal_columns(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def sketch_range(
-    encoder: Encoder, images: torch.Tensor, rank: int, power_iters: int, generator: Generators = None
+    encoder: Encoder,
+    images: torch.Tensor,
+    rank: int,
+    power_iters: int,
+    generator: Generators = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Randomized range finder with subspace iteration (Halko et al. 2011, Alg. 4.4): Q, (B, D, r).
 
     Y = J Omega; q times: Y <- J orth(J^T orth(Y)); Q = orth(Y). Computed without a graph.
+    ``start`` (B, r, C, H, W) replaces the random Omega (warm start); only its span matters.
     """
     x = images.detach()
-    omega = unit_tangents(x, rank, generator)
+    omega = unit_tangents(x, rank, generator) if start is None else start
 
     def jacobian_times(tangents: torch.Tensor) -> torch.Tensor:  # (B, r, C, H, W) -> (B, D, r)
         return vmap(lambda v: jvp(encoder, (x,), (v,))[1], in_dims=1, out_dims=2)(tangents)
@@ -83,6 +111,13 @@ def projected_log_volume(encoder: Encoder, images: torch.Tensor, basis: torch.Te
     Q^T J is built from r VJPs; when ``images`` requires grad (and grad mode is on) they keep their
     graph, so the value is differentiable with respect to ``images`` and whatever produced them.
     """
+    return projected_rows(encoder, images, basis, k)[0]
+
+
+def projected_rows(
+    encoder: Encoder, images: torch.Tensor, basis: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``projected_log_volume``, the rows J^T Q detached as (B, r, C, H, W) for a warm start)."""
     differentiable = torch.is_grad_enabled() and images.requires_grad
     x = images if differentiable else images.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -92,7 +127,7 @@ def projected_log_volume(encoder: Encoder, images: torch.Tensor, basis: torch.Te
         )  # rows[j, b] = q_j^T J for image b: (r, B, C, H, W)
     projected = rows.flatten(2).transpose(0, 1)  # (B, r, N)
     sigma = torch.linalg.svdvals(projected.double())  # descending
-    return sigma[:, :k].clamp_min(LOG_FLOOR).log().sum(-1)
+    return sigma[:, :k].clamp_min(LOG_FLOOR).log().sum(-1), rows.detach().transpose(0, 1)
 
 
 def topk_log_volume(
@@ -102,16 +137,22 @@ def topk_log_volume(
     oversample: int = 2,
     power_iters: int = 2,
     generator: Generators = None,
+    memory: SketchMemory | None = None,
 ) -> torch.Tensor:
     """JS_bar: the randomized top-k approximation of the JEPA-SCORE, (B,) float64.
 
     Differentiable with respect to ``images`` through the envelope theorem (see the module doc).
-    Each image's value and gradient depend on that image and its own sketch draw only.
+    Each image's value and gradient depend on that image and its own sketch draw (or its own
+    remembered directions) only. With ``memory`` the sketch starts from the directions the previous
+    call left there, when they fit, and leaves this call's for the next (warm start).
     """
     check_images(images)
     check_sketch(k, oversample, power_iters)
-    with torch.no_grad():
-        embed_dim = encoder(images[:1].detach()).shape[-1]
-    check_rank(k, oversample, embed_dim, images[0].numel())
-    basis = sketch_range(encoder, images, k + oversample, power_iters, generator)
-    return projected_log_volume(encoder, images, basis, k)
+    rank = k + oversample
+    start = memory.start(images, rank) if memory is not None else None
+    basis = sketch_range(encoder, images, rank, power_iters, generator, start)
+    check_rank(k, oversample, basis.shape[1], images[0].numel())  # a reduced Q has min(D, r) columns
+    value, rows = projected_rows(encoder, images, basis, k)
+    if memory is not None:
+        memory.directions = rows
+    return value

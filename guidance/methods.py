@@ -41,6 +41,7 @@ class GuidanceConfig:
     k: int = 9  # top-k singular values in the log-volume
     oversample: int = 2  # extra sketch columns (r = k + oversample)
     power_iters: int = 2  # subspace iterations of the sketch
+    warm_start: bool = False  # start each guided step's sketch from the previous step's subspace (method jepa)
 
     def __post_init__(self):
         _finite_at_least("guidance.eta", self.eta, 0)
@@ -51,6 +52,8 @@ class GuidanceConfig:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"guidance.interval must be an integer >= 1, got {self.interval!r}")
         check_sketch(self.k, self.oversample, self.power_iters)
+        if not isinstance(self.warm_start, bool):
+            raise ValueError(f"guidance.warm_start must be true or false, got {self.warm_start!r}")
 
     def guided_steps(self, total: int) -> list[bool]:
         """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
@@ -96,6 +99,8 @@ class SamplingConfig:
         _finite_at_least("cfg_scale", self.cfg_scale, 0)
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if self.method == "jepa-reference" and self.guidance.warm_start:
+            raise ValueError("guidance.warm_start needs method jepa: the authors' reference sketch starts fresh each step")
         if self.method == "bns" and self.bns.skip >= self.steps:
             raise ValueError(f"bns.skip ({self.bns.skip}) must be smaller than steps ({self.steps})")
 

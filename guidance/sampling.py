@@ -10,7 +10,8 @@ At a guided step, with x_t requiring grad:
   step = eta * g  or  eta * beta-tilde_t * g    (constant / variance schedule)
 then either x_t <- x_t - step and the ordinary sampler step at t (pre-step, the authors' release),
 or the sampler's posterior mean minus step (posterior-mean, ADM-style minority samplers).
-Every stochastic draw comes from the row's own generator.
+Every stochastic draw comes from the row's own generator. With ``warm_start`` one ``SketchMemory``
+carries each row's sketch subspace from a guided step to the next (log_volume module doc).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from tqdm import tqdm
 
 from guidance.jepa_score import Encoder
+from guidance.log_volume import SketchMemory
 from guidance.methods import GuidanceConfig
 from guidance.models import Denoiser
 from guidance.objectives import LogVolumeObjective
@@ -43,17 +45,28 @@ class JepaGuidance:
 
 
 def guidance_step(
-    guidance: JepaGuidance, denoiser: Denoiser, schedule: NoiseSchedule, x: torch.Tensor, t: int, t_prev: int
+    guidance: JepaGuidance,
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    t: int,
+    t_prev: int,
+    memory: SketchMemory | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(step, network output at x_t): the guidance displacement to subtract, per row, detached."""
+    """(step, network output at x_t): the guidance displacement to subtract, per row, detached.
+
+    ``memory`` (warm start) is passed to the objective, which starts its sketch from it and updates it.
+    """
     config = guidance.config
+    warm = {} if memory is None else {"memory": memory}
     with torch.enable_grad():
         x_t = x.detach().requires_grad_(True)
         model_output = denoiser(x_t, t)
         x0_hat, _ = predict_clean(schedule, model_output, x_t, t)
         image = guidance.decode(x0_hat).clamp(0, 1).float()  # the encoder branch runs in fp32
         log_volume = guidance.objective(
-            guidance.encoder, image, config.k, config.oversample, config.power_iters, generator=guidance.sketch_generators
+            guidance.encoder, image, config.k, config.oversample, config.power_iters,
+            generator=guidance.sketch_generators, **warm,
         )
         (grad,) = torch.autograd.grad(log_volume.sum(), x_t)
     if config.normalize:
@@ -78,12 +91,13 @@ def sample(
     total = len(schedule.timesteps)
     guided = guidance.config.guided_steps(total) if guidance is not None else [False] * total
     placement = guidance.config.placement if guidance is not None else None
+    memory = SketchMemory() if guidance is not None and guidance.config.warm_start else None
     steps_guided = 0
     pairs = zip(schedule.timesteps, schedule.previous)
     for s, (t, t_prev) in enumerate(tqdm(list(pairs), desc="sampling", unit="step", disable=not progress)):
         step = None
         if guided[s]:
-            step, model_output = guidance_step(guidance, denoiser, schedule, x, t, t_prev)
+            step, model_output = guidance_step(guidance, denoiser, schedule, x, t, t_prev, memory)
             steps_guided += 1
             if placement == "pre-step":
                 x = x - step

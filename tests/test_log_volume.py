@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidance import jepa_score, topk_log_volume
+from guidance import encoder_jacobian, jepa_score, topk_log_volume
+from guidance.log_volume import SketchMemory
 from guidance.reference import topk_log_volume_exact
 from tests.conftest import TINY_SIZE, LinearEncoder, SmoothEncoder, rand_images
 
@@ -165,6 +166,50 @@ def test_gradient_flows_to_whatever_produced_the_images():
 def test_no_graph_is_kept_when_images_do_not_require_grad():
     value = topk_log_volume(SmoothEncoder(dim=8), rand_images(2), k=3, generator=seeded())
     assert value.grad_fn is None and math.isfinite(value.sum().item())
+
+
+# -- warm start: the sketch begins from the previous call's subspace ------------------------------
+
+def test_a_warm_start_from_the_top_right_singular_vectors_is_exact(tiny_encoder64):
+    images, k, rank = rand_images(2, (3, TINY_SIZE, TINY_SIZE), seed=20), 4, 6
+    right = torch.linalg.svd(encoder_jacobian(tiny_encoder64, images), full_matrices=False).Vh[:, :rank]
+    memory = SketchMemory(right.reshape(2, rank, *images.shape[1:]))
+    value = topk_log_volume(tiny_encoder64, images, k, rank - k, 0, memory=memory)
+    torch.testing.assert_close(value, topk_log_volume_exact(tiny_encoder64, images, k), rtol=1e-10, atol=1e-10)
+
+
+def test_each_warm_call_adds_one_power_iteration():
+    """On a fixed image, n warm calls without power iterations span what one fresh call with n - 1 does."""
+    sigma = 1 / torch.arange(1, 25).double().sqrt()
+    encoder, images, k = LinearEncoder(sigma, seed=4), rand_images(3), 4
+    memory = SketchMemory()
+    for calls in range(1, 5):
+        warm = topk_log_volume(encoder, images, k, 1, 0, generator=seeded(7) if calls == 1 else None, memory=memory)
+        fresh = topk_log_volume(encoder, images, k, 1, calls - 1, generator=seeded(7))
+        torch.testing.assert_close(warm, fresh, rtol=1e-9, atol=1e-9)
+
+
+def test_a_warm_start_tracks_a_moving_image_like_a_fresh_converged_sketch(tiny_encoder64):
+    """Along a path of nearby images (consecutive guided steps), warm q = 0 matches the exact gradient."""
+    start, end = rand_images(2, (3, TINY_SIZE, TINY_SIZE), seed=21), rand_images(2, (3, TINY_SIZE, TINY_SIZE), seed=22)
+    memory, k = SketchMemory(), 4
+    for step in range(6):
+        images = start + (end - start) * step / 50  # a small move per step
+        warm = gradient(lambda x: topk_log_volume(tiny_encoder64, x, k, 2, 0, generator=seeded(), memory=memory), images)
+    fresh = gradient(lambda x: topk_log_volume(tiny_encoder64, x, k, 2, 0, generator=seeded()), images)
+    exact = gradient(lambda x: topk_log_volume_exact(tiny_encoder64, x, k), images)
+    assert (cosine(warm, exact) >= 0.999).all()
+    assert (cosine(warm, exact) > cosine(fresh, exact)).all()
+
+
+def test_a_memory_that_does_not_fit_the_batch_starts_fresh(tiny_encoder64):
+    images = rand_images(2, (3, TINY_SIZE, TINY_SIZE), seed=23)
+    memory = SketchMemory()
+    topk_log_volume(tiny_encoder64, images[:1], power_iters=0, generator=seeded(), memory=memory)
+    assert memory.directions.shape == (1, 11, 3, TINY_SIZE, TINY_SIZE)
+    value = topk_log_volume(tiny_encoder64, images, power_iters=0, generator=seeded(3), memory=memory)
+    torch.testing.assert_close(value, topk_log_volume(tiny_encoder64, images, power_iters=0, generator=seeded(3)))
+    assert memory.directions.shape == (2, 11, 3, TINY_SIZE, TINY_SIZE)
 
 
 BAD_SETTINGS = [

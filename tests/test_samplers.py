@@ -221,6 +221,17 @@ def test_every_guidance_option_acts(models, tiny_encoder, change):
     assert np.abs(base - changed).max() > 1e-4
 
 
+def test_warm_start_keeps_rows_independent_and_acts(models, tiny_encoder):
+    items = CASES["class"][0]
+    warm = GuidanceConfig(tau=1.0, k=4, power_iters=0, warm_start=True)
+    config = dict(method="jepa", sampler="ddpm", steps=4, guidance=warm)
+    batched = ours(models["class"], items, tiny_encoder, **config)
+    singles = np.concatenate([ours(models["class"], [item], tiny_encoder, **config) for item in items])
+    np.testing.assert_allclose(batched, singles, atol=1e-5)
+    fresh = ours(models["class"], items, tiny_encoder, **(config | dict(guidance=dataclasses.replace(warm, warm_start=False))))
+    assert np.abs(batched - fresh).max() > 1e-4
+
+
 def test_deferral_and_interval_choose_the_guided_steps():
     assert GuidanceConfig(tau=0.8).guided_steps(10) == [False] * 2 + [True] * 8
     assert GuidanceConfig(tau=0.8, interval=2).guided_steps(10) == [False, False] + [True, False] * 4
@@ -307,6 +318,7 @@ def test_cfg_on_a_pixel_unet_is_refused(models):
     (dict(ddim_eta=-0.1), "ddim_eta must be a finite number >= 0"),
     (dict(sampler="euler"), "sampler must be one of ddpm, ddim"),
     (dict(method="bns", steps=2, bns=BoostSkipConfig(skip=2)), "bns.skip \\(2\\) must be smaller than steps"),
+    (dict(method="jepa-reference", guidance=GuidanceConfig(warm_start=True)), "warm_start needs method jepa"),
 ])
 def test_bad_sampling_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
@@ -321,6 +333,7 @@ def test_bad_sampling_settings_are_refused(settings, message):
     (dict(interval=0), "interval must be an integer >= 1"),
     (dict(placement="after"), "placement must be one of pre-step, posterior-mean"),
     (dict(schedule="cosine"), "schedule must be one of constant, variance"),
+    (dict(warm_start=1), "warm_start must be true or false"),
 ])
 def test_bad_guidance_settings_are_refused(settings, message):
     with pytest.raises(ValueError, match=message):
