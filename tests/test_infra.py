@@ -191,8 +191,6 @@ def test_every_rayjob_runs_on_the_raycluster():
     for spec in rayjob_specs():
         assert spec.get("clusterSelector") == {"ray.io/cluster": RAYCLUSTER["metadata"]["name"]}, spec
         assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode"), spec
-    for doc in objects("RayJob") + objects("RayCronJob") + objects("RayCluster") + embedded_rayjobs():
-        assert doc["apiVersion"] == "ray.io/v1", doc["metadata"]
 
 
 # --- the job config ------------------------------------------------------------------------------
@@ -409,6 +407,22 @@ def test_cronjob_creates_the_rayjob_with_only_the_rights_it_needs():
             "namespace": cron["metadata"]["namespace"]} in binding["subjects"]
     role = one("Role", binding["roleRef"]["name"])
     assert role["rules"] == [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create"]}]
+
+
+API_VERSIONS = {
+    "Namespace": "v1", "ConfigMap": "v1", "Secret": "v1", "Service": "v1", "ServiceAccount": "v1",
+    "PersistentVolumeClaim": "v1", "Deployment": "apps/v1", "CronJob": "batch/v1",
+    "Role": "rbac.authorization.k8s.io/v1", "RoleBinding": "rbac.authorization.k8s.io/v1",
+    "RayCluster": "ray.io/v1", "RayJob": "ray.io/v1", "RayCronJob": "ray.io/v1",
+}
+
+
+def test_every_manifest_is_an_object_of_a_known_api():
+    for name, docs in MANIFESTS.items():
+        assert docs, f"{name} holds no object"
+        for doc in docs + (embedded_rayjobs() if name == "refresh-cronjob.yaml" else []):
+            assert API_VERSIONS.get(doc["kind"]) == doc["apiVersion"], f"{name}: {doc['kind']} {doc['apiVersion']}"
+            assert doc["metadata"].get("name") or doc["metadata"].get("generateName"), f"{name}: an object without a name"
 
 
 def test_everything_lives_in_one_namespace():
