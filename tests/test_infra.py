@@ -29,6 +29,7 @@ from packaging.version import Version
 
 from jobs.cli import COMMANDS
 from pipeline.config import load_config
+from pipeline.generation import run_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
@@ -211,10 +212,17 @@ def image_path(path: str) -> Path:
     return ROOT / relative
 
 
-def test_config_weights_are_in_the_image(tmp_path):
+def test_config_dry_runs_against_the_models_the_image_carries(tmp_path):
+    """The product's own dry run (work expanded, checked against the model's config) on the weights
+    the config names, read from where the Dockerfile copies them from."""
     config = cluster_config(tmp_path)
     for path in (config.model.source, config.encoder.weights):
         assert image_path(path).is_dir(), f"{path} does not exist in the repository as {image_path(path)}"
+    local = load_config(tmp_path / "cluster.yaml", [f"model.source={image_path(config.model.source)}",
+                                                    f"encoder.weights={image_path(config.encoder.weights)}",
+                                                    f"output.uri={tmp_path / 'output'}"])
+    summary = run_generation(local, dry_run=True)
+    assert summary.planned == len(config.work.class_labels) * config.work.samples_per_label
 
 
 def test_tracking_uri_points_at_the_mlflow_service(tmp_path):
