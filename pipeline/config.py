@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
@@ -116,6 +117,12 @@ class TrackingConfig:
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
     artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
     experiment: str = "jepa-minority"
+
+    def __post_init__(self):
+        if "@" in urlparse(self.tracking_uri).netloc:
+            raise ConfigError("tracking.tracking_uri carries credentials (user:secret@host), which would be logged "
+                              "with the config: give the bare URI and put them in MLFLOW_TRACKING_USERNAME / "
+                              "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,12 @@ class StorageConfig:
     endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
     region: str | None = None  # the bucket's region
 
+    def __post_init__(self):
+        if self.endpoint_url and "@" in urlparse(self.endpoint_url).netloc:
+            raise StorageError("storage.endpoint_url carries credentials (user:secret@host), which would be logged "
+                               "with the config: give only http(s)://host:port and put the keys in "
+                               "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile")
+
 
 class StorageError(RuntimeError):
     """Storage cannot be reached or used; the message says which location and what to check."""
