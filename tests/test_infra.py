@@ -14,7 +14,11 @@ import importlib.util
 import io
 import re
 import shlex
+import shutil
+import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -340,6 +344,28 @@ def test_image_installs_the_package_with_the_constraints():
     assert any("jepa-minority --help" in args for args in installs), "the build should prove the console script runs"
     allowed = {line[1:] for line in (ROOT / "infra/Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")}
     assert sources <= allowed, f"Dockerfile.dockerignore leaves out {sorted(sources - allowed)}"
+
+
+def test_the_copied_files_build_the_package_with_its_console_script(tmp_path):
+    """What the Dockerfile copies is enough to build the package it installs, every module included."""
+    context = tmp_path / "context"
+    for sources in (args.split()[:-1] for args in instruction("COPY")):
+        for source in sources:
+            if (ROOT / source).is_dir():
+                shutil.copytree(ROOT / source, context / source, ignore=shutil.ignore_patterns("__pycache__"))
+            else:
+                (context / source).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / source, context / source)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "wheel"), str(context)], check=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        assert "jepa-minority = jobs.cli:main" in archive.read(entry_points).decode()
+    packages = [name.rstrip("*") for name in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]]
+    modules = {str(path.relative_to(ROOT)) for package in packages for path in (ROOT / package).rglob("*.py")}
+    assert modules <= names, f"missing from the image's package: {sorted(modules - names)}"
 
 
 def test_every_pod_runs_as_the_image_user():
