@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import TrackingConfig, flatten, to_dict
 from pipeline.eval_features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
@@ -295,10 +296,17 @@ def _reference_source(config: EvaluateConfig) -> tuple[list[str], list[Path]]:
         raise ValueError(f"reference {config.reference} holds no Parquet (data/*.parquet, *.parquet or a .parquet "
                          "file) and is not a local folder of images")
     try:
-        return [], find_images([location.path])
+        files = find_images([location.path])
     except ValueError as error:
         raise ValueError(f"reference {config.reference} holds no Parquet files and no {'/'.join(IMAGE_SUFFIXES)} "
                          "images: an empty reference cannot be compared against") from error
+    for file in files:  # here, so that a broken file is named plainly instead of inside a Ray worker's trace
+        try:
+            with Image.open(file) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"reference image {file} cannot be decoded ({error}): fix or remove it") from error
+    return [], files
 
 
 def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[str]) -> SetStats:

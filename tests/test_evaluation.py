@@ -25,6 +25,7 @@ from pipeline.evaluation import EvaluateConfig, run_evaluation
 from pipeline.generation import run_generation
 from pipeline.metrics import Moments, Subsample, frechet_distance, manifold_metrics
 from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.storage import StorageConfig
 from pipeline.scoring import ScoreConfig, score_images
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 
@@ -295,6 +296,9 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
 
     (tmp_path / "empty").mkdir()
     assert "holds no Parquet files and no .png/.jpg/.jpeg images" in refused("--reference", str(tmp_path / "empty"))
+    reference_folder(tmp_path / "broken", count=3)
+    (tmp_path / "broken" / "img03.png").write_bytes(b"not a png")
+    assert "img03.png cannot be decoded" in refused("--reference", str(tmp_path / "broken"))
     fake_run(tmp_path / "other-encoder", "x", 1, encoder="vit_base_patch14_dinov2")
     assert "was embedded by ['vit_base_patch14_dinov2'], not by the generated runs' vit_small_patch14_reg4_dinov2" \
         in refused("--reference", str(tmp_path / "other-encoder"))
@@ -314,3 +318,28 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
     assert "does not hold Inception-v3 weights" in refused("--reference", str(tmp_path / "gen"),
                                                           "--inception-weights", str(bad))
     assert not (tmp_path / "eval").exists()
+
+
+def test_runs_and_reference_on_object_storage_and_rarity_without_a_reference(ray_cluster, s3, tmp_path, tracking):
+    client = s3.client()
+    client.create_bucket(Bucket="evaluate")
+    tables = {}
+    for name, seed in (("gen", 0), ("ref", 1)):
+        tables[name] = fake_run(tmp_path / name, name, seed)
+        for path in (tmp_path / name).rglob("*"):
+            if path.is_file():
+                client.upload_file(str(path), "evaluate", f"{name}/{path.relative_to(tmp_path / name)}")
+    storage = StorageConfig(endpoint_url=s3.endpoint, region="us-east-1")
+    report = run_evaluation(EvaluateConfig(generated=("s3://evaluate/gen",), reference="s3://evaluate/ref/data",
+                                           output="s3://evaluate/eval", nearest_k=2, storage=storage, tracking=tracking))
+    gen, ref = (tables[name].column("jepa_score").to_numpy() for name in ("gen", "ref"))
+    row = report["rows"][0]
+    assert row["method"] == "gen" and row["jepa_score"]["quantiles"]["p50"] == pytest.approx(np.median(gen))
+    assert row["jepa_score"]["rarer_than_reference_p10"] == pytest.approx((gen < np.quantile(ref, 0.1)).mean())
+    written = json.loads(client.get_object(Bucket="evaluate", Key="eval/evaluation.json")["Body"].read())
+    assert written["rows"][0]["embedding"]["fd"] == pytest.approx(row["embedding"]["fd"])
+
+    alone = run_evaluation(EvaluateConfig(generated=(str(tmp_path / "gen"),), tracking=tracking))
+    assert set(alone["rows"][0]) == {"method", "uri", "generation_run_id", "rows", "invalid", "failed_in_input",
+                                     "jepa_score", "evaluation_run_id"}
+    assert alone["rows"][0]["jepa_score"]["std"] == pytest.approx(gen.std())
