@@ -281,9 +281,11 @@ def test_serve_listens_on_a_head_port_and_asks_for_gpus(monkeypatch):
         assert 0 < args.gpus_per_replica <= int(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
 
 
-def test_ray_version_satisfies_the_package():
+def test_ray_version_is_the_one_every_environment_installs():
     (requirement,) = [r for r in PYPROJECT["project"]["dependencies"] if r.startswith("ray[")]
     assert Version(RAYCLUSTER["spec"]["rayVersion"]) in SpecifierSet(requirement.split("]", 1)[1])
+    constraints = (ROOT / "infra" / "constraints.txt").read_text().splitlines()
+    assert f"ray=={RAYCLUSTER['spec']['rayVersion']}" in constraints, "the image installs with infra/constraints.txt"
     assert Version(RAYCLUSTER["spec"]["rayVersion"]) >= Version("2.52"), "authOptions needs Ray >= 2.52"
 
 
