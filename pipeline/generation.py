@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import GenerateConfig, flatten, to_dict
+from pipeline.config import ConfigError, GenerateConfig, flatten, to_dict
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.storage import Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes, write_table
@@ -164,6 +164,8 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
     from pipeline.sink import AtomicParquetSink
 
     connect_ray()
+    # A sampler's own error (ConfigError, StorageError) reaches the driver as itself, not as a UserCodeException.
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     resources = ray.cluster_resources()
     gpus = config.ray.gpus_per_actor
     if gpus is None:
@@ -189,22 +191,24 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
     try:
         dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
     except Exception as error:
-        cause = _storage_cause(error)
-        if cause is None:
-            raise
-        raise StorageError(f"{cause} (committed files are whole: rerun the same command to resume)") from error
+        cause = _task_cause(error)
+        if isinstance(cause, StorageError):
+            raise StorageError(f"{cause} (committed files are whole: rerun the same command to resume)") from error
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from error
+        raise
     return gpus
 
 
-def _storage_cause(error: BaseException) -> StorageError | None:
-    """The StorageError a Ray task raised, unwrapped from Ray's and Ray Data's wrapping exceptions."""
+def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
+    """The StorageError or ConfigError a Ray task or actor raised, unwrapped from Ray's wrapping exceptions."""
     pending, seen = [error], set()
     while pending:
         current = pending.pop()
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if type(current) is StorageError:
+        if type(current) in (StorageError, ConfigError):
             return current
         pending += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None

@@ -21,7 +21,7 @@ from PIL import Image
 
 from guidance import WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
-from pipeline.config import GenerateConfig
+from pipeline.config import ConfigError, GenerateConfig
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
 from pipeline.storage import resolve, write_bytes
 
@@ -50,15 +50,25 @@ class SampleGenerator:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.config = config
         self.run_id = run_id
-        self.model = load_model(
-            config.model.preset, config.model.source, variant=config.model.variant,
-            unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
-        )
-        self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
-                                    input_size=config.encoder.input_size).to(device)
         self.failures = resolve(config.output.uri, config.storage).child(FAILURES_DIR)
+        # A load error is raised by the first call, not here: Ray passes a task's exception to the driver,
+        # which reports it in one line, but an actor constructor's only as traceback text.
+        self.load_error: ConfigError | None = None
+        try:
+            self.model = load_model(
+                config.model.preset, config.model.source, variant=config.model.variant,
+                unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
+            )
+            self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
+                                        input_size=config.encoder.input_size).to(device)
+        except Exception as error:
+            self.load_error = ConfigError(
+                f"the sampler could not load its models (model.source {config.model.source}, encoder.weights "
+                f"{config.encoder.weights}; truncated, corrupted or not weights-only?): {type(error).__name__}: {error}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        if self.load_error is not None:
+            raise self.load_error
         rows = batch.to_pylist()
         items = [WorkItem(row["seed"], row["class_label"], row["prompt"]) for row in rows]
         try:

@@ -1,0 +1,105 @@
+"""Bad input to the main job: each refused with a message that names what is wrong and how to fix
+it, and nothing written that could pass for output. (More cases live in test_generation.py:
+unknown keys, out-of-range class labels, invalid UTF-8, empty prompts, missing bucket, wrong
+credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import generate as generate_job
+from tests.services import free_port
+from tests.test_generation import sd_folder  # noqa: F401  (a fixture)
+
+
+def run_refused(args: list[str], capsys) -> str:
+    assert generate_job.main(args) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change,message", [
+    ("sampling.guidance.eta=.nan", "sampling.guidance.eta must be a finite number, got nan"),
+    ("sampling.guidance.eta=-0.5", "guidance.eta must be a finite number >= 0, got -0.5"),
+    ("sampling.cfg_scale=.inf", "sampling.cfg_scale must be a finite number, got inf"),
+    ("sampling.steps=-3", "steps must be an integer >= 1, got -3"),
+    ("sampling.guidance.k=0", "k"),
+    ("work.samples_per_label=0", "work.samples_per_label must be >= 1, got 0"),
+    ("work.class_labels=[-1, 2]", "work.class_labels must be >= 0"),
+    ("work.base_seed=1.5", "work.base_seed must be an integer"),
+    ("ray.actors=0", "ray.actors must be >= 1, got 0"),
+    ("ray.cpus_per_actor=-1", "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
+    ("output.max_failure_fraction=.nan", "output.max_failure_fraction must be a finite number, got nan"),
+    ("output.max_failure_fraction=2", "output.max_failure_fraction must be in [0, 1], got 2.0"),
+    ("encoder.input_size=-14", "encoder.input_size must be a positive multiple of 14, got -14"),
+    ("sampler.steps=3", "unknown key sampler; valid keys here: model, encoder, sampling"),
+    ("sampling.guidance.etaa=1", "unknown key sampling.guidance.etaa"),
+])
+def test_nan_negative_and_unknown_values_are_refused_before_anything_runs(write_config, tmp_path, capsys,
+                                                                           change, message):
+    assert message in run_refused([write_config(), "--set", change], capsys)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ("model: [1, 2\n", "is not valid YAML"),
+    ("- model\n- work\n", "must hold a mapping of sections, got list"),
+    ("model: pixel-unet\n", "model must be a mapping"),
+])
+def test_malformed_config_files_are_refused(tmp_path, capsys, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    assert message in run_refused([str(config)], capsys)
+
+
+def test_unreachable_storage_is_refused_before_sampling(s3, write_config, tmp_path, capsys):
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    err = run_refused([write_config(output={"uri": "s3://runs/x"}, storage={"endpoint_url": dead})], capsys)
+    assert "storage endpoint did not answer" in err and "check storage.endpoint_url" in err
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("suffix,body,message", [
+    (".parquet", b"PAR1 this is not parquet", "is not a readable Parquet file"),
+    (".csv", b"prompt\na \xff\xfe cat\n", "is not valid UTF-8 (line 2"),
+    (".jsonl", b'{"prompt": 42}\n', "line 1: empty or non-text prompt 42"),
+    (".txt", b"   \n\t\n", "holds no prompts"),
+])
+def test_undecodable_prompt_files_name_the_file_and_line(write_config, sd_folder, tmp_path, capsys,  # noqa: F811
+                                                         suffix, body, message):
+    prompts = tmp_path / f"prompts{suffix}"
+    prompts.write_bytes(body)
+    path = write_config(model={"preset": "sd", "source": str(sd_folder)},
+                        work={"prompts": str(prompts), "class_labels": None})
+    err = run_refused([path], capsys)
+    assert message in err and str(prompts) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_over_long_prompts_are_truncated_and_reported(write_config, sd_folder, tmp_path, capsys):  # noqa: F811
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n" + "a very long dog " * 20 + "\n")
+    path = write_config(model={"preset": "sd", "source": str(sd_folder)},
+                        work={"prompts": str(prompts), "class_labels": None, "max_prompt_chars": 30})
+    assert generate_job.main([path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "2 samples planned" in out and "(1 prompts truncated)" in out
+
+
+def test_a_truncated_model_checkpoint_fails_in_one_line_and_nothing_looks_done(
+        ray_cluster, write_config, class_unet, tmp_path, capsys):
+    broken = tmp_path / "broken_unet"
+    shutil.copytree(class_unet, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
+    err = run_refused([path], capsys)
+    (line,) = [line for line in err.splitlines() if line.startswith("jepa-minority generate: ")]
+    assert "the sampler could not load its models" in line and str(broken) in line
+    out = tmp_path / "out"
+    assert not (out / "_run.json").exists() and not list((out / "data").glob("*.parquet"))
+    assert pq.read_table(out / "manifest.parquet").num_rows == 2  # the manifest is the config's own: a rerun resumes
+    assert not (out / "failures").exists()  # nothing was sampled, so nothing is recorded as failed
