@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-JOBS = ("generate", "filter", "refresh", "demo", "score")
+JOBS = ("generate", "filter", "refresh", "evaluate", "demo", "score", "serve")  # every jobs.cli command but submit
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT = 120  # seconds to wait for a starting head's job agent

@@ -51,3 +51,10 @@ def test_submission_ids_follow_the_work(tmp_path):
     assert first.entrypoint == f"python -m jobs.generate {config}"
     with pytest.raises(ValueError, match="unknown job 'train'"):
         Submission("train", (), "http://x")
+
+
+def test_every_job_command_can_be_submitted():
+    from jobs.cli import COMMANDS
+    from pipeline.submission import JOBS
+
+    assert set(JOBS) == set(COMMANDS) - {"submit"}
