@@ -200,3 +200,44 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
     summary = run_generation(load_config(path))
     assert summary.complete and summary.generated == 24 - len(partial)
     assert_exactly_once_on_s3(s3, "outage", "run")
+
+
+SOAK_SAMPLES = 5000
+SOAK_MEDIAN_GROWTH_MIB = 32  # the sampler actor's median RSS, late in the run against early: flat
+SOAK_PEAK_GROWTH_MIB = 128  # its highest late reading against the early median: transient buffers only
+
+
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+@pytest.mark.slow
+def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster, write_config, tmp_path):
+    path = write_config(sampling={"method": "unguided", "steps": 1},
+                        work={"class_labels": list(range(10)), "samples_per_label": SOAK_SAMPLES // 10},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 25},
+                        output={"max_rows_per_file": 100, "row_group_size": 50})
+    out, log = tmp_path / "out", tmp_path / "driver.log"
+    driver = start_driver(path, ray_cluster, log)
+    wait_for_commits(driver, out / "data", log, timeout=600)
+    readings = []  # (files committed, actor RSS in MiB) while the run goes on
+    deadline = time.monotonic() + 1800
+    while driver.poll() is None:
+        assert time.monotonic() < deadline, "the soak did not finish in time"
+        for pid in sampler_pids(os.getpid()):
+            try:
+                readings.append((len(list((out / "data").glob("part-*.parquet"))),
+                                 psutil.Process(pid).memory_info().rss / 2**20))
+            except psutil.NoSuchProcess:
+                pass
+        time.sleep(0.25)
+    assert driver.returncode == 0, log.read_text()[-3000:]
+    assert_exactly_once(out)
+    files = SOAK_SAMPLES // 100
+    early = [rss for done, rss in readings if files * 0.1 <= done < files * 0.3]
+    late = [rss for done, rss in readings if done >= files * 0.7]
+    assert len(early) >= 5 and len(late) >= 5, f"too few memory readings over the run: {readings}"
+    print(f"soak: {SOAK_SAMPLES} samples, {len(readings)} readings; actor RSS median {median(early):.0f} MiB early, "
+          f"{median(late):.0f} MiB late, late peak {max(late):.0f} MiB")
+    assert median(late) - median(early) < SOAK_MEDIAN_GROWTH_MIB, readings
+    assert max(late) - median(early) < SOAK_PEAK_GROWTH_MIB, readings
