@@ -1,7 +1,7 @@
 """Object storage through pyarrow filesystems: local paths, ``file://`` and ``s3://`` URIs.
 
 Writes are atomic: a reader sees a file whole or not at all. On a local disk the bytes go to a
-``_``-prefixed temporary name (which every reader here skips) and are renamed into place; on S3 a
+``.``-prefixed (hidden) temporary name, which every reader skips, and are renamed into place; on S3 a
 PUT or a completed multipart upload is already all-or-nothing.
 Credentials are never passed in: pyarrow's S3 client reads the standard AWS environment / profile chain.
 """
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TEMP_PREFIX = "_tmp-"  # readers skip names starting with "_" or "."
+TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and list_files all skip it
 
 
 @dataclass(frozen=True)
