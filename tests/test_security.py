@@ -138,7 +138,7 @@ def test_files_stay_under_the_output_root(ray_cluster, write_config, sd_folder, 
     assert all(r["image"]["path"] == f"{r['sample_id']}.png" for r in rows)  # names from ids, never prompts
 
 
-@pytest.mark.parametrize("version", ["..", "../other", ".hidden", "a/b", ""])
+@pytest.mark.parametrize("version", ["..", ".hidden"])  # "../x", "a/b", "": test_refresh.py
 def test_refresh_versions_cannot_name_a_folder_outside_the_root(version):
     with pytest.raises(ValueError, match="must be a plain folder name"):
         RefreshConfig(config="c.yaml", root="/data/root", version=version)
