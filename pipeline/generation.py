@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, GenerateConfig, flatten, to_dict
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
-from pipeline.storage import Location, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes, write_table
+from pipeline.storage import (Location, StorageError, check_writable, clear_errors, delete, exists, list_files, read_bytes,
+                              resolve, write_bytes, write_table)
 from pipeline.tracking import RunTracker
 from pipeline.work import Manifest, build_manifest, check_fits_model
 
@@ -65,8 +66,9 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
     files = list_files(output.child(DATA_DIR), ".parquet")
     if not files:
         return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
-    dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
-    return dataset.to_table(columns=columns)
+    with clear_errors("read", output.child(DATA_DIR)):
+        dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
+        return dataset.to_table(columns=columns)
 
 
 def committed_ids(output: Location) -> pa.Array:

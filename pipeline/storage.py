@@ -113,7 +113,7 @@ def _explain(error: OSError) -> str:
 
 
 @contextmanager
-def _clear_errors(action: str, location: Location) -> Iterator[None]:
+def clear_errors(action: str, location: Location) -> Iterator[None]:
     """Turn the filesystem's low-level OSError into a StorageError naming the location and the fix."""
     try:
         yield
@@ -124,7 +124,7 @@ def _clear_errors(action: str, location: Location) -> Iterator[None]:
 
 
 def exists(location: Location) -> bool:
-    with _clear_errors("reach", location):
+    with clear_errors("reach", location):
         return location.filesystem.get_file_info(location.path).type != pafs.FileType.NotFound
 
 
@@ -142,7 +142,7 @@ def write_bytes(location: Location, data: bytes) -> None:
     """Write a whole file atomically."""
     fs, path = location.filesystem, location.path
     parent, _, name = path.rpartition("/")
-    with _clear_errors("write", location):
+    with clear_errors("write", location):
         if location.is_local:
             fs.create_dir(parent, recursive=True)
             temp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
@@ -164,7 +164,7 @@ def write_table(location: Location, table: pa.Table, row_group_size: int) -> Non
 def list_files(location: Location, suffix: str) -> list[Location]:
     """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted."""
     selector = pafs.FileSelector(location.path, allow_not_found=True)
-    with _clear_errors("list", location):
+    with clear_errors("list", location):
         infos = location.filesystem.get_file_info(selector)
     names = sorted(
         info.base_name for info in infos
@@ -174,5 +174,5 @@ def list_files(location: Location, suffix: str) -> list[Location]:
 
 
 def delete(location: Location) -> None:
-    with _clear_errors("delete", location):
+    with clear_errors("delete", location):
         location.filesystem.delete_file(location.path)

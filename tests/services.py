@@ -156,18 +156,20 @@ def start_mlflow_server(folder: Path) -> MlflowServer:
 
 class FaultyS3Proxy:
     """A real HTTP proxy on 127.0.0.1 in front of an S3 endpoint that injects faults a network and a
-    busy server really produce: every ``slowdown_every``-th request answered 503 SlowDown, every
-    ``reset_every``-th request's connection reset (TCP RST), and whole outages (``down()``: the port
-    refuses connections until ``up()``). Requests are forwarded byte for byte, the Host header
-    included, so signatures still verify; the proxy never sees or needs the credentials."""
+    busy server really produce. With ``fail_first_tries`` the first try of every distinct request
+    (method and path) fails, alternately answered 503 SlowDown and reset (TCP RST), and its retry
+    goes through: a client that does not retry fails, one that does succeeds, every time. ``down()``
+    makes the port refuse connections until ``up()``. Requests are forwarded byte for byte, the Host
+    header included, so signatures still verify; the proxy never sees or needs the credentials."""
 
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, target: str, slowdown_every: int = 0, reset_every: int = 0):
+    def __init__(self, target: str, fail_first_tries: bool = False):
         self.target = urlparse(target).netloc
-        self.slowdown_every, self.reset_every = slowdown_every, reset_every
-        self.requests = self.slowdowns = self.resets = 0
+        self.fail_first_tries = fail_first_tries
+        self.seen: set[str] = set()
+        self.slowdowns = self.resets = 0
         self.lock = threading.Lock()
         self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
@@ -184,16 +186,16 @@ class FaultyS3Proxy:
         self.server.shutdown()
         self.server.server_close()
 
-    def _fault(self) -> str | None:
+    def _fault(self, request: str) -> str | None:
         with self.lock:
-            self.requests += 1
-            if self.reset_every and self.requests % self.reset_every == 0:
-                self.resets += 1
-                return "reset"
-            if self.slowdown_every and self.requests % self.slowdown_every == 0:
+            if not self.fail_first_tries or request in self.seen:
+                return None
+            self.seen.add(request)
+            if len(self.seen) % 2:
                 self.slowdowns += 1
                 return "slowdown"
-        return None
+            self.resets += 1
+            return "reset"
 
     def _handler(self):
         proxy = self
@@ -216,7 +218,7 @@ class FaultyS3Proxy:
 
             def _forward(self) -> None:
                 body = self._body()
-                fault = proxy._fault()
+                fault = proxy._fault(f"{self.command} {self.path}")
                 if fault == "reset":
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True

@@ -165,7 +165,7 @@ def assert_exactly_once_on_s3(s3, bucket: str, prefix: str) -> None:
 
 
 def test_transient_s3_errors_are_retried_and_the_run_completes(ray_cluster, s3, s3_proxy, write_config):
-    proxy = s3_proxy(slowdown_every=5, reset_every=7)
+    proxy = s3_proxy(fail_first_tries=True)
     s3.client().create_bucket(Bucket="flaky")
     path = write_config(output={"uri": "s3://flaky/run"}, storage={"endpoint_url": proxy.endpoint})
     assert run_generation(load_config(path)).complete
