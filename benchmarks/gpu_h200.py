@@ -1,0 +1,251 @@
+"""The GPU benchmark: full-size architectures with random weights on one H200, in under 10 minutes.
+
+GPU NUMBERS ARE PENDING: no GPU was lent when this was written; it was smoke-tested on CPU with
+``--smoke`` (tiny sizes). A session with an H200 runs ``python -m benchmarks.gpu_h200`` from the
+repository root and commits benchmarks/results/gpu_h200.json.
+
+Architectures (random weights: cost does not depend on the values): DINOv2 ViT-S/14 with registers
+at 224 (LayerScale at 1); a Stable Diffusion 1.5-sized UNet (860M parameters, 64x64 latents), VAE
+(512 px) and CLIP text encoder, saved as a pipeline folder and loaded through ``load_model``.
+Stages, each printed and written as it finishes:
+
+1. exact JEPA-SCORE, images/s: fp32; TF32 matmuls; TF32 with larger vmapped chunks and Jacobian
+   groups; fused (SDPA) attention in the encoder for this first-order path. Each checked against
+   a float64 reference on the first images (the issue allows TF32 within 0.1 %).
+2. the encoder branch of a guided step (top-k value + gradient at 224): ours batched (q = 2, and
+   warm start q = 0 along a path of nearby images) vs the authors' algorithm (batch 1, fp16 autocast
+   and fp32), seconds per image and cosine to the exact top-k gradient.
+3. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA-guided (every step
+   guided, so the guided cost is measured directly), bf16 UNet / VAE with the fp32 encoder branch,
+   and once in fp32 for the bf16 lever.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
+
+from guidance import jepa_score, load_encoder, load_model
+from guidance.generate import generate_images
+from guidance.log_volume import SketchMemory, topk_log_volume
+from guidance.methods import GuidanceConfig, SamplingConfig
+from guidance.models import WorkItem
+from guidance.reference import topk_log_volume_exact, topk_log_volume_reference
+from tests import tiny_diffusion
+
+RESULTS = Path(__file__).parent / "results"
+ENCODER = "vit_small_patch14_reg4_dinov2"
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(device: str, function, *args, **kwargs):
+    """(result, seconds) after synchronising the device on both ends."""
+    sync(device)
+    start = time.perf_counter()
+    result = function(*args, **kwargs)
+    sync(device)
+    return result, time.perf_counter() - start
+
+
+def peak_memory_gib(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def set_tf32(enabled: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def save_sd15(folder: Path, scratch: Path, smoke: bool) -> Path:
+    """An SD-1.5-sized text-to-image pipeline with random weights (tiny with ``smoke``), saved to ``folder``."""
+    if smoke:
+        return tiny_diffusion.save_sd(folder, scratch)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # SD 1.5's UNet config
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(  # SD 1.5's VAE config
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_config = tiny_diffusion.tiny_text_config()  # the tiny tokenizer's ids, CLIP ViT-L/14's text sizes
+    for key, value in dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+                           projection_dim=768).items():
+        setattr(text_config, key, value)
+    StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tiny_diffusion.tiny_tokenizer(scratch),
+        scheduler=tiny_diffusion.sd_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+def exact_score_stage(encoder, device: str, count: int, size: int) -> list[dict]:
+    images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    reference = jepa_score(copy.deepcopy(encoder).double(), images[:2].double())
+    fused = copy.deepcopy(encoder)
+    for module in fused.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = True
+    variants = [
+        ("fp32", encoder, False, dict()),
+        ("tf32", encoder, True, dict()),
+        ("tf32, chunks 128, 8 GiB groups", encoder, True, dict(chunk_size=128, max_jacobian_bytes=8 * 2**30)),
+        ("tf32, fused attention", fused, True, dict()),
+    ]
+    rows = []
+    for name, model, tf32, options in variants:
+        set_tf32(tf32)
+        reset_peak(device)
+        try:
+            jepa_score(model, images[:1], **options)  # warm-up
+            scores, seconds = timed(device, jepa_score, model, images, **options)
+        except RuntimeError as error:  # e.g. a fused kernel without the batching rule vmap needs
+            rows.append({"variant": name, "error": str(error)[:500]})
+            print(f"  exact score {name}: failed ({str(error)[:120]})", flush=True)
+            continue
+        relative = ((scores[:2].cpu() - reference.cpu()).abs() / reference.abs().cpu()).max().item()
+        rows.append({"variant": name, "images": count, "images_per_s": count / seconds,
+                     "max_rel_diff_vs_float64": relative, "peak_memory_gib": peak_memory_gib(device)})
+        print(f"  exact score {name}: {count / seconds:.2f} images/s, max rel diff vs float64 {relative:.1e}", flush=True)
+    set_tf32(False)
+    return rows
+
+
+def guided_branch_stage(encoder, device: str, count: int, size: int, path_steps: int = 3) -> list[dict]:
+    """Top-k value + gradient at the encoder input, along a path of nearby images (consecutive steps)."""
+    g = torch.Generator().manual_seed(1)
+    start, end = torch.rand(count, 3, size, size, generator=g), torch.rand(count, 3, size, size, generator=g)
+    path = [(start + (end - start) * s / 40).to(device) for s in range(path_steps)]
+
+    def value_and_grad(objective, images):
+        x = images.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(objective(x).sum(), x)
+        return grad
+
+    memory = SketchMemory()
+    variants = {
+        "ours q=2": (count, lambda x: topk_log_volume(encoder, x, power_iters=2, generator=torch.Generator().manual_seed(0))),
+        "ours q=0": (count, lambda x: topk_log_volume(encoder, x, power_iters=0, generator=torch.Generator().manual_seed(0))),
+        "ours warm q=0": (count, lambda x: topk_log_volume(encoder, x, power_iters=0, generator=torch.Generator().manual_seed(0),
+                                                          memory=memory)),
+        "reference q=2 fp16": (1, lambda x: topk_log_volume_reference(encoder, x, generator=torch.Generator().manual_seed(0),
+                                                                      autocast_dtype=torch.float16)),
+        "reference q=2 fp32": (1, lambda x: topk_log_volume_reference(encoder, x, generator=torch.Generator().manual_seed(0))),
+    }
+    exact = value_and_grad(lambda x: topk_log_volume_exact(encoder, x, 9), path[-1])
+    rows = []
+    for name, (batch, objective) in variants.items():
+        for images in path[:-1]:  # warm-up; for the warm start, the steps before the measured one
+            value_and_grad(objective, images[:batch] if batch == 1 else images)
+        reset_peak(device)
+        grads, seconds = timed(device, lambda: torch.cat([value_and_grad(objective, part)
+                                                          for part in path[-1].split(batch)]))
+        cosine = F.cosine_similarity(grads.flatten(1), exact.flatten(1), dim=1)
+        rows.append({"variant": name, "batch": batch, "s_per_image": seconds / count,
+                     "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item(),
+                     "peak_memory_gib": peak_memory_gib(device)})
+        print(f"  guided branch {name}: {seconds / count:.3f} s/image, cosine {cosine.mean().item():.4f}", flush=True)
+    reference = next(r for r in rows if r["variant"] == "reference q=2 fp16")
+    for row in rows:
+        row["speedup_vs_reference_fp16"] = reference["s_per_image"] / row["s_per_image"]
+    return rows
+
+
+def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, dtype_label: str) -> list[dict]:
+    prompts = ["a photo of a dog", "a red car on a bridge", "a bowl of fruit", "a mountain lake at dawn"]
+    methods = {
+        "unguided": GuidanceConfig(),
+        "jepa q=2": GuidanceConfig(tau=1.0),
+        "jepa warm q=0": GuidanceConfig(tau=1.0, power_iters=0, warm_start=True),
+    }
+    rows = []
+    for batch in batches:
+        items = [WorkItem(seed, prompt=prompts[seed % len(prompts)]) for seed in range(batch)]
+        for name, guidance in methods.items():
+            config = SamplingConfig(method="unguided" if name == "unguided" else "jepa", steps=steps, cfg_scale=7.5,
+                                    guidance=guidance)
+            generate_images(model, items[:1], replace(config, steps=1), encoder)  # warm-up
+            reset_peak(device)
+            (_, guided), seconds = timed(device, generate_images, model, items, config, encoder)
+            rows.append({"dtype": dtype_label, "batch": batch, "method": name, "steps": steps, "guided_steps": guided,
+                         "images_per_s": batch / seconds, "s_per_image_step": seconds / (batch * steps),
+                         "peak_memory_gib": peak_memory_gib(device)})
+            print(f"  sampling {dtype_label} batch {batch} {name}: {batch / seconds:.3f} images/s "
+                  f"({seconds / (batch * steps):.3f} s per image-step)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (a CPU check)")
+    parser.add_argument("--batches", default="1,4,8", help="sampling batch sizes")
+    parser.add_argument("--steps", type=int, default=4, help="sampling steps per measured run (all guided)")
+    parser.add_argument("--exact-images", type=int, default=16)
+    parser.add_argument("--branch-images", type=int, default=8)
+    parser.add_argument("--skip-fp32-sampling", action="store_true", help="leave out the fp32 run of the bf16 lever")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.smoke and device != "cuda":
+        raise SystemExit("no CUDA device: this is the H200 benchmark; use --smoke for a CPU check of the script")
+    batches = [int(b) for b in args.batches.split(",")] if not args.smoke else [1, 2]
+    size = 28 if args.smoke else 224
+    out = RESULTS / ("gpu_smoke.json" if args.smoke else "gpu_h200.json")
+    result = {"settings": vars(args), "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
+              "torch": torch.__version__}
+
+    def save() -> None:
+        RESULTS.mkdir(exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    started = time.perf_counter()
+    model_args = dict(init_values=1.0) | (dict(embed_dim=32, depth=2, num_heads=2) if args.smoke else {})
+    torch.manual_seed(0)
+    encoder = load_encoder(ENCODER, "random", input_size=size, model_args=model_args).to(device)
+    print(f"encoder {ENCODER} at {size} px on {device}", flush=True)
+    result["exact_score"] = exact_score_stage(encoder, device, 4 if args.smoke else args.exact_images, size)
+    save()
+    result["guided_branch"] = guided_branch_stage(encoder, device, 2 if args.smoke else args.branch_images, size)
+    save()
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = save_sd15(Path(scratch) / "sd15", Path(scratch) / "tokenizer", args.smoke)
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = load_model("sd", folder, dtype=dtype, device=device)
+        result["unet_parameters"] = sum(p.numel() for p in model.network.parameters())
+        steps = 2 if args.smoke else args.steps
+        result["sampling"] = sampling_stage(model, encoder, device, batches, steps, str(dtype).removeprefix("torch."))
+        save()
+        if dtype != torch.float32 and not args.skip_fp32_sampling:
+            model = load_model("sd", folder, dtype=torch.float32, device=device)
+            result["sampling"] += sampling_stage(model, encoder, device, batches[1:2], steps, "float32")
+    result["seconds"] = time.perf_counter() - started
+    save()
+    print(f"\n{time.perf_counter() - started:.0f} s; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
