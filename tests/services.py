@@ -255,3 +255,62 @@ class FaultyS3Proxy:
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
 
         return Forward
+
+
+CLUSTER_SCRIPT = """
+import json, sys
+from ray.cluster_utils import Cluster
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
+workers = [cluster.add_node(num_cpus=int(sys.argv[2]), node_ip_address="127.0.0.1") for _ in range(int(sys.argv[1]))]
+raylets = [node.all_processes["raylet"][0].process.pid for node in workers]
+print(json.dumps({"address": cluster.address, "raylets": raylets}), flush=True)
+for line in sys.stdin:  # the index of a worker node to kill, or "stop"
+    if line.strip() == "stop":
+        break
+    cluster.remove_node(workers[int(line)], allow_graceful=False)
+    print("removed", flush=True)
+for node in [*cluster.worker_nodes, cluster.head_node]:
+    cluster.remove_node(node, allow_graceful=False)
+"""
+
+
+@dataclass(frozen=True)
+class MultiNodeCluster:
+    """Ray's ``cluster_utils.Cluster`` on 127.0.0.1, run by a process of its own so that this process
+    may keep its own Ray connection: a head with no CPUs and worker nodes that can be killed."""
+
+    address: str  # the head's GCS address, for RAY_ADDRESS
+    raylets: list[int]  # each worker node's raylet PID; its workers are the raylet's children
+    process: subprocess.Popen
+    recorded: str | None  # what /tmp/ray/ray_current_cluster held before, put back by stop()
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL a worker node's raylet, workers and agents at once, as when its machine dies."""
+        self.process.stdin.write(f"{index}\n")
+        self.process.stdin.flush()
+        assert self.process.stdout.readline().strip() == "removed"
+
+    def stop(self) -> None:
+        self.process.communicate("stop\n", timeout=120)
+        current = Path("/tmp/ray/ray_current_cluster")  # Cluster records itself there
+        if self.recorded is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(self.recorded)
+
+
+def start_multi_node_cluster(log: Path, workers: int, cpus_per_worker: int) -> MultiNodeCluster:
+    current = Path("/tmp/ray/ray_current_cluster")
+    recorded = current.read_text() if current.exists() else None
+    env = os.environ | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # every address on loopback
+    with log.open("w") as errors:
+        process = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT, str(workers), str(cpus_per_worker)],
+                                   env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                                   text=True, start_new_session=True)
+    line = process.stdout.readline()
+    if not line:
+        process.wait(timeout=60)
+        raise RuntimeError(f"the multi-node Ray cluster did not start; see {log}")
+    info = json.loads(line)
+    return MultiNodeCluster(info["address"], info["raylets"], process, recorded)

@@ -88,38 +88,27 @@ def test_a_killed_sampler_actor_is_restarted_and_every_sample_lands_once(ray_clu
 
 
 @pytest.fixture
-def two_node_cluster(monkeypatch):
-    """A head with no CPUs and two worker nodes with 2 CPUs each, all on 127.0.0.1 (Ray's own
-    ``cluster_utils.Cluster``): every sampler actor and write task runs on a worker node."""
-    from ray.cluster_utils import Cluster
+def two_node_cluster(tmp_path):
+    """A head with no CPUs and two worker nodes with 2 CPUs each, all on 127.0.0.1: every sampler
+    actor and write task runs on a worker node, which the test may then kill."""
+    from tests.services import start_multi_node_cluster
 
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every address on loopback
-    current = Path("/tmp/ray/ray_current_cluster")  # Cluster records itself here; put back what was there
-    before = current.read_text() if current.exists() else None
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1"})
-    try:
-        workers = [cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1") for _ in range(2)]
-        yield cluster, workers
-    finally:  # node by node: Cluster.shutdown() would also reset this process's own Ray connection
-        for node in [*cluster.worker_nodes, cluster.head_node]:
-            cluster.remove_node(node, allow_graceful=False)
-        if before is None:
-            current.unlink(missing_ok=True)
-        else:
-            current.write_text(before)
+    cluster = start_multi_node_cluster(tmp_path / "cluster.log", workers=2, cpus_per_worker=2)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.mark.slow
 def test_a_lost_worker_node_loses_no_sample(two_node_cluster, write_config, tmp_path):
-    cluster, workers = two_node_cluster
+    cluster = two_node_cluster
     path = write_config(work={"class_labels": [1, 2, 4, 5, 8, 9], "samples_per_label": 4},
                         ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
                         output={"max_rows_per_file": 2})
     out, log = tmp_path / "out", tmp_path / "driver.log"
     driver = start_driver(path, cluster.address, log)
     committed = wait_for_commits(driver, out / "data", log)
-    (lost,) = [node for node in workers if sampler_pids(node.all_processes["raylet"][0].process.pid)]
-    cluster.remove_node(lost, allow_graceful=False)  # SIGKILL the node's raylet, workers and agents
+    (lost,) = [i for i, raylet in enumerate(cluster.raylets) if sampler_pids(raylet)]  # the actor's node
+    cluster.kill_node(lost)
     assert committed < 24 and driver.poll() is None  # lost mid-run
     # The only place left for the pool's one actor is the surviving node (the head has no CPUs).
     assert finish(driver, log) == 0, log.read_text()[-3000:]
