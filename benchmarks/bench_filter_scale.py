@@ -75,7 +75,9 @@ def synthesise(folder: Path, rows: int, rows_per_file: int, seed: int = 0) -> in
 
 
 def tree_memory(root: psutil.Process) -> tuple[int, int, dict[str, int]]:
-    """(summed RSS, summed PSS, PSS by process name) in bytes over ``root`` and all its descendants."""
+    """(summed RSS, summed PSS, PSS by process name) in bytes over ``root`` and all its descendants.
+
+    The by-name map also counts the processes of each name (keys "processes: <name>")."""
     rss = pss = 0
     by_name: dict[str, int] = {}
     for process in [root, *root.children(recursive=True)]:
@@ -85,6 +87,7 @@ def tree_memory(root: psutil.Process) -> tuple[int, int, dict[str, int]]:
             continue
         rss, pss = rss + info.rss, pss + info.pss
         by_name[name] = by_name.get(name, 0) + info.pss
+        by_name[f"processes: {name}"] = by_name.get(f"processes: {name}", 0) + 1
     return rss, pss, by_name
 
 
@@ -132,8 +135,11 @@ def main() -> None:
     print(f"\nFilter on {args.rows} rows ({size / 2**20:.0f} MiB), keep {args.keep_fraction} per {args.per or 'all'}: "
           f"{measured['seconds']:.0f} s, kept {kept}, peak tree RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB, "
           f"PSS {measured['peak_pss_bytes'] / 2**30:.2f} GiB")
-    for name, pss in list(measured["pss_at_peak_by_process"].items())[:8]:
-        print(f"  {pss / 2**20:8.0f} MiB PSS  {name}")
+    at_peak = measured["pss_at_peak_by_process"]
+    counts = {name.removeprefix("processes: "): n for name, n in at_peak.items() if name.startswith("processes: ")}
+    print(f"  at the peak: {sum(counts.values())} processes")
+    for name, pss in [item for item in at_peak.items() if not item[0].startswith("processes: ")][:8]:
+        print(f"  {pss / 2**20:8.0f} MiB PSS in {counts[name]:>2} x {name}")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "filter_scale_cpu.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
