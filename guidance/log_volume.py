@@ -153,6 +153,6 @@ def topk_log_volume(
     basis = sketch_range(encoder, images, rank, power_iters, generator, start)
     check_rank(k, oversample, basis.shape[1], images[0].numel())  # a reduced Q has min(D, r) columns
     value, rows = projected_rows(encoder, images, basis, k)
-    if memory is not None:
-        memory.directions = rows
+    if memory is not None:  # orthonormal, as inside the power iterations, so no direction is lost to scale
+        memory.directions = orthonormal_columns(rows.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(rows.shape)
     return value
