@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 from pipeline.config import ConfigError, GenerateConfig, flatten, to_dict
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
-from pipeline.storage import (Location, StorageError, check_writable, clear_errors, delete, exists, list_files, read_bytes,
-                              resolve, write_bytes, write_table)
+from pipeline.storage import (Location, StorageError, check_writable, clear_errors, delete, exists, list_files,
+                              read_bytes, resolve, write_bytes, write_table)
 from pipeline.tracking import RunTracker
 from pipeline.work import Manifest, build_manifest, check_fits_model
 

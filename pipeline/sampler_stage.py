@@ -64,7 +64,8 @@ class SampleGenerator:
         except Exception as error:
             self.load_error = ConfigError(
                 f"the sampler could not load its models (model.source {config.model.source}, encoder.weights "
-                f"{config.encoder.weights}; truncated, corrupted or not weights-only?): {type(error).__name__}: {error}")
+                f"{config.encoder.weights}; truncated, corrupted or not weights-only?): "
+                f"{type(error).__name__}: {error}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.load_error is not None:

@@ -131,7 +131,7 @@ def test_files_stay_under_the_output_root(ray_cluster, write_config, sd_folder, 
                         work={"prompts": str(prompts), "class_labels": None})
     assert generate_job.main([path]) == 0
     created = {p for p in tmp_path.rglob("*")} - before
-    outside = [p for p in created if not p.is_relative_to(tmp_path / "out") and not p.is_relative_to(tmp_path / "mlruns")]
+    outside = [p for p in created if not any(p.is_relative_to(tmp_path / root) for root in ("out", "mlruns"))]
     assert outside == [tmp_path / "config.yaml"]
     rows = pq.read_table(tmp_path / "out" / "data").to_pylist()
     assert sorted(r["prompt"] for r in rows) == sorted(prompts.read_text().splitlines())
