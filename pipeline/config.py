@@ -133,6 +133,7 @@ class OutputConfig:
     max_rows_per_file: int = 1024  # bounds each Parquet file
     row_group_size: int = 128  # rows per Parquet row group
     max_failure_fraction: float = 0.0  # more failed samples than this makes the job exit non-zero
+    retry_unguided: bool = False  # a sample that fails under guidance is sampled again unguided (same seed)
 
     def __post_init__(self):
         if self.max_rows_per_file < 1 or self.row_group_size < 1:

@@ -3,7 +3,9 @@
 Models load once in ``__init__``; ``__call__`` maps a batch of manifest rows to output rows with
 the images already PNG-encoded, so raw arrays never travel through the object store. A sample that
 fails (an exception, a non-finite image or score) is recorded under ``failures/`` with its error
-and left out of the output; it is retried on the next run of the same config.
+and left out of the output; it is retried on the next run of the same config. With
+``output.retry_unguided`` a sample that fails under guidance is first sampled again without it
+(same seed), and its row says method "unguided".
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import io
 import json
 import logging
 import math
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import numpy as np
@@ -21,6 +24,7 @@ from PIL import Image
 
 from guidance import WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
+from guidance.methods import SamplingConfig
 from pipeline.config import ConfigError, GenerateConfig
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
 from pipeline.storage import resolve, write_bytes
@@ -51,6 +55,8 @@ class SampleGenerator:
         self.config = config
         self.run_id = run_id
         self.failures = resolve(config.output.uri, config.storage).child(FAILURES_DIR)
+        guides = config.sampling.objective is not None
+        self.unguided = replace(config.sampling, method="unguided") if config.output.retry_unguided and guides else None
         # A load error is raised by the first call, not here: Ray passes a task's exception to the driver,
         # which reports it in one line, but an actor constructor's only as traceback text.
         self.load_error: ConfigError | None = None
@@ -76,31 +82,36 @@ class SampleGenerator:
             outcomes = list(generate(self.model, items, self.config.sampling, self.encoder))
         except Exception as error:  # one bad row must not sink its batch: retry the rows one by one
             log.warning("batch of %d failed (%s); retrying its rows one at a time", len(rows), error)
-            outcomes = [self._one(item) for item in items]
+            outcomes = [self._one(item, self.config.sampling) for item in items]
         created = datetime.now(timezone.utc)
         kept = []
-        for row, outcome in zip(rows, outcomes):
+        for row, item, outcome in zip(rows, items, outcomes):
+            method = self.config.sampling.method
             problem = outcome if isinstance(outcome, str) else _non_finite(outcome)
+            if problem and self.unguided is not None:  # output.retry_unguided: the same seed without guidance
+                outcome, method = self._one(item, self.unguided), "unguided"
+                retry_problem = outcome if isinstance(outcome, str) else _non_finite(outcome)
+                problem = retry_problem and f"{problem}; unguided retry: {retry_problem}"
             if problem:
                 self._record_failure(row, problem, created)
                 continue
-            kept.append(self._output_row(row, outcome, created))
+            kept.append(self._output_row(row, outcome, created, method))
         return pa.Table.from_pylist(kept, schema=OUTPUT_SCHEMA)
 
-    def _one(self, item: WorkItem) -> GeneratedSample | str:
+    def _one(self, item: WorkItem, sampling: SamplingConfig) -> GeneratedSample | str:
         try:
-            return generate(self.model, [item], self.config.sampling, self.encoder)[0]
+            return generate(self.model, [item], sampling, self.encoder)[0]
         except Exception as error:
             return f"{type(error).__name__}: {error}"
 
-    def _output_row(self, row: dict, sample: GeneratedSample, created: datetime) -> dict:
+    def _output_row(self, row: dict, sample: GeneratedSample, created: datetime, method: str) -> dict:
         height, width = sample.image.shape[:2]
         return {
             "sample_id": row["sample_id"], "seed": row["seed"], "prompt": row["prompt"],
             "class_label": row["class_label"],
             "image": {"bytes": png_bytes(sample.image), "path": f"{row['sample_id']}.png"},
             "width": width, "height": height, "jepa_score": sample.jepa_score,
-            "embedding": sample.embedding.tolist(), "method": self.config.sampling.method,
+            "embedding": sample.embedding.tolist(), "method": method,
             "model": self.config.model.preset, "encoder": self.config.encoder.name,
             "run_id": self.run_id, "created_at": created,
         }
