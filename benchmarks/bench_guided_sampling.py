@@ -1,8 +1,11 @@
-"""Guided vs unguided sampling, per model family, side by side in one run.
+"""Guided vs unguided sampling, per model family, side by side in one run, and where the time goes.
 
-For each family (tiny random models built like the tests', saved and loaded through the presets):
-sampling wall time of `unguided` and `jepa` (tau = 0.8) over the same seeds, their ratio, and the
-shift of the mean exact JEPA-SCORE of the final images. Run from the repository root:
+For each family (tiny random models built like the tests', saved and loaded through the presets,
+and the demo's digits DDPM with its VICReg ViT at 56 px, trained here): sampling wall time of
+`unguided` and `jepa` (tau = 0.8) over the same seeds, their ratio, and the shift of the mean
+exact JEPA-SCORE of the final images. Then a profile of one guided step, timed part by part:
+the denoiser forward with graph and its backward, the decode (VAE for latent models) forward and
+backward, and the encoder branch (top-k value and gradient at the image). Run from the repository root:
 `python -m benchmarks.bench_guided_sampling`. Results go to
 benchmarks/results/guided_sampling_<device>.json.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -18,14 +22,16 @@ from pathlib import Path
 import timm
 import torch
 
-from guidance import jepa_score, load_encoder
+from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.generate import generate_images
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
+from guidance.schedules import noise_schedule, predict_clean
 from tests import tiny_diffusion
 
 RESULTS = Path(__file__).parent / "results"
+DEMO = Path(__file__).parent.parent / "models"
 PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit", "a mountain lake"]
 
 
@@ -40,7 +46,49 @@ def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
                lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
         "sdxl": ("sdxl-base", tiny_diffusion.save_sdxl(root / "sdxl", root / "t2"), 5.0,
                  lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
+        "demo digits": ("pixel-unet", DEMO / "digits-ddpm", 1.0, lambda s: WorkItem(s, s % 10)),
     }
+
+
+def timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def profile_guided_step(model, items, cfg: float, encoder, guidance: GuidanceConfig, steps: int) -> dict:
+    """Seconds of each part of one guided step (median of 3), at the middle timestep of the schedule."""
+    schedule = noise_schedule(model.scheduler_config, steps, "ddim")
+    t = schedule.timesteps[len(schedule.timesteps) // 2]
+    denoiser = model.denoiser(items, cfg)
+    x = torch.randn(len(items), *model.sample_shape, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+
+    def denoise():
+        x_t = x.clone().requires_grad_(True)
+        x0 = predict_clean(schedule, denoiser(x_t, t), x_t, t)[0]
+        x0.backward(torch.ones_like(x0))
+
+    with torch.no_grad():
+        x0_hat = predict_clean(schedule, denoiser(x, t), x, t)[0]
+
+    def decode():
+        x0 = x0_hat.clone().requires_grad_(True)
+        image = model.decode(x0)
+        image.backward(torch.ones_like(image))
+
+    image = model.decode(x0_hat).clamp(0, 1).float().detach()
+
+    def encode():
+        value = topk_log_volume(encoder, image.clone().requires_grad_(True), guidance.k, guidance.oversample,
+                                guidance.power_iters, generator=torch.Generator().manual_seed(0))
+        value.sum().backward()
+
+    parts = {"denoiser_fwd_bwd_s": denoise, "decode_fwd_bwd_s": decode, "encoder_branch_s": encode}
+    for part in parts.values():
+        part()  # warm-up
+    seconds = {name: sorted(timed(part) for _ in range(3))[1] for name, part in parts.items()}
+    total = sum(seconds.values())
+    return seconds | {name.removesuffix("_s") + "_share": value / total for name, value in seconds.items()}
 
 
 def main() -> None:
@@ -48,6 +96,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--tau", type=float, default=0.8)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating timed runs of each method (median)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -59,22 +108,31 @@ def main() -> None:
                               num_heads=2, init_values=1.0),
             encoder_folder, safe_serialization=True,
         )
-        encoder = load_encoder("vit_small_patch14_reg4_dinov2", encoder_folder, input_size=28)
+        tiny_encoder = load_encoder("vit_small_patch14_reg4_dinov2", encoder_folder, input_size=28)
+        demo_encoder = load_encoder("vit_small_patch14_reg4_dinov2", DEMO / "digits-vicreg-vit", input_size=56)
+        guidance = GuidanceConfig(tau=args.tau)
         rows = []
         for family, (preset, folder, cfg, item) in families(root).items():
             model = load_model(preset, folder)
+            encoder = demo_encoder if family == "demo digits" else tiny_encoder
             items = [item(100 + i) for i in range(args.samples)]
-            result = {"family": family}
-            for method in ("unguided", "jepa"):
-                config = SamplingConfig(method=method, steps=args.steps, cfg_scale=cfg,
-                                        guidance=GuidanceConfig(tau=args.tau))
+            result = {"family": family, "encoder_input": encoder.input_size}
+            configs = {method: SamplingConfig(method=method, steps=args.steps, cfg_scale=cfg, guidance=guidance)
+                       for method in ("unguided", "jepa")}
+            seconds = {method: [] for method in configs}
+            for method, config in configs.items():
                 generate_images(model, items[:1], config, encoder)  # warm-up
-                start = time.perf_counter()
-                images, _ = generate_images(model, items, config, encoder)
-                result[f"{method}_s"] = time.perf_counter() - start
-                result[f"{method}_score"] = jepa_score(encoder, encoder.resize(images)).mean().item()
+            for _ in range(args.rounds):  # alternate, so machine noise hits both alike; medians below
+                for method, config in configs.items():
+                    start = time.perf_counter()
+                    images, _ = generate_images(model, items, config, encoder)
+                    seconds[method].append(time.perf_counter() - start)
+                    result[f"{method}_score"] = jepa_score(encoder, encoder.resize(images)).mean().item()
+            for method in configs:
+                result[f"{method}_s"] = statistics.median(seconds[method])
             result["time_ratio"] = result["jepa_s"] / result["unguided_s"]
             result["score_shift"] = result["jepa_score"] - result["unguided_score"]
+            result["guided_step_profile"] = profile_guided_step(model, items, cfg, encoder, guidance, args.steps)
             rows.append(result)
 
     print(f"\nGuided (jepa, tau={args.tau}) vs unguided, {args.samples} samples, {args.steps} steps, tiny models")
@@ -82,6 +140,13 @@ def main() -> None:
     for r in rows:
         print(f"  {r['family']:<12}{r['unguided_s']:>12.2f}{r['jepa_s']:>10.2f}{r['time_ratio']:>8.2f}"
               f"{r['unguided_score']:>16.2f}{r['jepa_score']:>10.2f}{r['score_shift']:>9.2f}")
+    print("\nOne guided step, part by part (seconds; share of their sum)")
+    print(f"  {'family':<14}{'denoiser fwd+bwd':>18}{'decode fwd+bwd':>16}{'encoder branch':>16}")
+    for r in rows:
+        p = r["guided_step_profile"]
+        print(f"  {r['family']:<14}" + "".join(
+            f"{p[name + '_s']:>9.3f} ({p[name + '_share']:>4.0%})" for name in ("denoiser_fwd_bwd", "decode_fwd_bwd",
+                                                                             "encoder_branch")))
     RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = RESULTS / f"guided_sampling_{device}.json"
