@@ -153,6 +153,15 @@ def write_config(tmp_path, class_unet, tiny_vit_folder):
 
 
 @pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline folder (UNet, VAE, CLIP text encoder and tokenizer)."""
+    from tests import tiny_diffusion
+
+    root = tmp_path_factory.mktemp("sd")
+    return tiny_diffusion.save_sd(root / "pipeline", root / "scratch")
+
+
+@pytest.fixture(scope="session")
 def nan_class_unet(tmp_path_factory):
     """The tiny class UNet with a broken (NaN) embedding for class 9: every class-9 sample fails."""
     from diffusers import DDPMPipeline

@@ -12,7 +12,6 @@ import pytest
 
 from jobs import generate as generate_job
 from tests.services import free_port
-from tests.test_generation import sd_folder  # noqa: F401  (a fixture)
 
 
 def run_refused(args: list[str], capsys) -> str:

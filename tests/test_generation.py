@@ -26,13 +26,6 @@ from jobs import generate as generate_job
 from pipeline.config import load_config
 from pipeline.generation import run_generation
 from pipeline.work import build_manifest
-from tests import tiny_diffusion
-
-
-@pytest.fixture(scope="session")
-def sd_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sd")
-    return tiny_diffusion.save_sd(root / "pipeline", root / "scratch")
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:

@@ -19,7 +19,6 @@ from guidance import load_encoder, load_model
 from jobs import generate as generate_job
 from pipeline.refresh import RefreshConfig
 from tests.conftest import ENCODER_NAME, TINY_ARGS, TINY_SIZE
-from tests.test_generation import sd_folder  # noqa: F401  (a fixture)
 from tests.tiny_diffusion import save_pixel_unet
 
 
