@@ -121,7 +121,7 @@ def exact_score_stage(encoder, device: str, count: int, size: int) -> list[dict]
         set_tf32(tf32)
         reset_peak(device)
         try:
-            jepa_score(model, images[:1], **options)  # warm-up
+            jepa_score(model, images, **options)  # warm-up at the measured size (allocator, kernels)
             scores, seconds = timed(device, jepa_score, model, images, **options)
         except RuntimeError as error:  # e.g. a fused kernel without the batching rule vmap needs
             rows.append({"variant": name, "error": str(error)[:500]})
