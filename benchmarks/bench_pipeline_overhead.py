@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import GenerateConfig, load_config
-from pipeline.generation import connect_ray, run_generation
+from pipeline.cluster import connect_ray
+from pipeline.generation import run_generation
 from pipeline.sampler_stage import SampleGenerator
 from pipeline.work import build_manifest
 

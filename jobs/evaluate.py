@@ -10,7 +10,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import TrackingConfig
+from pipeline.settings import TrackingConfig
 from pipeline.evaluation import RESULT_FILE, TABLE_FILE, EvaluateConfig, markdown, run_evaluation
 from pipeline.storage import StorageConfig, StorageError
 

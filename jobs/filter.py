@@ -8,7 +8,7 @@ import sys
 
 from pipeline.curation import GROUP_COLUMNS, FilterConfig, run_filter
 from pipeline.storage import StorageConfig, StorageError
-from pipeline.config import TrackingConfig
+from pipeline.settings import TrackingConfig
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import load_config
+from pipeline.settings import ConfigError
 from pipeline.generation import run_generation
 from pipeline.storage import StorageError
 from pipeline.work import WorkError

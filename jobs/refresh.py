@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import ConfigError
+from pipeline.settings import ConfigError
 from pipeline.curation import GROUP_COLUMNS
 from pipeline.refresh import RefreshConfig, run_refresh
 from pipeline.storage import StorageError

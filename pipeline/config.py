@@ -14,20 +14,16 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import yaml
 
 from guidance.encoders import ENCODERS
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
+from pipeline.settings import ConfigError, TrackingConfig
 from pipeline.storage import StorageConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
 
 
 @dataclass(frozen=True)
@@ -108,21 +104,6 @@ class RayConfig:
             raise ConfigError(f"ray.batch_size must be >= 1, got {self.batch_size}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise ConfigError("ray.cpus_per_actor and ray.gpus_per_actor must be >= 0")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    """Where the MLflow run goes."""
-
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
-    artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
-    experiment: str = "jepa-minority"
-
-    def __post_init__(self):
-        if "@" in urlparse(self.tracking_uri).netloc:
-            raise ConfigError("tracking.tracking_uri carries credentials (user:secret@host), which would be logged "
-                              "with the config: give the bare URI and put them in MLFLOW_TRACKING_USERNAME / "
-                              "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
 @dataclass(frozen=True)
@@ -239,21 +220,3 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported config type {hint}")
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """The resolved config as nested plain data (it holds no secrets: there are no credential fields)."""
-    return dataclasses.asdict(config)
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params are flat."""
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = value
-    return flat
-

@@ -28,10 +28,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.config import TrackingConfig, flatten, to_dict
+from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.eval_features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
                                     FeatureSpec, check_weights_file)
-from pipeline.generation import connect_ray
+from pipeline.cluster import connect_ray
 from pipeline.images import IMAGE_SUFFIXES, find_images
 from pipeline.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
 from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,9 +26,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.config import ConfigError, GenerateConfig, flatten, to_dict
+from pipeline.cluster import WRITERS, connect_ray
+from pipeline.config import GenerateConfig
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.settings import ConfigError, flatten, to_dict
 from pipeline.storage import (Location, StorageError, check_writable, clear_errors, delete, exists, list_files,
                               read_bytes, resolve, write_bytes, write_table)
 from pipeline.tracking import RunTracker
@@ -38,7 +39,6 @@ from pipeline.work import Manifest, build_manifest, check_fits_model
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-WRITERS = 2  # concurrent write tasks: writing is cheap next to sampling
 
 
 @dataclass(frozen=True)
@@ -142,19 +142,6 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
         return summary
     finally:
         tracker.end(status)
-
-
-def connect_ray() -> None:
-    """Attach to the cluster in RAY_ADDRESS (as Ray jobs have), else start a local one on loopback."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", _node_ip_address="127.0.0.1")
 
 
 def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float:

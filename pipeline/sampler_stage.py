@@ -25,8 +25,9 @@ from PIL import Image
 from guidance import WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
-from pipeline.config import ConfigError, GenerateConfig
+from pipeline.config import GenerateConfig
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
+from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes
 
 log = logging.getLogger(__name__)

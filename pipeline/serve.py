@@ -29,7 +29,7 @@ from guidance import generate, jepa_score, load_encoder, load_model, topk_log_vo
 from guidance.checks import check_rank
 from pipeline.browse import DatasetBrowser, DatasetError
 from pipeline.config import GenerateConfig, load_config
-from pipeline.generation import connect_ray
+from pipeline.cluster import connect_ray
 from pipeline.sampler_stage import model_dtype
 from pipeline.serve_inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
 

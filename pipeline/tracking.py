@@ -20,7 +20,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
-from pipeline.config import TrackingConfig
+from pipeline.settings import TrackingConfig
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
 

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import filter as filter_job
-from pipeline.config import TrackingConfig
+from pipeline.settings import TrackingConfig
 from pipeline.curation import FilterConfig, run_filter
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig
@@ -164,3 +164,14 @@ def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):
                                      tracking=tracking))
     assert report["rows_kept"] == 0 and report["invalid_scores"] == 3 and report["threshold"] is None
     assert kept_rows(tmp_path / "cur") == []
+
+
+def test_the_filter_driver_never_imports_the_models():
+    """The filter's memory budget (benchmarks/bench_filter_scale.py) has no room for torch in its driver."""
+    import subprocess
+    import sys
+
+    probe = "import sys, jobs.filter, pipeline.curation, pipeline.tracking, pipeline.sink; " \
+            "print(sorted(m for m in ('torch', 'diffusers', 'timm', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

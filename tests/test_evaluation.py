@@ -20,7 +20,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
-from pipeline.config import TrackingConfig, load_config
+from pipeline.config import load_config
+from pipeline.settings import TrackingConfig
 from pipeline.evaluation import EvaluateConfig, run_evaluation
 from pipeline.generation import run_generation
 from pipeline.metrics import Moments, Subsample, frechet_distance, manifold_metrics

@@ -1,0 +1,45 @@
+"""Settings every job shares, light to import (no torch): the MLflow store, config errors, and the
+dataclass -> plain data helpers. The filter's driver and Ray's write workers import only these."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where the MLflow run goes."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
+    artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
+    experiment: str = "jepa-minority"
+
+    def __post_init__(self):
+        if "@" in urlparse(self.tracking_uri).netloc:
+            raise ConfigError("tracking.tracking_uri carries credentials (user:secret@host), which would be logged "
+                              "with the config: give the bare URI and put them in MLFLOW_TRACKING_USERNAME / "
+                              "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The resolved config as nested plain data (it holds no secrets: there are no credential fields)."""
+    return dataclasses.asdict(config)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: MLflow params are flat."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
