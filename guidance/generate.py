@@ -37,6 +37,18 @@ def sketch_seed(seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"jepa-sketch:{seed}".encode()).digest()[:8], "big") >> 1
 
 
+def check_work(model: DiffusionModel, items: Sequence[WorkItem], config: SamplingConfig,
+               encoder: JepaEncoder | None) -> None:
+    """Refuse work this model, method and encoder cannot do (ValueError naming the fix), before sampling."""
+    if not items:
+        raise ValueError("items is empty: pass at least one WorkItem")
+    model.check(items, config.cfg_scale)
+    if config.objective is not None:
+        if encoder is None:
+            raise ValueError(f"method {config.method!r} guides with a JEPA encoder: pass encoder=load_encoder(...)")
+        check_rank(config.guidance.k, config.guidance.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
+
+
 def generate_images(
     model: DiffusionModel,
     items: Sequence[WorkItem],
@@ -51,16 +63,11 @@ def generate_images(
     (CPU generators, as diffusers recommends), so a row's image does not depend on the rest of the
     batch. JEPA methods need ``encoder`` (on the model's device).
     """
-    if not items:
-        raise ValueError("items is empty: pass at least one WorkItem")
-    model.check(items, config.cfg_scale)
+    check_work(model, items, config, encoder)
     overrides = {"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {}
     schedule = noise_schedule(model.scheduler_config, config.steps, config.sampler, **overrides)
     guidance = None
     if config.objective is not None:
-        if encoder is None:
-            raise ValueError(f"method {config.method!r} guides with a JEPA encoder: pass encoder=load_encoder(...)")
-        check_rank(config.guidance.k, config.guidance.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
         guidance = JepaGuidance(
             encoder=encoder,
             objective=get_objective(config.objective),

@@ -10,7 +10,6 @@ an image only when it is asked for.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -22,6 +21,7 @@ from pipeline.curation import SELECTION_FILE
 from pipeline.generation import read_committed
 from pipeline.refresh import LATEST_FILE, VERSIONS_DIR
 from pipeline.schema import RUN_FILE
+from pipeline.selection import rarest, valid_scores
 from pipeline.storage import Location, StorageConfig, exists, read_bytes, resolve
 
 LISTED_COLUMNS = ["sample_id", "jepa_score", "class_label", "prompt", "method"]
@@ -88,10 +88,10 @@ class DatasetBrowser:
             columns=["image"], filter=pc.field("sample_id") == sample_id)
         return table.column("image")[0]["bytes"].as_py()
 
-    def rank(self, version: str, score: float) -> int:
-        """How many rows of the version are rarer than ``score`` (the rank it would take, minus one)."""
+    def rank(self, version: str, score: float) -> tuple[int, int]:
+        """(rows of the version rarer than ``score``, rows in the version): where ``score`` would rank."""
         order, _ = self._order(version)
-        return int(pc.sum(pc.less(order.column("jepa_score"), score)).as_py() or 0)
+        return int(pc.sum(pc.less(order.column("jepa_score"), score)).as_py() or 0), order.num_rows
 
     def _location(self, version: str) -> Location:
         if version not in self.versions():
@@ -101,10 +101,8 @@ class DatasetBrowser:
 
     def _order(self, version: str) -> tuple[pa.Table, dict[str, str]]:
         if version not in self._orders:  # complete versions never change, so they are read once
-            table = read_committed(self._location(version), [*LISTED_COLUMNS, "__filename"])
-            scores = table.column("jepa_score").to_pylist()
-            finite = pa.array([s is not None and math.isfinite(s) for s in scores], pa.bool_())
-            table = table.filter(finite).sort_by([("jepa_score", "ascending"), ("sample_id", "ascending")])
+            table = valid_scores(read_committed(self._location(version), [*LISTED_COLUMNS, "__filename"]))
+            table = rarest(table, table.num_rows, max_score=None)
             files = dict(zip(table.column("sample_id").to_pylist(), table.column("__filename").to_pylist()))
             self._orders[version] = (table.drop_columns(["__filename"]), files)
         return self._orders[version]

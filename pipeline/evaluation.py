@@ -35,6 +35,7 @@ from pipeline.cluster import connect_ray
 from pipeline.images import IMAGE_SUFFIXES, find_images
 from pipeline.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
 from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
+from pipeline.selection import valid_scores
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,8 @@ class Collector:
 
     def add(self, batch: pa.Table) -> None:
         self.rows += batch.num_rows
-        score = batch.column("jepa_score")
-        ok = pc.and_(pc.and_(pc.is_valid(score), pc.is_finite(score)), pc.is_valid(batch.column("embedding")))
-        valid = batch.filter(pc.fill_null(ok, False))
+        valid = valid_scores(batch)
+        valid = valid.filter(pc.is_valid(valid.column("embedding")))
         self.invalid += batch.num_rows - valid.num_rows
         if not valid.num_rows:
             return

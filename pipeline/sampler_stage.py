@@ -22,7 +22,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from guidance import WorkItem, generate, load_encoder, load_model
+from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
 from pipeline.config import GenerateConfig
@@ -47,6 +47,16 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, JepaEncoder]:
+    """The config's diffusion model and encoder, on ``device`` (the encoder branch in fp32)."""
+    model = load_model(
+        config.model.preset, config.model.source, variant=config.model.variant,
+        unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
+    )
+    encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
+    return model, encoder.to(device)
+
+
 class SampleGenerator:
     """Manifest rows (pyarrow) -> output rows (pyarrow, OUTPUT_SCHEMA)."""
 
@@ -62,12 +72,7 @@ class SampleGenerator:
         # which reports it in one line, but an actor constructor's only as traceback text.
         self.load_error: ConfigError | None = None
         try:
-            self.model = load_model(
-                config.model.preset, config.model.source, variant=config.model.variant,
-                unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
-            )
-            self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
-                                        input_size=config.encoder.input_size).to(device)
+            self.model, self.encoder = load_models(config, device)
         except Exception as error:
             self.load_error = ConfigError(
                 f"the sampler could not load its models (model.source {config.model.source}, encoder.weights "

@@ -25,12 +25,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from ray import serve
 
-from guidance import generate, jepa_score, load_encoder, load_model, topk_log_volume
-from guidance.checks import check_rank
+from guidance import generate, jepa_score, topk_log_volume
+from guidance.generate import check_work
 from pipeline.browse import DatasetBrowser, DatasetError
 from pipeline.config import GenerateConfig, load_config
 from pipeline.cluster import connect_ray
-from pipeline.sampler_stage import model_dtype
+from pipeline.sampler_stage import load_models
 from pipeline.serve_inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,7 @@ class JepaService:
         torch.set_num_threads(max(1, int(service.cpus_per_replica)))
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.config, self.service, self.limits = config, service, service.limits
-        self.model = load_model(
-            config.model.preset, config.model.source, variant=config.model.variant,
-            unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, self.device),
-            device=self.device,
-        )
-        self.encoder = load_encoder(config.encoder.name, config.encoder.weights,
-                                    input_size=config.encoder.input_size).to(self.device)
+        self.model, self.encoder = load_models(config, self.device)
         self.browser = DatasetBrowser(service.dataset, config.storage) if service.dataset else None
         self.score_batch.set_max_batch_size(service.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(service.batch_wait_s)
@@ -111,9 +105,8 @@ class JepaService:
         if self.browser is not None:
             try:
                 version = version or self.browser.latest()
-                rarer = self.browser.rank(version, result["jepa_score"])
-                result["dataset_rank"] = {"version": version, "rank": rarer + 1,
-                                          "total": self.browser.page(version, 0, 0).total}
+                rarer, total = self.browser.rank(version, result["jepa_score"])
+                result["dataset_rank"] = {"version": version, "rank": rarer + 1, "total": total}
             except DatasetError as error:
                 result["dataset_rank"] = {"error": str(error)}
         return result
@@ -127,10 +120,7 @@ class JepaService:
             raise RequestError(400, f"the body is not JSON: {error}") from error
         job = parse_generate(payload, self.config.sampling, self.limits)
         try:
-            self.model.check(job.items, job.sampling.cfg_scale)
-            if job.sampling.objective is not None:
-                guidance = job.sampling.guidance
-                check_rank(guidance.k, guidance.oversample, self.encoder.embed_dim, 3 * self.encoder.input_size**2)
+            check_work(self.model, job.items, job.sampling, self.encoder)
         except ValueError as error:
             raise RequestError(422, str(error)) from error
         outcome = await self.generate_batch(job)
