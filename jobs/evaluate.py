@@ -10,9 +10,10 @@ import argparse
 import logging
 import sys
 
-from pipeline.settings import TrackingConfig
+from jobs.options import add_storage_and_tracking, storage_config, tracking_config
 from pipeline.evaluation import RESULT_FILE, TABLE_FILE, EvaluateConfig, markdown, run_evaluation
-from pipeline.storage import StorageConfig, StorageError
+from pipeline.storage import StorageError
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jepa-minority evaluate", description=__doc__)
@@ -33,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=EvaluateConfig.batch_size, help="images per model call")
     parser.add_argument("--actors", type=int, default=EvaluateConfig.actors, help="Ray actors that run the models")
     parser.add_argument("--cpus-per-actor", type=float, default=EvaluateConfig.cpus_per_actor)
-    parser.add_argument("--endpoint-url", help="S3-protocol endpoint (credentials come from the AWS environment)")
-    parser.add_argument("--region")
-    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri)
-    parser.add_argument("--experiment", default=TrackingConfig.experiment)
+    add_storage_and_tracking(parser)
     args = parser.parse_args(argv)
     try:
         config = EvaluateConfig(
@@ -44,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             max_samples=args.max_samples, nearest_k=args.nearest_k, seed=args.seed,
             inception_weights=args.inception_weights, clip_weights=args.clip_weights, clip_arch=args.clip_arch,
             batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
-            storage=StorageConfig(args.endpoint_url, args.region),
-            tracking=TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment),
+            storage=storage_config(args), tracking=tracking_config(args),
         )
         report = run_evaluation(config)
     except (ValueError, FileNotFoundError, StorageError) as error:

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
+from jobs.options import add_storage_and_tracking, storage_config, tracking_config
 from pipeline.curation import GROUP_COLUMNS, FilterConfig, run_filter
-from pipeline.storage import StorageConfig, StorageError
-from pipeline.settings import TrackingConfig
+from pipeline.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,16 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     amount.add_argument("--keep", type=int, help="keep this many rows (per group with --per)")
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
-    parser.add_argument("--endpoint-url", help="S3-protocol endpoint (credentials come from the AWS environment)")
-    parser.add_argument("--region")
-    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri)
-    parser.add_argument("--experiment", default=TrackingConfig.experiment)
+    add_storage_and_tracking(parser)
     args = parser.parse_args(argv)
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, storage=StorageConfig(args.endpoint_url, args.region),
-            tracking=TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment),
+            max_score=args.max_score, storage=storage_config(args), tracking=tracking_config(args),
         )
         report = run_filter(config)
     except (ValueError, StorageError) as error:
