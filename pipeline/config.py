@@ -35,12 +35,15 @@ class ModelConfig:
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     unet_weights: str | None = None  # a separate UNet weights file (SDXL-Lightning)
     dtype: str = "auto"  # denoiser / VAE dtype: auto = float32 on CPU, bfloat16 on GPU
+    compile: bool = False  # torch.compile the denoising network: pays on long unguided runs (README, Performance)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"model.compile must be true or false, got {self.compile!r}")
 
 
 @dataclass(frozen=True)

@@ -194,6 +194,7 @@ def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, ca
     (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
     (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
     (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
+    (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
 ])
 def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
     path = write_config()

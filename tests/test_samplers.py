@@ -258,6 +258,20 @@ def test_bf16_model_keeps_the_encoder_branch_in_fp32(folders, tiny_encoder):
     assert all(p.dtype == torch.float32 for p in tiny_encoder.parameters())
 
 
+def test_compiled_network_samples_the_same_images(folders, tiny_encoder):
+    """torch.compile changes speed, not samples: guided and unguided steps (grad on and off) both compile."""
+    eager = load_model("pixel-unet", folders["class"])
+    compiled = load_model("pixel-unet", folders["class"], compile_network=True)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    items, config = [WorkItem(1, 3), WorkItem(2, 7)], SamplingConfig(steps=3, guidance=GuidanceConfig(tau=0.7, k=4))
+    expected, guided = generate_images(eager, items, config, tiny_encoder)
+    images, steps_guided = generate_images(compiled, items, config, tiny_encoder)
+    assert steps_guided == guided == 2
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the network ran compiled, in both grad modes
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
+
+
 # -- bad input --------------------------------------------------------------------------------------
 
 def test_unknown_preset_lists_the_valid_ones():
