@@ -64,25 +64,33 @@ def forward_over_reverse(encoder, images: torch.Tensor, basis: torch.Tensor, k: 
     return value, vmap(column, in_dims=(2, 0))(basis, g).sum(0)
 
 
+def synchronize(images: torch.Tensor) -> None:
+    if images.is_cuda:
+        torch.cuda.synchronize()
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min().item()
 
 
-def bench_encoder(label: str, encoder, images: torch.Tensor, args) -> dict:
-    basis = sketch_range(encoder, images, args.k + args.oversample, args.power_iters,
-                         torch.Generator().manual_seed(0))
-    exact_value, exact_grad = double_backward(copy.deepcopy(encoder).double(), images.double(), basis.double(), args.k)
+def bench_encoder(label: str, encoder, images: torch.Tensor, k: int = 9, oversample: int = 2, power_iters: int = 1,
+                  rounds: int = 5) -> dict:
+    """Both modes on ``images`` (on the encoder's device) and one sketch basis: times and accuracy."""
+    basis = sketch_range(encoder, images, k + oversample, power_iters, torch.Generator().manual_seed(0))
+    exact_value, exact_grad = double_backward(copy.deepcopy(encoder).double(), images.double(), basis.double(), k)
     modes = {"double backward": double_backward, "forward-over-reverse": forward_over_reverse}
     times = {name: [] for name in modes}
     results = {}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for name, mode in modes.items():
+            synchronize(images)
             start = time.perf_counter()
-            results[name] = mode(encoder, images, basis, args.k)
+            results[name] = mode(encoder, images, basis, k)
+            synchronize(images)
             times[name].append(time.perf_counter() - start)
     row = {"encoder": label, "seconds": times}
     base = statistics.median(times["double backward"])
-    print(f"\n{label}, {len(images)} images, r = {args.k + args.oversample}:")
+    print(f"\n{label}, {len(images)} images, r = {k + oversample}:")
     for name, (value, grad) in results.items():
         row[name] = {
             "median_s": statistics.median(times[name]),
@@ -110,7 +118,8 @@ def main() -> None:
         "DINOv2-S/14-reg architecture, random weights, 56 px": load_encoder(ENCODER, "random", input_size=56),
         "demo VICReg ViT (trained), 56 px": load_encoder(ENCODER, MODELS / "digits-vicreg-vit", input_size=56),
     }
-    rows = [bench_encoder(label, encoder, images, args) for label, encoder in encoders.items()]
+    rows = [bench_encoder(label, encoder, images, args.k, args.oversample, args.power_iters, args.rounds)
+            for label, encoder in encoders.items()]
     RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = RESULTS / f"gradient_modes_{device}.json"

@@ -15,7 +15,9 @@ Stages, each printed and written as it finishes:
 2. the encoder branch of a guided step (top-k value + gradient at 224): ours batched (q = 2, and
    warm start q = 0 along a path of nearby images) vs the authors' algorithm (batch 1, fp16 autocast
    and fp32), seconds per image and cosine to the exact top-k gradient.
-3. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA-guided (every step
+3. the envelope gradient by double backward (ours) vs forward-over-reverse
+   (``benchmarks.bench_gradient_modes``), 4 images, each checked against a float64 gradient;
+4. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA-guided (every step
    guided, so the guided cost is measured directly), bf16 UNet / VAE with the fp32 encoder branch,
    and once in fp32 for the bf16 lever.
 """
@@ -36,6 +38,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
 from guidance.log_volume import SketchMemory, topk_log_volume
@@ -229,6 +232,9 @@ def main() -> None:
     result["exact_score"] = exact_score_stage(encoder, device, 4 if args.smoke else args.exact_images, size)
     save()
     result["guided_branch"] = guided_branch_stage(encoder, device, 2 if args.smoke else args.branch_images, size)
+    save()
+    branch_images = torch.rand(2 if args.smoke else 4, 3, size, size, generator=torch.Generator().manual_seed(2))
+    result["gradient_modes"] = gradient_modes(f"{ENCODER} at {size} px", encoder, branch_images.to(device), rounds=3)
     save()
 
     with tempfile.TemporaryDirectory() as scratch:
