@@ -74,20 +74,18 @@ def synthesise(folder: Path, rows: int, rows_per_file: int, seed: int = 0) -> in
     return sum(f.stat().st_size for f in (folder / DATA_DIR).iterdir())
 
 
-def tree_memory(root: psutil.Process) -> tuple[int, int, dict[str, int]]:
-    """(summed RSS, summed PSS, PSS by process name) in bytes over ``root`` and all its descendants.
-
-    The by-name map also counts the processes of each name (keys "processes: <name>")."""
+def tree_memory(root: psutil.Process) -> tuple[int, int, dict[str, dict[str, int]]]:
+    """(summed RSS, summed PSS, by process name: count, RSS and PSS) in bytes over ``root`` and its descendants."""
     rss = pss = 0
-    by_name: dict[str, int] = {}
+    by_name: dict[str, dict[str, int]] = {}
     for process in [root, *root.children(recursive=True)]:
         try:
             info, name = process.memory_full_info(), " ".join(process.cmdline()[:3])[:80]
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
         rss, pss = rss + info.rss, pss + info.pss
-        by_name[name] = by_name.get(name, 0) + info.pss
-        by_name[f"processes: {name}"] = by_name.get(f"processes: {name}", 0) + 1
+        mine = by_name.setdefault(name, {"processes": 0, "rss": 0, "pss": 0})
+        mine["processes"], mine["rss"], mine["pss"] = mine["processes"] + 1, mine["rss"] + info.rss, mine["pss"] + info.pss
     return rss, pss, by_name
 
 
@@ -97,18 +95,21 @@ def run_filter_measured(command: list[str]) -> dict:
                                start_new_session=True)
     watched = psutil.Process(process.pid)
     peak_rss = peak_pss = 0
-    at_peak: dict[str, int] = {}
+    at_rss_peak: dict[str, dict[str, int]] = {}
+    at_pss_peak: dict[str, dict[str, int]] = {}
     while process.poll() is None:
         rss, pss, by_name = tree_memory(watched)
-        peak_rss = max(peak_rss, rss)
+        if rss > peak_rss:
+            peak_rss, at_rss_peak = rss, by_name
         if pss > peak_pss:
-            peak_pss, at_peak = pss, by_name
+            peak_pss, at_pss_peak = pss, by_name
         time.sleep(0.2)
     output = process.stdout.read()
     if process.returncode:
         raise RuntimeError(f"filter failed ({process.returncode}):\n{output[-4000:]}")
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
-            "pss_at_peak_by_process": dict(sorted(at_peak.items(), key=lambda item: -item[1])),
+            "at_rss_peak_by_process": dict(sorted(at_rss_peak.items(), key=lambda item: -item[1]["rss"])),
+            "at_pss_peak_by_process": dict(sorted(at_pss_peak.items(), key=lambda item: -item[1]["pss"])),
             "output_tail": output.strip().splitlines()[-3:]}
 
 
@@ -118,6 +119,7 @@ def main() -> None:
     parser.add_argument("--rows-per-file", type=int, default=10_000)
     parser.add_argument("--keep-fraction", type=float, default=0.01)
     parser.add_argument("--per", default="class_label", help="class_label, or '' to choose globally")
+    parser.add_argument("--results", type=Path, default=RESULTS / "filter_scale_cpu.json", help="where the JSON goes")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -131,19 +133,19 @@ def main() -> None:
         measured = run_filter_measured(command)
         kept = pq.read_table(root / "curated" / DATA_DIR, columns=["sample_id"]).num_rows
 
-    result = {"settings": vars(args), "input_bytes": size, "rows_kept": kept, **measured}
+    settings = {key: value for key, value in vars(args).items() if key != "results"}
+    result = {"settings": settings, "input_bytes": size, "rows_kept": kept, **measured}
     print(f"\nFilter on {args.rows} rows ({size / 2**20:.0f} MiB), keep {args.keep_fraction} per {args.per or 'all'}: "
           f"{measured['seconds']:.0f} s, kept {kept}, peak tree RSS {measured['peak_rss_bytes'] / 2**30:.2f} GiB, "
           f"PSS {measured['peak_pss_bytes'] / 2**30:.2f} GiB")
-    at_peak = measured["pss_at_peak_by_process"]
-    counts = {name.removeprefix("processes: "): n for name, n in at_peak.items() if name.startswith("processes: ")}
-    print(f"  at the peak: {sum(counts.values())} processes")
-    for name, pss in [item for item in at_peak.items() if not item[0].startswith("processes: ")][:8]:
-        print(f"  {pss / 2**20:8.0f} MiB PSS in {counts[name]:>2} x {name}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "filter_scale_cpu.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    for peak in ("rss", "pss"):
+        at_peak = measured[f"at_{peak}_peak_by_process"]
+        print(f"  at the {peak.upper()} peak: {sum(p['processes'] for p in at_peak.values())} processes")
+        for name, memory in list(at_peak.items())[:8]:
+            print(f"  {memory[peak] / 2**20:8.0f} MiB {peak.upper()} in {memory['processes']:>2} x {name}")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.results}")
 
 
 if __name__ == "__main__":
