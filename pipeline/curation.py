@@ -1,9 +1,10 @@
 """Keep the rarest samples of a generated dataset: lowest exact JEPA-SCORE first, ties by sample_id.
 
-Two passes on Ray Data, memory bounded by blocks whatever the input size:
-  1. choose from the id / score / group columns only (images are never read to choose): drop rows
-     with a null or non-finite score (counted), sort by (score, id) and keep the first k, globally
-     or per group;
+Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the input size:
+  1. choose from the id / score / group columns only (images are never read to choose): count the
+     rows and the valid ones (a finite score) per group, which sets each group's quota; then each
+     read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
+     stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/data/``.
 ``selection.json`` is written last, as the completion marker of the curated set.
 """
@@ -16,10 +17,12 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.selection import ids_digest, rarest, rarest_of_group, rows_with_ids, valid_scores
+from pipeline.selection import ids_digest, rarest, rows_with_ids, valid_scores
 from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -63,32 +66,63 @@ def _quota(config: FilterConfig, valid: int) -> int:
     return min(valid, config.keep if config.keep is not None else math.floor(config.keep_fraction * valid))
 
 
-def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict]:
-    """Pass 1 on Ray Data: (chosen id / score / group rows, rows in, valid rows per group)."""
+def tally(batch: pa.Table, per: str | None) -> pa.Table:
+    """A block's rows and valid rows (present, finite score) by group: the quotas come from these."""
+    score = batch.column("jepa_score")
+    valid = pc.and_kleene(pc.is_valid(score), pc.is_finite(score)).cast(pa.int64())
+    counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows), "valid": valid})
+    by_group = counted.group_by("group").aggregate([("valid", "sum"), ([], "count_all")])
+    return pa.table({"group": by_group["group"], "valid": by_group["valid_sum"], "rows": by_group["count_all"]})
+
+
+def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None) -> pa.Table:
+    """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group.
+
+    Sorted by (group, score, id), a row's rank in its group is its position minus the group's first."""
+    batch = valid_scores(batch)
+    if max_score is not None:
+        batch = batch.filter(pc.less_equal(batch.column("jepa_score"), max_score))
+    if per is None:
+        return rarest(batch, quotas[None], None)
+    batch = batch.sort_by([(per, "ascending"), ("jepa_score", "ascending"), ("sample_id", "ascending")])
+    keys = list(quotas)
+    group = pc.index_in(batch.column(per), value_set=pa.array(keys, batch.schema.field(per).type)).to_numpy()
+    position = np.arange(batch.num_rows)
+    first = np.maximum.accumulate(np.where(np.diff(group, prepend=-1) != 0, position, 0))
+    return batch.filter(position - first < np.array([quotas[key] for key in keys], np.int64)[group])
+
+
+def _read(files: list[str], source: Location, columns: list[str] | None = None):
+    """One read task per file. Ray would otherwise split small reads into more blocks, and a split read
+    is not fused with the map after it: every image would then pass through the object store."""
     import ray
 
-    group = [config.per] if config.per else []
-    scores = ray.data.read_parquet(files, filesystem=source.filesystem, columns=["sample_id", "jepa_score", *group])
-    rows_in = scores.count()
-    valid = scores.map_batches(valid_scores, batch_format="pyarrow")
-    if config.per:
-        partitions = max(1, min(64, rows_in // 100_000))  # hash-shuffle width: 1 for small inputs
-        counts = {row[config.per]: row["count()"] for row in valid.groupby(config.per, partitions).count().take_all()}
-        if None in counts:
-            raise ValueError(f"some rows have no {config.per}; curate without --per {config.per}")
-        quotas = {key: _quota(config, n) for key, n in counts.items()}
-        chosen = valid.groupby(config.per, partitions).map_groups(
-            rarest_of_group, fn_kwargs={"per": config.per, "quotas": quotas, "max_score": config.max_score},
-            batch_format="pyarrow")
-    else:
-        counts = {None: valid.count()}
-        chosen = valid.sort(["jepa_score", "sample_id"]).limit(_quota(config, counts[None]))
-    columns = ["sample_id", "jepa_score", *group]
-    blocks = [block.select(columns) for block in ray.get(chosen.to_arrow_refs()) if block.num_rows]
-    table = pa.concat_tables(blocks) if blocks else pa.schema([OUTPUT_SCHEMA.field(c) for c in columns]).empty_table()
-    if not config.per:
-        table = rarest(table, table.num_rows, config.max_score)
-    return table, rows_in, counts
+    return ray.data.read_parquet(files, filesystem=source.filesystem, columns=columns,
+                                 override_num_blocks=len(files))
+
+
+def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict]:
+    """Pass 1 on Ray Data: (chosen id / score / group rows, rows in, valid rows per group)."""
+    columns = ["sample_id", "jepa_score", *([config.per] if config.per else [])]
+    scores = _read(files, source, columns)
+    tallies = list(scores.map_batches(tally, fn_kwargs={"per": config.per}, batch_format="pyarrow")
+                   .iter_batches(batch_size=None, batch_format="pyarrow"))
+    totals = pa.concat_tables(tallies).group_by("group").aggregate([("valid", "sum"), ("rows", "sum")])
+    rows_in = sum(totals["rows_sum"].to_pylist())
+    valid = dict(zip(totals["group"].to_pylist(), totals["valid_sum"].to_pylist()))
+    counts = {key: n for key, n in valid.items() if n} if config.per else {None: sum(valid.values())}
+    if None in counts and config.per:
+        raise ValueError(f"some rows have no {config.per}; curate without --per {config.per}")
+    quotas = {key: _quota(config, n) for key, n in counts.items()}
+    keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score}
+    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
+    chosen = schema.empty_table()
+    for block in (scores.map_batches(rarest_by_group, fn_kwargs=keep, batch_format="pyarrow")
+                  .iter_batches(batch_size=None, batch_format="pyarrow")):
+        chosen = pa.concat_tables([chosen, block.cast(schema)])
+        if chosen.num_rows > 2 * sum(quotas.values()):
+            chosen = rarest_by_group(chosen, **keep)
+    return rarest_by_group(chosen, **keep), rows_in, counts
 
 
 def run_filter(config: FilterConfig) -> dict:
@@ -109,7 +143,7 @@ def run_filter(config: FilterConfig) -> dict:
         delete(stale)
     files = [f.path for f in list_files(source.child(DATA_DIR), ".parquet")]
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
-    connect_ray()
+    connect_ray(dashboard=False)
 
     tracker = RunTracker(config.tracking, run_name="filter",
                          tags={"input_uri": config.input, "output_uri": config.output,
@@ -123,8 +157,8 @@ def run_filter(config: FilterConfig) -> dict:
     try:
         chosen, rows_in, counts = choose(config, files, source)
         ids = chosen.column("sample_id")
-        copy = ray.data.read_parquet(files, filesystem=source.filesystem).map_batches(
-            rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()}, batch_format="pyarrow")
+        copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
+                                                batch_format="pyarrow")
         sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
         copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
         report = _report(config, chosen, rows_in, counts, len(list_files(source.child(FAILURES_DIR), ".json")),

@@ -6,6 +6,10 @@ import hashlib
 import io
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 from datetime import datetime, timezone
 
 import numpy as np
@@ -19,7 +23,7 @@ from PIL import Image
 
 from jobs import filter as filter_job
 from pipeline.settings import TrackingConfig
-from pipeline.curation import FilterConfig, run_filter
+from pipeline.curation import FilterConfig, rarest_by_group, run_filter
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig
 
@@ -168,10 +172,71 @@ def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):
 
 def test_the_filter_driver_never_imports_the_models():
     """The filter's memory budget (benchmarks/bench_filter_scale.py) has no room for torch in its driver."""
-    import subprocess
-    import sys
-
     probe = "import sys, jobs.filter, pipeline.curation, pipeline.tracking, pipeline.sink; " \
             "print(sorted(m for m in ('torch', 'diffusers', 'timm', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_merging_the_blocks_rarest_rows_is_choosing_from_all_rows():
+    """The driver merges each block's rarest rows per group: the same rows as choosing from everything."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    scores = rng.integers(0, 50, n).astype(float)  # many ties, broken by id
+    scores[rng.random(n) < 0.05] = np.nan
+    rows = pa.table({"sample_id": [f"id{i:05d}" for i in rng.permutation(n)],
+                     "jepa_score": pa.array(scores, mask=rng.random(n) < 0.05), "class_label": rng.integers(0, 4, n)})
+    quotas, cap = {0: 1, 1: 40, 2: 400, 3: 2000}, 45.0
+    merged = pa.concat_tables([rarest_by_group(rows.slice(start, 250), "class_label", quotas, cap)
+                               for start in range(0, n, 250)])
+    chosen = rarest_by_group(merged, "class_label", quotas, cap)
+    assert chosen.to_pylist() == rarest_by_group(rows, "class_label", quotas, cap).to_pylist()
+    want = []
+    for label, quota in quotas.items():
+        mine = [r for r in rows.to_pylist() if r["class_label"] == label and r["jepa_score"] is not None
+                and math.isfinite(r["jepa_score"])]
+        mine = sorted(mine, key=lambda r: (r["jepa_score"], r["sample_id"]))[:quota]
+        want += [r for r in mine if r["jepa_score"] <= cap]
+    assert chosen.to_pylist() == want
+
+
+def in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a new Python that starts its own local Ray (no RAY_ADDRESS), as a user's job does."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    done = subprocess.run([sys.executable, "-c", code], env=env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+DASHBOARD = """
+import json, psutil
+def dashboard():
+    lines = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+    return {"head": [line for line in lines if "dashboard/dashboard.py" in line],
+            "modules": [line for line in lines if line.startswith("ray-dashboard-")]}
+"""
+
+
+def test_a_local_filter_runs_light_a_shuffle_free_plan_without_the_dashboard(tmp_path, tracking):
+    """What keeps the filter at 1M rows under 2 GiB of summed RSS (benchmarks/bench_filter_scale.py):
+    its local Ray has no dashboard (about ten processes), choosing needs no shuffle, and each file is
+    read and filtered by id in one task, so images never pass through the object store."""
+    fake_generation(tmp_path / "gen", [float(i) for i in range(12)], labels=[i % 2 for i in range(12)])
+    config = (f"FilterConfig(input={str(tmp_path / 'gen')!r}, output={str(tmp_path / 'cur')!r}, keep=2, "
+              f"per='class_label', tracking=TrackingConfig({tracking.tracking_uri!r}, {tracking.artifact_location!r}))")
+    filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curation import FilterConfig, run_filter\n"
+                                  "from pipeline.settings import TrackingConfig\n"
+                                  f"report = run_filter({config})\n"
+                                  "print(json.dumps(dashboard() | {'kept': report['rows_kept']}))")
+    seen = json.loads(filtered.stdout.strip().splitlines()[-1])
+    assert seen["kept"] == 4
+    assert seen["head"] and all("--disable-frontend" in line for line in seen["head"]) and seen["modules"] == []
+    plans = re.findall(r"Execution plan of Dataset \S+: (.+)", filtered.stderr)
+    assert plans == [f"InputDataBuffer[Input] -> TaskPoolMapOperator[ReadParquet->MapBatches({step})]"
+                     for step in ("tally", "rarest_by_group")] + [
+        "InputDataBuffer[Input] -> TaskPoolMapOperator[ReadParquet->MapBatches(rows_with_ids)] "
+        "-> TaskPoolMapOperator[Write]"]
+    other = json.loads(in_a_fresh_process(DASHBOARD + "from pipeline.cluster import connect_ray\nconnect_ray()\n"
+                                          "print(json.dumps(dashboard()))").stdout.strip().splitlines()[-1])
+    assert other["head"] and not any("--disable-frontend" in line for line in other["head"])  # other jobs keep it
