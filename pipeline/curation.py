@@ -17,12 +17,10 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.selection import ids_digest, rarest, rows_with_ids, valid_scores
+from pipeline.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -64,32 +62,6 @@ class FilterConfig:
 
 def _quota(config: FilterConfig, valid: int) -> int:
     return min(valid, config.keep if config.keep is not None else math.floor(config.keep_fraction * valid))
-
-
-def tally(batch: pa.Table, per: str | None) -> pa.Table:
-    """A block's rows and valid rows (present, finite score) by group: the quotas come from these."""
-    score = batch.column("jepa_score")
-    valid = pc.and_kleene(pc.is_valid(score), pc.is_finite(score)).cast(pa.int64())
-    counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows), "valid": valid})
-    by_group = counted.group_by("group").aggregate([("valid", "sum"), ([], "count_all")])
-    return pa.table({"group": by_group["group"], "valid": by_group["valid_sum"], "rows": by_group["count_all"]})
-
-
-def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None) -> pa.Table:
-    """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group.
-
-    Sorted by (group, score, id), a row's rank in its group is its position minus the group's first."""
-    batch = valid_scores(batch)
-    if max_score is not None:
-        batch = batch.filter(pc.less_equal(batch.column("jepa_score"), max_score))
-    if per is None:
-        return rarest(batch, quotas[None], None)
-    batch = batch.sort_by([(per, "ascending"), ("jepa_score", "ascending"), ("sample_id", "ascending")])
-    keys = list(quotas)
-    group = pc.index_in(batch.column(per), value_set=pa.array(keys, batch.schema.field(per).type)).to_numpy()
-    position = np.arange(batch.num_rows)
-    first = np.maximum.accumulate(np.where(np.diff(group, prepend=-1) != 0, position, 0))
-    return batch.filter(position - first < np.array([quotas[key] for key in keys], np.int64)[group])
 
 
 def _read(files: list[str], source: Location, columns: list[str] | None = None):
@@ -142,6 +114,10 @@ def run_filter(config: FilterConfig) -> dict:
     for stale in list_files(target.child(DATA_DIR), ".parquet"):  # left by an interrupted earlier attempt
         delete(stale)
     files = [f.path for f in list_files(source.child(DATA_DIR), ".parquet")]
+    if not files:
+        failed = len(list_files(source.child(FAILURES_DIR), ".json"))
+        raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
+                           f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
     connect_ray(dashboard=False)
 

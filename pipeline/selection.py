@@ -1,17 +1,23 @@
-"""Selection on Arrow tables, run inside Ray Data tasks: only pyarrow here, so workers start light."""
+"""Selection on Arrow tables, run inside Ray Data tasks: only pyarrow and numpy here, so workers start light."""
 
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 
+def has_valid_score(batch: pa.Table) -> pa.ChunkedArray:
+    """True where a row's score is present and finite, false elsewhere (never null)."""
+    score = batch.column("jepa_score")
+    return pc.and_kleene(pc.is_valid(score), pc.is_finite(score))
+
+
 def valid_scores(batch: pa.Table) -> pa.Table:
     """Rows whose score is present and finite: failed or broken rows are never chosen."""
-    score = batch.column("jepa_score")
-    return batch.filter(pc.and_(pc.is_valid(score), pc.is_finite(score)))
+    return batch.filter(has_valid_score(batch))
 
 
 def rarest(table: pa.Table, count: int, max_score: float | None) -> pa.Table:
@@ -22,8 +28,30 @@ def rarest(table: pa.Table, count: int, max_score: float | None) -> pa.Table:
     return chosen
 
 
-def rarest_of_group(table: pa.Table, per: str, quotas: dict, max_score: float | None) -> pa.Table:
-    return rarest(table, quotas[table.column(per)[0].as_py()], max_score)
+def tally(batch: pa.Table, per: str | None) -> pa.Table:
+    """A block's rows and valid rows (present, finite score) by group: the quotas come from these."""
+    valid = has_valid_score(batch).cast(pa.int64())
+    counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows), "valid": valid})
+    by_group = counted.group_by("group").aggregate([("valid", "sum"), ([], "count_all")])
+    return pa.table({"group": by_group["group"], "valid": by_group["valid_sum"], "rows": by_group["count_all"]})
+
+
+def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None) -> pa.Table:
+    """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group.
+
+    Sorted by (group, score, id), a row's rank in its group is its position minus the group's first.
+    """
+    batch = valid_scores(batch)
+    if max_score is not None:
+        batch = batch.filter(pc.less_equal(batch.column("jepa_score"), max_score))
+    if per is None:
+        return rarest(batch, quotas[None], None)
+    batch = batch.sort_by([(per, "ascending"), ("jepa_score", "ascending"), ("sample_id", "ascending")])
+    keys = list(quotas)
+    group = pc.index_in(batch.column(per), value_set=pa.array(keys, batch.schema.field(per).type)).to_numpy()
+    position = np.arange(batch.num_rows)
+    first = np.maximum.accumulate(np.where(np.diff(group, prepend=-1) != 0, position, 0))
+    return batch.filter(position - first < np.array([quotas[key] for key in keys], np.int64)[group])
 
 
 def rows_with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:

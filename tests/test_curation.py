@@ -23,7 +23,8 @@ from PIL import Image
 
 from jobs import filter as filter_job
 from pipeline.settings import TrackingConfig
-from pipeline.curation import FilterConfig, rarest_by_group, run_filter
+from pipeline.curation import FilterConfig, run_filter
+from pipeline.selection import rarest_by_group
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig
 
@@ -149,6 +150,10 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     assert "keep_fraction must be in (0, 1]" in capsys.readouterr().err
     assert filter_job.main(["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "gen"), "--keep", "1"]) == 2
     assert "output must differ from input" in capsys.readouterr().err
+    fake_generation(tmp_path / "all_failed", [], failures=2, files=0)
+    assert filter_job.main(["--input", str(tmp_path / "all_failed"), "--output", str(tmp_path / "y"), "--keep", "1"]) == 2
+    assert "holds no rows to curate" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "y" / "selection.json").exists()
     with pytest.raises(SystemExit) as stop:
         filter_job.main([*base, "--keep", "1", "--keep-fraction", "0.5"])
     assert stop.value.code == 2
