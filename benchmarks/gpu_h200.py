@@ -39,6 +39,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from transformers import CLIPTextModel
 
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
+from benchmarks.bench_jepa_score import with_fused_attention
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
 from guidance.log_volume import SketchMemory, topk_log_volume
@@ -109,10 +110,7 @@ def save_sd15(folder: Path, scratch: Path, smoke: bool) -> Path:
 def exact_score_stage(encoder, device: str, count: int, size: int) -> list[dict]:
     images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     reference = jepa_score(copy.deepcopy(encoder).double(), images[:2].double())
-    fused = copy.deepcopy(encoder)
-    for module in fused.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = True
+    fused = with_fused_attention(encoder)
     variants = [
         ("fp32", encoder, False, dict()),
         ("tf32", encoder, True, dict()),

@@ -208,8 +208,7 @@ def test_merging_the_blocks_rarest_rows_is_choosing_from_all_rows():
 def in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a new Python that starts its own local Ray (no RAY_ADDRESS), as a user's job does."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", code], env=env | {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
