@@ -25,6 +25,7 @@ from guidance import jepa_score
 from jobs import generate as generate_job
 from pipeline.config import load_config
 from pipeline.generation import run_generation
+from pipeline.sampler_stage import load_models
 from pipeline.work import build_manifest
 
 
@@ -180,6 +181,14 @@ def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, ca
                    tmp_path / "out" / "manifest.parquet")
     assert generate_job.main([path]) == 2
     assert "holds another run" in capsys.readouterr().err
+
+
+def test_model_compile_reaches_the_actors_network(write_config):
+    """``model.compile`` is what the actor loads with (the compiled sampling itself: tests/test_samplers.py)."""
+    compiled, _ = load_models(load_config(write_config(model={"compile": True})), "cpu")
+    plain, _ = load_models(load_config(write_config()), "cpu")
+    assert compiled.network._compiled_call_impl is not None  # what nn.Module.compile() sets
+    assert plain.network._compiled_call_impl is None
 
 
 @pytest.mark.parametrize("change,message", [
