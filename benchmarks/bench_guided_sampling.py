@@ -1,7 +1,9 @@
 """Guided vs unguided sampling, per model family, side by side in one run, and where the time goes.
 
-For each family (tiny random models built like the tests', saved and loaded through the presets,
-and the demo's digits DDPM with its VICReg ViT at 56 px, trained here): sampling wall time of
+For each family (tiny random models built like the tests', saved and loaded through the presets;
+a mid-size Stable Diffusion: SD 1.5's UNet and VAE layout at a fifth / a quarter of its widths, 256 px,
+with the full DINOv2-S/14-reg architecture at 56 px, random weights; and the demo's digits DDPM with
+its VICReg ViT at 56 px, trained here): sampling wall time of
 `unguided` and `jepa` (tau = 0.8) over the same seeds, their ratio, and the shift of the mean
 exact JEPA-SCORE of the final images. Then a profile of one guided step, timed part by part:
 the denoiser forward with graph and its backward, the decode (VAE for latent models) forward and
@@ -21,6 +23,8 @@ from pathlib import Path
 
 import timm
 import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel
 
 from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.generate import generate_images
@@ -35,6 +39,36 @@ DEMO = Path(__file__).parent.parent / "models"
 PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit", "a mountain lake"]
 
 
+def save_sd_shaped(folder: Path, scratch: Path, unet_width: int, vae_width: int, latent_size: int,
+                   text_width: int, text_layers: int) -> Path:
+    """A Stable Diffusion 1.5-shaped pipeline with random weights, widths scaled, saved to ``folder``.
+
+    SD 1.5 itself is unet_width 320, vae_width 128, latent_size 64 (512 px), text_width 768, 12 layers.
+    """
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=tuple(unet_width * m for m in (1, 2, 4, 4)),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=text_width, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=8 * latent_size,
+        block_out_channels=tuple(vae_width * m for m in (1, 2, 4, 4)), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_config = tiny_diffusion.tiny_text_config()  # the tiny tokenizer's ids, CLIP's text layout at this width
+    for key, value in dict(hidden_size=text_width, intermediate_size=4 * text_width, num_attention_heads=text_width // 64,
+                           num_hidden_layers=text_layers, projection_dim=text_width).items():
+        setattr(text_config, key, value)
+    StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tiny_diffusion.tiny_tokenizer(scratch),
+        scheduler=tiny_diffusion.sd_scheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
 def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
     """family -> (preset, folder, cfg scale, seed -> work item)."""
     return {
@@ -46,6 +80,8 @@ def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
                lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
         "sdxl": ("sdxl-base", tiny_diffusion.save_sdxl(root / "sdxl", root / "t2"), 5.0,
                  lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
+        "mid-size sd": ("sd", save_sd_shaped(root / "sd-mid", root / "t3", 64, 32, 32, 256, 4), 7.5,
+                        lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
         "demo digits": ("pixel-unet", DEMO / "digits-ddpm", 1.0, lambda s: WorkItem(s, s % 10)),
     }
 
@@ -110,11 +146,13 @@ def main() -> None:
         )
         tiny_encoder = load_encoder("vit_small_patch14_reg4_dinov2", encoder_folder, input_size=28)
         demo_encoder = load_encoder("vit_small_patch14_reg4_dinov2", DEMO / "digits-vicreg-vit", input_size=56)
+        full_encoder = load_encoder("vit_small_patch14_reg4_dinov2", "random", input_size=56,
+                                    model_args=dict(init_values=1.0))
         guidance = GuidanceConfig(tau=args.tau)
         rows = []
         for family, (preset, folder, cfg, item) in families(root).items():
             model = load_model(preset, folder)
-            encoder = demo_encoder if family == "demo digits" else tiny_encoder
+            encoder = {"demo digits": demo_encoder, "mid-size sd": full_encoder}.get(family, tiny_encoder)
             items = [item(100 + i) for i in range(args.samples)]
             result = {"family": family, "encoder_input": encoder.input_size}
             configs = {method: SamplingConfig(method=method, steps=args.steps, cfg_scale=cfg, guidance=guidance)
@@ -135,7 +173,7 @@ def main() -> None:
             result["guided_step_profile"] = profile_guided_step(model, items, cfg, encoder, guidance, args.steps)
             rows.append(result)
 
-    print(f"\nGuided (jepa, tau={args.tau}) vs unguided, {args.samples} samples, {args.steps} steps, tiny models")
+    print(f"\nGuided (jepa, tau={args.tau}) vs unguided, {args.samples} samples, {args.steps} steps")
     print(f"  {'family':<12}{'unguided s':>12}{'jepa s':>10}{'ratio':>8}{'score unguided':>16}{'jepa':>10}{'shift':>9}")
     for r in rows:
         print(f"  {r['family']:<12}{r['unguided_s']:>12.2f}{r['jepa_s']:>10.2f}{r['time_ratio']:>8.2f}"

@@ -35,10 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
 
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
+from benchmarks.bench_guided_sampling import save_sd_shaped
 from benchmarks.bench_jepa_score import with_fused_attention
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
@@ -84,27 +83,7 @@ def save_sd15(folder: Path, scratch: Path, smoke: bool) -> Path:
     """An SD-1.5-sized text-to-image pipeline with random weights (tiny with ``smoke``), saved to ``folder``."""
     if smoke:
         return tiny_diffusion.save_sd(folder, scratch)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # SD 1.5's UNet config
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8,
-    )
-    vae = AutoencoderKL(  # SD 1.5's VAE config
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-    )
-    text_config = tiny_diffusion.tiny_text_config()  # the tiny tokenizer's ids, CLIP ViT-L/14's text sizes
-    for key, value in dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-                           projection_dim=768).items():
-        setattr(text_config, key, value)
-    StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=CLIPTextModel(text_config), tokenizer=tiny_diffusion.tiny_tokenizer(scratch),
-        scheduler=tiny_diffusion.sd_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder)
-    return folder
+    return save_sd_shaped(folder, scratch, unet_width=320, vae_width=128, latent_size=64, text_width=768, text_layers=12)
 
 
 def exact_score_stage(encoder, device: str, count: int, size: int) -> list[dict]:
