@@ -87,8 +87,13 @@ def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
 
 
 def timed(function) -> float:
+    """Seconds of ``function()``, the device synchronised on both ends."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     start = time.perf_counter()
     function()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
@@ -97,7 +102,7 @@ def profile_guided_step(model, items, cfg: float, encoder, guidance: GuidanceCon
     schedule = noise_schedule(model.scheduler_config, steps, "ddim")
     t = schedule.timesteps[len(schedule.timesteps) // 2]
     denoiser = model.denoiser(items, cfg)
-    x = torch.randn(len(items), *model.sample_shape, generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    x = torch.randn(len(items), *model.sample_shape, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
 
     def denoise():
         x_t = x.clone().requires_grad_(True)

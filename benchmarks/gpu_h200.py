@@ -19,7 +19,9 @@ Stages, each printed and written as it finishes:
    (``benchmarks.bench_gradient_modes``), 4 images, each checked against a float64 gradient;
 4. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA-guided (every step
    guided, so the guided cost is measured directly), bf16 UNet / VAE with the fp32 encoder branch,
-   and once in fp32 for the bf16 lever.
+   and once in fp32 for the bf16 lever;
+5. one guided step at the largest batch, part by part (``benchmarks.bench_guided_sampling``):
+   UNet forward + backward, VAE decode forward + backward, encoder branch.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
-from benchmarks.bench_guided_sampling import save_sd_shaped
+from benchmarks.bench_guided_sampling import profile_guided_step, save_sd_shaped
 from benchmarks.bench_jepa_score import with_fused_attention
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
@@ -221,6 +223,10 @@ def main() -> None:
         result["unet_parameters"] = sum(p.numel() for p in model.network.parameters())
         steps = 2 if args.smoke else args.steps
         result["sampling"] = sampling_stage(model, encoder, device, batches, steps, str(dtype).removeprefix("torch."))
+        save()
+        items = [WorkItem(seed, prompt="a photo of a dog") for seed in range(batches[-1])]
+        result["guided_step_profile"] = profile_guided_step(model, items, 7.5, encoder, GuidanceConfig(), steps)
+        print(f"  guided step, batch {len(items)}, part by part: {result['guided_step_profile']}", flush=True)
         save()
         if dtype != torch.float32 and not args.skip_fp32_sampling:
             model = load_model("sd", folder, dtype=torch.float32, device=device)
