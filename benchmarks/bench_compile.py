@@ -6,8 +6,8 @@ On the demo's models (the digits DDPM and the VICReg ViT trained here, 56 px, ba
 2. the encoder compiled (``torch.compile(encoder)``): the exact JEPA-SCORE and the top-k value plus
    its gradient, seconds per batch.
 Each compiled variant's first call (where compilation happens, with an empty inductor cache as in
-a fresh actor) is timed apart, so the table shows the one-off cost and how many batches repay it. Rounds alternate eager and compiled so machine noise
-hits both alike; compiled results are checked against eager ones, and the graphs dynamo compiled
+a fresh actor) is timed apart, so the table shows the one-off cost and how many batches repay it.
+Rounds alternate eager and compiled so machine noise hits both alike; compiled results are checked against eager ones, and the graphs dynamo compiled
 are counted (none means the calls fell back to eager). Results:
 benchmarks/results/compile_<device>.json. Run from the repository root:
 ``python -m benchmarks.bench_compile``.
@@ -20,12 +20,12 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from torch._dynamo.utils import counters
 
+from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
 from guidance.log_volume import topk_log_volume
@@ -37,33 +37,29 @@ MODELS = Path(__file__).parent.parent / "models"
 ENCODER = "vit_small_patch14_reg4_dinov2"
 
 
-def seconds(function) -> tuple[object, float]:
-    start = time.perf_counter()
-    result = function()
-    return result, time.perf_counter() - start
-
-
 def compare(name: str, eager, compiled, rounds: int) -> dict:
     """Time ``eager()`` and ``compiled()`` (zero-argument calls returning a tensor), first call apart."""
-    reference, eager_first = seconds(eager)
+    reference, eager_first = timed(eager)
     graphs_before = counters["stats"]["unique_graphs"]
-    result, compiled_first = seconds(compiled)
+    result, compiled_first = timed(compiled)
     graphs = counters["stats"]["unique_graphs"] - graphs_before
     eager_s, compiled_s = [], []
     for _ in range(rounds):
-        eager_s.append(seconds(eager)[1])
-        compiled_s.append(seconds(compiled)[1])
+        eager_s.append(timed(eager)[1])
+        compiled_s.append(timed(compiled)[1])
     eager_median, compiled_median = statistics.median(eager_s), statistics.median(compiled_s)
     saved = eager_median - compiled_median
     compile_s = compiled_first - compiled_median
     row = {
         "variant": name, "graphs_compiled": graphs, "eager_s": eager_s, "compiled_s": compiled_s,
-        "eager_first_s": eager_first, "compiled_first_s": compiled_first, "compile_s": compile_s, "speedup": eager_median / compiled_median,
+        "eager_first_s": eager_first, "compiled_first_s": compiled_first, "compile_s": compile_s,
+        "speedup": eager_median / compiled_median,
         "break_even_batches": compile_s / saved if saved > 0 else None,
         "max_abs_difference": (result - reference).abs().max().item(),
     }
     print(f"  {name}: eager {eager_median:.3f} s | compiled {compiled_median:.3f} s | x{row['speedup']:.2f} | "
-          f"compiling {compile_s:.0f} s ({graphs} graphs) | repaid after {row['break_even_batches'] or float('inf'):.0f} batches | "
+          f"compiling {compile_s:.0f} s ({graphs} graphs) | "
+          f"repaid after {row['break_even_batches'] or float('inf'):.0f} batches | "
           f"max |difference| {row['max_abs_difference']:.1e}", flush=True)
     return row
 

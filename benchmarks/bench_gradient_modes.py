@@ -23,13 +23,13 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp, vmap
 
+from benchmarks.timing import timed
 from guidance import load_encoder
 from guidance.log_volume import LOG_FLOOR, projected_log_volume, sketch_range
 
@@ -64,11 +64,6 @@ def forward_over_reverse(encoder, images: torch.Tensor, basis: torch.Tensor, k: 
     return value, vmap(column, in_dims=(2, 0))(basis, g).sum(0)
 
 
-def synchronize(images: torch.Tensor) -> None:
-    if images.is_cuda:
-        torch.cuda.synchronize()
-
-
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min().item()
 
@@ -83,11 +78,8 @@ def bench_encoder(label: str, encoder, images: torch.Tensor, k: int = 9, oversam
     results = {}
     for _ in range(rounds):
         for name, mode in modes.items():
-            synchronize(images)
-            start = time.perf_counter()
-            results[name] = mode(encoder, images, basis, k)
-            synchronize(images)
-            times[name].append(time.perf_counter() - start)
+            results[name], seconds = timed(mode, encoder, images, basis, k)
+            times[name].append(seconds)
     row = {"encoder": label, "seconds": times}
     base = statistics.median(times["double backward"])
     print(f"\n{label}, {len(images)} images, r = {k + oversample}:")

@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import timm
@@ -26,6 +25,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.generate import generate_images
 from guidance.methods import GuidanceConfig, SamplingConfig
@@ -86,17 +86,6 @@ def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
     }
 
 
-def timed(function) -> float:
-    """Seconds of ``function()``, the device synchronised on both ends."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def profile_guided_step(model, items, cfg: float, encoder, guidance: GuidanceConfig, steps: int) -> dict:
     """Seconds of each part of one guided step (median of 3), at the middle timestep of the schedule."""
     schedule = noise_schedule(model.scheduler_config, steps, "ddim")
@@ -127,7 +116,7 @@ def profile_guided_step(model, items, cfg: float, encoder, guidance: GuidanceCon
     parts = {"denoiser_fwd_bwd_s": denoise, "decode_fwd_bwd_s": decode, "encoder_branch_s": encode}
     for part in parts.values():
         part()  # warm-up
-    seconds = {name: sorted(timed(part) for _ in range(3))[1] for name, part in parts.items()}
+    seconds = {name: sorted(timed(part)[1] for _ in range(3))[1] for name, part in parts.items()}
     total = sum(seconds.values())
     return seconds | {name.removesuffix("_s") + "_share": value / total for name, value in seconds.items()}
 
@@ -167,9 +156,8 @@ def main() -> None:
                 generate_images(model, items[:1], config, encoder)  # warm-up
             for _ in range(args.rounds):  # alternate, so machine noise hits both alike; medians below
                 for method, config in configs.items():
-                    start = time.perf_counter()
-                    images, _ = generate_images(model, items, config, encoder)
-                    seconds[method].append(time.perf_counter() - start)
+                    (images, _), elapsed = timed(generate_images, model, items, config, encoder)
+                    seconds[method].append(elapsed)
                     result[f"{method}_score"] = jepa_score(encoder, encoder.resize(images)).mean().item()
             for method in configs:
                 result[f"{method}_s"] = statistics.median(seconds[method])

@@ -19,30 +19,16 @@ import argparse
 import copy
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.reference import jepa_score_naive, topk_log_volume_exact, topk_log_volume_reference
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def timed(function, *args, repeat: int = 1, **kwargs):
-    """(result, seconds): the best of ``repeat`` runs after synchronising the device."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = function(*args, **kwargs)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return result, best
 
 
 def value_and_gradient(objective, images: torch.Tensor, **kwargs):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
 from benchmarks.bench_guided_sampling import profile_guided_step, save_sd_shaped
 from benchmarks.bench_jepa_score import with_fused_attention
+from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
 from guidance.log_volume import SketchMemory, topk_log_volume
@@ -51,20 +52,6 @@ from tests import tiny_diffusion
 
 RESULTS = Path(__file__).parent / "results"
 ENCODER = "vit_small_patch14_reg4_dinov2"
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(device: str, function, *args, **kwargs):
-    """(result, seconds) after synchronising the device on both ends."""
-    sync(device)
-    start = time.perf_counter()
-    result = function(*args, **kwargs)
-    sync(device)
-    return result, time.perf_counter() - start
 
 
 def peak_memory_gib(device: str) -> float | None:
@@ -104,7 +91,7 @@ def exact_score_stage(encoder, device: str, count: int, size: int) -> list[dict]
         reset_peak(device)
         try:
             jepa_score(model, images, **options)  # warm-up at the measured size (allocator, kernels)
-            scores, seconds = timed(device, jepa_score, model, images, **options)
+            scores, seconds = timed(jepa_score, model, images, **options)
         except RuntimeError as error:  # e.g. a fused kernel without the batching rule vmap needs
             rows.append({"variant": name, "error": str(error)[:500]})
             print(f"  exact score {name}: failed ({str(error)[:120]})", flush=True)
@@ -144,8 +131,7 @@ def guided_branch_stage(encoder, device: str, count: int, size: int, path_steps:
         for images in path[:-1]:  # warm-up; for the warm start, the steps before the measured one
             value_and_grad(objective, images[:batch] if batch == 1 else images)
         reset_peak(device)
-        grads, seconds = timed(device, lambda: torch.cat([value_and_grad(objective, part)
-                                                          for part in path[-1].split(batch)]))
+        grads, seconds = timed(lambda: torch.cat([value_and_grad(objective, part) for part in path[-1].split(batch)]))
         cosine = F.cosine_similarity(grads.flatten(1), exact.flatten(1), dim=1)
         rows.append({"variant": name, "batch": batch, "s_per_image": seconds / count,
                      "cosine_mean": cosine.mean().item(), "cosine_min": cosine.min().item(),
@@ -172,7 +158,7 @@ def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, 
                                     guidance=guidance)
             generate_images(model, items[:1], replace(config, steps=1), encoder)  # warm-up
             reset_peak(device)
-            (_, guided), seconds = timed(device, generate_images, model, items, config, encoder)
+            (_, guided), seconds = timed(generate_images, model, items, config, encoder)
             rows.append({"dtype": dtype_label, "batch": batch, "method": name, "steps": steps, "guided_steps": guided,
                          "images_per_s": batch / seconds, "s_per_image_step": seconds / (batch * steps),
                          "peak_memory_gib": peak_memory_gib(device)})
