@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import GenerateConfig, load_config
 from pipeline.cluster import connect_ray
-from pipeline.generation import run_generation
-from pipeline.sampler_stage import SampleGenerator
-from pipeline.work import build_manifest
+from pipeline.generate.config import GenerateConfig, load_config
+from pipeline.generate.job import run_generation
+from pipeline.generate.sampler_stage import SampleGenerator
+from pipeline.generate.work import build_manifest
 
 RESULTS = Path(__file__).parent / "results"
 DEMO_CONFIG = Path(__file__).parent.parent / "jobs" / "configs" / "demo.yaml"

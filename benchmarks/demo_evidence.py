@@ -28,7 +28,7 @@ from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import SVC
 
 from guidance import GuidanceConfig, SamplingConfig, WorkItem, generate, jepa_score, load_encoder, load_model
-from pipeline.digits import DIGIT_LEVELS, digits, to_8x8
+from pipeline.demo.digits import DIGIT_LEVELS, digits, to_8x8
 
 RESULTS = Path(__file__).parent / "results"
 ENCODER = "vit_small_patch14_reg4_dinov2"

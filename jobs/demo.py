@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.demo import DEMO_CONFIG, run_demo
+from pipeline.demo.job import DEMO_CONFIG, run_demo
 from pipeline.storage import StorageError
 
 

@@ -11,7 +11,8 @@ import logging
 import sys
 
 from jobs.options import add_storage_and_tracking, storage_config, tracking_config
-from pipeline.evaluation import RESULT_FILE, TABLE_FILE, EvaluateConfig, markdown, run_evaluation
+from pipeline.evaluate.job import EvaluateConfig, markdown, run_evaluation
+from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
 from pipeline.storage import StorageError
 
 
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(report))
     print(f"mlflow:  run {report['evaluation_run_id']} in {config.tracking.tracking_uri}")
     if config.output:
-        print(f"output:  {config.output}/{TABLE_FILE}, {config.output}/{RESULT_FILE}")
+        print(f"output:  {config.output}/{EVALUATION_TABLE_FILE}, {config.output}/{EVALUATION_FILE}")
     return 0
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from jobs.options import add_storage_and_tracking, storage_config, tracking_config
-from pipeline.curation import GROUP_COLUMNS, FilterConfig, run_filter
+from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter
 from pipeline.storage import StorageError
 
 

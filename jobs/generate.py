@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from pipeline.config import load_config
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
+from pipeline.generate.work import WorkError
 from pipeline.settings import ConfigError
-from pipeline.generation import run_generation
 from pipeline.storage import StorageError
-from pipeline.work import WorkError
 
 log = logging.getLogger("jepa-minority")
 

@@ -7,11 +7,11 @@ import argparse
 import logging
 import sys
 
+from pipeline.curate.filter import GROUP_COLUMNS
+from pipeline.curate.refresh import RefreshConfig, run_refresh
+from pipeline.generate.work import WorkError
 from pipeline.settings import ConfigError
-from pipeline.curation import GROUP_COLUMNS
-from pipeline.refresh import RefreshConfig, run_refresh
 from pipeline.storage import StorageError
-from pipeline.work import WorkError
 
 
 def main(argv: list[str] | None = None) -> int:

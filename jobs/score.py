@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from guidance import ENCODERS
-from pipeline.scoring import SCORE_METHODS, ScoreConfig, score_images, write_scores
+from pipeline.evaluate.scoring import SCORE_METHODS, ScoreConfig, score_images, write_scores
 
 
 def parse_args(argv: list[str] | None = None) -> ScoreConfig:

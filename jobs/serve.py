@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from pipeline.serve_inputs import ServeLimits
+from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageError
 
 DEFAULTS = ServeLimits()
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.serve import ServeConfig, run_serve  # Ray Serve and torch load only when serving
+    from pipeline.serve.service import ServeConfig, run_serve  # Ray Serve and torch load only when serving
 
     args = build_parser().parse_args(argv)
     try:

@@ -1,12 +1,12 @@
 """Train the demo's small models from scikit-learn's digits (CPU, minutes): the class-conditional
-diffusion model and the VICReg ViT encoder. Reproducible from the seeds in pipeline/train.py."""
+diffusion model and the VICReg ViT encoder. Reproducible from the seeds in pipeline/demo/train.py."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from pipeline.train import DiffusionTraining, EncoderTraining, train_diffusion, train_encoder
+from pipeline.demo.train import DiffusionTraining, EncoderTraining, train_diffusion, train_encoder
 
 
 def main(argv: list[str] | None = None) -> int:

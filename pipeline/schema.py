@@ -62,3 +62,17 @@ MANIFEST_FILE = "manifest.parquet"  # the work, written before generation starts
 DATA_DIR = "data"  # committed output rows, part-*.parquet
 FAILURES_DIR = "failures"  # one <sample_id>.json per failed sample
 RUN_FILE = "_run.json"  # written last: the completion marker
+
+# Layout of a curated set: the run's DATA_DIR, then this record written last as its completion marker.
+SELECTION_FILE = "selection.json"
+
+# Layout of a refresh root: VERSIONS_DIR/<V>/GENERATED_DIR and .../RAREST_DIR, and LATEST_FILE naming
+# the newest complete version, replaced in one write.
+VERSIONS_DIR = "versions"
+GENERATED_DIR = "generated"
+RAREST_DIR = "rarest"
+LATEST_FILE = "LATEST.json"
+
+# Layout of an evaluation's output folder: the table, then the result written last as its completion marker.
+EVALUATION_TABLE_FILE = "evaluation.md"
+EVALUATION_FILE = "evaluation.json"

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import filter as filter_job
-from pipeline.settings import TrackingConfig
-from pipeline.curation import FilterConfig, run_filter
-from pipeline.selection import rarest_by_group
+from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.curate.selection import rarest_by_group
 from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
 
 
@@ -177,7 +177,7 @@ def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):
 
 def test_the_filter_driver_never_imports_the_models():
     """The filter's memory budget (benchmarks/bench_filter_scale.py) has no room for torch in its driver."""
-    probe = "import sys, jobs.filter, pipeline.curation, pipeline.tracking, pipeline.sink; " \
+    probe = "import sys, jobs.filter, pipeline.curate.filter, pipeline.tracking, pipeline.sink; " \
             "print(sorted(m for m in ('torch', 'diffusers', 'timm', 'matplotlib') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -229,7 +229,7 @@ def test_a_local_filter_runs_light_a_shuffle_free_plan_without_the_dashboard(tmp
     fake_generation(tmp_path / "gen", [float(i) for i in range(12)], labels=[i % 2 for i in range(12)])
     config = (f"FilterConfig(input={str(tmp_path / 'gen')!r}, output={str(tmp_path / 'cur')!r}, keep=2, "
               f"per='class_label', tracking=TrackingConfig({tracking.tracking_uri!r}, {tracking.artifact_location!r}))")
-    filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curation import FilterConfig, run_filter\n"
+    filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curate.filter import FilterConfig, run_filter\n"
                                   "from pipeline.settings import TrackingConfig\n"
                                   f"report = run_filter({config})\n"
                                   "print(json.dumps(dashboard() | {'kept': report['rows_kept']}))")

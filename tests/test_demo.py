@@ -12,7 +12,7 @@ from sklearn.svm import SVC
 
 from guidance import SamplingConfig, WorkItem, generate_images, load_encoder, load_model
 from jobs import demo as demo_job
-from pipeline.digits import digits, to_8x8
+from pipeline.demo.digits import digits, to_8x8
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"

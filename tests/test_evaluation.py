@@ -20,14 +20,14 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
-from pipeline.config import load_config
-from pipeline.settings import TrackingConfig
-from pipeline.evaluation import EvaluateConfig, run_evaluation
-from pipeline.generation import run_generation
-from pipeline.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.evaluate.job import EvaluateConfig, run_evaluation
+from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.evaluate.scoring import ScoreConfig, score_images
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
 from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
-from pipeline.scoring import ScoreConfig, score_images
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 
 

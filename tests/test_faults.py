@@ -19,8 +19,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import load_config
-from pipeline.generation import run_generation
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
 from tests.test_generation import read_rows
 
 

@@ -23,10 +23,10 @@ from PIL import Image
 
 from guidance import jepa_score
 from jobs import generate as generate_job
-from pipeline.config import load_config
-from pipeline.generation import run_generation
-from pipeline.sampler_stage import load_models
-from pipeline.work import build_manifest
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
+from pipeline.generate.sampler_stage import load_models
+from pipeline.generate.work import build_manifest
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """infra/ agrees with the package: every manifest is parsed and checked against the code it runs.
 
 Entry points are parsed by the job modules' own argument parsers, the job config by
-pipeline.config.load_config, the MLflow server's flags by MLflow's own CLI, secret keys against
+pipeline.generate.config.load_config, the MLflow server's flags by MLflow's own CLI, secret keys against
 the names botocore reads; the image, user, paths and versions against the Dockerfile and pyproject.
 """
 
@@ -32,8 +32,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from jobs.cli import COMMANDS
-from pipeline.config import load_config
-from pipeline.generation import run_generation
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"

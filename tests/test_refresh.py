@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import refresh as refresh_job
-from pipeline.refresh import RefreshConfig, run_refresh, version_seed
+from pipeline.curate.refresh import RefreshConfig, run_refresh, version_seed
 
 
 def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):

@@ -23,9 +23,9 @@ from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.generate import generate
 from guidance.models import WorkItem
 from guidance.presets import load_model
-from pipeline.config import load_config
-from pipeline.generation import read_committed
-from pipeline.serve_inputs import ServeLimits
+from pipeline.generate.config import load_config
+from pipeline.rows import read_committed
+from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageConfig, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 from tests.services import free_port
@@ -69,7 +69,7 @@ def served_config(tmp_path_factory, class_unet, tiny_vit_folder):
 @pytest.fixture(scope="module")
 def dataset_root(ray_cluster, served_config, tmp_path_factory):
     """A refresh root with one published version: 24 generated samples, the rarest 15 kept."""
-    from pipeline.refresh import RefreshConfig, run_refresh
+    from pipeline.curate.refresh import RefreshConfig, run_refresh
 
     root = tmp_path_factory.mktemp("served-dataset")
     result = run_refresh(RefreshConfig(config=served_config, root=str(root), version="2026-11-28", keep_fraction=0.625))
@@ -81,7 +81,7 @@ def dataset_root(ray_cluster, served_config, tmp_path_factory):
 def service(ray_cluster, served_config, dataset_root):
     from ray import serve
 
-    from pipeline.serve import ServeConfig, run_serve
+    from pipeline.serve.service import ServeConfig, run_serve
 
     url = run_serve(ServeConfig(config=served_config, dataset=str(dataset_root), port=free_port(),
                                 cpus_per_replica=0.5, max_batch_size=6, batch_wait_s=0.2, limits=LIMITS),
@@ -245,7 +245,7 @@ def test_dataset_api_pages_the_rarest_rows_and_serves_their_images(service, data
 
 
 def test_an_incomplete_version_is_not_shown(tmp_path):
-    from pipeline.browse import DatasetBrowser, DatasetError
+    from pipeline.serve.browse import DatasetBrowser, DatasetError
 
     (tmp_path / "versions" / "2026-11-29" / "rarest" / "data").mkdir(parents=True)  # no selection.json yet
     browser = DatasetBrowser(str(tmp_path), StorageConfig())

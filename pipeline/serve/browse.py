@@ -17,11 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from pipeline.curation import SELECTION_FILE
-from pipeline.generation import read_committed
-from pipeline.refresh import LATEST_FILE, VERSIONS_DIR
-from pipeline.schema import RUN_FILE
-from pipeline.selection import rarest, valid_scores
+from pipeline.curate.selection import rarest, valid_scores
+from pipeline.rows import read_committed
+from pipeline.schema import LATEST_FILE, RAREST_DIR, RUN_FILE, SELECTION_FILE, VERSIONS_DIR
 from pipeline.storage import Location, StorageConfig, exists, read_bytes, resolve
 
 LISTED_COLUMNS = ["sample_id", "jepa_score", "class_label", "prompt", "method"]
@@ -56,7 +54,7 @@ class DatasetBrowser:
         selector = pafs.FileSelector(folder.path, allow_not_found=True)
         names = sorted((info.base_name for info in self.root.filesystem.get_file_info(selector)
                         if info.type == pafs.FileType.Directory), reverse=True)
-        return [name for name in names if exists(folder.child(name, "rarest", SELECTION_FILE))]
+        return [name for name in names if exists(folder.child(name, RAREST_DIR, SELECTION_FILE))]
 
     def latest(self) -> str:
         """The version LATEST.json names (else the newest complete one)."""
@@ -97,7 +95,7 @@ class DatasetBrowser:
         if version not in self.versions():
             raise DatasetError(f"version {version!r} is not a complete version of {self.root.uri}; "
                                f"complete versions: {', '.join(self.versions()) or 'none'}")
-        return self.root if version == SINGLE else self.root.child(VERSIONS_DIR, version, "rarest")
+        return self.root if version == SINGLE else self.root.child(VERSIONS_DIR, version, RAREST_DIR)
 
     def _order(self, version: str) -> tuple[pa.Table, dict[str, str]]:
         if version not in self._orders:  # complete versions never change, so they are read once

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidance.presets import PRESETS, class_count
-from pipeline.config import GenerateConfig, StorageConfig, WorkConfig
+from pipeline.generate.config import GenerateConfig, StorageConfig, WorkConfig
 from pipeline.schema import MANIFEST_SCHEMA
 from pipeline.settings import to_dict
 from pipeline.storage import read_bytes, resolve

@@ -16,10 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.config import GenerateConfig, load_config
-from pipeline.curation import FilterConfig, run_filter
-from pipeline.generation import GenerationSummary, read_committed, run_generation
+from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.generate.config import GenerateConfig, load_config
+from pipeline.generate.job import GenerationSummary, run_generation
 from pipeline.report import contact_sheet, overlaid_histograms
+from pipeline.rows import read_committed
 from pipeline.storage import resolve
 
 log = logging.getLogger(__name__)

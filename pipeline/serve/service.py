@@ -27,11 +27,11 @@ from ray import serve
 
 from guidance import generate, jepa_score, topk_log_volume
 from guidance.generate import check_work
-from pipeline.browse import DatasetBrowser, DatasetError
-from pipeline.config import GenerateConfig, load_config
 from pipeline.cluster import connect_ray
-from pipeline.sampler_stage import load_models
-from pipeline.serve_inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
+from pipeline.generate.config import GenerateConfig, load_config
+from pipeline.generate.sampler_stage import load_models
+from pipeline.serve.browse import DatasetBrowser, DatasetError
+from pipeline.serve.inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
 
 log = logging.getLogger(__name__)
 APP_NAME = "jepa-minority"
@@ -96,7 +96,7 @@ class JepaService:
 
     @app.get("/", response_class=HTMLResponse)
     def get_page(self) -> str:
-        return (files("pipeline") / "static" / "index.html").read_text()
+        return (files("pipeline.serve") / "static" / "index.html").read_text()
 
     @app.post("/score")
     async def post_score(self, request: Request, version: str | None = None) -> dict:

@@ -3,7 +3,7 @@
 One row per generated run (method), as in the paper's tables:
   - rarity: the JEPA-SCORE distribution and the share rarer than the reference's 10th percentile;
   - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
-    (precision, recall, density, coverage; pipeline/metrics.py);
+    (precision, recall, density, coverage; pipeline/evaluate/metrics.py);
   - with local weights files: Inception FID / sFID, and CLIP score for prompted runs.
 Generated rows are streamed through Ray Data reading only stored scores and embeddings (images only
 when FID or CLIP need them); nothing stored is recomputed. A reference image folder is embedded and
@@ -28,19 +28,17 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.settings import TrackingConfig, flatten, to_dict
-from pipeline.eval_features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
-                                    FeatureSpec, check_weights_file)
 from pipeline.cluster import connect_ray
+from pipeline.curate.selection import valid_scores
+from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
+                                       FeatureSpec, check_weights_file)
+from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
 from pipeline.images import IMAGE_SUFFIXES, find_images
-from pipeline.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
-from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
-from pipeline.selection import valid_scores
+from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, RUN_FILE
+from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-RESULT_FILE = "evaluation.json"  # written last: the completion marker
-TABLE_FILE = "evaluation.md"
 READ_BATCH = 4096  # rows per driver-side batch when no model runs
 
 
@@ -205,8 +203,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     target = resolve(config.output, config.storage) if config.output else None
     if target:
         check_writable(target)
-        if exists(target.child(RESULT_FILE)):  # a failed rerun must not leave the old marker beside a new table
-            delete(target.child(RESULT_FILE))
+        if exists(target.child(EVALUATION_FILE)):  # a failed rerun must not leave the old marker beside a new table
+            delete(target.child(EVALUATION_FILE))
     parquet, images = _reference_source(config) if config.reference else ([], [])
     # every model loads once here first, on the CPU: a bad weights file fails before any data is read
     EvalFeatures(FeatureSpec(encoder if images else None, config.inception_weights, config.clip_weights,
@@ -239,11 +237,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             row["evaluation_run_id"] = child.run_id
         report["evaluation_run_id"] = parent.run_id
         data = json.dumps(report, indent=2).encode()
-        parent.log_artifact_bytes(TABLE_FILE, table.encode())
-        parent.log_artifact_bytes(RESULT_FILE, data)
+        parent.log_artifact_bytes(EVALUATION_TABLE_FILE, table.encode())
+        parent.log_artifact_bytes(EVALUATION_FILE, data)
         if target:
-            write_bytes(target.child(TABLE_FILE), table.encode())
-            write_bytes(target.child(RESULT_FILE), data)  # last: the completion marker
+            write_bytes(target.child(EVALUATION_TABLE_FILE), table.encode())
+            write_bytes(target.child(EVALUATION_FILE), data)  # last: the completion marker
         status = "FINISHED"
         return report
     finally:

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from guidance.encoders import JepaEncoder
-from pipeline.digits import augment, digits
+from pipeline.demo.digits import augment, digits
 
 log = logging.getLogger(__name__)
 

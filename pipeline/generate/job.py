@@ -23,18 +23,18 @@ from importlib.metadata import version
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.config import GenerateConfig
+from pipeline.generate.config import GenerateConfig
+from pipeline.generate.work import Manifest, build_manifest, check_fits_model
 from pipeline.report import contact_sheet, score_histogram
-from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.rows import committed_ids, read_committed
+from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError, flatten, to_dict
-from pipeline.storage import (Location, StorageError, check_writable, clear_errors, delete, exists, list_files,
+from pipeline.storage import (Location, StorageError, check_writable, delete, exists, list_files,
                               read_bytes, resolve, write_bytes, write_table)
 from pipeline.tracking import RunTracker
-from pipeline.work import Manifest, build_manifest, check_fits_model
 
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
@@ -56,24 +56,6 @@ class GenerationSummary:
     run_id: str | None = None
     tracking_uri: str | None = None
     seconds: float = 0.0
-
-
-def read_committed(output: Location, columns: list[str]) -> pa.Table:
-    """These columns of every committed data file of an output; an empty table when there are none.
-
-    ``__filename`` (pyarrow's special column) may be asked for beside the schema's own columns.
-    """
-    files = list_files(output.child(DATA_DIR), ".parquet")
-    if not files:
-        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
-    with clear_errors("read", output.child(DATA_DIR)):
-        dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
-        return dataset.to_table(columns=columns)
-
-
-def committed_ids(output: Location) -> pa.Array:
-    """Sample ids of every committed data file."""
-    return read_committed(output, ["sample_id"]).column("sample_id").combine_chunks()
 
 
 def failed_ids(output: Location, committed: pa.Array) -> list[str]:
@@ -149,7 +131,7 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.sampler_stage import SampleGenerator
+    from pipeline.generate.sampler_stage import SampleGenerator
     from pipeline.sink import AtomicParquetSink
 
     connect_ray()

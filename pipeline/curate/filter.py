@@ -20,13 +20,12 @@ from datetime import datetime, timezone
 import pyarrow as pa
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.selection import ids_digest, rarest_by_group, rows_with_ids, tally
-from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
+from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SELECTION_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-SELECTION_FILE = "selection.json"
 GROUP_COLUMNS = ("class_label", "prompt")
 ROW_GROUP_SIZE = 128
 

@@ -25,7 +25,7 @@ from PIL import Image
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
-from pipeline.config import GenerateConfig
+from pipeline.generate.config import GenerateConfig
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
 from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes

@@ -19,14 +19,13 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from pipeline.config import load_config
-from pipeline.curation import FilterConfig, run_filter
-from pipeline.generation import run_generation
+from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.generate.config import load_config
+from pipeline.generate.job import run_generation
+from pipeline.schema import GENERATED_DIR, LATEST_FILE, RAREST_DIR, VERSIONS_DIR
 from pipeline.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-LATEST_FILE = "LATEST.json"
-VERSIONS_DIR = "versions"
 
 
 @dataclass(frozen=True)
@@ -64,21 +63,21 @@ class RefreshResult:
 def run_refresh(refresh: RefreshConfig) -> RefreshResult:
     version = refresh.version or datetime.now(timezone.utc).strftime("%Y-%m-%d")
     base = f"{refresh.root.rstrip('/')}/{VERSIONS_DIR}/{version}"
-    config = load_config(refresh.config, [*refresh.overrides, f"output.uri={base}/generated",
+    config = load_config(refresh.config, [*refresh.overrides, f"output.uri={base}/{GENERATED_DIR}",
                                           f"work.base_seed={version_seed(version)}"])
     root = resolve(refresh.root, config.storage)
     summary = run_generation(config)
     if not summary.complete:
         log.warning("version %s is incomplete (%d failed); LATEST.json stays as it was", version, summary.failed)
         return RefreshResult(version, False, summary.generated, ())
-    selection = run_filter(FilterConfig(input=f"{base}/generated", output=f"{base}/rarest",
+    selection = run_filter(FilterConfig(input=f"{base}/{GENERATED_DIR}", output=f"{base}/{RAREST_DIR}",
                                         keep_fraction=refresh.keep_fraction, per=refresh.per,
                                         storage=config.storage, tracking=config.tracking))
     latest = root.child(LATEST_FILE)
     current = json.loads(read_bytes(latest)) if exists(latest) else {}
     if current.get("version") != version:
         write_bytes(latest, json.dumps({
-            "version": version, "generated": f"{base}/generated", "rarest": f"{base}/rarest",
+            "version": version, "generated": f"{base}/{GENERATED_DIR}", "rarest": f"{base}/{RAREST_DIR}",
             "rows_kept": selection["rows_kept"], "published_at": datetime.now(timezone.utc).isoformat(),
         }, indent=2).encode())
     deleted = _prune(root, refresh.keep_versions, protected=version)

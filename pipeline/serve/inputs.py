@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from guidance import WorkItem
 from guidance.methods import SamplingConfig
-from pipeline.config import build
+from pipeline.generate.config import build
 from pipeline.settings import ConfigError, to_dict
 
 GENERATE_KEYS = ("class_label", "prompt", "n", "seed", "sampling")
