@@ -1,8 +1,17 @@
 """The main job: manifest first, then Ray Data sampling into atomically committed Parquet, tracked in MLflow.
 
-Exactly once, resumable (why shard files and not Ray's row-id checkpointing: Ray's Parquet writer
-writes straight to the final path, so a killed run can leave a half file that looks like data, and
-its checkpoint and data files are not committed together). Here:
+Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpointing. Ray 2.60's
+``CheckpointConfig`` was considered again and is ruled out by what it does:
+- its two-phase commit (a ``.pending`` checkpoint before the data file, renamed after it) covers only
+  ``_FileDatasink`` subclasses such as ``write_parquet``, and those open the data file at its final
+  path: until the next run's cleanup deletes it, a killed write leaves a partial or uncommitted file in
+  ``data/`` that pyarrow, pandas and ``datasets`` read as data (RELIABILITY.md: partial output is never
+  visible). Any other sink, ours included, gets post-write checkpointing: at-least-once, by its own warning;
+- the commit point is a rename of the checkpoint file, which on S3 is a copy then a delete, not atomic;
+- the committed set then lives in two places (the checkpoint folder and the data files), written apart;
+- it filters only read -> map -> write plans from a file source, and deletes its checkpoint on success,
+  so "which ids are done" could not be read back from a finished run.
+Here the data files alone are the record:
   1. the manifest (one row per sample, deterministic ids) is written before any sampling;
   2. data files are committed atomically (pipeline/sink.py), each holding whole rows;
   3. a run reads the committed ids back and samples only the rest; a crash loses only uncommitted
