@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, RUN_FILE
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent
@@ -68,7 +68,7 @@ def synthesise(folder: Path, rows: int, rows_per_file: int, seed: int = 0) -> in
             pa.array(["jepa"] * n), pa.array(["pixel-unet"] * n), pa.array(["vit_small_patch14_reg4_dinov2"] * n),
             pa.array(["synthetic"] * n), created.slice(0, n),
         ], schema=OUTPUT_SCHEMA)
-        pq.write_table(table, folder / DATA_DIR / f"part-{start:09d}.parquet", row_group_size=128)
+        pq.write_table(table, folder / DATA_DIR / f"{DATA_FILE_PREFIX}{start:09d}.parquet", row_group_size=128)
     (folder / RUN_FILE).write_text(json.dumps({"counts": {"committed": rows, "failed": 0},
                                                "last_run_id": "synthetic"}))
     return sum(f.stat().st_size for f in (folder / DATA_DIR).iterdir())

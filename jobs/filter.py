@@ -8,6 +8,7 @@ import sys
 
 from jobs.options import add_storage_and_tracking, storage_config, tracking_config
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter
+from pipeline.schema import SELECTION_FILE
 from pipeline.storage import StorageError
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
     print(f"threshold: {report['threshold']}")
-    print(f"output:    {config.output}  (selection.json beside the data)")
+    print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     return 0
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import shutil
 
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 
 from jobs import generate as generate_job
+from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
 
 
@@ -100,5 +101,5 @@ def test_a_truncated_model_checkpoint_fails_in_one_line_and_nothing_looks_done(
     assert "the sampler could not load its models" in line and str(broken) in line
     out = tmp_path / "out"
     assert not (out / "_run.json").exists() and not list((out / "data").glob("*.parquet"))
-    assert pq.read_table(out / "manifest.parquet").num_rows == 2  # the manifest is the config's own: a rerun resumes
-    assert not (out / "failures").exists()  # nothing was sampled, so nothing is recorded as failed
+    assert feather.read_table(out / MANIFEST_FILE).num_rows == 2  # the manifest is the config's own: a rerun resumes
+    assert not (out / FAILURES_DIR).exists()  # nothing was sampled, so nothing is recorded as failed

@@ -25,7 +25,7 @@ from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, mani
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import DATA_FILE_PREFIX, OUTPUT_SCHEMA
 from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
 from tests.conftest import ENCODER_NAME, TINY_SIZE
@@ -110,7 +110,7 @@ def tracking(tmp_path):
 
 
 def stored(folder) -> pa.Table:
-    files = sorted(str(p) for p in (folder / "data").glob("part-*.parquet"))
+    files = sorted(str(p) for p in (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     return pads.dataset(files, format="parquet").to_table()
 
 
@@ -200,7 +200,7 @@ def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encod
     } for i in range(count)]
     (folder / "data").mkdir(parents=True)
     table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
-    pq.write_table(table, folder / "data" / "part-0.parquet")
+    pq.write_table(table, folder / "data" / f"{DATA_FILE_PREFIX}0.parquet")
     encoder_config = {"name": ENCODER_NAME, "weights": "dinov2.safetensors", "input_size": input_size}
     (folder / "_run.json").write_text(json.dumps({"status": "complete", "last_run_id": f"gen-{method}",
                                                   "config": {"encoder": encoder_config, "sampling": {"method": method}}}))

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 
 from jobs import refresh as refresh_job
 from pipeline.curate.refresh import RefreshConfig, run_refresh, version_seed
+from pipeline.schema import MANIFEST_FILE, SELECTION_FILE
 
 
 def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
@@ -20,7 +21,7 @@ def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
     assert first.published and first.generated == 4
     latest = json.loads((root / "LATEST.json").read_text())
     assert latest["version"] == "2026-11-01" and latest["rows_kept"] == 2
-    assert (root / "versions" / "2026-11-01" / "rarest" / "selection.json").exists()
+    assert (root / "versions" / "2026-11-01" / "rarest" / SELECTION_FILE).exists()
 
     again = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=1))
     assert again.published and again.generated == 0 and again.deleted_versions == ()
@@ -30,7 +31,7 @@ def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
     assert second.deleted_versions == ("2026-11-01",)
     assert json.loads((root / "LATEST.json").read_text())["version"] == "2026-11-02"
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["2026-11-02"]
-    seeds = pq.read_table(root / "versions" / "2026-11-02" / "generated" / "manifest.parquet").column("seed")
+    seeds = feather.read_table(root / "versions" / "2026-11-02" / "generated" / MANIFEST_FILE).column("seed")
     first_seeds = {s for s in seeds.to_pylist()}
     assert version_seed("2026-11-01") != version_seed("2026-11-02") and len(first_seeds) == 4
 

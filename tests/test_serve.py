@@ -13,7 +13,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 import requests
 import torch
@@ -25,6 +25,7 @@ from guidance.models import WorkItem
 from guidance.presets import load_model
 from pipeline.generate.config import load_config
 from pipeline.rows import read_committed
+from pipeline.schema import MANIFEST_FILE
 from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageConfig, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE
@@ -150,7 +151,7 @@ def test_concurrent_scores_are_batched_and_kept_apart(service, dataset_root):
 
 
 def test_generate_returns_what_the_batch_job_made_for_the_same_seed(service, dataset_root, served_config):
-    manifest = pq.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / "manifest.parquet").to_pylist()
+    manifest = feather.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / MANIFEST_FILE).to_pylist()
     row = rarest_rows(dataset_root)[0]
     seed, label = row["seed"], row["class_label"]
     assert {"seed": seed, "class_label": label} in [{"seed": m["seed"], "class_label": m["class_label"]} for m in manifest]
@@ -247,7 +248,7 @@ def test_dataset_api_pages_the_rarest_rows_and_serves_their_images(service, data
 def test_an_incomplete_version_is_not_shown(tmp_path):
     from pipeline.serve.browse import DatasetBrowser, DatasetError
 
-    (tmp_path / "versions" / "2026-11-29" / "rarest" / "data").mkdir(parents=True)  # no selection.json yet
+    (tmp_path / "versions" / "2026-11-29" / "rarest" / "data").mkdir(parents=True)  # no _selection.json yet
     browser = DatasetBrowser(str(tmp_path), StorageConfig())
     assert browser.versions() == []
     with pytest.raises(DatasetError, match="holds no complete dataset yet"):
