@@ -11,19 +11,23 @@ import argparse
 import os
 import sys
 
+from jobs.options import job_parser
 from pipeline.submission import JOBS, DuplicateSubmission, Submission, submit, wait
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("submit", __doc__)
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                         help="the cluster's job API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     parser.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to end, at most this long")
-    parser.add_argument("job", choices=JOBS)
+    parser.add_argument("job", choices=JOBS, help="the job to run on the cluster")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
     try:
         job_id = submit(submission)
