@@ -6,14 +6,14 @@ import argparse
 import logging
 import sys
 
-from jobs.options import add_storage_and_tracking, storage_config, tracking_config
-from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter
+from jobs.options import add_storage_and_tracking, job_parser, storage_config, tracking_config
+from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
 from pipeline.schema import SELECTION_FILE
 from pipeline.storage import StorageError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority filter", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("filter", __doc__)
     parser.add_argument("--input", required=True, help="a completed generation output (local path, file:// or s3://)")
     parser.add_argument("--output", required=True, help="where the curated dataset goes")
     amount = parser.add_mutually_exclusive_group(required=True)
@@ -22,7 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
     add_storage_and_tracking(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,

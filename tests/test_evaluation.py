@@ -147,7 +147,7 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
 
     # the reference is embedded and scored by the runs' own encoder (the same as `jepa-minority score`)
     reference_scores = np.array([row.score for row in score_images(ScoreConfig(
-        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE))])
+        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE)).rows])
     assert report["reference"]["rows"] == len(images)
     assert report["reference"]["p10"] == pytest.approx(np.quantile(reference_scores, 0.1), abs=1e-6)
 
