@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -140,6 +141,19 @@ def test_timesteps_come_from_the_models_scheduler_config(models):
     assert sd.previous == (501, 251, 1, -249)
     ddpm = noise_schedule(models["pixel"].scheduler_config, 4, "ddpm")
     assert ddpm.timesteps == (750, 500, 250, 0) and ddpm.previous == (500, 250, 0, -1)
+
+
+def test_an_override_applies_even_when_the_config_file_omits_that_key(tmp_path):
+    """Hub configs often lack ``timestep_spacing`` (SD 1.5's does); diffusers then lists it in
+    ``_use_default_values``, and an override merged into the dict was silently replaced by the default."""
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False}))
+    config = dict(DDIMScheduler.from_pretrained(tmp_path).config)
+    assert "timestep_spacing" in config["_use_default_values"]
+    assert noise_schedule(config, 4, "ddim").timesteps == (751, 501, 251, 1)
+    assert noise_schedule(config, 4, "ddim", timestep_spacing="trailing").timesteps == (999, 749, 499, 249)
+    assert noise_schedule(config, 4, "ddim", clip_sample=False).clip_sample_range is None
 
 
 # -- the guidance contracts, for every family -----------------------------------------------------
