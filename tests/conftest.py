@@ -1,5 +1,6 @@
 """Shared fixtures: tiny DINOv2-architecture ViTs saved and loaded through the product's code, and
-closed-form encoders whose Jacobians are known."""
+closed-form parts whose right answers are known: encoders (their Jacobians), Gaussian data's denoiser
+and a guidance objective with a closed-form gradient."""
 
 from __future__ import annotations
 
