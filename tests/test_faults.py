@@ -14,10 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate.config import load_config
@@ -238,22 +236,52 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
     assert high - median(early) < SOAK_PEAK_GROWTH_MIB, readings
 
 
+# A real write through pipeline/storage.py, killed part-way by the kernel: with RLIMIT_FSIZE set, the
+# write that would pass the limit raises SIGXFSZ, whose default action ends the process on the spot (no
+# handler, no cleanup: as a SIGKILL would, but always at byte ``limit``). Python ignores SIGXFSZ, so the
+# writer restores the default first; the limits are set after the imports, which may write bytecode.
+KILLED_WRITER = """
+import resource, signal, sys
+import numpy as np
+import pyarrow as pa
+from pipeline.storage import StorageConfig, resolve, write_table
+uri, limit, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+payload = np.random.default_rng(0).bytes(4 * limit)  # incompressible: the file is far past the limit
+table = pa.table({"sample_id": ids, "image": [payload[i::len(ids)] for i in range(len(ids))]})
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+write_table(resolve(uri, StorageConfig()), table, row_group_size=len(ids))
+"""
+
+
 def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_config, tmp_path):
-    """A write killed mid-file leaves at most a hidden ``.tmp-`` file (pipeline/storage.py writes there,
-    then renames): resume, the job's counts and every reader skip it, so no half file passes for data."""
+    """A data file's write killed mid-file, through storage's own atomic write: it leaves only a hidden
+    ``.tmp-`` file, which the storage listing, resume, the job's counts and every reader skip."""
     import datasets
     import pyarrow.dataset as pads
 
+    from pipeline.generate.work import build_manifest
+    from pipeline.sink import part_name
+    from pipeline.storage import StorageConfig, list_files, resolve
+
     path = write_config(work={"class_labels": [3], "samples_per_label": 4})
     data = tmp_path / "out" / "data"
-    data.mkdir(parents=True)
-    whole = tmp_path / "whole.parquet"
-    pq.write_table(pa.table({"sample_id": [f"id{i}" for i in range(1000)]}), whole)
-    (data / f"{TEMP_PREFIX}{DATA_FILE_PREFIX}0123.parquet-0123abcd").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    ids = build_manifest(load_config(path)).table.column("sample_id").to_pylist()[:2]  # this run's own rows
+    target, limit = data / part_name(ids), 256 * 1024
+    writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), str(limit), *ids],
+                            capture_output=True, text=True, timeout=120)
+    assert writer.returncode == -signal.SIGXFSZ, writer.stderr  # killed, not finished nor failed
+    (temp,) = data.iterdir()
+    assert temp.name.startswith(f"{TEMP_PREFIX}{target.name}-") and temp.stat().st_size == limit
+    assert list_files(resolve(str(data), StorageConfig()), ".parquet") == []
+    assert pads.dataset(str(data), format="parquet").count_rows() == 0
+
     summary = run_generation(load_config(path))
     assert summary.complete and summary.committed == 4 and summary.generated == 4
     assert_exactly_once(tmp_path / "out")
-    assert pads.dataset(str(data), format="parquet").count_rows() == 4  # pyarrow's discovery skips "_" names
+    assert temp.exists() and temp.stat().st_size == limit  # still there, never read
+    assert pads.dataset(str(data), format="parquet").count_rows() == 4  # pyarrow's discovery skips "." names
     loaded = datasets.load_dataset("parquet", data_dir=str(data), split="train")
     assert loaded.num_rows == 4
 
