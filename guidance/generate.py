@@ -74,7 +74,7 @@ def generate_images(
         guidance = JepaGuidance(
             encoder=encoder,
             objective=get_objective(config.objective),
-            decode=model.decode,
+            decode=model.guidance_decode,
             config=config.guidance,
             sketch_generators=[torch.Generator().manual_seed(sketch_seed(item.seed)) for item in items],
         )

@@ -34,6 +34,7 @@ class DiffusionModel(ABC):
     network: nn.Module  # the denoising network (UNet or transformer)
     scheduler_config: dict[str, Any]  # the model's own diffusers scheduler config
     sample_shape: tuple[int, int, int]  # (C, H, W) of x_t: pixels, or latents for latent models
+    guidance_vae: nn.Module | None = None  # a cheap decoder (AutoencoderTiny) for the guidance branch only
 
     @property
     def dtype(self) -> torch.dtype:
@@ -54,6 +55,13 @@ class DiffusionModel(ABC):
     @abstractmethod
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
         """Clean sample -> image in [0, 1] (before clamping), differentiable."""
+
+    def guidance_decode(self, x0: torch.Tensor) -> torch.Tensor:
+        """The decode inside the guidance branch: the cheap decoder when one is loaded, else ``decode``.
+
+        The final image is always decoded by ``decode`` (docs/method.md, 'Cheaper guidance').
+        """
+        return self.decode(x0) if self.guidance_vae is None else _vae_decode(self.guidance_vae, x0)
 
 
 def _refuse_prompts(items: Sequence[WorkItem], family: str) -> None:

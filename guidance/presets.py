@@ -17,6 +17,7 @@ from typing import Any
 import safetensors.torch
 import torch
 from diffusers import (
+    AutoencoderTiny,
     DDPMPipeline,
     DiTPipeline,
     DiTTransformer2DModel,
@@ -73,6 +74,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     compile_network: bool = False,
+    guidance_decoder: str | os.PathLike | None = None,
 ) -> DiffusionModel:
     """Load a preset's model, frozen and in eval mode.
 
@@ -83,6 +85,8 @@ def load_model(
     compile_network: compile the denoising network in place with ``torch.compile``. Its first calls
       compile (tens of seconds for each batch shape and for grad mode on and off), later calls run
       faster: it pays on long runs (README, Performance).
+    guidance_decoder: an ``AutoencoderTiny`` folder or hub id (TAESD for SD 1.x / 2.x and DiT, TAESDXL for
+      SDXL) that decodes the Tweedie estimate inside guidance only; latent models only.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
@@ -113,7 +117,36 @@ def load_model(
         model = StableDiffusion(pipeline, xl=spec.family == "sdxl")
     if compile_network:
         model.network.compile()
+    if guidance_decoder is not None:
+        model.guidance_vae = load_guidance_decoder(guidance_decoder, model, dtype=dtype, device=device)
     return model
+
+
+def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, dtype: torch.dtype = torch.float32,
+                          device: str | torch.device = "cpu") -> torch.nn.Module:
+    """An ``AutoencoderTiny`` (TAESD) from a local folder or, when named so, a hub id, frozen, for ``model``'s latents."""
+    vae = getattr(model, "vae", None)
+    if vae is None:
+        raise ValueError("model.guidance_decoder: this model samples pixels, so there is no decoder to replace")
+    folder, source = Path(source).expanduser(), str(source)
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"model.guidance_decoder: {folder} is not a diffusers model folder (no config.json); "
+                             "save one with AutoencoderTiny.save_pretrained(folder)")
+        found = json.loads((folder / "config.json").read_text()).get("_class_name")
+        if found != "AutoencoderTiny":
+            raise ValueError(f"model.guidance_decoder: {folder} holds a {found}, not an AutoencoderTiny (TAESD)")
+    elif not HUB_ID.match(source):
+        raise FileNotFoundError(f"model.guidance_decoder: folder not found: {folder} (and it is not a hub id like 'org/name')")
+    try:
+        tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype)
+    except Exception as error:
+        raise RuntimeError(f"model.guidance_decoder: could not load {source} ({error})") from error
+    latents = model.sample_shape[0]
+    if tiny.config.latent_channels != latents:
+        raise ValueError(f"model.guidance_decoder: {source} decodes {tiny.config.latent_channels}-channel latents, but "
+                         f"this model's have {latents}: use TAESD for SD 1.x / 2.x and DiT, TAESDXL for SDXL")
+    return tiny.to(device).eval().requires_grad_(False)
 
 
 def class_count(preset: str, source: str | os.PathLike | None = None) -> int | None:

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import AutoencoderTiny
 
 from guidance.generate import generate_images, sketch_seed
 from guidance.methods import GuidanceConfig, SamplingConfig
@@ -138,3 +139,48 @@ def test_tweedie_refused_for_a_model_that_predicts_the_clean_sample(class_model,
 def test_bad_lever_settings_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(GuidanceConfig(), **fields)
+
+
+@pytest.fixture(scope="module")
+def sd_with_taesd(tmp_path_factory):
+    """The tiny SD pipeline, and a tiny random AutoencoderTiny saved beside it."""
+    root = tmp_path_factory.mktemp("taesd")
+    sd = tiny_diffusion.save_sd(root / "sd", root / "scratch")
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), upsampling_scaling_factor=2, latent_channels=4).save_pretrained(root / "taesd")
+    return sd, root / "taesd"
+
+
+PROMPTED = [WorkItem(1, prompt="a photo of a cat"), WorkItem(2, prompt="a red car")]
+
+
+def test_a_cheap_decoder_decodes_inside_guidance_only(sd_with_taesd, tiny_encoder):
+    sd_folder, taesd = sd_with_taesd
+    plain, cheap = load_model("sd", sd_folder), load_model("sd", sd_folder, guidance_decoder=taesd)
+    calls = []
+    hook = cheap.guidance_vae.decoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        unguided = SamplingConfig(method="unguided", steps=3, cfg_scale=7.5)
+        torch.testing.assert_close(generate_images(cheap, PROMPTED, unguided)[0], generate_images(plain, PROMPTED, unguided)[0])
+        assert calls == []  # the final image is decoded by the model's own VAE
+        guided = SamplingConfig(method="jepa", steps=3, cfg_scale=7.5, guidance=GuidanceConfig(tau=1.0))
+        with_cheap, steps = generate_images(cheap, PROMPTED, guided, tiny_encoder)
+        assert len(calls) == steps == 3  # one cheap decode per guided step
+        assert not torch.allclose(with_cheap, generate_images(plain, PROMPTED, guided, tiny_encoder)[0], atol=1e-4)
+    finally:
+        hook.remove()
+
+
+def test_a_cheap_decoder_is_refused_where_it_cannot_serve(sd_with_taesd, tmp_path):
+    sd_folder, taesd = sd_with_taesd
+    with pytest.raises(ValueError, match="this model samples pixels"):
+        load_model("pixel-unet", tiny_diffusion.save_pixel_unet(tmp_path / "pixel"), guidance_decoder=taesd)
+    with pytest.raises(FileNotFoundError, match="folder not found"):
+        load_model("sd", sd_folder, guidance_decoder=tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds a AutoencoderKL, not an AutoencoderTiny"):
+        load_model("sd", sd_folder, guidance_decoder=sd_folder / "vae")
+    AutoencoderTiny(encoder_block_out_channels=(8,), decoder_block_out_channels=(8,), num_encoder_blocks=(1,),
+                    num_decoder_blocks=(1,), latent_channels=3).save_pretrained(tmp_path / "three")
+    with pytest.raises(ValueError, match="decodes 3-channel latents, but this model's have 4"):
+        load_model("sd", sd_folder, guidance_decoder=tmp_path / "three")

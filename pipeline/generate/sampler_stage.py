@@ -52,7 +52,7 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
     model = load_model(
         config.model.preset, config.model.source, variant=config.model.variant,
         unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
-        compile_network=config.model.compile,
+        compile_network=config.model.compile, guidance_decoder=config.model.guidance_decoder,
     )
     encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
     return model, encoder.to(device)
