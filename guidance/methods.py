@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from guidance.checks import check_sketch
 from guidance.schedules import SAMPLERS
@@ -59,7 +60,9 @@ class GuidanceConfig:
         """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
         if self.eta == 0:
             return [False] * total
-        eligible = [1 - s / total <= self.tau for s in range(total)]
+        # Exactly, in rationals of tau's decimal: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
+        tau = Fraction(repr(float(self.tau)))
+        eligible = [total - s <= tau * total for s in range(total)]
         first = eligible.index(True) if True in eligible else total
         return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(eligible)]
 

@@ -240,6 +240,13 @@ def test_deferral_and_interval_choose_the_guided_steps():
     assert GuidanceConfig(eta=0.0, tau=1.0).guided_steps(4) == [False] * 4
 
 
+@pytest.mark.parametrize("tau,total,guided", [(0.3, 10, 3), (0.82, 50, 41), (0.16, 25, 4), (0.7, 10, 7), (0.1, 3, 0)])
+def test_deferral_is_exact_at_the_boundary(tau, total, guided):
+    # 1 - s/T <= tau  <=>  T - s <= tau * T: in floats 1 - 7/10 > 0.3, which would drop step s = 7 of 10
+    steps = GuidanceConfig(tau=tau).guided_steps(total)
+    assert steps == [False] * (total - guided) + [True] * guided
+
+
 def test_boost_and_skip(models):
     items = [WorkItem(1, 3)]
     unguided = ours(models["class"], items, method="unguided", steps=5)
