@@ -99,6 +99,8 @@ class SamplingConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         _finite_at_least("ddim_eta", self.ddim_eta, 0)
+        if self.ddim_eta > 1:
+            raise ValueError(f"ddim_eta must be in [0, 1] (0 deterministic, 1 DDPM-like; above 1 the DDIM noise outgrows 1 - abar_prev), got {self.ddim_eta!r}")
         _finite_at_least("cfg_scale", self.cfg_scale, 0)
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)

@@ -74,7 +74,7 @@ def test_ddpm_matches_ddpm_pipeline(folders, models):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("ddim_eta", [0.0, 0.5])
+@pytest.mark.parametrize("ddim_eta", [0.0, 0.5, 1.0])
 def test_ddim_matches_ddim_pipeline(folders, models, ddim_eta):
     pipe = DDIMPipeline.from_pretrained(folders["pixel"])
     want = pipe(batch_size=2, generator=generators([5, 6]), num_inference_steps=5, eta=ddim_eta, output_type="np").images
@@ -337,6 +337,7 @@ def test_cfg_on_a_pixel_unet_is_refused(models):
     (dict(method="magic"), "method must be one of unguided, bns, jepa, jepa-reference"),
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(ddim_eta=-0.1), "ddim_eta must be a finite number >= 0"),
+    (dict(ddim_eta=1.5), "ddim_eta must be in \\[0, 1\\]"),
     (dict(sampler="euler"), "sampler must be one of ddpm, ddim"),
     (dict(method="bns", steps=2, bns=BoostSkipConfig(skip=2)), "bns.skip \\(2\\) must be smaller than steps"),
     (dict(method="jepa-reference", guidance=GuidanceConfig(warm_start=True)), "warm_start needs method jepa"),
