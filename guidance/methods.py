@@ -19,9 +19,9 @@ PLACEMENTS = ("pre-step", "posterior-mean")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
-def _finite_at_least(name: str, value: float, least: float) -> None:
+def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < least:
-        raise ValueError(f"{name} must be a finite number >= {least}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= {least}{meaning}, got {value!r}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -88,7 +88,7 @@ class SamplingConfig:
     sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
     steps: int = 50  # sampling steps
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
-    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    cfg_scale: float = 1.0  # classifier-free guidance scale: 1 = off, > 1 applies it (guidance.models.applies_cfg)
     timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
@@ -101,7 +101,7 @@ class SamplingConfig:
         _finite_at_least("ddim_eta", self.ddim_eta, 0)
         if self.ddim_eta > 1:
             raise ValueError(f"ddim_eta must be in [0, 1] (0 deterministic, 1 DDPM-like; above 1 the DDIM noise outgrows 1 - abar_prev), got {self.ddim_eta!r}")
-        _finite_at_least("cfg_scale", self.cfg_scale, 0)
+        _finite_at_least("cfg_scale", self.cfg_scale, 1, " (1 = off, > 1 applies classifier-free guidance)")
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.method == "jepa-reference" and self.guidance.warm_start:

@@ -338,6 +338,8 @@ def test_cfg_on_a_pixel_unet_is_refused(models):
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(ddim_eta=-0.1), "ddim_eta must be a finite number >= 0"),
     (dict(ddim_eta=1.5), "ddim_eta must be in \\[0, 1\\]"),
+    (dict(cfg_scale=0.5), "cfg_scale must be a finite number >= 1 \\(1 = off, > 1 applies classifier-free guidance\\), got 0.5"),
+    (dict(cfg_scale=0.0), "cfg_scale must be a finite number >= 1"),
     (dict(sampler="euler"), "sampler must be one of ddpm, ddim"),
     (dict(method="bns", steps=2, bns=BoostSkipConfig(skip=2)), "bns.skip \\(2\\) must be smaller than steps"),
     (dict(method="jepa-reference", guidance=GuidanceConfig(warm_start=True)), "warm_start needs method jepa"),
