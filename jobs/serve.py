@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0)
     parser.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
     parser.add_argument("--max-batch-size", type=int, default=8, help="score requests batched together")
+    parser.add_argument("--generate-batch-samples", type=int, default=8,
+                        help="samples batched together across generate requests (at least --max-n)")
     parser.add_argument("--max-n", type=int, default=DEFAULTS.max_n, help="images per generate request")
     parser.add_argument("--max-steps", type=int, default=DEFAULTS.max_steps, help="sampling steps per generate request")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes)
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config, overrides=tuple(args.overrides), dataset=args.dataset, host=args.host,
             port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+            generate_batch_samples=args.generate_batch_samples,
             limits=ServeLimits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
                                max_n=args.max_n, max_steps=args.max_steps),
         )
