@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from guidance.checks import check_sketch
 from guidance.schedules import SAMPLERS
@@ -19,9 +20,9 @@ GRADIENTS = ("full", "tweedie")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
-def _finite_at_least(name: str, value: float, least: float) -> None:
+def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < least:
-        raise ValueError(f"{name} must be a finite number >= {least}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number >= {least}{meaning}, got {value!r}")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -72,7 +73,9 @@ class GuidanceConfig:
         """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
         if self.eta == 0:
             return [False] * total
-        eligible = [1 - s / total <= self.tau for s in range(total)]
+        # Exactly, in rationals of tau's decimal: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
+        tau = Fraction(repr(float(self.tau)))
+        eligible = [total - s <= tau * total for s in range(total)]
         first = eligible.index(True) if True in eligible else total
         return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(eligible)]
 
@@ -106,7 +109,7 @@ class SamplingConfig:
     sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
     steps: int = 50  # sampling steps
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
-    cfg_scale: float = 1.0  # classifier-free guidance scale (1 = off)
+    cfg_scale: float = 1.0  # classifier-free guidance scale: 1 = off, > 1 applies it (guidance.models.applies_cfg)
     timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
@@ -117,7 +120,9 @@ class SamplingConfig:
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
         _finite_at_least("ddim_eta", self.ddim_eta, 0)
-        _finite_at_least("cfg_scale", self.cfg_scale, 0)
+        if self.ddim_eta > 1:
+            raise ValueError(f"ddim_eta must be in [0, 1] (0 deterministic, 1 DDPM-like; above 1 the DDIM noise outgrows 1 - abar_prev), got {self.ddim_eta!r}")
+        _finite_at_least("cfg_scale", self.cfg_scale, 1, " (1 = off, > 1 applies classifier-free guidance)")
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         if self.method == "jepa-reference" and self.guidance.warm_start:

@@ -77,6 +77,11 @@ def _class_labels(items: Sequence[WorkItem], num_classes: int, family: str) -> N
             raise ValueError(f"class_label {item.class_label!r} is out of range: this model has classes 0..{num_classes - 1}")
 
 
+def applies_cfg(cfg_scale: float) -> bool:
+    """The one rule of every family: classifier-free guidance runs iff scale > 1 (1 = off; below 1 is refused)."""
+    return cfg_scale > 1
+
+
 def _guided(conditional: torch.Tensor, unconditional: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans, 2022): eps_u + s (eps_c - eps_u)."""
     return unconditional + cfg_scale * (conditional - unconditional)
@@ -100,7 +105,7 @@ class PixelUNet(DiffusionModel):
 
     def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
         _refuse_prompts(items, self.family)
-        if cfg_scale != 1:
+        if applies_cfg(cfg_scale):
             raise ValueError(f"a pixel UNet has no null class for classifier-free guidance; set cfg_scale=1, got {cfg_scale}")
         if self.num_classes is None:
             if any(item.class_label is not None for item in items):
@@ -141,7 +146,7 @@ class DiT(DiffusionModel):
     def check(self, items: Sequence[WorkItem], cfg_scale: float) -> None:
         _refuse_prompts(items, self.family)
         _class_labels(items, self.num_classes, "DiT")
-        if cfg_scale != 1 and not self.has_null_class:
+        if applies_cfg(cfg_scale) and not self.has_null_class:
             raise ValueError("this DiT has no null-class embedding for classifier-free guidance; set cfg_scale=1")
 
     def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
@@ -150,7 +155,7 @@ class DiT(DiffusionModel):
         channels = self.sample_shape[0]
 
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:
-            if cfg_scale == 1:
+            if not applies_cfg(cfg_scale):
                 out = self.network(x, timestep=torch.full((len(x),), t, device=x.device), class_labels=labels).sample
                 return out[:, :channels]
             both = torch.cat([x, x])
@@ -199,7 +204,7 @@ class StableDiffusion(DiffusionModel):
     def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
         self.check(items, cfg_scale)
         prompts = [item.prompt for item in items]
-        cfg = cfg_scale > 1
+        cfg = applies_cfg(cfg_scale)
         with torch.no_grad():
             if self.xl:
                 embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(

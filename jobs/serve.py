@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from jobs.options import config_flag, job_parser
+from jobs.options import config_flag, given, job_parser
 from pipeline.sourcedoc import field_docs
 
 LIMITS = ("max_n", "max_steps", "max_body_bytes", "max_pixels")  # ServeLimits fields, one flag each
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
     parser.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="score requests batched together")
+    config_flag(parser, "--generate-batch-samples", field_docs("pipeline.serve.service", "ServeConfig")["generate_batch_samples"],
+                type=int)
     for name in LIMITS:
         config_flag(parser, f"--{name.replace('_', '-')}", limits[name], type=int)
     return parser
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             config=args.config, overrides=tuple(args.overrides), dataset=args.dataset, host=args.host,
             port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-            limits=ServeLimits(**{name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}),
+            **given(args, "generate_batch_samples"),
+            limits=ServeLimits(**given(args, *LIMITS)),
         )
         run_serve(service, blocking=True)
     except (ValueError, StorageError) as error:

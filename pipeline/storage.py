@@ -2,13 +2,16 @@
 
 Writes are atomic: a reader sees a file whole or not at all. On a local disk the bytes go to a
 ``.``-prefixed (hidden) temporary name that ends in a uuid, which no reader takes for data, and are
-renamed into place; on S3 a PUT or a completed multipart upload is already all-or-nothing.
+renamed into place; on S3 a PUT or a completed multipart upload is already all-or-nothing, and a write that fails midway
+aborts its multipart upload (pyarrow's stream leaves it open and cannot abort it: botocore does), so neither a
+truncated object nor an upload's stored parts stay behind.
 Credentials are never passed in: pyarrow's S3 client reads the standard AWS environment / profile chain.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+log = logging.getLogger(__name__)
 TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and list_files all skip it
 
 
@@ -48,10 +52,11 @@ class Location:
     filesystem: pafs.FileSystem
     path: str  # filesystem path without scheme (bucket/prefix on S3)
     uri: str  # what the user wrote, for messages and lineage
+    storage: StorageConfig = StorageConfig()  # how the filesystem was reached (to abort a failed S3 upload)
 
     def child(self, *parts: str) -> Location:
         path = "/".join([self.path.rstrip("/"), *parts])
-        return Location(self.filesystem, path, "/".join([self.uri.rstrip("/"), *parts]))
+        return Location(self.filesystem, path, "/".join([self.uri.rstrip("/"), *parts]), self.storage)
 
     @property
     def is_local(self) -> bool:
@@ -67,7 +72,7 @@ def resolve(uri: str, storage: StorageConfig) -> Location:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"{uri} names no bucket: write s3://BUCKET/prefix")
-        return Location(s3_filesystem(storage), f"{parsed.netloc}{parsed.path}".rstrip("/"), uri)
+        return Location(s3_filesystem(storage), f"{parsed.netloc}{parsed.path}".rstrip("/"), uri, storage)
     raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
 
 
@@ -151,8 +156,30 @@ def write_bytes(location: Location, data: bytes) -> None:
                 stream.write(data)
             fs.move(temp, path)
         else:
-            with fs.open_output_stream(path) as stream:
-                stream.write(data)
+            try:
+                with fs.open_output_stream(path) as stream:
+                    stream.write(data)
+            except OSError:
+                _abort_uploads(location)
+                raise
+
+
+def _abort_uploads(location: Location) -> None:
+    """Abort the open multipart uploads of this exact key: a failed write's parts, never completed."""
+    import botocore.exceptions
+    import botocore.session
+
+    bucket, key = location.path.split("/", 1)
+    try:
+        client = botocore.session.get_session().create_client(
+            "s3", endpoint_url=location.storage.endpoint_url, region_name=location.storage.region)
+        listing = client.list_multipart_uploads(Bucket=bucket, Prefix=key)
+        for upload in listing.get("Uploads", []):
+            if upload["Key"] == key:
+                client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload["UploadId"])
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        log.warning("could not abort the failed upload of %s (%s): a bucket lifecycle rule "
+                    "(AbortIncompleteMultipartUpload) clears its parts", location.uri, error)
 
 
 def write_table(location: Location, table: pa.Table, row_group_size: int) -> None:

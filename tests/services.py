@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import parse_qs, urlparse
 
 import boto3
 import botocore.exceptions
@@ -158,16 +158,20 @@ class FaultyS3Proxy:
     """A real HTTP proxy on 127.0.0.1 in front of an S3 endpoint that injects faults a network and a
     busy server really produce. With ``fail_first_tries`` the first try of every distinct request
     (method and path) fails, alternately answered 503 SlowDown and reset (TCP RST), and its retry
-    goes through: a client that does not retry fails, one that does succeeds, every time. ``down()``
-    makes the port refuse connections until ``up()``. Requests are forwarded byte for byte, the Host
+    goes through: a client that does not retry fails, one that does succeeds, every time. With
+    ``fail_parts_from`` N every try of a multipart upload's part N or later is answered 503, so an
+    upload fails midway whatever the client retries. ``down()`` makes the port refuse connections until
+    ``up()``. Requests are forwarded byte for byte, the Host
     header included, so signatures still verify; the proxy never sees or needs the credentials."""
 
     SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                 b"<Message>Please reduce your request rate.</Message></Error>")
 
-    def __init__(self, target: str, fail_first_tries: bool = False):
+    def __init__(self, target: str, fail_first_tries: bool = False, fail_parts_from: int | None = None):
         self.target = urlparse(target).netloc
         self.fail_first_tries = fail_first_tries
+        self.fail_parts_from = fail_parts_from
+        self.failed_parts = 0
         self.seen: set[str] = set()
         self.slowdowns = self.resets = 0
         self.lock = threading.Lock()
@@ -188,6 +192,10 @@ class FaultyS3Proxy:
 
     def _fault(self, request: str) -> str | None:
         with self.lock:
+            part = parse_qs(urlparse(request.split(" ", 1)[1]).query).get("partNumber")
+            if self.fail_parts_from is not None and part and int(part[0]) >= self.fail_parts_from:
+                self.failed_parts += 1
+                return "slowdown"
             if not self.fail_first_tries or request in self.seen:
                 return None
             self.seen.add(request)

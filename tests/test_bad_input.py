@@ -28,6 +28,7 @@ def run_refused(args: list[str], capsys) -> str:
     ("sampling.guidance.eta=.nan", "sampling.guidance.eta must be a finite number, got nan"),
     ("sampling.guidance.eta=-0.5", "guidance.eta must be a finite number >= 0, got -0.5"),
     ("sampling.cfg_scale=.inf", "sampling.cfg_scale must be a finite number, got inf"),
+    ("sampling.ddim_eta=1.5", "ddim_eta must be in [0, 1]"),
     ("sampling.steps=-3", "steps must be an integer >= 1, got -3"),
     ("sampling.guidance.k=0", "k"),
     ("work.samples_per_label=0", "work.samples_per_label must be >= 1, got 0"),

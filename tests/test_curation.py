@@ -35,13 +35,14 @@ def png(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3):
-    """A completed generation output in the real schema, with the given scores."""
+def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None):
+    """A completed generation output in the real schema, with the given scores (and each row's method)."""
     now = datetime.now(timezone.utc)
     rows = [{
         "sample_id": f"id{i:03d}", "seed": i, "prompt": prompts[i] if prompts else None,
         "class_label": labels[i] if labels else None, "image": {"bytes": png(i % 256), "path": f"id{i:03d}.png"},
-        "width": 4, "height": 4, "jepa_score": score, "embedding": [0.0, 1.0], "method": "jepa",
+        "width": 4, "height": 4, "jepa_score": score, "embedding": [0.0, 1.0],
+        "method": methods[i] if methods else "jepa",
         "model": "pixel-unet", "encoder": "vit_small_patch14_reg4_dinov2", "run_id": "gen-run", "created_at": now,
     } for i, score in enumerate(scores)]
     (folder / "data").mkdir(parents=True)
@@ -86,6 +87,19 @@ def test_keeps_the_rarest_fraction_with_ties_by_id_and_broken_rows_counted(ray_c
     run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(report["filter_run_id"])
     assert run.data.tags["generation_run_id"] == "gen-run" and run.data.metrics["rows_kept"] == 4
     assert run.data.params["keep_fraction"] == "0.5"
+
+
+def test_rows_of_the_unguided_fallback_are_counted_per_method(ray_cluster, tmp_path, tracking):
+    """output.retry_unguided commits fallback rows under method unguided: selection.json says how many."""
+    scores = [5.0, 1.0, 3.0, float("nan"), 2.0, 9.0, 4.0, 0.5]
+    methods = ["jepa", "unguided", "jepa", "unguided", "jepa", "jepa", "unguided", "jepa"]
+    fake_generation(tmp_path / "gen", scores, methods=methods)
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3,
+                                     tracking=tracking))
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id001", "id004", "id007"]
+    assert report["methods"] == {"jepa": {"rows": 5, "considered": 5, "kept": 2},
+                                 "unguided": {"rows": 3, "considered": 2, "kept": 1}}
+    assert json.loads((tmp_path / "cur" / "selection.json").read_text())["methods"] == report["methods"]
 
 
 def test_per_class_quota_and_a_score_cap(ray_cluster, tmp_path, tracking):

@@ -187,8 +187,9 @@ def png(array: np.ndarray) -> bytes:
 
 
 def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encoder: str = ENCODER_NAME,
-             prompts: bool = True, input_size: int = TINY_SIZE) -> pa.Table:
-    """A completed text-to-image generation output in the real schema, with random images and features."""
+             prompts: bool = True, input_size: int = TINY_SIZE, fallback: int = 0) -> pa.Table:
+    """A completed text-to-image generation output in the real schema, with random images and features;
+    its last ``fallback`` rows committed as unguided (what output.retry_unguided does)."""
     rng = np.random.default_rng(seed)
     now = datetime.now(timezone.utc)
     rows = [{
@@ -196,7 +197,7 @@ def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encod
         "class_label": None if prompts else i % 2,
         "image": {"bytes": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
         "width": 16, "height": 16, "jepa_score": float(rng.normal(-30, 3)), "embedding": rng.normal(size=dim).tolist(),
-        "method": method, "model": "sd", "encoder": encoder, "run_id": f"gen-{method}", "created_at": now,
+        "method": "unguided" if i >= count - fallback else method, "model": "sd", "encoder": encoder, "run_id": f"gen-{method}", "created_at": now,
     } for i in range(count)]
     (folder / "data").mkdir(parents=True)
     table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
@@ -319,6 +320,17 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
     assert "does not hold Inception-v3 weights" in refused("--reference", str(tmp_path / "gen"),
                                                           "--inception-weights", str(bad))
     assert not (tmp_path / "eval").exists()
+
+
+def test_rows_of_the_unguided_fallback_are_a_row_of_their_own(ray_cluster, tmp_path, tracking):
+    scores = fake_run(tmp_path / "gen", "jepa", 0, count=10, fallback=3).column("jepa_score").to_numpy()
+    report = run_evaluation(EvaluateConfig(generated=(str(tmp_path / "gen"),), tracking=tracking))
+    rows = {row["method"]: row for row in report["rows"]}
+    assert list(rows) == ["jepa", "unguided (fallback in jepa)"]
+    assert rows["jepa"]["rows"] == 7 and rows["unguided (fallback in jepa)"]["rows"] == 3
+    assert rows["jepa"]["jepa_score"]["mean"] == pytest.approx(scores[:7].mean())
+    assert rows["unguided (fallback in jepa)"]["jepa_score"]["mean"] == pytest.approx(scores[7:].mean())
+    assert rows["jepa"]["failed_in_input"] == rows["unguided (fallback in jepa)"]["failed_in_input"] == 0
 
 
 def test_runs_and_reference_on_object_storage_and_rarity_without_a_reference(ray_cluster, s3, tmp_path, tracking):

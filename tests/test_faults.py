@@ -164,6 +164,30 @@ def test_transient_s3_errors_are_retried_and_the_run_completes(ray_cluster, s3, 
     assert_exactly_once_on_s3(s3, "flaky", "run")
 
 
+MULTIPART_BYTES = 25 * 1024 * 1024  # above pyarrow's 10 MiB upload part: written as a multipart upload
+
+
+def test_a_write_that_fails_midway_through_a_multipart_upload_leaves_nothing(s3, s3_proxy):
+    """Part 2 onwards is refused on every try: the write fails, no truncated object is completed and
+    the upload's stored parts are aborted, not left behind at the key."""
+    from pipeline.storage import StorageConfig, StorageError, read_bytes, resolve, write_bytes
+
+    proxy = s3_proxy(fail_parts_from=2)
+    client = s3.client()
+    client.create_bucket(Bucket="multipart")
+    data = os.urandom(MULTIPART_BYTES)
+    faulty = resolve("s3://multipart/big.bin", StorageConfig(endpoint_url=proxy.endpoint, region="us-east-1"))
+    with pytest.raises(StorageError, match="cannot write s3://multipart/big.bin"):
+        write_bytes(faulty, data)
+    assert proxy.failed_parts > 0, "the fault never reached the upload"
+    assert "Contents" not in client.list_objects_v2(Bucket="multipart", Prefix="big.bin")
+    assert client.list_multipart_uploads(Bucket="multipart").get("Uploads", []) == []
+
+    direct = resolve("s3://multipart/big.bin", StorageConfig(endpoint_url=s3.endpoint, region="us-east-1"))
+    write_bytes(direct, data)  # the same write without the fault goes through whole
+    assert read_bytes(direct) == data
+
+
 @pytest.mark.slow
 def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s3, s3_proxy, write_config, tmp_path):
     proxy = s3_proxy()

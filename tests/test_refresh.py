@@ -55,6 +55,16 @@ def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
     assert not {m["sample_id"] for m in first_manifest} & {m["sample_id"] for m in second_manifest}
 
 
+def test_rerunning_an_older_version_keeps_latest_on_the_newest(ray_cluster, write_config, tmp_path):
+    config = write_config(work={"class_labels": [1], "samples_per_label": 2})
+    root = tmp_path / "dataset"
+    for version in ("2026-11-01", "2026-11-02"):
+        assert run_refresh(RefreshConfig(config=config, root=str(root), version=version, keep_versions=2)).published
+    older = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=2))
+    assert json.loads((root / "LATEST.json").read_text())["version"] == "2026-11-02"
+    assert older.complete and not older.published and older.generated == 0 and older.deleted_versions == ()
+
+
 def test_an_incomplete_version_is_not_published_and_latest_survives_pruning(ray_cluster, write_config,
                                                                            nan_class_unet, tmp_path):
     good = write_config(work={"class_labels": [1], "samples_per_label": 2})

@@ -77,7 +77,7 @@ def test_ddpm_matches_ddpm_pipeline(folders, models):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("ddim_eta", [0.0, 0.5])
+@pytest.mark.parametrize("ddim_eta", [0.0, 0.5, 1.0])
 def test_ddim_matches_ddim_pipeline(folders, models, ddim_eta):
     pipe = DDIMPipeline.from_pretrained(folders["pixel"])
     want = pipe(batch_size=2, generator=generators([5, 6]), num_inference_steps=5, eta=ddim_eta, output_type="np").images
@@ -293,6 +293,13 @@ def test_deferral_and_interval_choose_the_guided_steps():
     assert GuidanceConfig(eta=0.0, tau=1.0).guided_steps(4) == [False] * 4
 
 
+@pytest.mark.parametrize("tau,total,guided", [(0.3, 10, 3), (0.82, 50, 41), (0.16, 25, 4), (0.7, 10, 7), (0.1, 3, 0)])
+def test_deferral_is_exact_at_the_boundary(tau, total, guided):
+    # 1 - s/T <= tau  <=>  T - s <= tau * T: in floats 1 - 7/10 > 0.3, which would drop step s = 7 of 10
+    steps = GuidanceConfig(tau=tau).guided_steps(total)
+    assert steps == [False] * (total - guided) + [True] * guided
+
+
 def network_calls(network: torch.nn.Module, run) -> list[tuple[torch.Tensor, int]]:
     """(x_t, t) of every call of the real network while ``run()`` samples."""
     calls = []
@@ -419,6 +426,9 @@ def test_cfg_on_a_pixel_unet_is_refused(models):
     (dict(method="magic"), "method must be one of unguided, bns, jepa, jepa-reference"),
     (dict(steps=0), "steps must be an integer >= 1"),
     (dict(ddim_eta=-0.1), "ddim_eta must be a finite number >= 0"),
+    (dict(ddim_eta=1.5), "ddim_eta must be in \\[0, 1\\]"),
+    (dict(cfg_scale=0.5), "cfg_scale must be a finite number >= 1 \\(1 = off, > 1 applies classifier-free guidance\\), got 0.5"),
+    (dict(cfg_scale=0.0), "cfg_scale must be a finite number >= 1"),
     (dict(sampler="euler"), "sampler must be one of ddpm, ddim"),
     (dict(method="bns", steps=2, bns=BoostSkipConfig(skip=2)), "bns.skip \\(2\\) must be smaller than steps"),
     (dict(method="jepa-reference", guidance=GuidanceConfig(warm_start=True)), "warm_start needs method jepa"),

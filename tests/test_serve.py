@@ -202,6 +202,25 @@ def test_generate_takes_method_overrides_and_batches_requests_that_share_them(se
     assert samples[1]["jepa_score"] == pytest.approx(local.jepa_score, abs=BATCH_NOISE)
 
 
+def test_concurrent_small_generate_requests_run_as_one_batch(service):
+    """Generate batches count samples (generate_batch_samples, default 8), not requests: three requests
+    of one sample each, within the batch wait, are sampled together."""
+    request = {"class_label": 3, "n": 1, "sampling": {"method": "unguided", "steps": 1}}
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda seed: requests.post(f"{service}/generate", json=request | {"seed": seed},
+                                                             timeout=300), [21, 22, 23]))
+    assert [r.status_code for r in responses] == [200, 200, 200], [r.text for r in responses]
+    assert [r.json()["batch_size"] for r in responses] == [3, 3, 3]
+    assert [r.json()["samples"][0]["seed"] for r in responses] == [21, 22, 23]
+
+
+def test_a_generate_batch_smaller_than_a_request_is_refused():
+    from pipeline.serve.service import ServeConfig
+
+    with pytest.raises(ValueError, match="generate_batch_samples \\(2\\) must be >= max_n \\(3\\)"):
+        ServeConfig(config="c.yaml", generate_batch_samples=2, limits=LIMITS)
+
+
 @pytest.mark.parametrize("route, body, status, message", [
     ("score", b"", 400, "empty body"),
     ("score", b"not an image at all", 400, "cannot decode"),

@@ -1,13 +1,15 @@
 """Keep the rarest samples of a generated dataset: lowest exact JEPA-SCORE first, ties by sample_id.
 
 Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the input size:
-  1. choose from the id / score / group columns only (images are never read to choose): count the
-     rows and the valid ones (a finite score) per group, which sets each group's quota; then each
+  1. choose from the id / score / method / group columns only (images are never read to choose): count
+     the rows and the valid ones (a finite score) per group, which sets each group's quota; then each
      read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
      stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
 The dataset card, then ``_selection.json`` last, as the completion marker of the curated set (names in
 pipeline/schema.py).
+Rows are chosen by score whatever their method; the report counts rows, considered (valid) and kept ones
+per method, so rows that ``output.retry_unguided`` committed under ``unguided`` in a guided run are in plain view.
 """
 
 from __future__ import annotations
@@ -74,13 +76,20 @@ def _read(files: list[str], source: Location, columns: list[str] | None = None):
                                  override_num_blocks=len(files))
 
 
-def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict]:
-    """Pass 1 on Ray Data: (chosen id / score / group rows, rows in, valid rows per group)."""
-    columns = ["sample_id", "jepa_score", *([config.per] if config.per else [])]
+def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict, dict]:
+    """Pass 1 on Ray Data: (chosen id / score / method / group rows, rows in, valid rows per group,
+    rows and valid rows per method)."""
+    columns = ["sample_id", "jepa_score", "method", *([config.per] if config.per else [])]
     scores = _read(files, source, columns)
-    tallies = list(scores.map_batches(tally, fn_kwargs={"per": config.per}, batch_format="pyarrow")
-                   .iter_batches(batch_size=None, batch_format="pyarrow"))
-    totals = pa.concat_tables(tallies).group_by("group").aggregate([("valid", "sum"), ("rows", "sum")])
+    tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": config.per}, batch_format="pyarrow")
+                               .iter_batches(batch_size=None, batch_format="pyarrow"))
+    by_method = tallies.group_by("method").aggregate([("valid", "sum"), ("rows", "sum")])
+    methods = {method: {"rows": rows, "considered": valid} for method, rows, valid in zip(
+        by_method["method"].to_pylist(), by_method["rows_sum"].to_pylist(), by_method["valid_sum"].to_pylist())}
+    if len(methods) > 1:
+        log.warning("%s mixes methods %s (output.retry_unguided commits fallback rows as unguided): all are "
+                    "chosen by score, counted per method in %s", config.input, sorted(methods), SELECTION_FILE)
+    totals = tallies.group_by("group").aggregate([("valid", "sum"), ("rows", "sum")])
     rows_in = sum(totals["rows_sum"].to_pylist())
     valid = dict(zip(totals["group"].to_pylist(), totals["valid_sum"].to_pylist()))
     counts = {key: n for key, n in valid.items() if n} if config.per else {None: sum(valid.values())}
@@ -95,7 +104,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
         chosen = pa.concat_tables([chosen, block.cast(schema)])
         if chosen.num_rows > 2 * sum(quotas.values()):
             chosen = rarest_by_group(chosen, **keep)
-    return rarest_by_group(chosen, **keep), rows_in, counts
+    return rarest_by_group(chosen, **keep), rows_in, counts, methods
 
 
 def run_filter(config: FilterConfig) -> dict:
@@ -133,13 +142,13 @@ def run_filter(config: FilterConfig) -> dict:
     # budget (benchmarks/bench_filter_scale.py). Restored afterwards: other readers are untouched.
     reader_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        chosen, rows_in, counts = choose(config, files, source)
+        chosen, rows_in, counts, methods = choose(config, files, source)
         ids = chosen.column("sample_id")
         copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
                                                 batch_format="pyarrow")
         sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
         copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
-        report = _report(config, chosen, rows_in, counts, len(list_files(source.child(FAILURES_DIR), ".json")),
+        report = _report(config, chosen, rows_in, counts, methods, len(list_files(source.child(FAILURES_DIR), ".json")),
                          generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
         write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
@@ -158,10 +167,12 @@ def run_filter(config: FilterConfig) -> dict:
         tracker.end(status)
 
 
-def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, failed: int,
+def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, methods: dict, failed: int,
             generation_run: str | None, filter_run: str) -> dict:
     ids = chosen.column("sample_id").to_pylist()
     scores = chosen.column("jepa_score").to_pylist()
+    kept = chosen.column("method").to_pylist()
+    methods = {method: tally | {"kept": kept.count(method)} for method, tally in sorted(methods.items())}
     groups = {}
     if config.per:
         keys = chosen.column(config.per).to_pylist()
@@ -173,7 +184,7 @@ def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, 
         "rule": {"keep_fraction": config.keep_fraction, "keep": config.keep, "per": config.per,
                  "max_score": config.max_score},
         "rows_in": rows_in, "failed_in_input": failed, "invalid_scores": rows_in - sum(counts.values()),
-        "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups,
+        "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups, "methods": methods,
         "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }

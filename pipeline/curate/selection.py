@@ -29,11 +29,14 @@ def rarest(table: pa.Table, count: int, max_score: float | None) -> pa.Table:
 
 
 def tally(batch: pa.Table, per: str | None) -> pa.Table:
-    """A block's rows and valid rows (present, finite score) by group: the quotas come from these."""
+    """A block's rows and valid rows (present, finite score) by group and method: the quotas come from these,
+    and the per-method counts tell the ``output.retry_unguided`` fallback's rows apart."""
     valid = has_valid_score(batch).cast(pa.int64())
-    counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows), "valid": valid})
-    by_group = counted.group_by("group").aggregate([("valid", "sum"), ([], "count_all")])
-    return pa.table({"group": by_group["group"], "valid": by_group["valid_sum"], "rows": by_group["count_all"]})
+    counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows),
+                        "method": batch.column("method"), "valid": valid})
+    by_key = counted.group_by(["group", "method"]).aggregate([("valid", "sum"), ([], "count_all")])
+    return pa.table({"group": by_key["group"], "method": by_key["method"], "valid": by_key["valid_sum"],
+                     "rows": by_key["count_all"]})
 
 
 def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None) -> pa.Table:

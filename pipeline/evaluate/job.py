@@ -1,6 +1,7 @@
 """Evaluate generated datasets against a reference: are the rare samples rare, and good?
 
-One row per generated run (method), as in the paper's tables:
+One row per generated run (method), as in the paper's tables; rows a run committed under another
+method (``output.retry_unguided``'s unguided fallback) are a row of their own, never mixed in:
   - rarity: the JEPA-SCORE distribution and the share rarer than the reference's 10th percentile;
   - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
     (precision, recall, density, coverage; pipeline/evaluate/metrics.py);
@@ -216,10 +217,13 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         reference = _reference_parquet_stats(config, encoder, parquet)
     elif images:
         reference = _reference_image_stats(config, encoder, images)
-    stats = {}
+    stats, rows = {}, []
     for run in runs:
         log.info("reading %s (%d files)", run.uri, len(run.files))
-        stats[run.label] = _generated_stats(config, run)
+        for row, row_stats in _generated_stats(config, run):
+            rows.append(row)
+            stats[row.label] = row_stats
+    runs = rows
     report = _report(config, encoder, runs, stats, reference)
     table = markdown(report)
 
@@ -257,29 +261,46 @@ def _actor_options(config: EvaluateConfig) -> dict:
                 num_cpus=config.cpus_per_actor, num_gpus=gpus)
 
 
-def _collect(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
+def _batches(config: EvaluateConfig, dataset, spec: FeatureSpec | None):
     if spec is not None:
         dataset = dataset.map_batches(EvalFeatures, fn_constructor_kwargs={
             "spec": spec, "threads": max(1, int(config.cpus_per_actor))}, **_actor_options(config))
+    return dataset.iter_batches(batch_size=READ_BATCH if spec is None else config.batch_size, batch_format="pyarrow")
+
+
+def _collect(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
     collector = Collector(config.max_samples, config.seed)
-    for batch in dataset.iter_batches(batch_size=READ_BATCH if spec is None else config.batch_size,
-                                      batch_format="pyarrow"):
+    for batch in _batches(config, dataset, spec):
         collector.add(batch)
     return collector.result(what)
 
 
-def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> SetStats:
+def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[GeneratedRun, SetStats]]:
+    """The run's own rows, then one set per other method in its rows (the unguided fallback's); a fallback
+    set too small to evaluate (< 2 usable rows) is named in the log and left out of the table."""
     import ray
 
     images = bool(config.inception_weights or config.clip_weights)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image", "prompt"] if images else [])
+    columns = ["sample_id", "jepa_score", "embedding", "encoder", "method"] + (["image", "prompt"] if images else [])
     dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
     spec = FeatureSpec(None, config.inception_weights, config.clip_weights, config.clip_arch) if images else None
-    stats = _collect(config, dataset, spec, run.uri)
-    if stats.encoders - {run.encoder["name"]}:
-        raise ValueError(f"{run.uri} holds rows of encoders {sorted(stats.encoders)} but its {RUN_FILE} names "
-                         f"{run.encoder['name']}")
-    return stats
+    by_method: dict[str, Collector] = {}
+    for batch in _batches(config, dataset, spec):
+        for method in pc.unique(batch.column("method")).to_pylist():
+            part = batch.filter(pc.equal(batch.column("method"), method))
+            by_method.setdefault(method, Collector(config.max_samples, config.seed)).add(part)
+    sets = [(run, by_method.pop(run.method, Collector(config.max_samples, config.seed)).result(run.uri))]
+    for method, collector in sorted(by_method.items()):
+        if collector.rows - collector.invalid < 2:
+            log.warning("%s holds %d %s row(s) (fallback): too few to evaluate, left out", run.uri, collector.rows, method)
+            continue
+        fallback = replace(run, method=method, label=f"{method} (fallback in {run.label})", failed=0)
+        sets.append((fallback, collector.result(f"{run.uri}'s {method} rows")))
+    for _, stats in sets:
+        if stats.encoders - {run.encoder["name"]}:
+            raise ValueError(f"{run.uri} holds rows of encoders {sorted(stats.encoders)} but its {RUN_FILE} names "
+                             f"{run.encoder['name']}")
+    return sets
 
 
 def _reference_source(config: EvaluateConfig) -> tuple[list[str], list[Path]]:

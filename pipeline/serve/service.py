@@ -6,8 +6,9 @@ Routes (one FastAPI app behind ``@serve.ingress``):
   POST /generate       {"class_label" | "prompt", "n", "seed", "sampling"} -> PNGs with exact scores
   GET  /               the page: a dataset version's rarest samples, paged, and drop-in scoring
   GET  /api/dataset    a page of rows (version, offset, limit);  GET /api/image: one row's PNG
-Concurrent requests are batched with ``@serve.batch`` (generate requests that share a sampling config
-run as one batch). Models load once per replica through the same code the batch job uses.
+Concurrent requests are batched with ``@serve.batch``: score batches count requests, generate batches
+count samples (the requests' ``n`` summed, up to ``generate_batch_samples``), and generate requests that
+share a sampling config run as one batch. Models load once per replica through the same code the batch job uses.
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures' types at runtime.
 """
 
@@ -62,7 +63,8 @@ class ServeConfig:
     replicas: int = 1
     cpus_per_replica: float = 1.0
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    max_batch_size: int = 8  # score requests per batch; generate batches take max(1, this // max_n) requests
+    max_batch_size: int = 8  # score requests per batch
+    generate_batch_samples: int = 8  # samples per generate batch (the requests' n summed); at least limits.max_n
     batch_wait_s: float = 0.02  # how long a batch waits to fill
     limits: ServeLimits = field(default_factory=ServeLimits)
 
@@ -73,6 +75,9 @@ class ServeConfig:
             raise ValueError("replicas and max_batch_size must be >= 1")
         if self.cpus_per_replica < 0 or self.batch_wait_s < 0:
             raise ValueError("cpus_per_replica and batch_wait_s must be >= 0")
+        if self.generate_batch_samples < self.limits.max_n:
+            raise ValueError(f"generate_batch_samples ({self.generate_batch_samples}) must be >= max_n "
+                             f"({self.limits.max_n}): a request of max_n samples must fit one generate batch")
 
 
 @serve.deployment
@@ -86,7 +91,7 @@ class JepaService:
         self.browser = DatasetBrowser(service.dataset, config.storage) if service.dataset else None
         self.score_batch.set_max_batch_size(service.max_batch_size)
         self.score_batch.set_batch_wait_timeout_s(service.batch_wait_s)
-        self.generate_batch.set_max_batch_size(max(1, service.max_batch_size // service.limits.max_n))
+        self.generate_batch.set_max_batch_size(service.generate_batch_samples)
         self.generate_batch.set_batch_wait_timeout_s(service.batch_wait_s)
 
     @app.get("/healthz")
@@ -126,7 +131,7 @@ class JepaService:
         outcome = await self.generate_batch(job)
         if isinstance(outcome, str):
             return JSONResponse({"detail": f"sampling failed: {outcome}"}, status_code=500)
-        return {"method": job.sampling.method, "samples": outcome}
+        return {"method": job.sampling.method} | outcome
 
     @app.get("/api/dataset")
     def get_dataset(self, version: str | None = None, offset: int = 0, limit: int = 24) -> dict:
@@ -149,8 +154,8 @@ class JepaService:
     async def score_batch(self, images: list[torch.Tensor]) -> list[dict]:
         return await asyncio.to_thread(self._score, images)
 
-    @serve.batch(max_batch_size=1, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, jobs: list[GenerateRequest]) -> list[list[dict] | str]:
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, batch_size_fn=lambda jobs: sum(len(j.items) for j in jobs))
+    async def generate_batch(self, jobs: list[GenerateRequest]) -> list[dict | str]:
         return await asyncio.to_thread(self._generate, jobs)
 
     def _score(self, images: list[torch.Tensor]) -> list[dict]:
@@ -169,7 +174,7 @@ class JepaService:
                  "batch_size": len(images)}  # requests answered together by @serve.batch
                 for b in range(len(images))]
 
-    def _generate(self, jobs: list[GenerateRequest]) -> list[list[dict] | str]:
+    def _generate(self, jobs: list[GenerateRequest]) -> list[dict | str]:
         """Jobs sharing a sampling config run as one batch; a failing batch is retried job by job."""
         groups: dict = {}
         for index, job in enumerate(jobs):
@@ -188,10 +193,12 @@ class JepaService:
                     outcomes[member] = self._generate([jobs[member]])[0]
         return outcomes
 
-    def _sample(self, jobs: list[GenerateRequest]) -> list[list[dict]]:
+    def _sample(self, jobs: list[GenerateRequest]) -> list[dict]:
+        """Each job's samples, and how many samples its batch ran together."""
         items = [item for job in jobs for item in job.items]
         samples = iter(generate(self.model, items, jobs[0].sampling, self.encoder))
-        return [[self._sample_json(next(samples), item) for item in job.items] for job in jobs]
+        return [{"samples": [self._sample_json(next(samples), item) for item in job.items], "batch_size": len(items)}
+                for job in jobs]
 
     @staticmethod
     def _sample_json(sample, item) -> dict:
