@@ -1,5 +1,5 @@
-"""The JEPA-guided sampler (paper eq. for x_{t-1}; METHOD.md section 3), a plain function over
-(denoiser, x_T, schedule).
+"""The JEPA-guided sampler (paper eq. for x_{t-1}; docs/method.md, 'Guided step'), a plain
+function over (denoiser, x_T, schedule).
 
 At a guided step, with x_t requiring grad:
   out = denoiser(x_t, t)                        (with graph)
