@@ -1,7 +1,8 @@
 """The envelope gradient two ways: double backward (ours) vs forward-over-reverse, side by side.
 
-With the sketch basis Q held fixed (the envelope theorem, METHOD.md section 2), the top-k objective
-L(x) = sum_{i<=k} log sigma_i(M(x)), M = Q^T J(x) (r x N), has dL/dM = G = U_k Sigma_k^-1 V_k^T, so
+With the sketch basis Q held fixed (the envelope theorem, docs/method.md, 'Envelope gradient'), the
+top-k objective L(x) = sum_{i<=k} log sigma_i(M(x)), M = Q^T J(x) (r x N), has
+dL/dM = G = U_k Sigma_k^-1 V_k^T, so
 
   grad L(x) = sum_j d/dx [ q_j^T J(x) g_j ]      (g_j the j-th row of G, held fixed)
             = sum_j d/de [ J(x + e g_j)^T q_j ]   (symmetry of the Hessian of q_j^T f)

@@ -1,7 +1,7 @@
 """JEPA encoders: DINOv2 ViTs through timm, as image -> embedding maps with preprocessing included.
 
 The world prior of the paper is a JEPA encoder f. Here f maps images in [0, 1], shape (B, 3, H, W),
-to the CLS token after the final LayerNorm, shape (B, D), not normalised (METHOD.md section 1).
+to the CLS token after the final LayerNorm, shape (B, D), not normalised (docs/method.md, 'The encoder').
 Resizing (bilinear) and the mean / std normalisation are part of f, so Jacobians are taken with
 respect to the [0, 1] image a sampler produces.
 """
@@ -42,7 +42,7 @@ ENCODERS: dict[str, EncoderSpec] = {
     "vit_giant_patch14_dinov2": EncoderSpec(1536, "lvd142m"),
     "vit_giant_patch14_reg4_dinov2": EncoderSpec(1536, "lvd142m"),
 }
-DEFAULT_INPUT_SIZE = 224  # METHOD.md: images are resized to 224 x 224 before the encoder
+DEFAULT_INPUT_SIZE = 224  # docs/method.md, 'The encoder': images are resized to 224 x 224 before the encoder
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -172,7 +172,7 @@ def _load_checked(source: Path, create) -> nn.Module:
 def _use_math_attention(backbone: nn.Module) -> None:
     """Switch this encoder's attention to the math path (forward-mode AD and double backward need it).
 
-    Per instance, so other models in the process keep their fused kernels (METHOD.md section 2).
+    Per instance, so other models in the process keep their fused kernels (docs/method.md, 'The encoder').
     """
     attentions = [m for m in backbone.modules() if hasattr(m, "fused_attn")]
     if not attentions:

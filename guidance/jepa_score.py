@@ -15,7 +15,7 @@ from torch.func import vjp, vmap
 from guidance.checks import check_images
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # (B, C, H, W) -> (B, D), each row from its own image
-SIGMA_FLOOR = 1e-6  # METHOD.md: singular values are clipped at 1e-6 before the log
+SIGMA_FLOOR = 1e-6  # docs/method.md, 'JEPA-SCORE': singular values are clipped at 1e-6 before the log
 JACOBIAN_BYTES = 2**30  # images per group are chosen so that their fp32 Jacobians fit in this
 
 

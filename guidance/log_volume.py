@@ -1,20 +1,22 @@
 """Top-k log-volume of the encoder Jacobian by randomized SVD, differentiable by the envelope theorem.
 
-Paper section 4 (JEPA guidance), METHOD.md section 2. Notation:
+Paper section 4 (JEPA guidance); docs/method.md, 'Top-k log-volume'. Notation:
   J = J_f(x)    the D x N input Jacobian of the encoder at image x
   r = k + p     sketch width (p = oversample), q = power_iters
   Omega         r unit-norm Gaussian tangents in input space, one set per image
   Q             orthonormal D x r basis of range(J Omega) after q power iterations, DETACHED
   JS_bar        sum_{i<=k} log max(sigma_i(Q^T J), 1e-8)
-Envelope theorem: sum_{i<=k} log sigma_i(J) = 1/2 max_Q log det(Q^T J J^T Q) over orthonormal Q;
-at the maximiser the gradient with Q held fixed is exact, so no gradient flows through the
-power iterations, the QR or the random sketch. J v comes from forward-mode AD (exact, no
-finite differences); Q^T J comes from r VJPs with a graph, so JS_bar can be differentiated.
+Envelope theorem (docs/method.md, 'Envelope gradient'): sum_{i<=k} log sigma_i(J) =
+1/2 max_Q log det(Q^T J J^T Q) over orthonormal Q; at the maximiser the gradient with Q held fixed
+is exact, so no gradient flows through the power iterations, the QR or the random sketch. J v comes
+from forward-mode AD (exact, no finite differences); Q^T J comes from r VJPs with a graph, so
+JS_bar can be differentiated.
 
-Warm start (METHOD.md section 5): the rows of Q^T J are J^T Q, half a subspace iteration towards the
-top-k right singular vectors. Consecutive guided steps see nearby images, so a ``SketchMemory``
-keeps those rows and the next sketch starts from them instead of random tangents: each guided step
-then adds one subspace iteration for the cost of a fresh sketch without power iterations.
+Warm start (docs/method.md, 'Warm start'): the rows of Q^T J are J^T Q, half a subspace iteration
+towards the top-k right singular vectors. Consecutive guided steps see nearby images, so a
+``SketchMemory`` keeps those rows and the next sketch starts from them instead of random tangents:
+each guided step then adds one subspace iteration for the cost of a fresh sketch without power
+iterations.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch.func import jvp, vjp, vmap
 from guidance.checks import check_images, check_rank, check_sketch
 from guidance.jepa_score import Encoder
 
-LOG_FLOOR = 1e-8  # METHOD.md: the top-k singular values are clamped at 1e-8 before the log
+LOG_FLOOR = 1e-8  # docs/method.md, 'Top-k log-volume': the top-k singular values are clamped at 1e-8 before the log
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 

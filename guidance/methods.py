@@ -1,7 +1,8 @@
 """Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance.
 
-Defaults follow the authors' release (METHOD.md section 3): eta 0.5, constant schedule, L-inf
-normalisation, tau 0.8, interval 1, pre-step placement, k 9, oversample 2, 2 power iterations.
+Defaults follow the authors' release (docs/method.md, 'Guided step' and the sections after it):
+eta 0.5, constant schedule, L-inf normalisation, tau 0.8, interval 1, pre-step placement, k 9,
+oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'.
 """
 
 from __future__ import annotations

@@ -176,6 +176,26 @@ def _vae_decode(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
     return (image / 2 + 0.5).to(latents.dtype)
 
 
+def sdxl_time_ids(unet: nn.Module, size: int, projection_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's size and crop micro-conditioning (Podell et al., 2023) for uncropped square images, (1, 6).
+
+    (original height, width, crop top, left, target height, width) = (size, size, 0, 0, size, size), the
+    values the diffusers pipeline passes by default, built here from the UNet's public config because
+    the pipeline builds them in a private method. The UNet embeds each id in
+    ``addition_time_embed_dim`` numbers beside the pooled text embedding; the lengths must add up.
+    """
+    time_ids = [size, size, 0, 0, size, size]
+    built = unet.config.addition_time_embed_dim * len(time_ids) + projection_dim
+    expected = unet.config.projection_class_embeddings_input_dim
+    if built != expected:
+        raise ValueError(
+            f"this SDXL UNet expects added conditions of length {expected}, but {len(time_ids)} time ids x "
+            f"addition_time_embed_dim {unet.config.addition_time_embed_dim} + text_encoder_2 projection_dim "
+            f"{projection_dim} = {built}: the UNet and the second text encoder come from different models"
+        )
+    return torch.tensor([time_ids], dtype=dtype)
+
+
 class StableDiffusion(DiffusionModel):
     """Text-to-image latent UNet with CFG: Stable Diffusion 1.x / 2.x, and SDXL (``xl=True``).
 
@@ -230,9 +250,7 @@ class StableDiffusion(DiffusionModel):
         """SDXL's micro-conditioning: pooled text embeddings and (size, crop, size) time ids."""
         height = self.sample_shape[1] * self.pipeline.vae_scale_factor
         projection = self.pipeline.text_encoder_2.config.projection_dim
-        time_ids = self.pipeline._get_add_time_ids(
-            (height, height), (0, 0), (height, height), dtype=dtype, text_encoder_projection_dim=projection
-        ).to(self.device).repeat(len(pooled), 1)
+        time_ids = sdxl_time_ids(self.network, height, projection, dtype).to(self.device).repeat(len(pooled), 1)
         text_embeds = torch.cat([negative_pooled, pooled]) if cfg else pooled
         time_ids = torch.cat([time_ids, time_ids]) if cfg else time_ids
         return {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}

@@ -3,9 +3,10 @@
 - ``jepa_score_naive``: per image, ``torch.autograd.functional.jacobian`` + ``svdvals``.
 - ``topk_log_volume_exact``: the top-k log-volume from the full Jacobian SVD; by the envelope
   theorem its gradient (Q = the exact top-k left singular vectors, held fixed) is the exact one.
-- ``topk_log_volume_reference``: the authors' release, restated (METHOD.md section 2): one image and
-  one sketch column at a time, J v by forward finite differences (step 1e-4), optionally under
-  reduced-precision autocast. Its sketch is far from the top-k subspace at low precision.
+- ``topk_log_volume_reference``: the authors' release, restated (docs/method.md, 'Differences from
+  the released code'): one image and one sketch column at a time, J v by forward finite differences
+  (step 1e-4), optionally under reduced-precision autocast. Its sketch is far from the top-k
+  subspace at low precision.
 """
 
 from __future__ import annotations

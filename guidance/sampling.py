@@ -1,5 +1,5 @@
-"""The JEPA-guided sampler (paper eq. for x_{t-1}; METHOD.md section 3), a plain function over
-(denoiser, x_T, schedule).
+"""The JEPA-guided sampler (paper eq. for x_{t-1}; docs/method.md, 'Guided step'), a plain
+function over (denoiser, x_T, schedule).
 
 At a guided step, with x_t requiring grad:
   out = denoiser(x_t, t)                        (with graph)
@@ -72,7 +72,7 @@ def guidance_direction(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(g, network output at x_t): the gradient of JS_bar with respect to x_t (L-inf normalised if asked), detached.
 
-    ``gradient="full"`` differentiates through the denoiser (docs/method.md, 'The guided update');
+    ``gradient="full"`` differentiates through the denoiser (docs/method.md, 'Guided step');
     ``"tweedie"`` holds the network output constant and differentiates the clean estimate alone
     (docs/method.md, 'Cheaper guidance'): no denoiser backward and no denoiser graph in memory.
     The image -> encoder part runs in micro-batches; ``memories`` (warm start) holds one per micro-batch.

@@ -16,8 +16,10 @@ from urllib.parse import urlparse
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data import from_pandas
+from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetRecord
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
 from pipeline.settings import TrackingConfig
@@ -36,6 +38,15 @@ def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:
     elif urlparse(uri).scheme in ("", "file"):
         raise ValueError(f"tracking.tracking_uri {uri!r}: use sqlite:///path/mlflow.db or an http(s):// server")
     return uri, artifacts
+
+
+def dataset_record(dataset: Dataset) -> DatasetRecord:
+    """What a run logs for a dataset, built from its public ``to_dict()`` (name, digest, source, schema, profile)."""
+    fields = dataset.to_dict()
+    return DatasetRecord(
+        name=fields["name"], digest=fields["digest"], source_type=fields["source_type"], source=fields["source"],
+        schema=fields.get("schema"), profile=fields.get("profile"),
+    )
 
 
 class RunTracker:
@@ -75,8 +86,8 @@ class RunTracker:
             work = from_pandas(manifest, source=manifest_uri, name="manifest", digest=digest[:16])
             output = MetaDataset(resolve_dataset_source(data_uri), name="generated", digest=digest[:16])
             self.client.log_inputs(self.run_id, datasets=[
-                DatasetInput(work._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "work")]),
-                DatasetInput(output._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "output")]),
+                DatasetInput(dataset_record(work), tags=[InputTag("mlflow.data.context", "work")]),
+                DatasetInput(dataset_record(output), tags=[InputTag("mlflow.data.context", "output")]),
             ])
 
     def end(self, status: str) -> None:

@@ -29,6 +29,7 @@ from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import load_models
 from pipeline.generate.work import build_manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from tests.private_apis import compiled_in_place
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
@@ -189,8 +190,8 @@ def test_model_compile_reaches_the_actors_network(write_config):
     """``model.compile`` is what the actor loads with (the compiled sampling itself: tests/test_samplers.py)."""
     compiled, _ = load_models(load_config(write_config(model={"compile": True})), "cpu")
     plain, _ = load_models(load_config(write_config()), "cpu")
-    assert compiled.network._compiled_call_impl is not None  # what nn.Module.compile() sets
-    assert plain.network._compiled_call_impl is None
+    assert compiled_in_place(compiled.network)
+    assert not compiled_in_place(plain.network)
 
 
 @pytest.mark.parametrize("change,message", [

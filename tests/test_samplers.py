@@ -15,7 +15,7 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DiTPipeline, St
 from guidance import jepa_score
 from guidance.generate import generate, generate_images
 from guidance.methods import BoostSkipConfig, GuidanceConfig, SamplingConfig
-from guidance.models import WorkItem
+from guidance.models import WorkItem, sdxl_time_ids
 from guidance.presets import PRESETS, load_model
 from guidance.sampling import JepaGuidance, sample
 from guidance.schedules import noise_schedule
@@ -119,6 +119,40 @@ def test_sdxl_matches_its_pipeline(folders, models):
                 output_type="np").images
     got = ours(models["sdxl"], TEXT_ITEMS, method="unguided", steps=4, cfg_scale=5.0)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def added_conditions(unet, run) -> dict:
+    """The ``added_cond_kwargs`` the UNet receives on its first call during ``run()``."""
+    seen = []
+    handle = unet.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["added_cond_kwargs"]),
+                                            with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_sdxl_micro_conditioning_is_the_pipelines(folders, models):
+    """SDXL's time ids (size, crop, size) and pooled text embeddings reach the UNet as the pipeline passes them."""
+    pipe = StableDiffusionXLPipeline.from_pretrained(folders["sdxl"])
+    model = models["sdxl"]
+    want = added_conditions(pipe.unet, lambda: pipe([CAT, DOG], guidance_scale=5.0, num_inference_steps=1,
+                                                    output_type="latent"))
+    denoiser = model.denoiser(TEXT_ITEMS, 5.0)
+    got = added_conditions(model.network, lambda: denoiser(torch.zeros(2, *model.sample_shape), 999))
+    size = model.sample_shape[1] * pipe.vae_scale_factor
+    assert got["time_ids"].tolist() == [[size, size, 0, 0, size, size]] * 4  # negative and positive rows, 2 prompts
+    assert got["time_ids"].dtype == want["time_ids"].dtype
+    torch.testing.assert_close(got["time_ids"], want["time_ids"], rtol=0, atol=0)
+    torch.testing.assert_close(got["text_embeds"], want["text_embeds"], rtol=0, atol=0)
+
+
+def test_sdxl_refuses_a_second_text_encoder_of_another_width(models):
+    unet = models["sdxl"].network
+    with pytest.raises(ValueError, match="expects added conditions of length 80.*projection_dim 7"):
+        sdxl_time_ids(unet, 64, projection_dim=7, dtype=torch.float32)
 
 
 def test_sdxl_lightning_loads_its_unet_file_and_samples_four_trailing_steps(folders, tmp_path):
@@ -358,13 +392,15 @@ def test_compiled_network_samples_the_same_images(folders, tiny_encoder):
     """torch.compile changes speed, not samples: guided and unguided steps (grad on and off) both compile."""
     eager = load_model("pixel-unet", folders["class"])
     compiled = load_model("pixel-unet", folders["class"], compile_network=True)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    torch.compiler.reset()
+    calls = []  # (running under torch.compile, grad mode) of each network call, recorded by a hook inside it
+    compiled.network.register_forward_pre_hook(
+        lambda *_: calls.append((torch.compiler.is_compiling(), torch.is_grad_enabled())))
     items, config = [WorkItem(1, 3), WorkItem(2, 7)], SamplingConfig(steps=3, guidance=GuidanceConfig(tau=0.7, k=4))
     expected, guided = generate_images(eager, items, config, tiny_encoder)
     images, steps_guided = generate_images(compiled, items, config, tiny_encoder)
     assert steps_guided == guided == 2
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the network ran compiled, in both grad modes
+    assert set(calls) == {(True, True), (True, False)}  # every call ran compiled, guided (grad on) and not
     torch.testing.assert_close(images, expected, atol=1e-5, rtol=0)
 
 

@@ -69,7 +69,10 @@ def test_no_credential_appears_in_logs_tracking_or_outputs(ray_cluster, s3, writ
     for file in mlruns.rglob("*"):  # the sqlite store itself and every artifact
         if file.is_file():
             found[f"mlflow {file.relative_to(mlruns)}"] = leaks(file.read_bytes(), secrets)
-    for file in Path(ray._private.worker._global_node.get_logs_dir_path()).rglob("*"):
+    context = ray.get_runtime_context()  # Ray's log folder: <temp dir>/<session name>/logs
+    ray_logs = Path(context.get_temp_dir()) / context.get_session_name() / "logs"
+    assert ray_logs.is_dir(), f"no Ray log folder at {ray_logs}"
+    for file in ray_logs.rglob("*"):
         if file.is_file():
             found[f"ray log {file.name}"] = leaks(file.read_bytes(), secrets)
     assert not any(found.values()), {where: hits for where, hits in found.items() if hits}

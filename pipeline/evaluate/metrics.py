@@ -1,7 +1,7 @@
 """The evaluation's math, on feature arrays (numpy, no I/O): rarity, Frechet distance, k-NN manifolds.
 
 - Rarity: the JEPA-SCORE distribution of a set and the share of it below the reference's 10th
-  percentile (lower is rarer, METHOD.md section 1).
+  percentile (lower is rarer, docs/method.md, 'JEPA-SCORE').
 - Frechet distance between Gaussians fitted to two feature sets (Heusel et al. 2017):
   ``FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``, in float64. The means and covariances
   are accumulated block by block (``Moments``), so FD sees every row whatever the set's size.

@@ -1,0 +1,31 @@
+"""Private dependency APIs the project still reads (no public one says the same): loud when an upgrade moves them.
+
+Each test names the private attribute, who reads it and the installed version, so the failure says
+what to fix. Both are cheap: nothing is compiled by inductor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from benchmarks.bench_compile import graphs_compiled
+from tests.private_apis import compiled_in_place
+
+
+def test_module_compile_still_sets_the_private_compiled_call():
+    module = nn.Linear(2, 2)
+    assert not compiled_in_place(module)
+    module.compile()
+    assert compiled_in_place(module), (
+        f"torch {torch.__version__}: nn.Module.compile() no longer sets the private Module._compiled_call_impl "
+        "that tests/private_apis.py compiled_in_place reads; find what marks a module compiled in place now")
+
+
+def test_dynamo_still_counts_the_graphs_it_compiles():
+    before = graphs_compiled()
+    add_one = torch.compile(lambda x: x + 1, backend="eager")  # dynamo traces; no inductor compile
+    add_one(torch.ones(3))
+    assert graphs_compiled() == before + 1, (
+        f"torch {torch.__version__}: torch._dynamo.utils.counters['stats']['unique_graphs'] no longer counts "
+        "compiled graphs; benchmarks/bench_compile.py graphs_compiled reads it")
