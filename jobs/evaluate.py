@@ -1,7 +1,9 @@
 """jepa-minority evaluate: are the rare samples rare, and good? One table row per generated run.
 
-Rarity (JEPA-SCORE), Frechet distance and precision / recall / density / coverage in the encoder's
-embedding space against a reference; Inception FID / sFID and CLIP score from local weights files.
+Rarity against a reference in a named feature space (AvgkNN, LOF, Rarity Score; never through the
+JEPA-SCORE) and the reference's prior check; the JEPA-SCORE as the guidance objective; Frechet
+distance and precision / recall / density / coverage in the encoder's embedding space; Inception
+FID / sFID and CLIP score from local weights files.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import sys
 
 from jobs.options import add_storage_and_tracking, storage_config, tracking_config
+from pipeline.evaluate.features import DEFAULT_PIXELS
 from pipeline.evaluate.job import EvaluateConfig, markdown, run_evaluation
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
 from pipeline.storage import StorageError
@@ -32,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID and sFID")
     parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: adds CLIP score (prompted runs)")
     parser.add_argument("--clip-arch", metavar="NAME", help="its open_clip architecture (e.g. ViT-B-32) or config .json")
+    parser.add_argument("--rarity-features", metavar="SPACE",
+                        help="where rarity is measured: inception, clip (their weights flags), pixels-N[-grey] (raw "
+                             "pixels at N x N) or encoder (the runs' own embedding: NOT independent of the guidance); "
+                             f"default inception if its weights are given, else clip if given, else {DEFAULT_PIXELS}")
+    parser.add_argument("--rarity-k", type=int, default=EvaluateConfig.rarity_k,
+                        help="k of AvgkNN, LOF and Rarity Score (default 5)")
     parser.add_argument("--batch-size", type=int, default=EvaluateConfig.batch_size, help="images per model call")
     parser.add_argument("--actors", type=int, default=EvaluateConfig.actors, help="Ray actors that run the models")
     parser.add_argument("--cpus-per-actor", type=float, default=EvaluateConfig.cpus_per_actor)
@@ -42,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             generated=tuple(args.generated), reference=args.reference, output=args.output,
             max_samples=args.max_samples, nearest_k=args.nearest_k, seed=args.seed,
             inception_weights=args.inception_weights, clip_weights=args.clip_weights, clip_arch=args.clip_arch,
-            batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
+            rarity_features=args.rarity_features, rarity_k=args.rarity_k, batch_size=args.batch_size, actors=args.actors, cpus_per_actor=args.cpus_per_actor,
             storage=storage_config(args), tracking=tracking_config(args),
         )
         report = run_evaluation(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -54,6 +55,23 @@ def overlaid_histograms(series: dict[str, np.ndarray], title: str) -> bytes:
     axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
     axis.set_ylabel("samples")
     axis.set_title(title)
+    axis.legend()
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def score_against_rarity(avg_knn: np.ndarray, scores: np.ndarray, binned: list[dict], title: str, space: str) -> bytes:
+    """A PNG scatter of JEPA-SCORE against AvgkNN, with the mean score per AvgkNN bin over it."""
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=100)
+    axis.scatter(avg_knn, scores, s=8, alpha=0.4, color="#4c72b0", label="images")
+    axis.plot([b["avg_knn"] for b in binned], [b["jepa_score"] for b in binned], "o-", color="#c44e52",
+              label="binned mean")
+    axis.set_xlabel(f"AvgkNN among the others, {space} features (larger = rarer)")
+    axis.set_ylabel("exact JEPA-SCORE (lower = rarer)")
+    axis.set_title(textwrap.fill(title, 90), fontsize=8)
     axis.legend()
     buffer = io.BytesIO()
     figure.tight_layout()
