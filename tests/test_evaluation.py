@@ -199,6 +199,7 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
         assert child.data.tags["rarity_feature_space"] == "pixels-32"
     parent = client.get_run(report["evaluation_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["prior_check_spearman"] == pytest.approx(rho)
     artifacts = {a.path for a in client.list_artifacts(report["evaluation_run_id"])}
     assert artifacts == {"evaluation.json", "evaluation.md", "prior_check.png"}
 

@@ -131,7 +131,8 @@ class InceptionFeatures:
             self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                      feature_extractor_weights_path=str(path)).to(device)
         except RuntimeError as error:
-            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {error}") from error
+            detail = " ".join(str(error).split())  # torch lists every mismatch on its own line: keep the refusal one line
+            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {detail}") from error
         self.device = device
         self._spatial: torch.Tensor | None = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)

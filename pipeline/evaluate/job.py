@@ -237,7 +237,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             delete(target.child(EVALUATION_FILE))
     parquet, images = find_reference(config.reference, config.storage) if config.reference else ([], [])
     if config.reference:
-        _check_reference_size(config, parquet, images)
+        _check_reference(config, encoder, parquet, images)
     # every model loads once here first, on the CPU: a bad weights file fails before any data is read
     EvalFeatures(_spec(config, encoder if images else None, clip_score=True) or FeatureSpec(), device="cpu")
     connect_ray()
@@ -260,6 +260,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     status = "FAILED"
     try:
         parent.log_params(flatten(to_dict(config)))
+        if prior and prior["spearman"] is not None:
+            parent.log_metrics({"prior_check_spearman": prior["spearman"], "prior_check_images": prior["images"]})
         for run, row in zip(runs, report["rows"]):
             child = RunTracker(config.tracking, run_name=f"evaluate-{run.label}",
                                tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
@@ -338,14 +340,7 @@ def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[
 
     location = resolve(config.reference, config.storage)
     spec = _spec(config, None, clip_score=False)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if spec else [])
-    schema = pads.dataset(files, filesystem=location.filesystem, format="parquet").schema
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
-                         "the generated schema (pipeline/schema.py) or a folder of images to embed here")
-    _check_reference_run(location, config.reference, encoder)
-    dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(columns)
+    dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(_reference_columns(config))
     stats = _collect(config, dataset, spec, f"reference {config.reference}")
     if stats.encoders != {encoder["name"]}:
         raise ValueError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
@@ -363,10 +358,23 @@ def _reference_image_stats(config: EvaluateConfig, encoder: dict, files: list[Pa
     return _collect(config, dataset, _spec(config, encoder, clip_score=False), f"reference {config.reference}")
 
 
-def _check_reference_size(config: EvaluateConfig, parquet: list[str], images: list[Path]) -> None:
-    """Rarity's k needs more reference rows than k: refused before any model runs."""
+def _reference_columns(config: EvaluateConfig) -> list[str]:
+    """What a Parquet reference must hold: its stored scores and embeddings, and images when features need them."""
+    return ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if _spec(config, None, False) else [])
+
+
+def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], images: list[Path]) -> None:
+    """A Parquet reference's columns and input size, and a size that rarity's k can use: before any model runs."""
     location = resolve(config.reference, config.storage)
-    count = len(images) or pads.dataset(parquet, filesystem=location.filesystem, format="parquet").count_rows()
+    count = len(images)
+    if parquet:
+        dataset = pads.dataset(parquet, filesystem=location.filesystem, format="parquet")
+        missing = [c for c in _reference_columns(config) if c not in dataset.schema.names]
+        if missing:
+            raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
+                             "the generated schema (pipeline/schema.py) or a folder of images to embed here")
+        _check_reference_run(location, config.reference, encoder)
+        count = dataset.count_rows()
     if count <= config.rarity_k:
         raise ValueError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
                          f"needs more than k: lower --rarity-k to at most {max(count - 1, 0)} or give a larger reference")
