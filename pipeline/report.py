@@ -13,6 +13,15 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 
+def _png(figure) -> bytes:
+    """A finished figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def score_histogram(scores: np.ndarray, title: str) -> bytes:
     """A PNG histogram of JEPA-SCOREs (lower = rarer)."""
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
@@ -20,11 +29,7 @@ def score_histogram(scores: np.ndarray, title: str) -> bytes:
     axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
     axis.set_ylabel("samples")
     axis.set_title(title)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 96) -> bytes:
@@ -56,11 +61,7 @@ def overlaid_histograms(series: dict[str, np.ndarray], title: str) -> bytes:
     axis.set_ylabel("samples")
     axis.set_title(title)
     axis.legend()
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def score_against_rarity(avg_knn: np.ndarray, scores: np.ndarray, binned: list[dict], title: str, space: str) -> bytes:
@@ -73,8 +74,4 @@ def score_against_rarity(avg_knn: np.ndarray, scores: np.ndarray, binned: list[d
     axis.set_ylabel("exact JEPA-SCORE (lower = rarer)")
     axis.set_title(textwrap.fill(title, 90), fontsize=8)
     axis.legend()
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
