@@ -16,6 +16,7 @@ COMMANDS = {
     "refresh": "jobs.refresh",  # one scheduled dataset version, published when complete
     "score": "jobs.score",  # rank image files by world-prior rarity
     "evaluate": "jobs.evaluate",  # rarity and quality of generated runs against a reference
+    "check-prior": "jobs.check_prior",  # does the encoder's JEPA-SCORE track rarity in your own data?
     "submit": "jobs.submit",  # run any of these jobs on a Ray cluster, once
     "serve": "jobs.serve",  # the samplers and scores over HTTP on Ray Serve, and a page of the rarest
 }

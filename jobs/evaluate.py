@@ -1,7 +1,9 @@
 """jepa-minority evaluate: are the rare samples rare, and good? One table row per generated run.
 
-Rarity (JEPA-SCORE), Frechet distance and precision / recall / density / coverage in the encoder's
-embedding space against a reference; Inception FID / sFID and CLIP score from local weights files.
+Rarity against a reference in a named feature space (AvgkNN, LOF, Rarity Score; never through the
+JEPA-SCORE) and the reference's prior check; the JEPA-SCORE as the guidance objective; Frechet
+distance and precision / recall / density / coverage in the encoder's embedding space; Inception
+FID / sFID and CLIP score from local weights files.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from jobs.options import add_storage_and_tracking, config_flag, given, job_parse
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
-         "batch_size", "actors", "cpus_per_actor")  # EvaluateConfig fields, one flag each
+         "rarity_features", "rarity_k", "batch_size", "actors", "cpus_per_actor")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID and sFID")
     parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: adds CLIP score (prompted runs)")
     parser.add_argument("--clip-arch", metavar="NAME", help="its open_clip architecture (e.g. ViT-B-32) or config .json")
+    parser.add_argument("--rarity-features", metavar="SPACE",
+                        help="where rarity is measured: inception, clip (their weights flags), pixels-N[-grey] (raw "
+                             "pixels at N x N) or encoder (the runs' own embedding: NOT independent of the guidance); "
+                             "default inception if its weights are given, else clip if given, else pixels-32")
+    config_flag(parser, "--rarity-k", doc["rarity_k"], type=int)
     config_flag(parser, "--batch-size", doc["batch_size"], type=int)
     config_flag(parser, "--actors", doc["actors"], type=int)
     config_flag(parser, "--cpus-per-actor", doc["cpus_per_actor"], type=float)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -12,6 +13,15 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
 
+def _png(figure) -> bytes:
+    """A finished figure as PNG bytes; the figure is closed."""
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 def score_histogram(scores: np.ndarray, title: str) -> bytes:
     """A PNG histogram of JEPA-SCOREs (lower = rarer)."""
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
@@ -19,11 +29,7 @@ def score_histogram(scores: np.ndarray, title: str) -> bytes:
     axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
     axis.set_ylabel("samples")
     axis.set_title(title)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 96) -> bytes:
@@ -55,8 +61,17 @@ def overlaid_histograms(series: dict[str, np.ndarray], title: str) -> bytes:
     axis.set_ylabel("samples")
     axis.set_title(title)
     axis.legend()
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
+
+
+def score_against_rarity(avg_knn: np.ndarray, scores: np.ndarray, binned: list[dict], title: str, space: str) -> bytes:
+    """A PNG scatter of JEPA-SCORE against AvgkNN, with the mean score per AvgkNN bin over it."""
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=100)
+    axis.scatter(avg_knn, scores, s=8, alpha=0.4, color="#4c72b0", label="images")
+    axis.plot([b["avg_knn"] for b in binned], [b["jepa_score"] for b in binned], "o-", color="#c44e52",
+              label="binned mean")
+    axis.set_xlabel(f"AvgkNN among the others, {space} features (larger = rarer)")
+    axis.set_ylabel("exact JEPA-SCORE (lower = rarer)")
+    axis.set_title(textwrap.fill(title, 90), fontsize=8)
+    axis.legend()
+    return _png(figure)

@@ -89,3 +89,7 @@ LATEST_FILE = "LATEST.json"
 # Layout of an evaluation's output folder: the table, then the result written last as its completion marker.
 EVALUATION_TABLE_FILE = "evaluation.md"
 EVALUATION_FILE = "evaluation.json"
+
+# Layout of a prior check's output folder: the plot, then the result written last as its completion marker.
+PRIOR_CHECK_PLOT = "prior_check.png"
+PRIOR_CHECK_FILE = "prior_check.json"

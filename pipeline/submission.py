@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-JOBS = ("generate", "filter", "refresh", "evaluate", "demo", "score", "serve")  # every jobs.cli command but submit
+JOBS = ("generate", "filter", "refresh", "evaluate", "check-prior", "demo", "score", "serve")  # every jobs.cli command but submit
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT = 120  # seconds to wait for a starting head's job agent
@@ -36,7 +36,7 @@ class Submission:
 
     @property
     def entrypoint(self) -> str:
-        return shlex.join(["python", "-m", f"jobs.{self.job}", *self.args])
+        return shlex.join(["python", "-m", f"jobs.{self.job.replace('-', '_')}", *self.args])  # check-prior: jobs.check_prior
 
     @property
     def submission_id(self) -> str:

@@ -14,6 +14,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 import torchvision
 from mlflow import MlflowClient
@@ -22,6 +23,8 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.evaluate.job import EvaluateConfig, run_evaluation
 from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.evaluate.prior import verdict
+from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_factor
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
@@ -141,15 +144,28 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     table = (tmp_path / "eval" / "evaluation.md").read_text()
     assert [row["method"] for row in report["rows"]] == ["unguided", "jepa"]
-    assert table.splitlines()[0].startswith("| method | samples | JEPA-SCORE ↓ | rarer than ref. p10 ↑ | FD (encoder) ↓")
+    assert table.splitlines()[0].startswith("| method | samples | AvgkNN ↑ | LOF ↑ |")
+    assert "| JEPA-SCORE (objective) ↓ | below ref. p10 (objective) ↑ | FD (encoder) ↓" in table.splitlines()[0]
+    assert "feature space pixels-32 (raw pixels resized to 32 x 32 RGB" in table  # the default without weights files
     assert table.splitlines()[2].startswith("| unguided | 9 |") and table.splitlines()[3].startswith("| jepa | 9 |")
     assert table in printed
 
     # the reference is embedded and scored by the runs' own encoder (the same as `jepa-minority score`)
-    reference_scores = np.array([row.score for row in score_images(ScoreConfig(
-        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE)).rows])
+    scored = {row.path: row.score for row in score_images(ScoreConfig(
+        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE)).rows}
+    reference_scores = np.array([scored[str(p)] for p in images])
     assert report["reference"]["rows"] == len(images)
     assert report["reference"]["p10"] == pytest.approx(np.quantile(reference_scores, 0.1), abs=1e-6)
+
+    # the prior check of the reference: its exact scores against its own leave-one-out AvgkNN in pixels-32
+    real_pixels = pixel_features(images, 32)
+    prior = report["prior_check"]
+    rho, p_value = scipy.stats.spearmanr(reference_scores, avg_knn_within(real_pixels, 5))
+    assert prior["feature_space"] == "pixels-32" and prior["images"] == len(images) and prior["k"] == 5
+    assert prior["spearman"] == pytest.approx(rho, abs=1e-9)
+    assert prior["verdict"] == verdict(rho, len(images), p_value)
+    assert f"Prior check of the reference: {prior['verdict']}." in table
+    assert (tmp_path / "eval" / "prior_check.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     from guidance import load_encoder
     encoder = load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
@@ -174,10 +190,24 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
         assert child.data.tags["generation_run_id"] == rows.column("run_id")[0].as_py() == row["generation_run_id"]
         assert child.data.tags["mlflow.parentRunId"] == report["evaluation_run_id"]
         assert child.data.metrics["embedding_fd"] == pytest.approx(row["embedding"]["fd"])
+        # rarity of every stored image against the reference's pixels, not through the JEPA-SCORE
+        fake_pixels = pixel_features([io.BytesIO(r["bytes"]) for r in rows.column("image").to_pylist()], 32)
+        assert row["rarity"]["feature_space"] == "pixels-32" and row["rarity"]["samples"] == 9
+        assert row["rarity"]["avg_knn"] == pytest.approx(avg_knn(fake_pixels, real_pixels, 5).mean(), rel=1e-5)
+        assert row["rarity"]["lof"] == pytest.approx(local_outlier_factor(fake_pixels, real_pixels, 5).mean(), rel=1e-5)
+        assert child.data.metrics["rarity_avg_knn"] == pytest.approx(row["rarity"]["avg_knn"])
+        assert child.data.tags["rarity_feature_space"] == "pixels-32"
     parent = client.get_run(report["evaluation_run_id"])
     assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["prior_check_spearman"] == pytest.approx(rho)
     artifacts = {a.path for a in client.list_artifacts(report["evaluation_run_id"])}
-    assert artifacts == {"evaluation.json", "evaluation.md"}
+    assert artifacts == {"evaluation.json", "evaluation.md", "prior_check.png"}
+
+
+def pixel_features(images: list, size: int) -> np.ndarray:
+    """The pixels-SIZE space by hand: RGB, Pillow's bilinear resize, flattened, in [0, 1]."""
+    return np.stack([np.asarray(Image.open(image).convert("RGB").resize((size, size), Image.BILINEAR), np.float64)
+                     .reshape(-1) / 255 for image in images])
 
 
 def png(array: np.ndarray) -> bytes:
@@ -281,6 +311,12 @@ def test_fid_sfid_and_clip_from_local_weights(ray_cluster, tmp_path, tracking, i
     (dict(clip_weights="x.pt"), "needs both --clip-weights and --clip-arch"),
     (dict(reference=None, inception_weights="x.pth"), "FID / sFID compare against a reference"),
     (dict(max_samples=3, nearest_k=5), "max_samples must exceed nearest_k"),
+    (dict(max_samples=6, nearest_k=2, rarity_k=6), r"max_samples must exceed nearest_k \(2\) and rarity_k \(6\)"),
+    (dict(reference=None, rarity_features="pixels-8"), "rarity is measured against a reference"),
+    (dict(rarity_features="pixels-0"), "unknown feature space 'pixels-0'"),
+    (dict(rarity_features="pixels-8-gray"), "unknown feature space 'pixels-8-gray'"),
+    (dict(rarity_features="inception"), "feature space inception needs --inception-weights"),
+    (dict(rarity_features="clip"), "feature space clip needs --clip-weights"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, change, message):
     settings = dict(generated=("a",), reference="ref") | change
@@ -294,7 +330,9 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
 
     def refused(*extra) -> str:
         assert evaluate_job.main([*base, *extra]) == 2
-        return capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert err.strip().splitlines()[-1].startswith("jepa-minority evaluate: ")  # the last line is ours
+        return err
 
     (tmp_path / "empty").mkdir()
     assert "holds no Parquet files and no .png/.jpg/.jpeg images" in refused("--reference", str(tmp_path / "empty"))
@@ -305,7 +343,15 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
     assert "was embedded by ['vit_base_patch14_dinov2'], not by the generated runs' vit_small_patch14_reg4_dinov2" \
         in refused("--reference", str(tmp_path / "other-encoder"))
     fake_run(tmp_path / "other-dim", "y", 2, dim=5)
-    assert "reference embeddings have dimension 5" in refused("--reference", str(tmp_path / "other-dim"))
+    assert "reference embeddings have dimension 5" in refused("--reference", str(tmp_path / "other-dim"),
+                                                              "--rarity-features", "encoder")
+    fake_run(tmp_path / "small", "s", 5, count=6)
+    assert "holds 6 rows but rarity with k = 6 needs more than k: lower --rarity-k to at most 5" in refused(
+        "--reference", str(tmp_path / "small"), "--rarity-k", "6")
+    assert "rarity is measured against a reference" in refused("--rarity-features", "pixels-8")
+    fake_run(tmp_path / "empty-run", "e", 6, count=0)
+    assert "holds fewer than 2 rows" in refused("--generated", str(tmp_path / "empty-run"),
+                                                "--reference", str(tmp_path / "gen"))
     fake_run(tmp_path / "other-size", "z", 3, input_size=56)
     assert "scored at input size 56" in refused("--reference", str(tmp_path / "other-size"))
     (tmp_path / "bare").mkdir()
@@ -356,3 +402,42 @@ def test_runs_and_reference_on_object_storage_and_rarity_without_a_reference(ray
     assert set(alone["rows"][0]) == {"method", "uri", "generation_run_id", "rows", "invalid", "failed_in_input",
                                      "jepa_score", "evaluation_run_id"}
     assert alone["rows"][0]["jepa_score"]["std"] == pytest.approx(gen.std())
+
+
+def rewrite(folder, column: str, values: list) -> None:
+    """Replace one column of a fake run's only data file, every other column kept."""
+    path = folder / "data" / "part-0.parquet"
+    table = pq.read_table(path)
+    index = table.schema.get_field_index(column)
+    pq.write_table(table.set_column(index, table.field(column), pa.array(values, table.schema.field(column).type)), path)
+
+
+def test_rarity_follows_the_images_and_ignores_the_jepa_score(ray_cluster, tmp_path, tracking):
+    gen, ref = fake_run(tmp_path / "gen", "jepa", 0), fake_run(tmp_path / "ref", "ref", 1)
+
+    def evaluate() -> dict:
+        return run_evaluation(EvaluateConfig(generated=(str(tmp_path / "gen"),), reference=str(tmp_path / "ref"),
+                                             nearest_k=2, rarity_features="pixels-8-grey", rarity_k=3,
+                                             cpus_per_actor=0.5, tracking=tracking))["rows"][0]
+
+    def grey(table: pa.Table) -> np.ndarray:
+        return np.stack([np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("L").resize((8, 8), Image.BILINEAR),
+                                    np.float64).reshape(-1) / 255 for r in table.column("image").to_pylist()])
+
+    first = evaluate()
+    assert first["rarity"]["feature_space"] == "pixels-8-grey" and first["rarity"]["k"] == 3
+    assert first["rarity"]["avg_knn"] == pytest.approx(avg_knn(grey(gen), grey(ref), 3).mean(), rel=1e-5)
+    assert set(first["rarity"]) == {"feature_space", "k", "avg_knn", "avg_knn_quantiles", "lof", "rarity_score",
+                                    "rarity_score_uncovered", "samples"}
+
+    rewrite(tmp_path / "gen", "jepa_score", list(np.linspace(-90, -10, 8)))  # only the guidance objective changes
+    second = evaluate()
+    assert second["jepa_score"]["mean"] == pytest.approx(-50) != first["jepa_score"]["mean"]
+    assert second["rarity"] == first["rarity"]
+
+    images = ref.column("image").to_pylist()  # the run's images become the reference's own: rarity falls to zero
+    rewrite(tmp_path / "gen", "image", images)
+    third = evaluate()
+    assert third["rarity"]["avg_knn"] < first["rarity"]["avg_knn"]
+    assert third["rarity"]["avg_knn"] == pytest.approx(avg_knn(grey(ref), grey(ref), 3).mean(), rel=1e-5)
+    assert third["rarity"]["rarity_score_uncovered"] == 0

@@ -7,7 +7,11 @@
   17 x 17) flattened to 2023, as guided-diffusion's evaluator takes them. torch-fidelity has no sFID;
   this hook is our glue.
 - CLIP (open_clip): CLIP score = 100 * max(cos(image, prompt), 0) (Hessel et al. 2021, scaled as
-  torchmetrics does).
+  torchmetrics does), and the unit-norm image features.
+- Raw pixels resized to a stated size, for small images when no weights file is at hand.
+
+A ``FeatureSpace`` names where rarity is measured (pipeline/evaluate/rarity.py) and which column
+carries its features.
 """
 
 from __future__ import annotations
@@ -26,6 +30,63 @@ from guidance import jepa_score, load_encoder
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
 INCEPTION_SUFFIXES = (".pth", ".pt")
 CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+PIXEL_SIZES = range(2, 257)  # pixels-N: N x N, small enough for k-NN on raw values
+DEFAULT_PIXELS = "pixels-32"
+
+
+@dataclass(frozen=True)
+class FeatureSpace:
+    """A feature space to measure rarity in, by name: ``inception``, ``clip``, ``pixels-N[-grey]`` or ``encoder``.
+
+    ``encoder`` is the generated runs' own embedding: the space the guidance shaped, so NOT
+    independent of the JEPA-SCORE. The others do not see the guidance encoder.
+    """
+
+    name: str
+    column: str  # the column its features travel in
+    independent: bool  # False only for the guidance encoder's own embedding
+    size: int | None = None  # pixels: resized to size x size
+    mode: str = "RGB"  # pixels: "RGB" or "L" (greyscale)
+
+    @classmethod
+    def parse(cls, name: str) -> FeatureSpace:
+        if name == "inception":
+            return cls(name, "pool", True)
+        if name == "clip":
+            return cls(name, "clip_image", True)
+        if name == "encoder":
+            return cls(name, "embedding", False)
+        parts = name.split("-")
+        if (parts[0] == "pixels" and len(parts) in (2, 3) and parts[1].isdigit() and int(parts[1]) in PIXEL_SIZES
+                and parts[2:] in ([], ["grey"])):
+            return cls(name, "pixels", True, int(parts[1]), "L" if parts[2:] else "RGB")
+        raise ValueError(f"unknown feature space {name!r}: choose inception, clip, encoder or pixels-N[-grey] "
+                         f"(N in {PIXEL_SIZES.start}..{PIXEL_SIZES.stop - 1}, e.g. {DEFAULT_PIXELS} or pixels-8-grey)")
+
+    @classmethod
+    def choose(cls, name: str | None, inception_weights: str | None, clip_weights: str | None) -> FeatureSpace:
+        """The named space (checked against the weights given), else the most independent one available."""
+        if name is None:
+            name = "inception" if inception_weights else "clip" if clip_weights else DEFAULT_PIXELS
+        space = cls.parse(name)
+        if space.name == "inception" and not inception_weights:
+            raise ValueError(f"feature space inception needs --inception-weights. {INCEPTION_HINT}")
+        if space.name == "clip" and not clip_weights:
+            raise ValueError(f"feature space clip needs --clip-weights and --clip-arch. {CLIP_HINT}")
+        return space
+
+    @property
+    def description(self) -> str:
+        what = {"pool": "Inception-v3 pool3 features (2048)", "clip_image": "CLIP image features (unit norm)",
+                "embedding": "the guidance encoder's own embedding: NOT independent of the JEPA-SCORE"}
+        if self.column == "pixels":
+            return f"raw pixels resized to {self.size} x {self.size} {'greyscale' if self.mode == 'L' else 'RGB'}, in [0, 1]"
+        return what[self.column]
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """An image as this space's flat pixel vector in [0, 1] (Pillow's bilinear filter, antialiased when shrinking)."""
+        small = image.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return np.asarray(small, dtype=np.float32).reshape(-1) / 255
 
 
 @dataclass(frozen=True)
@@ -36,6 +97,8 @@ class FeatureSpec:
     inception_weights: str | None = None  # torch-fidelity's pt_inception-2015-12-05 state dict (.pth)
     clip_weights: str | None = None  # an open_clip checkpoint
     clip_arch: str | None = None  # an open_clip architecture name, or a model config .json
+    clip_features: bool = False  # also the CLIP image features (rarity in the clip space)
+    pixels: str | None = None  # a pixels-N feature space name: its pixel vectors
 
 
 def check_weights_file(path: str, what: str, suffixes: tuple[str, ...], hint: str) -> Path:
@@ -68,7 +131,8 @@ class InceptionFeatures:
             self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                      feature_extractor_weights_path=str(path)).to(device)
         except RuntimeError as error:
-            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {error}") from error
+            detail = " ".join(str(error).split())  # torch lists every mismatch on its own line: keep the refusal one line
+            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {detail}") from error
         self.device = device
         self._spatial: torch.Tensor | None = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
@@ -109,9 +173,14 @@ class ClipScorer:
         self.device = device
 
     @torch.no_grad()
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+    def image_features(self, images: list[Image.Image]) -> torch.Tensor:
+        """Unit-norm image features (B, embed_dim), float32."""
         pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        image = torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+        return torch.nn.functional.normalize(self.model.encode_image(pixels).float(), dim=-1)
+
+    @torch.no_grad()
+    def score(self, image: torch.Tensor, prompts: list[str]) -> np.ndarray:
+        """CLIP score of each (image features, prompt) pair."""
         text = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
         return (100 * (image * text).sum(-1).clamp_min(0)).cpu().numpy().astype(np.float64)
 
@@ -138,7 +207,9 @@ class EvalFeatures:
     """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
 
     Adds ``jepa_score`` and ``embedding`` (when given an encoder), ``pool`` and ``spatial`` (Inception),
-    ``clip_score`` (CLIP; null for rows without a prompt). Drops the image so bytes travel no further.
+    ``clip_score`` (CLIP, for batches with a ``prompt`` column; null for rows without one), ``clip_image``
+    (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
+    travel no further.
     """
 
     def __init__(self, spec: FeatureSpec, threads: int = 1, device: str | None = None):
@@ -150,6 +221,8 @@ class EvalFeatures:
                                         input_size=spec.encoder["input_size"]).to(self.device)
         self.inception = InceptionFeatures(spec.inception_weights, self.device) if spec.inception_weights else None
         self.clip = ClipScorer(spec.clip_arch, spec.clip_weights, self.device) if spec.clip_weights else None
+        self.clip_features = spec.clip_features
+        self.pixels = FeatureSpace.parse(spec.pixels) if spec.pixels else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -163,7 +236,13 @@ class EvalFeatures:
             pool, spatial = self._inception(images)
             out = out.append_column("pool", _list_column(pool)).append_column("spatial", _list_column(spatial))
         if self.clip is not None:
-            out = out.append_column("clip_score", pa.array(self._clip(rows, images), pa.float64()))
+            features = self.clip.image_features(images)
+            if "prompt" in batch.column_names:
+                out = out.append_column("clip_score", pa.array(self._clip(rows, features), pa.float64()))
+            if self.clip_features:
+                out = out.append_column("clip_image", _list_column(features.cpu().numpy()))
+        if self.pixels is not None:
+            out = out.append_column("pixels", _list_column(np.stack([self.pixels.pixels(image) for image in images])))
         return out
 
     def _encode(self, images: list[Image.Image]) -> tuple[np.ndarray, list[float]]:
@@ -183,11 +262,11 @@ class EvalFeatures:
                 pool[i], spatial[i] = p[j], s[j]
         return np.stack(pool), np.stack(spatial)
 
-    def _clip(self, rows: list[dict], images: list[Image.Image]) -> list[float | None]:
+    def _clip(self, rows: list[dict], features: torch.Tensor) -> list[float | None]:
         scores: list[float | None] = [None] * len(rows)
         index = [i for i, row in enumerate(rows) if row.get("prompt")]
         if index:
-            values = self.clip([images[i] for i in index], [rows[i]["prompt"] for i in index])
+            values = self.clip.score(features[index], [rows[i]["prompt"] for i in index])
             for j, i in enumerate(index):
                 scores[i] = float(values[j])
         return scores

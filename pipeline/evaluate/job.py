@@ -2,14 +2,18 @@
 
 One row per generated run (method), as in the paper's tables; rows a run committed under another
 method (``output.retry_unguided``'s unguided fallback) are a row of their own, never mixed in:
-  - rarity: the JEPA-SCORE distribution and the share rarer than the reference's 10th percentile;
+  - rarity against the reference, in a feature space chosen by name (pipeline/evaluate/features.py
+    ``FeatureSpace``): AvgkNN, LOF and Rarity Score (pipeline/evaluate/rarity.py), never through the
+    JEPA-SCORE; and the prior check of the reference (pipeline/evaluate/prior.py);
+  - the guidance objective (not an independent measure): the JEPA-SCORE distribution and the share
+    below the reference's 10th percentile;
   - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
     (precision, recall, density, coverage; pipeline/evaluate/metrics.py);
   - with local weights files: Inception FID / sFID, and CLIP score for prompted runs.
 Generated rows are streamed through Ray Data reading only stored scores and embeddings (images only
 when FID or CLIP need them); nothing stored is recomputed. A reference image folder is embedded and
 scored with the generated runs' own encoder (from ``_run.json``). Means and covariances see every
-row; the k-NN metrics use a uniform subsample of at most ``max_samples`` per set (fixed seed).
+row; the k-NN metrics and rarity use one uniform subsample of at most ``max_samples`` per set (fixed seed).
 ``evaluation.md`` then ``evaluation.json`` (the completion marker) go to the output folder; the table
 is logged to MLflow as a parent run with one child per generation run.
 """
@@ -27,15 +31,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.cluster import connect_ray
 from pipeline.curate.selection import valid_scores
 from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
-                                       FeatureSpec, check_weights_file)
+                                       FeatureSpace, FeatureSpec, check_weights_file)
 from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
-from pipeline.images import IMAGE_SUFFIXES, find_images
-from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, RUN_FILE
+from pipeline.evaluate.prior import prior_summary
+from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
+from pipeline.evaluate.reference import find_reference
+from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, PRIOR_CHECK_PLOT, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
@@ -56,6 +61,8 @@ class EvaluateConfig:
     inception_weights: str | None = None  # torch-fidelity Inception .pth: FID and sFID
     clip_weights: str | None = None  # an open_clip checkpoint: CLIP score of prompted runs
     clip_arch: str | None = None  # the checkpoint's open_clip architecture, or a model config .json
+    rarity_features: str | None = None  # a FeatureSpace name; None = the most independent one available
+    rarity_k: int = DEFAULT_K  # k of AvgkNN, LOF and Rarity Score
     batch_size: int = 16  # images per actor call (reference images, FID, CLIP)
     actors: int = 1  # actors in the pool that runs the models
     cpus_per_actor: float = 1.0  # fractions keep small machines from stalling
@@ -69,8 +76,13 @@ class EvaluateConfig:
             raise ValueError(f"a generated run is listed twice: {', '.join(self.generated)}")
         if self.nearest_k < 1:
             raise ValueError(f"nearest_k must be >= 1, got {self.nearest_k}")
-        if self.max_samples <= self.nearest_k:
-            raise ValueError(f"max_samples must exceed nearest_k ({self.nearest_k}), got {self.max_samples}")
+        if self.max_samples <= max(self.nearest_k, self.rarity_k):
+            raise ValueError(f"max_samples must exceed nearest_k ({self.nearest_k}) and rarity_k ({self.rarity_k}), "
+                             f"got {self.max_samples}")
+        if self.rarity_k < 1:
+            raise ValueError(f"rarity_k must be >= 1, got {self.rarity_k}")
+        if self.rarity_features and not self.reference:
+            raise ValueError("rarity is measured against a reference: pass --reference with --rarity-features")
         if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor < 0:
             raise ValueError("batch_size and actors must be >= 1, cpus_per_actor >= 0")
         if (self.clip_weights is None) != (self.clip_arch is None):
@@ -81,6 +93,13 @@ class EvaluateConfig:
             check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
         if self.clip_weights:
             check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
+        if self.reference:
+            FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights)
+
+    @property
+    def rarity_space(self) -> FeatureSpace | None:
+        """Where rarity is measured: the named space, else the most independent one given; None without a reference."""
+        return FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights) if self.reference else None
 
 
 @dataclass
@@ -97,15 +116,20 @@ class SetStats:
     spatial: Gaussian | None = None  # Inception mixed_6/conv[:7]
     clip_score: float | None = None  # mean over prompted rows
     clip_rows: int = 0
+    rarity: np.ndarray | None = None  # the subsample's features in the rarity space (the same rows as `sample`)
+    rarity_scores: np.ndarray | None = None  # the same rows' JEPA-SCOREs, paired (the reference's prior check)
 
 
 class Collector:
     """Consumes Arrow batches of one set; memory stays bounded by the subsample and the moments."""
 
-    def __init__(self, max_samples: int, seed: int):
+    def __init__(self, max_samples: int, seed: int, rarity_column: str | None = None):
         self.rows = self.invalid = 0
         self.scores: list[np.ndarray] = []
         self.subsample = Subsample(max_samples, seed)
+        self.rarity_column = rarity_column
+        self.rarity = Subsample(max_samples, seed)  # the same keys: the same rows as `subsample`
+        self.rarity_scores = Subsample(max_samples, seed, np.float64)
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
         self.clip: list[np.ndarray] = []
@@ -120,12 +144,17 @@ class Collector:
         self.scores.append(valid.column("jepa_score").to_numpy())
         if "encoder" in valid.column_names:
             self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
+        ids = valid.column("sample_id").to_pylist()
         embeddings = _matrix(valid.column("embedding"))
-        self.subsample.add(valid.column("sample_id").to_pylist(), embeddings)
+        self.subsample.add(ids, embeddings)
         for name in ("embedding", "pool", "spatial"):
             if name in valid.column_names:
                 features = embeddings if name == "embedding" else _matrix(valid.column(name))
                 self.moments.setdefault(name, Moments(features.shape[1])).add(features)
+        if self.rarity_column:
+            column = self.rarity_column
+            self.rarity.add(ids, embeddings if column == "embedding" else _matrix(valid.column(column)))
+            self.rarity_scores.add(ids, valid.column("jepa_score").to_numpy()[:, None])
         if "clip_score" in valid.column_names:
             values = valid.column("clip_score").drop_null().to_numpy()
             self.clip.append(values)
@@ -136,9 +165,10 @@ class Collector:
                              f"({self.rows} rows read, {self.invalid} without): nothing to evaluate")
         clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
         gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
+        rarity = (self.rarity.features, self.rarity_scores.features[:, 0]) if self.rarity_column else (None, None)
         return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
                         self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
-                        float(clip.mean()) if len(clip) else None, len(clip))
+                        float(clip.mean()) if len(clip) else None, len(clip), *rarity)
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -206,10 +236,11 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         check_writable(target)
         if exists(target.child(EVALUATION_FILE)):  # a failed rerun must not leave the old marker beside a new table
             delete(target.child(EVALUATION_FILE))
-    parquet, images = _reference_source(config) if config.reference else ([], [])
+    parquet, images = find_reference(config.reference, config.storage) if config.reference else ([], [])
+    if config.reference:
+        _check_reference(config, encoder, parquet, images)
     # every model loads once here first, on the CPU: a bad weights file fails before any data is read
-    EvalFeatures(FeatureSpec(encoder if images else None, config.inception_weights, config.clip_weights,
-                             config.clip_arch), device="cpu")
+    EvalFeatures(_spec(config, encoder if images else None, clip_score=True) or FeatureSpec(), device="cpu")
     connect_ray()
 
     reference = None
@@ -224,7 +255,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             rows.append(row)
             stats[row.label] = row_stats
     runs = rows
-    report = _report(config, encoder, runs, stats, reference)
+    prior, plot = _prior_check(config, reference) if reference else (None, None)
+    report = _report(config, encoder, runs, stats, reference, prior)
     table = markdown(report)
 
     parent = RunTracker(config.tracking, run_name="evaluate",
@@ -232,18 +264,25 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     status = "FAILED"
     try:
         parent.log_params(flatten(to_dict(config)))
+        if prior and prior["spearman"] is not None:
+            parent.log_metrics({"prior_check_spearman": prior["spearman"], "prior_check_images": prior["images"]})
         for run, row in zip(runs, report["rows"]):
             child = RunTracker(config.tracking, run_name=f"evaluate-{run.label}",
                                tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
-                                     "generation_run_id": run.generation_run_id or ""})
+                                     "generation_run_id": run.generation_run_id or "",
+                                     "rarity_feature_space": row.get("rarity", {}).get("feature_space", "")})
             child.log_metrics(row_metrics(row))
             child.end("FINISHED")
             row["evaluation_run_id"] = child.run_id
         report["evaluation_run_id"] = parent.run_id
         data = json.dumps(report, indent=2).encode()
+        if plot:
+            parent.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
         parent.log_artifact_bytes(EVALUATION_TABLE_FILE, table.encode())
         parent.log_artifact_bytes(EVALUATION_FILE, data)
         if target:
+            if plot:
+                write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
             write_bytes(target.child(EVALUATION_TABLE_FILE), table.encode())
             write_bytes(target.child(EVALUATION_FILE), data)  # last: the completion marker
         status = "FINISHED"
@@ -261,6 +300,19 @@ def _actor_options(config: EvaluateConfig) -> dict:
                 num_cpus=config.cpus_per_actor, num_gpus=gpus)
 
 
+def _spec(config: EvaluateConfig, encoder: dict | None, clip_score: bool) -> FeatureSpec | None:
+    """What the actor computes for a set: the encoder's embedding and score (reference images), Inception
+    (when given), CLIP (prompted runs' scores, or the clip rarity space), pixels; None when nothing."""
+    space = config.rarity_space
+    clip_space = space is not None and space.name == "clip"
+    clip = clip_space or (clip_score and config.clip_weights is not None)
+    pixels = space.name if space is not None and space.column == "pixels" else None
+    if not (encoder or config.inception_weights or clip or pixels):
+        return None
+    return FeatureSpec(encoder, config.inception_weights, config.clip_weights if clip else None,
+                       config.clip_arch if clip else None, clip_features=clip_space, pixels=pixels)
+
+
 def _batches(config: EvaluateConfig, dataset, spec: FeatureSpec | None):
     if spec is not None:
         dataset = dataset.map_batches(EvalFeatures, fn_constructor_kwargs={
@@ -268,8 +320,13 @@ def _batches(config: EvaluateConfig, dataset, spec: FeatureSpec | None):
     return dataset.iter_batches(batch_size=READ_BATCH if spec is None else config.batch_size, batch_format="pyarrow")
 
 
+def _collector(config: EvaluateConfig) -> Collector:
+    space = config.rarity_space
+    return Collector(config.max_samples, config.seed, space.column if space else None)
+
+
 def _collect(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
-    collector = Collector(config.max_samples, config.seed)
+    collector = _collector(config)
     for batch in _batches(config, dataset, spec):
         collector.add(batch)
     return collector.result(what)
@@ -280,16 +337,15 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[Ge
     set too small to evaluate (< 2 usable rows) is named in the log and left out of the table."""
     import ray
 
-    images = bool(config.inception_weights or config.clip_weights)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder", "method"] + (["image", "prompt"] if images else [])
+    spec = _spec(config, None, clip_score=True)
+    columns = ["sample_id", "jepa_score", "embedding", "encoder", "method"] + (["image", "prompt"] if spec else [])
     dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
-    spec = FeatureSpec(None, config.inception_weights, config.clip_weights, config.clip_arch) if images else None
     by_method: dict[str, Collector] = {}
     for batch in _batches(config, dataset, spec):
         for method in pc.unique(batch.column("method")).to_pylist():
             part = batch.filter(pc.equal(batch.column("method"), method))
-            by_method.setdefault(method, Collector(config.max_samples, config.seed)).add(part)
-    sets = [(run, by_method.pop(run.method, Collector(config.max_samples, config.seed)).result(run.uri))]
+            by_method.setdefault(method, _collector(config)).add(part)
+    sets = [(run, by_method.pop(run.method, _collector(config)).result(run.uri))]
     for method, collector in sorted(by_method.items()):
         if collector.rows - collector.invalid < 2:
             log.warning("%s holds %d %s row(s) (fallback): too few to evaluate, left out", run.uri, collector.rows, method)
@@ -303,45 +359,13 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[Ge
     return sets
 
 
-def _reference_source(config: EvaluateConfig) -> tuple[list[str], list[Path]]:
-    """(Parquet files, image files) of the reference: exactly one of the two is non-empty."""
-    location = resolve(config.reference, config.storage)
-    if location.path.endswith(".parquet") and exists(location):
-        return [location.path], []
-    files = list_files(location.child(DATA_DIR), ".parquet") or list_files(location, ".parquet")
-    if files:
-        return [f.path for f in files], []
-    if not location.is_local or not Path(location.path).is_dir():
-        raise ValueError(f"reference {config.reference} holds no Parquet ({DATA_DIR}/*.parquet, *.parquet or a .parquet "
-                         "file) and is not a local folder of images")
-    try:
-        files = find_images([location.path])
-    except ValueError as error:
-        raise ValueError(f"reference {config.reference} holds no Parquet files and no {'/'.join(IMAGE_SUFFIXES)} "
-                         "images: an empty reference cannot be compared against") from error
-    for file in files:  # here, so that a broken file is named plainly instead of inside a Ray worker's trace
-        try:
-            with Image.open(file) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"reference image {file} cannot be decoded ({error}): fix or remove it") from error
-    return [], files
-
-
 def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[str]) -> SetStats:
     """A reference already embedded and scored, read as stored and checked against the runs' encoder."""
     import ray
 
     location = resolve(config.reference, config.storage)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if config.inception_weights else [])
-    schema = pads.dataset(files, filesystem=location.filesystem, format="parquet").schema
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
-                         "the generated schema (pipeline/schema.py) or a folder of images to embed here")
-    _check_reference_run(location, config.reference, encoder)
-    dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(columns)
-    spec = FeatureSpec(None, config.inception_weights) if config.inception_weights else None
+    spec = _spec(config, None, clip_score=False)
+    dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(_reference_columns(config))
     stats = _collect(config, dataset, spec, f"reference {config.reference}")
     if stats.encoders != {encoder["name"]}:
         raise ValueError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
@@ -356,7 +380,38 @@ def _reference_image_stats(config: EvaluateConfig, encoder: dict, files: list[Pa
     log.info("embedding and scoring %d reference images with %s", len(files), encoder["name"])
     root = Path(resolve(config.reference, config.storage).path)
     dataset = ray.data.from_items([{"sample_id": str(f.relative_to(root)), "path": str(f)} for f in files])
-    return _collect(config, dataset, FeatureSpec(encoder, config.inception_weights), f"reference {config.reference}")
+    return _collect(config, dataset, _spec(config, encoder, clip_score=False), f"reference {config.reference}")
+
+
+def _reference_columns(config: EvaluateConfig) -> list[str]:
+    """What a Parquet reference must hold: its stored scores and embeddings, and images when features need them."""
+    return ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if _spec(config, None, False) else [])
+
+
+def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], images: list[Path]) -> None:
+    """A Parquet reference's columns and input size, and a size that rarity's k can use: before any model runs."""
+    location = resolve(config.reference, config.storage)
+    count = len(images)
+    if parquet:
+        dataset = pads.dataset(parquet, filesystem=location.filesystem, format="parquet")
+        missing = [c for c in _reference_columns(config) if c not in dataset.schema.names]
+        if missing:
+            raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
+                             "the generated schema (pipeline/schema.py) or a folder of images to embed here")
+        _check_reference_run(location, config.reference, encoder)
+        count = dataset.count_rows()
+    if count <= config.rarity_k:
+        raise ValueError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
+                         f"needs more than k: lower --rarity-k to at most {max(count - 1, 0)} or give a larger reference")
+
+
+def _prior_check(config: EvaluateConfig, reference: SetStats) -> tuple[dict, bytes]:
+    """The prior check on the reference's subsample: its JEPA-SCORE against its own rarity, and the plot."""
+    from pipeline.report import score_against_rarity
+
+    space = config.rarity_space
+    summary, within = prior_summary(reference.rarity_scores, reference.rarity, space, config.rarity_k)
+    return summary, score_against_rarity(within, reference.rarity_scores, summary["binned"], summary["verdict"], space.name)
 
 
 def _check_reference_run(location: Location, uri: str, encoder: dict) -> None:
@@ -370,7 +425,7 @@ def _check_reference_run(location: Location, uri: str, encoder: dict) -> None:
 
 
 def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], stats: dict[str, SetStats],
-            reference: SetStats | None) -> dict:
+            reference: SetStats | None, prior: dict | None) -> dict:
     threshold = float(np.quantile(reference.scores, REFERENCE_QUANTILE)) if reference else None
     if reference:
         for run in runs:
@@ -388,17 +443,26 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             row["jepa_score"]["rarer_than_reference_p10"] = share_below(mine.scores, threshold)
             row["embedding"] = {"fd": mine.embedding.distance(reference.embedding), "samples": len(mine.sample)}
             row["embedding"] |= manifold_metrics(reference.sample, mine.sample, config.nearest_k)
+            rarity = RaritySummary.of(mine.rarity, reference.rarity, config.rarity_space.name, config.rarity_k)
+            row["rarity"] = to_dict(rarity) | {"samples": len(mine.rarity)}
         if mine.pool is not None:
             row["inception"] = {"fid": mine.pool.distance(reference.pool), "sfid": mine.spatial.distance(reference.spatial)}
         if config.clip_weights:
             row["clip_score"] = mine.clip_score
             row["clip_rows"] = mine.clip_rows
         rows.append(row)
+    space = config.rarity_space
     return {
         "encoder": encoder,
         "reference": None if reference is None else {
             "uri": config.reference, "rows": reference.rows, "invalid": reference.invalid,
             "jepa_score": score_summary(reference.scores), "p10": threshold, "knn_samples": len(reference.sample)},
+        "rarity": None if space is None else {
+            "feature_space": space.name, "description": space.description, "independent": space.independent,
+            "k": config.rarity_k, "reference_samples": len(reference.rarity),
+            "samples": "the k-NN metrics' subsample: every row when a set has at most max_samples, else a uniform "
+                       "subsample of max_samples"},
+        "prior_check": prior,
         "settings": {"max_samples": config.max_samples, "nearest_k": config.nearest_k, "seed": config.seed,
                      "subsample": "uniform over sample ids (blake2b of seed and id); moments use every row",
                      "inception_weights": config.inception_weights, "clip_arch": config.clip_arch},
@@ -417,6 +481,13 @@ def row_metrics(row: dict) -> dict[str, float]:
         values["rarer_than_reference_p10"] = score["rarer_than_reference_p10"]
     values |= {f"embedding_{name}": value for name, value in row.get("embedding", {}).items()}
     values |= row.get("inception", {})
+    rarity = row.get("rarity")
+    if rarity:
+        values |= {"rarity_avg_knn": rarity["avg_knn"], "rarity_lof": rarity["lof"],
+                   "rarity_score_uncovered": rarity["rarity_score_uncovered"], "rarity_samples": rarity["samples"]}
+        values |= {f"rarity_avg_knn_{name}": value for name, value in rarity["avg_knn_quantiles"].items()}
+        if rarity["rarity_score"] is not None:
+            values["rarity_score"] = rarity["rarity_score"]
     if row.get("clip_score") is not None:
         values["clip_score"] = row["clip_score"]
     return {key: float(value) for key, value in values.items() if math.isfinite(value)}
@@ -424,8 +495,12 @@ def row_metrics(row: dict) -> dict[str, float]:
 
 COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / higher is better as marked
     ("samples", lambda r: f"{r['rows'] - r['invalid']}"),
-    ("JEPA-SCORE ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
-    ("rarer than ref. p10 ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
+    ("AvgkNN ↑", lambda r: _fmt(r.get("rarity", {}).get("avg_knn"))),
+    ("LOF ↑", lambda r: _fmt(r.get("rarity", {}).get("lof"))),
+    ("Rarity Score ↑", lambda r: _fmt(r.get("rarity", {}).get("rarity_score"))),
+    ("uncovered", lambda r: _fmt(r.get("rarity", {}).get("rarity_score_uncovered"))),
+    ("JEPA-SCORE (objective) ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
+    ("below ref. p10 (objective) ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
     ("FD (encoder) ↓", lambda r: _fmt(r.get("embedding", {}).get("fd"))),
     ("precision ↑", lambda r: _fmt(r.get("embedding", {}).get("precision"))),
     ("recall ↑", lambda r: _fmt(r.get("embedding", {}).get("recall"))),
@@ -450,10 +525,15 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['method']} | " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     encoder = report["encoder"]
     notes = [f"Encoder: {encoder['name']} ({encoder['weights']}, input {encoder['input_size']}). "
-             "JEPA-SCORE: mean ± std of the exact score, lower is rarer."]
+             "JEPA-SCORE: mean ± std of the exact score, lower is rarer; it is the guidance objective, "
+             "not an independent measure of rarity."]
     reference = report["reference"]
     if reference:
-        settings = report["settings"]
+        settings, rarity = report["settings"], report["rarity"]
+        notes.append(f"Rarity against the reference in feature space {rarity['feature_space']} ({rarity['description']})"
+                     f": AvgkNN, LOF and Rarity Score (larger = rarer; uncovered = share outside every reference "
+                     f"ball), k = {rarity['k']}, on the k-NN subsample ({rarity['reference_samples']} reference rows).")
+        notes.append(f"Prior check of the reference: {report['prior_check']['verdict']}.")
         notes.append(f"Reference: {reference['uri']}, {reference['rows'] - reference['invalid']} samples, JEPA-SCORE "
                      f"{reference['jepa_score']['mean']:.2f} ± {reference['jepa_score']['std']:.2f}, "
                      f"10th percentile {reference['p10']:.2f}.")

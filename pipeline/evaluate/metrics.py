@@ -110,15 +110,16 @@ def subsample_key(seed: int, sample_id: str) -> int:
 class Subsample:
     """At most ``size`` feature rows, uniform over all rows offered, the same whatever the block order."""
 
-    def __init__(self, size: int, seed: int):
+    def __init__(self, size: int, seed: int, dtype: type = np.float32):
         self.size = size
         self.seed = seed
+        self.dtype = dtype  # float32 keeps wide features small; float64 for values that must stay exact
         self.keys = np.zeros(0, np.uint64)
         self.rows: np.ndarray | None = None
 
     def add(self, ids: list[str], features: np.ndarray) -> None:
         keys = np.array([subsample_key(self.seed, i) for i in ids], np.uint64)
-        rows = np.asarray(features, np.float32)
+        rows = np.asarray(features, self.dtype)
         keys = np.concatenate([self.keys, keys])
         rows = rows if self.rows is None else np.concatenate([self.rows, rows])
         keep = np.sort(np.argpartition(keys, self.size - 1)[: self.size]) if len(keys) > self.size else slice(None)
@@ -126,7 +127,7 @@ class Subsample:
 
     @property
     def features(self) -> np.ndarray:
-        return self.rows if self.rows is not None else np.zeros((0, 0), np.float32)
+        return self.rows if self.rows is not None else np.zeros((0, 0), self.dtype)
 
 
 @dataclass(frozen=True)

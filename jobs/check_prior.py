@@ -1,0 +1,89 @@
+"""jepa-minority check-prior: does this encoder's JEPA-SCORE track rarity in your own data?
+
+  jepa-minority check-prior real_images/ --encoder vit_small_patch14_reg4_dinov2 --weights dinov2.safetensors
+
+Scores the reference (a folder of images, or Parquet in the generated schema) with the encoder's exact
+JEPA-SCORE, measures each image's AvgkNN among the others in an independent feature space, and says
+in one line whether the score falls with rarity there (negative Spearman), does not track it, or
+rises with it. Writes prior_check.png and prior_check.json (last) to --output; logs both to MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jobs.options import add_storage_and_tracking, config_flag, given, job_parser, storage_config, tracking_config
+from pipeline.sourcedoc import field_docs
+
+FLAGS = ("features", "labels", "k", "max_images", "seed", "inception_weights", "clip_weights", "clip_arch", "batch_size",
+         "device", "output")  # PriorConfig fields, one flag each
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), field_docs("pipeline.generate.config", "EncoderConfig")
+    parser = job_parser("check-prior", __doc__)
+    parser.add_argument("reference", help=doc["reference"].meaning)
+    parser.add_argument("--labels", metavar="COLUMN_OR_FILE",
+                        help=f"{doc['labels'].meaning}: adds the per-class mean score against class frequency")
+    parser.add_argument("--features", metavar="SPACE",
+                        help="where rarity is measured: inception, clip, pixels-N[-grey] or encoder (not independent); "
+                             "default inception if its weights are given, else clip if given, else pixels-32")
+    parser.add_argument("--output", metavar="DIR", help=doc["output"].meaning)
+    parser.add_argument("--config", metavar="YAML", help="a generation config: its encoder section")
+    config_flag(parser, "--encoder", encoder["name"])
+    config_flag(parser, "--weights", encoder["weights"])
+    config_flag(parser, "--input-size", encoder["input_size"], type=int)
+    config_flag(parser, "--k", doc["k"], type=int)
+    config_flag(parser, "--max-images", doc["max_images"], type=int)
+    config_flag(parser, "--seed", doc["seed"], type=int)
+    parser.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception .pth: the inception space")
+    parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: the clip space")
+    parser.add_argument("--clip-arch", metavar="NAME", help="its open_clip architecture (e.g. ViT-B-32) or config .json")
+    config_flag(parser, "--batch-size", doc["batch_size"], type=int)
+    config_flag(parser, "--device", doc["device"])
+    add_storage_and_tracking(parser)
+    return parser
+
+
+def _encoder(args: argparse.Namespace):
+    """The encoder: a generation config's encoder section, with --encoder / --weights / --input-size over it."""
+    import yaml
+
+    from pipeline.generate.config import EncoderConfig, build
+
+    section = {}
+    if args.config:
+        path = Path(args.config).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"config not found: {path}")
+        section = (yaml.safe_load(path.read_text()) or {}).get("encoder", {})
+    chosen = {"name": args.encoder, "weights": args.weights, "input_size": args.input_size}
+    return build(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None}, "encoder")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.evaluate.prior import PriorConfig, check_prior  # torch loads after parsing
+    from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
+    from pipeline.storage import StorageError
+
+    try:
+        config = PriorConfig(reference=args.reference, encoder=_encoder(args), storage=storage_config(args),
+                             tracking=tracking_config(args), **given(args, *FLAGS))
+        summary = check_prior(config)
+    except (ValueError, FileNotFoundError, StorageError) as error:
+        print(f"jepa-minority check-prior: {error}", file=sys.stderr)
+        return 2
+    print(summary["verdict"])
+    print(f"mlflow:  run {summary['run_id']} in {config.tracking.tracking_uri}")
+    if config.output:
+        print(f"output:  {config.output}/{PRIOR_CHECK_PLOT}, {config.output}/{PRIOR_CHECK_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The prior check: does this encoder's exact JEPA-SCORE track rarity in the user's own data?
+
+Guidance lowers the JEPA-SCORE; that finds images rare *in this data* only where the score falls with
+rarity there. The check scores a reference (a folder of images or Parquet in the generated schema)
+with the encoder and compares each image's score with its AvgkNN among the other reference images
+(leave one out, pipeline/evaluate/rarity.py) in a feature space that does not see the encoder.
+
+Sign convention: lower JEPA-SCORE = rarer, larger AvgkNN = rarer, so a score that tracks rarity has a
+NEGATIVE Spearman correlation rho(score, AvgkNN). The verdict, with ``TRACKS`` = 0.1:
+  - rho <= -0.1: "falls with rarity": guidance moves towards images rare in this data;
+  - |rho| < 0.1: "does not track rarity": guidance finds images rare to this encoder, not in this data;
+  - rho >= +0.1: "rises with rarity": guidance will push towards typical images.
+0.1 is the conventional floor of a "weak" rank correlation; a p-value >= 0.05 (too few images to tell
+the sign) is said in the same line. With labels, the per-class mean score is also correlated with
+class frequency: positive when rarer classes score lower.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+from scipy.stats import spearmanr
+from tqdm import tqdm
+
+from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures, FeatureSpace, \
+    FeatureSpec, check_weights_file
+from pipeline.evaluate.metrics import subsample_key
+from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
+from pipeline.evaluate.reference import find_reference
+from pipeline.generate.config import EncoderConfig
+from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
+from pipeline.settings import TrackingConfig, flatten, to_dict
+from pipeline.storage import StorageConfig, check_writable, delete, exists, resolve, write_bytes
+
+log = logging.getLogger(__name__)
+TRACKS = 0.1  # |Spearman| below this: the score does not track rarity
+SIGNIFICANCE = 0.05  # p-values at or above this are called out in the verdict
+BINS = 10  # AvgkNN quantile bins of the plot's binned means
+
+
+def verdict(rho: float | None, images: int, p_value: float | None = None, space: FeatureSpace | None = None) -> str:
+    """One plain line saying how the JEPA-SCORE relates to rarity (Spearman with AvgkNN, negative = tracks)."""
+    if rho is None:
+        return (f"JEPA-SCORE cannot be compared with rarity here: the scores or the distances are constant "
+                f"over {images:,} images")
+    where = f"Spearman {rho:+.2f} on {images:,} images"
+    if space is not None and not space.independent:
+        where += ", in the encoder's own embedding: not independent of the score"
+    if p_value is not None and p_value >= SIGNIFICANCE:
+        where += f"; p = {p_value:.2f}: too few images to be sure of the sign"
+    if rho <= -TRACKS:
+        return f"JEPA-SCORE falls with rarity here ({where})"
+    if rho >= TRACKS:
+        return f"JEPA-SCORE rises with rarity here ({where}): guidance will push towards typical images"
+    return (f"JEPA-SCORE does not track rarity here ({where}): guidance will find images that are rare to this "
+            "encoder, not rare in this data")
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> tuple[float | None, float | None]:
+    if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None, None
+    result = spearmanr(a, b)
+    return float(result.statistic), float(result.pvalue)
+
+
+def binned_means(avg_knn: np.ndarray, scores: np.ndarray, bins: int = BINS) -> list[dict]:
+    """Mean score per AvgkNN quantile bin (equal counts), rarest bin last."""
+    order = np.argsort(avg_knn, kind="stable")
+    return [{"avg_knn": float(avg_knn[part].mean()), "jepa_score": float(scores[part].mean()), "images": len(part)}
+            for part in np.array_split(order, min(bins, len(order))) if len(part)]
+
+
+def class_frequency(scores: np.ndarray, labels: list[str]) -> dict:
+    """Per-class count and mean score, and Spearman(per-class mean score, class frequency)."""
+    names, inverse, counts = np.unique(np.asarray(labels, dtype=str), return_inverse=True, return_counts=True)
+    means = np.bincount(inverse, weights=scores) / counts
+    rho, p_value = _spearman(means, counts.astype(np.float64))
+    return {"spearman": rho, "p_value": p_value, "classes": {
+        str(name): {"images": int(count), "jepa_score": float(mean)} for name, count, mean in zip(names, counts, means)}}
+
+
+def prior_summary(scores: np.ndarray, features: np.ndarray, space: FeatureSpace, k: int = DEFAULT_K,
+                  labels: list[str] | None = None) -> tuple[dict, np.ndarray]:
+    """The prior check on paired arrays (each image's JEPA-SCORE and its features in ``space``):
+    the summary, and each image's AvgkNN among the others."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) != len(features):
+        raise RarityInputError(f"{len(scores)} scores but {len(features)} feature rows: they must be paired")
+    if not np.isfinite(scores).all():
+        raise RarityInputError("JEPA-SCOREs hold NaN or inf: drop the failed rows before the prior check")
+    rarity = avg_knn_within(features, k)
+    rho, p_value = _spearman(scores, rarity)
+    summary = {"feature_space": space.name, "feature_space_description": space.description,
+               "independent": space.independent, "k": k, "images": len(scores), "spearman": rho, "p_value": p_value,
+               "threshold": TRACKS, "verdict": verdict(rho, len(scores), p_value, space),
+               "binned": binned_means(rarity, scores)}
+    if labels is not None:
+        summary["class_frequency"] = class_frequency(scores, labels)
+    return summary, rarity
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """What to check: the reference, the encoder that scores it, the feature space rarity is measured in."""
+
+    reference: str  # a local folder of images, or Parquet in the generated schema (local or s3://)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the world prior whose score is checked
+    features: str | None = None  # a FeatureSpace name; None = the most independent one available
+    labels: str | None = None  # a Parquet column, or a .csv / .json file mapping file name (or sample id) -> label
+    k: int = DEFAULT_K  # neighbours of AvgkNN
+    max_images: int = 2000  # a uniform subsample (seeded) above this: every image costs D backward passes
+    seed: int = 0  # chooses the subsample
+    inception_weights: str | None = None
+    clip_weights: str | None = None
+    clip_arch: str | None = None
+    batch_size: int = 16  # images per encoder call
+    device: str | None = None  # None: cuda when available
+    output: str | None = None  # where prior_check.png and prior_check.json (last) go
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self):
+        if self.k < 1 or self.max_images <= self.k:
+            raise ValueError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if (self.clip_weights is None) != (self.clip_arch is None):
+            raise ValueError("the clip feature space needs both --clip-weights and --clip-arch")
+        if self.inception_weights:
+            check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
+        if self.clip_weights:
+            check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
+        FeatureSpace.choose(self.features, self.inception_weights, self.clip_weights)
+
+    @property
+    def space(self) -> FeatureSpace:
+        return FeatureSpace.choose(self.features, self.inception_weights, self.clip_weights)
+
+
+def _chosen(ids: list[str], config: PriorConfig) -> list[str]:
+    """Every id, or a uniform subsample of ``max_images`` of them (the same as the evaluation's, by seed)."""
+    if len(ids) <= config.max_images:
+        return sorted(ids)
+    return sorted(sorted(ids, key=lambda i: subsample_key(config.seed, i))[: config.max_images])
+
+
+def _label_file(path: Path) -> dict[str, str]:
+    """A .json object or a two-column .csv (file name or sample id, label; a header row is allowed)."""
+    if path.suffix == ".json":
+        mapping = json.loads(path.read_text())
+        if not isinstance(mapping, dict):
+            raise ValueError(f"labels file {path} must hold one JSON object mapping file name -> label")
+        return {str(key): str(value) for key, value in mapping.items()}
+    if path.suffix != ".csv":
+        raise ValueError(f"labels file {path} must be a .csv (file,label rows) or a .json object")
+    with path.open(newline="") as handle:
+        rows = [row for row in csv.reader(handle) if row]
+    if any(len(row) != 2 for row in rows):
+        raise ValueError(f"labels file {path}: every row must have two columns, file name and label")
+    return {name: label for name, label in rows}
+
+
+def _labels_for(ids: list[str], mapping: dict[str, str], where: str) -> list[str]:
+    """Each id's label, by its full relative name or its base name."""
+    missing = [i for i in ids if i not in mapping and Path(i).name not in mapping]
+    if missing:
+        raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}: "
+                         "label every image or leave --labels out")
+    return [mapping.get(i, mapping.get(Path(i).name)) for i in ids]
+
+
+def _batches(config: PriorConfig) -> tuple[list[pa.Table], list[str] | None, int]:
+    """The chosen reference rows in batches (``path`` or ``image`` column), their labels, and the total count."""
+    parquet, images = find_reference(config.reference, config.storage)
+    label_file = Path(config.labels).expanduser() if config.labels and Path(config.labels).expanduser().is_file() else None
+    if images:
+        root = Path(resolve(config.reference, config.storage).path)
+        paths = {str(f.relative_to(root)): str(f) for f in images}
+        ids = _chosen(list(paths), config)
+        if config.labels and label_file is None:
+            raise ValueError(f"--labels {config.labels} is not a file: a folder of images takes a .csv / .json "
+                             "file mapping file name -> label")
+        labels = _labels_for(ids, _label_file(label_file), config.labels) if label_file else None
+        table = pa.table({"sample_id": ids, "path": [paths[i] for i in ids]})
+        return table.to_batches(config.batch_size), labels, len(paths)
+    location = resolve(config.reference, config.storage)
+    dataset = pads.dataset(parquet, filesystem=location.filesystem, format="parquet")
+    column = config.labels if config.labels and label_file is None else None
+    missing = [c for c in ("sample_id", "image", *([column] if column else [])) if c not in dataset.schema.names]
+    if missing:
+        raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in the "
+                         "generated schema, a label column it holds, or a folder of images")
+    every = dataset.to_table(columns=["sample_id"]).column("sample_id").to_pylist()
+    ids = _chosen(every, config)
+    table = dataset.to_table(columns=["sample_id", "image", *([column] if column else [])],
+                             filter=pc.field("sample_id").isin(ids)).sort_by("sample_id")
+    labels = None
+    if column:
+        if table.column(column).null_count:
+            raise ValueError(f"column {column} of {config.reference} is null in {table.column(column).null_count} "
+                             "chosen row(s): label every row or leave --labels out")
+        labels = [str(value) for value in table.column(column).to_pylist()]
+        table = table.drop_columns([column])
+    elif label_file:
+        labels = _labels_for(table.column("sample_id").to_pylist(), _label_file(label_file), config.labels)
+    return table.to_batches(config.batch_size), labels, len(every)
+
+
+def check_prior(config: PriorConfig) -> dict:
+    """Score the reference, measure its rarity, correlate; returns (and writes) ``prior_check.json``."""
+    from pipeline.report import score_against_rarity
+    from pipeline.tracking import RunTracker
+
+    space = config.space
+    target = resolve(config.output, config.storage) if config.output else None
+    if target:
+        check_writable(target)
+        if exists(target.child(PRIOR_CHECK_FILE)):  # a failed rerun must not leave the old marker beside a new plot
+            delete(target.child(PRIOR_CHECK_FILE))
+    batches, labels, total = _batches(config)
+    chosen = sum(b.num_rows for b in batches)
+    if chosen <= config.k:
+        raise RarityInputError(f"the reference has {chosen} images but AvgkNN with k = {config.k} needs more than k: "
+                               f"lower --k to at most {max(chosen - 1, 0)} or give more images")
+    spec = FeatureSpec(to_dict(config.encoder), config.inception_weights if space.name == "inception" else None,
+                       *((config.clip_weights, config.clip_arch) if space.name == "clip" else (None, None)),
+                       clip_features=space.name == "clip", pixels=space.name if space.column == "pixels" else None)
+    features = EvalFeatures(spec, device=config.device)
+    scores, rows = [], []
+    for batch in tqdm(batches, desc=f"JEPA-SCORE and {space.name} features", unit="batch"):
+        out = features(pa.Table.from_batches([batch]))
+        scores.append(out.column("jepa_score").to_numpy())
+        rows.append(np.array(out.column(space.column).to_pylist(), np.float64))
+    score = np.concatenate(scores)
+    summary, rarity = prior_summary(score, np.concatenate(rows), space, config.k, labels)
+    summary = {"reference": config.reference, "encoder": to_dict(config.encoder), "reference_images": total,
+               "subsample": None if chosen == total else {"images": chosen, "seed": config.seed,
+                                                          "how": "uniform over sample ids (blake2b of seed and id)"},
+               **summary}
+    plot = score_against_rarity(rarity, score, summary["binned"], summary["verdict"], space.name)
+
+    run = RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference})
+    status = "FAILED"
+    try:
+        run.log_params(flatten(to_dict(config)))
+        run.log_metrics({name: summary[name] for name in ("spearman", "p_value", "images") if summary[name] is not None})
+        summary["run_id"] = run.run_id
+        data = json.dumps(summary, indent=2).encode()
+        run.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
+        run.log_artifact_bytes(PRIOR_CHECK_FILE, data)
+        if target:
+            write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
+            write_bytes(target.child(PRIOR_CHECK_FILE), data)  # last: the completion marker
+        status = "FINISHED"
+        return summary
+    finally:
+        run.end(status)
