@@ -11,7 +11,8 @@ import argparse
 import os
 import sys
 
-from pipeline.submission import JOBS, DuplicateSubmission, Submission, submit, wait
+from pipeline.commands import SUBMITTABLE
+from pipeline.submission import DuplicateSubmission, Submission, submit, wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the cluster's job API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     parser.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to end, at most this long")
-    parser.add_argument("job", choices=JOBS)
+    parser.add_argument("job", choices=SUBMITTABLE)
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
     args = parser.parse_args(argv)
     submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
