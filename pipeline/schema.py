@@ -55,8 +55,6 @@ OUTPUT_SCHEMA = pa.schema(
     metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
 )
 
-FAILURE_FIELDS = ("sample_id", "seed", "prompt", "class_label", "error", "run_id", "created_at")
-
 # Layout of a run's output folder.
 MANIFEST_FILE = "manifest.parquet"  # the work, written before generation starts
 DATA_DIR = "data"  # committed output rows, part-*.parquet
