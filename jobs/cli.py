@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 
+from jobs.options import configure_logging
 from pipeline.commands import COMMANDS
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"jepa-minority: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
         return 0 if argv else 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return importlib.import_module(COMMANDS[argv[0]].module).main(argv[1:])
 
 

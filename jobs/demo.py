@@ -4,9 +4,9 @@ local MLflow store), unguided vs JEPA-guided at the same seeds, the rarest kept,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from jobs.options import run_as_program
 from pipeline.demo.job import DEMO_CONFIG, run_demo
 from pipeline.storage import StorageError
 
@@ -32,5 +32,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

@@ -7,10 +7,9 @@ embedding space against a reference; Inception FID / sFID and CLIP score from lo
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import add_storage_and_tracking, storage_config, tracking_config
+from jobs.options import add_storage_and_tracking, run_as_program, storage_config, tracking_config
 from pipeline.evaluate.job import EvaluateConfig, markdown, run_evaluation
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
 from pipeline.storage import StorageError
@@ -57,5 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

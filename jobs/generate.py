@@ -7,16 +7,14 @@ Submit to a cluster with: ray job submit --working-dir . -- python -m jobs.gener
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from jobs.options import run_as_program
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.work import WorkError
 from pipeline.settings import ConfigError
 from pipeline.storage import StorageError
-
-log = logging.getLogger("jepa-minority")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,5 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

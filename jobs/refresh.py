@@ -4,9 +4,9 @@ LATEST.json atomically once complete, and prune old versions."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from jobs.options import run_as_program
 from pipeline.curate.filter import GROUP_COLUMNS
 from pipeline.curate.refresh import RefreshConfig, run_refresh
 from pipeline.generate.work import WorkError
@@ -40,5 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

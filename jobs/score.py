@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from guidance import ENCODERS
+from jobs.options import run_as_program
 from pipeline.evaluate.scoring import SCORE_METHODS, ScoreConfig, score_images, write_scores
 
 
@@ -46,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

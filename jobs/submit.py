@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 
+from jobs.options import run_as_program
 from pipeline.commands import SUBMITTABLE
 from pipeline.submission import DuplicateSubmission, Submission, submit, wait
 
@@ -40,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)
