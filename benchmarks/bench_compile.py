@@ -99,7 +99,8 @@ def main() -> None:
                 lambda: value_and_gradient(encoder), lambda: value_and_gradient(compiled_encoder), args.rounds),
     ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = write_json(RESULTS / f"compile_{device}.json", {"settings": vars(args), "torch": torch.__version__, "rows": rows})
+    out = write_json(RESULTS / f"compile_{device}.json",
+                     {"settings": vars(args), "torch": torch.__version__, "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -25,6 +25,7 @@ from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, mani
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.images import png_bytes
 from pipeline.schema import OUTPUT_SCHEMA
 from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
@@ -180,12 +181,6 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
     assert artifacts == {"evaluation.json", "evaluation.md"}
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encoder: str = ENCODER_NAME,
              prompts: bool = True, input_size: int = TINY_SIZE) -> pa.Table:
     """A completed text-to-image generation output in the real schema, with random images and features."""
@@ -194,7 +189,7 @@ def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encod
     rows = [{
         "sample_id": f"{method}{i:03d}", "seed": i, "prompt": ["a red square", "a blue circle"][i % 2] if prompts else None,
         "class_label": None if prompts else i % 2,
-        "image": {"bytes": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
+        "image": {"bytes": png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
         "width": 16, "height": 16, "jepa_score": float(rng.normal(-30, 3)), "embedding": rng.normal(size=dim).tolist(),
         "method": method, "model": "sd", "encoder": encoder, "run_id": f"gen-{method}", "created_at": now,
     } for i in range(count)]

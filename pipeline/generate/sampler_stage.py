@@ -10,7 +10,6 @@ and left out of the output; it is retried on the next run of the same config. Wi
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -20,23 +19,17 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
 from pipeline.generate.config import GenerateConfig
+from pipeline.images import png_bytes
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
 from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes
 
 log = logging.getLogger(__name__)
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, JepaEncoder]:
