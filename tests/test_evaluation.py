@@ -27,7 +27,6 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.images import png_bytes
 from pipeline.schema import OUTPUT_SCHEMA
-from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 
@@ -102,12 +101,6 @@ def test_subsample_is_uniform_bounded_and_independent_of_read_order():
     other = Subsample(100, seed=4)
     other.add(ids, features)
     assert sorted(other.features[:, 0]) != sorted(forward.features[:, 0])
-
-
-@pytest.fixture
-def tracking(tmp_path):
-    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
 
 
 def stored(folder) -> pa.Table:

@@ -28,7 +28,7 @@ from pipeline.images import png_bytes
 from pipeline.rows import read_committed
 from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageConfig, resolve
-from tests.conftest import ENCODER_NAME, TINY_SIZE
+from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
 from tests.services import free_port
 
 LIMITS = ServeLimits(max_body_bytes=64 * 1024, max_pixels=256 * 256, max_n=3, max_steps=4)
@@ -53,8 +53,7 @@ def served_config(tmp_path_factory, class_unet, tiny_vit_folder):
         "sampling": {"method": "jepa", "steps": 3, "guidance": {"tau": 1.0, "k": 4}},
         "work": {"class_labels": [0, 3, 7], "samples_per_label": 8},
         "ray": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 4},
-        "tracking": {"tracking_uri": f"sqlite:///{folder}/mlruns/mlflow.db",
-                     "artifact_location": str(folder / "mlruns" / "artifacts")},
+        "tracking": tracking_section(folder),
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
