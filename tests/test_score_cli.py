@@ -115,8 +115,3 @@ def test_bad_flags_exit_2_with_the_reason(image_folder, flags, message, capsys):
         cli.main(["score", str(image_folder), *flags])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
-
-
-def test_unknown_command_is_refused(capsys):
-    assert cli.main(["generate-all"]) == 2
-    assert "unknown command 'generate-all'" in capsys.readouterr().err
