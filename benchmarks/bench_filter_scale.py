@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from benchmarks.paths import RESULTS, ROOT, write_json
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, RUN_FILE
 
 
 
@@ -67,7 +67,7 @@ def synthesise(folder: Path, rows: int, rows_per_file: int, seed: int = 0) -> in
             pa.array(["jepa"] * n), pa.array(["pixel-unet"] * n), pa.array(["vit_small_patch14_reg4_dinov2"] * n),
             pa.array(["synthetic"] * n), created.slice(0, n),
         ], schema=OUTPUT_SCHEMA)
-        pq.write_table(table, folder / DATA_DIR / f"part-{start:09d}.parquet", row_group_size=128)
+        pq.write_table(table, folder / DATA_DIR / f"{DATA_FILE_PREFIX}{start:09d}.parquet", row_group_size=128)
     (folder / RUN_FILE).write_text(json.dumps({"counts": {"committed": rows, "failed": 0},
                                                "last_run_id": "synthetic"}))
     return sum(f.stat().st_size for f in (folder / DATA_DIR).iterdir())

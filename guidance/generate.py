@@ -45,6 +45,9 @@ def check_work(model: DiffusionModel, items: Sequence[WorkItem], config: Samplin
         if encoder is None:
             raise ValueError(f"method {config.method!r} guides with a JEPA encoder: pass encoder=load_encoder(...)")
         check_rank(config.guidance.k, config.guidance.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
+        if config.guidance.gradient == "tweedie" and model.scheduler_config.get("prediction_type") == "sample":
+            raise ValueError("guidance.gradient 'tweedie' holds the network output constant, and this model predicts the "
+                             "clean sample itself, so the gradient would vanish: use gradient 'full'")
 
 
 def generate_images(

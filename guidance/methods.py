@@ -15,6 +15,7 @@ from guidance.schedules import SAMPLERS
 METHODS = ("unguided", "bns", "jepa", "jepa-reference")
 GUIDANCE_SCHEDULES = ("constant", "variance")
 PLACEMENTS = ("pre-step", "posterior-mean")
+GRADIENTS = ("full", "tweedie")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -42,6 +43,10 @@ class GuidanceConfig:
     oversample: int = 2  # extra sketch columns (r = k + oversample)
     power_iters: int = 2  # subspace iterations of the sketch
     warm_start: bool = False  # start each guided step's sketch from the previous step's subspace (method jepa)
+    gradient: str = "full"  # "full": through the denoiser; "tweedie": network output held constant (no denoiser backward)
+    micro_batch: int | None = None  # rows per encoder-branch chunk (bounds its double-backward memory); None: the batch
+    rescale_interval: bool = False  # with interval n, the step is n * eta: guiding every n-th step keeps the total push
+    reuse_direction: bool = False  # steps between guided ones apply the last guided direction again (no encoder call)
 
     def __post_init__(self):
         _finite_at_least("guidance.eta", self.eta, 0)
@@ -52,8 +57,16 @@ class GuidanceConfig:
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"guidance.interval must be an integer >= 1, got {self.interval!r}")
         check_sketch(self.k, self.oversample, self.power_iters)
-        if not isinstance(self.warm_start, bool):
-            raise ValueError(f"guidance.warm_start must be true or false, got {self.warm_start!r}")
+        for name in ("warm_start", "rescale_interval", "reuse_direction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"guidance.{name} must be true or false, got {getattr(self, name)!r}")
+        _choice("guidance.gradient", self.gradient, GRADIENTS)
+        if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
+                                             or self.micro_batch < 1):
+            raise ValueError(f"guidance.micro_batch must be an integer >= 1 or null (the whole batch), got {self.micro_batch!r}")
+        if self.rescale_interval and self.reuse_direction:
+            raise ValueError("guidance.rescale_interval and guidance.reuse_direction both make up for the skipped steps: "
+                             "choose one")
 
     def guided_steps(self, total: int) -> list[bool]:
         """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
@@ -62,6 +75,14 @@ class GuidanceConfig:
         eligible = [1 - s / total <= self.tau for s in range(total)]
         first = eligible.index(True) if True in eligible else total
         return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(eligible)]
+
+    def pushed_steps(self, total: int) -> list[bool]:
+        """Which steps move x by a guidance step: the guided ones, and with ``reuse_direction`` every step after the first."""
+        guided = self.guided_steps(total)
+        if not self.reuse_direction or True not in guided:
+            return guided
+        first = guided.index(True)
+        return [s >= first for s in range(total)]
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ carries each row's sketch subspace from a guided step to the next (log_volume mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,62 @@ class JepaGuidance:
     sketch_generators: Sequence[torch.Generator]  # one per row, a stream apart from the noise
 
 
+def _log_volume_gradient(guidance: JepaGuidance, image: torch.Tensor, memories: Sequence[SketchMemory] | None):
+    """d JS_bar / d image, the encoder branch run ``micro_batch`` rows at a time (rows are independent)."""
+    config = guidance.config
+    size = config.micro_batch or image.shape[0]
+    grads = []
+    for chunk, start in enumerate(range(0, image.shape[0], size)):
+        rows = slice(start, start + size)
+        part = image[rows].detach().requires_grad_(True)
+        warm = {} if memories is None else {"memory": memories[chunk]}
+        log_volume = guidance.objective(
+            guidance.encoder, part, config.k, config.oversample, config.power_iters,
+            generator=guidance.sketch_generators[rows], **warm,
+        )
+        grads.append(torch.autograd.grad(log_volume.sum(), part)[0])
+    return torch.cat(grads)
+
+
+def guidance_direction(
+    guidance: JepaGuidance,
+    denoiser: Denoiser,
+    schedule: NoiseSchedule,
+    x: torch.Tensor,
+    t: int,
+    memories: Sequence[SketchMemory] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(g, network output at x_t): the gradient of JS_bar with respect to x_t (L-inf normalised if asked), detached.
+
+    ``gradient="full"`` differentiates through the denoiser (docs/method.md, 'The guided update');
+    ``"tweedie"`` holds the network output constant and differentiates the clean estimate alone
+    (docs/method.md, 'Cheaper guidance'): no denoiser backward and no denoiser graph in memory.
+    The image -> encoder part runs in micro-batches; ``memories`` (warm start) holds one per micro-batch.
+    """
+    config = guidance.config
+    with torch.enable_grad():
+        x_t = x.detach().requires_grad_(True)
+        if config.gradient == "full":
+            model_output = denoiser(x_t, t)
+        else:
+            with torch.no_grad():
+                model_output = denoiser(x, t)
+        x0_hat, _ = predict_clean(schedule, model_output, x_t, t)
+        image = guidance.decode(x0_hat).clamp(0, 1).float()  # the encoder branch runs in fp32
+        (grad,) = torch.autograd.grad(image, x_t, _log_volume_gradient(guidance, image, memories))
+    if config.normalize:
+        grad = grad / grad.abs().flatten(1).amax(1).clamp_min(L_INF_FLOOR).view(-1, *[1] * (grad.ndim - 1))
+    return grad, model_output.detach()
+
+
+def step_size(config: GuidanceConfig, schedule: NoiseSchedule, t: int, t_prev: int) -> float:
+    """The step's scale: eta (constant) or eta * beta-tilde_t (variance), times the interval when rescaled."""
+    scale = config.eta * (config.interval if config.rescale_interval else 1)
+    if config.schedule == "variance":
+        scale = scale * posterior_variance(schedule, t, t_prev).item()
+    return scale
+
+
 def guidance_step(
     guidance: JepaGuidance,
     denoiser: Denoiser,
@@ -55,26 +112,12 @@ def guidance_step(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(step, network output at x_t): the guidance displacement to subtract, per row, detached.
 
-    ``memory`` (warm start) is passed to the objective, which starts its sketch from it and updates it.
+    ``memory`` (warm start, whole batch as one micro-batch) is passed to the objective, which starts its
+    sketch from it and updates it.
     """
-    config = guidance.config
-    warm = {} if memory is None else {"memory": memory}
-    with torch.enable_grad():
-        x_t = x.detach().requires_grad_(True)
-        model_output = denoiser(x_t, t)
-        x0_hat, _ = predict_clean(schedule, model_output, x_t, t)
-        image = guidance.decode(x0_hat).clamp(0, 1).float()  # the encoder branch runs in fp32
-        log_volume = guidance.objective(
-            guidance.encoder, image, config.k, config.oversample, config.power_iters,
-            generator=guidance.sketch_generators, **warm,
-        )
-        (grad,) = torch.autograd.grad(log_volume.sum(), x_t)
-    if config.normalize:
-        grad = grad / grad.abs().flatten(1).amax(1).clamp_min(L_INF_FLOOR).view(-1, *[1] * (grad.ndim - 1))
-    scale = config.eta
-    if config.schedule == "variance":
-        scale = config.eta * posterior_variance(schedule, t, t_prev).item()
-    return scale * grad, model_output.detach()
+    direction, model_output = guidance_direction(guidance, denoiser, schedule, x, t,
+                                                 None if memory is None else [memory])
+    return step_size(guidance.config, schedule, t, t_prev) * direction, model_output
 
 
 def sample(
@@ -89,21 +132,25 @@ def sample(
 ) -> tuple[torch.Tensor, int]:
     """Run the reverse process from x_T; returns (x_0, number of guided steps)."""
     total = len(schedule.timesteps)
-    guided = guidance.config.guided_steps(total) if guidance is not None else [False] * total
-    placement = guidance.config.placement if guidance is not None else None
-    memory = SketchMemory() if guidance is not None and guidance.config.warm_start else None
-    steps_guided = 0
+    config = guidance.config if guidance is not None else None
+    guided = config.guided_steps(total) if config is not None else [False] * total
+    pushed = config.pushed_steps(total) if config is not None else [False] * total
+    placement = config.placement if config is not None else None
+    memories = None
+    if config is not None and config.warm_start:
+        memories = [SketchMemory() for _ in range(math.ceil(x.shape[0] / (config.micro_batch or x.shape[0])))]
+    steps_guided, direction = 0, None
     pairs = zip(schedule.timesteps, schedule.previous)
     for s, (t, t_prev) in enumerate(tqdm(list(pairs), desc="sampling", unit="step", disable=not progress)):
-        step = None
+        step, model_output = None, None
         if guided[s]:
-            step, model_output = guidance_step(guidance, denoiser, schedule, x, t, t_prev, memory)
+            direction, model_output = guidance_direction(guidance, denoiser, schedule, x, t, memories)
             steps_guided += 1
+        if pushed[s]:  # a guided step, or one between guided steps that reuses the last direction
+            step = step_size(config, schedule, t, t_prev) * direction
             if placement == "pre-step":
-                x = x - step
-                with torch.no_grad():
-                    model_output = denoiser(x, t)
-        else:
+                x, model_output = x - step, None
+        if model_output is None:
             with torch.no_grad():
                 model_output = denoiser(x, t)
         move = update(schedule, model_output, x, t, t_prev, ddim_eta)

@@ -49,8 +49,9 @@ def noise_schedule(scheduler_config: Mapping[str, Any], steps: int, sampler: str
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    config = dict(scheduler_config) | overrides
-    scheduler = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler).from_config(config)
+    # As keyword arguments: merged into the dict, diffusers would drop any key the config file omitted
+    # (it lists those in ``_use_default_values`` and restores their defaults).
+    scheduler = (DDPMScheduler if sampler == "ddpm" else DDIMScheduler).from_config(dict(scheduler_config), **overrides)
     train_steps = scheduler.config.num_train_timesteps
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= train_steps:
         raise ValueError(f"steps must be an integer in [1, {train_steps}] (the model's training steps), got {steps!r}")

@@ -6,19 +6,25 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import run_as_program
-from pipeline.demo.job import DEMO_CONFIG, run_demo
-from pipeline.storage import StorageError
+from jobs.options import job_parser, run_as_program
+from pipeline.demo import DEMO_CONFIG
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority demo", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("demo", __doc__)
     parser.add_argument("--config", default=DEMO_CONFIG, help="the guided generation config (YAML)")
     parser.add_argument("--root", default="outputs/demo", help="folder for the data and the report")
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="rarest share kept per class")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set work.samples_per_label=2")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.demo.job import run_demo  # torch, diffusers and Ray load after parsing
+    from pipeline.storage import StorageError
+
     try:
         result = run_demo(args.config, args.root, args.keep_fraction, args.overrides)
     except (StorageError, ValueError) as error:  # config and work errors are ValueErrors

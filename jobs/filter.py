@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import add_storage_and_tracking, run_as_program, storage_config, tracking_config
-from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter
+from jobs.options import add_storage_and_tracking, job_parser, run_as_program, storage_config, tracking_config
+from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
+from pipeline.schema import SELECTION_FILE
 from pipeline.storage import StorageError
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority filter", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("filter", __doc__)
     parser.add_argument("--input", required=True, help="a completed generation output (local path, file:// or s3://)")
     parser.add_argument("--output", required=True, help="where the curated dataset goes")
     amount = parser.add_mutually_exclusive_group(required=True)
@@ -20,7 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
     add_storage_and_tracking(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
@@ -33,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
     print(f"threshold: {report['threshold']}")
-    print(f"output:    {config.output}  (selection.json beside the data)")
+    print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     return 0
 
 

@@ -9,23 +9,30 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import run_as_program
-from pipeline.generate.config import load_config
-from pipeline.generate.job import run_generation
-from pipeline.generate.work import WorkError
-from pipeline.settings import ConfigError
-from pipeline.storage import StorageError
+from jobs.options import job_parser, run_as_program
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority generate", description=__doc__)
-    parser.add_argument("config", nargs="?", help="a YAML config (sections: model, encoder, sampling, work, output, "
-                                                  "storage, ray, tracking); defaults when omitted")
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("generate", __doc__)
+    parser.add_argument("config", nargs="?",
+                        help="a YAML config (sections: model, encoder, sampling, work, output, storage, ray, tracking; "
+                             "every key in docs/config.md). Left out, the defaults of 'jepa-minority config' run, and "
+                             "they name no model weights: give --set model.source=FOLDER")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value, e.g. --set sampling.steps=20 (repeatable)")
     parser.add_argument("--output", help="output URI (same as --set output.uri=...)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and expand the work; sample nothing")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
+    from pipeline.generate.job import run_generation
+    from pipeline.generate.work import WorkError
+    from pipeline.settings import ConfigError
+    from pipeline.storage import StorageError
+
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
     try:
         config = load_config(args.config, overrides)

@@ -1,4 +1,6 @@
-"""What the jobs share: where object storage is, where runs are tracked, how a job runs as a program."""
+"""Command-line parts that several jobs share: the help layout, flags documented by a config field, where
+object storage is and where runs are tracked, the one log format and how a job runs as a program. Light to
+import: `--help` loads no torch or Ray."""
 
 from __future__ import annotations
 
@@ -8,14 +10,43 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.settings import TrackingConfig
+from pipeline.sourcedoc import FieldDoc, field_docs
 from pipeline.storage import StorageConfig
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every flag's default after its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def job_parser(name: str, description: str | None) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"jepa-minority {name}", description=description, formatter_class=HelpFormatter)
+
+
+def config_flag(parser: argparse.ArgumentParser, flag: str, doc: FieldDoc, **kwargs) -> None:
+    """A flag for one config field, its help the field's comment and default as written there. The flag's
+    own default is None: leave it out of the config, which then applies its default (one home for it)."""
+    text = kwargs.pop("help", doc.meaning)
+    parser.add_argument(flag, help=f"{text} (default: {doc.default})".replace("%", "%%"), **kwargs)
+
+
+def given(args: argparse.Namespace, *names: str) -> dict:
+    """The named options the user gave (not None), to pass to a config as keyword arguments."""
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
 def add_storage_and_tracking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint-url", help="S3-protocol endpoint (credentials come from the AWS environment)")
-    parser.add_argument("--region")
-    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri)
-    parser.add_argument("--experiment", default=TrackingConfig.experiment)
+    storage, tracking = field_docs("pipeline.storage", "StorageConfig"), field_docs("pipeline.settings", "TrackingConfig")
+    parser.add_argument("--endpoint-url", help=f"{storage['endpoint_url'].meaning}; credentials come from the AWS "
+                                               "environment")
+    parser.add_argument("--region", help=storage["region"].meaning)
+    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri, help=tracking["tracking_uri"].meaning)
+    parser.add_argument("--experiment", default=TrackingConfig.experiment, help=tracking["experiment"].meaning)
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:

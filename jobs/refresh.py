@@ -6,28 +6,35 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import run_as_program
-from pipeline.curate.filter import GROUP_COLUMNS
-from pipeline.curate.refresh import RefreshConfig, run_refresh
-from pipeline.generate.work import WorkError
-from pipeline.settings import ConfigError
-from pipeline.storage import StorageError
+from jobs.options import config_flag, given, job_parser, run_as_program
+from pipeline.curate.filter import GROUP_COLUMNS  # pyarrow only
+from pipeline.sourcedoc import field_docs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    doc = field_docs("pipeline.curate.refresh", "RefreshConfig")
+    parser = job_parser("refresh", __doc__)
+    parser.add_argument("config", help="the generation config (YAML; every key in docs/config.md)")
+    parser.add_argument("--root", required=True, help="the dataset root (local path, file:// or s3://)")
+    parser.add_argument("--version", help="version name (default: today's UTC date, YYYY-MM-DD)")
+    config_flag(parser, "--keep-versions", doc["keep_versions"], type=int)
+    config_flag(parser, "--keep-fraction", doc["keep_fraction"], type=float)
+    parser.add_argument("--per", choices=GROUP_COLUMNS, help="curate the rarest within each class or prompt")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a generation config value, e.g. --set work.samples_per_label=2 (repeatable)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority refresh", description=__doc__)
-    parser.add_argument("config", help="the generation config (YAML)")
-    parser.add_argument("--root", required=True, help="the dataset root (local path, file:// or s3://)")
-    parser.add_argument("--version", help="version name (default: today's UTC date, YYYY-MM-DD)")
-    parser.add_argument("--keep-versions", type=int, default=RefreshConfig.keep_versions)
-    parser.add_argument("--keep-fraction", type=float, default=RefreshConfig.keep_fraction)
-    parser.add_argument("--per", choices=GROUP_COLUMNS)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from pipeline.curate.refresh import RefreshConfig, run_refresh  # torch and Ray load after parsing
+    from pipeline.generate.work import WorkError
+    from pipeline.settings import ConfigError
+    from pipeline.storage import StorageError
+
     try:
-        refresh = RefreshConfig(config=args.config, root=args.root, version=args.version,
-                                keep_versions=args.keep_versions, keep_fraction=args.keep_fraction, per=args.per,
-                                overrides=tuple(args.overrides))
+        refresh = RefreshConfig(config=args.config, root=args.root, overrides=tuple(args.overrides),
+                                **given(args, "version", "keep_versions", "keep_fraction", "per"))
         result = run_refresh(refresh)
     except (ConfigError, WorkError, StorageError, ValueError) as error:
         print(f"jepa-minority refresh: {error}", file=sys.stderr)

@@ -1,48 +1,64 @@
-"""jepa-minority score: rank image files by world-prior rarity (lowest JEPA-SCORE = rarest)."""
+"""jepa-minority score: rank image files by world-prior rarity (lowest JEPA-SCORE = rarest).
+
+Files that cannot be decoded or exceed --max-pixels are skipped, one line each, and the rest are scored:
+exit 0 when at least one image was scored (a last line says how many were skipped), 2 when none could be,
+and 2 with one line for a missing path, a folder without images, or unusable weights.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from guidance import ENCODERS
-from jobs.options import run_as_program
-from pipeline.evaluate.scoring import SCORE_METHODS, ScoreConfig, score_images, write_scores
+from jobs.options import config_flag, given, job_parser, run_as_program
+from pipeline.sourcedoc import field_docs
+
+FLAGS = ("weights", "encoder", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
+         "max_pixels", "device", "output")  # ScoreConfig fields, one flag each
 
 
-def parse_args(argv: list[str] | None = None) -> ScoreConfig:
-    """Flags left out take ScoreConfig's defaults."""
-    parser = argparse.ArgumentParser(prog="jepa-minority score", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    doc = field_docs("pipeline.evaluate.scoring", "ScoreConfig")
+    parser = job_parser("score", __doc__)
     parser.add_argument("paths", nargs="+", help="PNG / JPEG files or folders (searched recursively)")
-    parser.add_argument("--encoder", choices=sorted(ENCODERS), help="default vit_small_patch14_reg4_dinov2")
-    parser.add_argument("--weights", help="a .safetensors / .pth file, a timm model folder, 'hub[:TAG]' or 'random'")
-    parser.add_argument("--method", choices=SCORE_METHODS,
-                        help="exact JEPA-SCORE (default; D backward passes per image) or top-k log-volume")
-    parser.add_argument("--k", type=int, help="top-k singular values (method topk, default 9)")
-    parser.add_argument("--oversample", type=int, help="extra sketch columns (method topk, default 2)")
-    parser.add_argument("--power-iters", type=int, help="subspace iterations (method topk, default 2)")
-    parser.add_argument("--seed", type=int, help="sketch seed (method topk, default 0)")
-    parser.add_argument("--input-size", type=int, help="encoder input resolution (default 224)")
-    parser.add_argument("--batch-size", type=int, help="images per encoder call (default 4)")
-    parser.add_argument("--device", help="torch device (default cuda when available)")
-    parser.add_argument("--output", help="also write the table to this .csv or .parquet file")
-    args = vars(parser.parse_args(argv))
-    paths = tuple(args.pop("paths"))
-    try:
-        return ScoreConfig(paths=paths, **{key: value for key, value in args.items() if value is not None})
-    except ValueError as error:
-        parser.error(str(error))
+    parser.add_argument("--weights",
+                        help="required: a .safetensors / .pth file or a timm model folder; 'hub' or 'hub:TAG' to download "
+                             "DINOv2; 'random' for an untrained encoder (plumbing only)")
+    config_flag(parser, "--encoder", doc["encoder"], help="a DINOv2 encoder name (a wrong one lists them)")
+    config_flag(parser, "--method", doc["method"])
+    for name, kind in (("k", int), ("oversample", int), ("power_iters", int), ("seed", int), ("input_size", int),
+                       ("batch_size", int), ("max_pixels", int)):
+        config_flag(parser, f"--{name.replace('_', '-')}", doc[name], type=kind)
+    config_flag(parser, "--device", doc["device"], help="torch device")
+    config_flag(parser, "--output", doc["output"], help="also write the table to this .csv or .parquet file")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
-    rows = score_images(config)
+    args = build_parser().parse_args(argv)
+    from pipeline.evaluate.scoring import ScoreConfig, score_images, write_scores  # torch loads after parsing
+
+    try:
+        config = ScoreConfig(paths=tuple(args.paths), **given(args, *FLAGS))
+        result = score_images(config)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"jepa-minority score: {error}", file=sys.stderr)
+        return 2
+    for path, why in result.skipped:
+        print(f"jepa-minority score: skipped {path}: {why}", file=sys.stderr)
+    if not result.rows:
+        print(f"jepa-minority score: none of the {len(result.skipped)} files could be scored; pass PNG / JPEG files "
+              "that decode (within --max-pixels)", file=sys.stderr)
+        return 2
     print(f"{'rank':>4}  {'score':>12}  path")
-    for rank, row in enumerate(rows, start=1):
+    for rank, row in enumerate(result.rows, start=1):
         print(f"{rank:>4}  {row.score:>12.4f}  {row.path}")
     if config.output:
-        write_scores(rows, config.output, config.method)
-        print(f"wrote {len(rows)} scores to {config.output}", file=sys.stderr)
+        write_scores(result.rows, config.output, config.method)
+        print(f"wrote {len(result.rows)} scores to {config.output}", file=sys.stderr)
+    if result.skipped:
+        print(f"jepa-minority score: scored {len(result.rows)}, skipped {len(result.skipped)} that could not be "
+              "decoded or were too large (listed above)", file=sys.stderr)
     return 0
 
 

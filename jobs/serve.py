@@ -5,43 +5,42 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import run_as_program
-from pipeline.serve.inputs import ServeLimits
-from pipeline.storage import StorageError
+from jobs.options import config_flag, job_parser, run_as_program
+from pipeline.sourcedoc import field_docs
 
-DEFAULTS = ServeLimits()
+LIMITS = ("max_n", "max_steps", "max_body_bytes", "max_pixels")  # ServeLimits fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jepa-minority serve", description=__doc__)
+    limits = field_docs("pipeline.serve.inputs", "ServeLimits")
+    parser = job_parser("serve", __doc__)
     parser.add_argument("config", help="a generation config (YAML): the model, encoder and default sampling settings served")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set sampling.guidance.eta=0.05 (repeatable)")
     parser.add_argument("--dataset", help="a refresh root or a finished output folder to browse on GET /")
     parser.add_argument("--host", default="127.0.0.1", help="the HTTP address (0.0.0.0 to listen on every interface)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--cpus-per-replica", type=float, default=1.0)
-    parser.add_argument("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--port", type=int, default=8000, help="the HTTP port")
+    parser.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas, each with its own models")
+    parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
+    parser.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="score requests batched together")
-    parser.add_argument("--max-n", type=int, default=DEFAULTS.max_n, help="images per generate request")
-    parser.add_argument("--max-steps", type=int, default=DEFAULTS.max_steps, help="sampling steps per generate request")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULTS.max_body_bytes)
-    parser.add_argument("--max-pixels", type=int, default=DEFAULTS.max_pixels, help="decoded pixels of an upload")
+    for name in LIMITS:
+        config_flag(parser, f"--{name.replace('_', '-')}", limits[name], type=int)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.serve.service import ServeConfig, run_serve  # Ray Serve and torch load only when serving
-
     args = build_parser().parse_args(argv)
+    from pipeline.serve.inputs import ServeLimits  # Ray Serve and torch load only when serving
+    from pipeline.serve.service import ServeConfig, run_serve
+    from pipeline.storage import StorageError
+
     try:
         service = ServeConfig(
             config=args.config, overrides=tuple(args.overrides), dataset=args.dataset, host=args.host,
             port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
             gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
-            limits=ServeLimits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
-                               max_n=args.max_n, max_steps=args.max_steps),
+            limits=ServeLimits(**{name: getattr(args, name) for name in LIMITS if getattr(args, name) is not None}),
         )
         run_serve(service, blocking=True)
     except (ValueError, StorageError) as error:

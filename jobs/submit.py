@@ -8,30 +8,68 @@ Submitting the same job with the same arguments and config again is refused, not
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
+import io
 import os
 import sys
+from pathlib import Path
 
-from jobs.options import run_as_program
-from pipeline.commands import SUBMITTABLE
+from jobs.options import job_parser, run_as_program
+from pipeline.commands import COMMANDS, SUBMITTABLE
 from pipeline.submission import DuplicateSubmission, Submission, submit, wait
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jepa-minority submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = job_parser("submit", __doc__)
     parser.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                         help="the cluster's job API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     parser.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to end, at most this long")
-    parser.add_argument("job", choices=SUBMITTABLE)
+    parser.add_argument("job", choices=SUBMITTABLE, help="the job to run on the cluster")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def check_locally(submission: Submission) -> None:
+    """Refuse before contacting the cluster: the job's own parser must accept the arguments, and a generation
+    config it names must load (the path as seen from the uploaded working directory)."""
+    parser = importlib.import_module(COMMANDS[submission.job].module).build_parser()
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            job_args = parser.parse_args(list(submission.args))
+    except SystemExit:
+        raise ValueError(f"{submission.job} rejects its arguments: {errors.getvalue().strip().splitlines()[-1]}") from None
+    config = getattr(job_args, "config", None)
+    if config is None or submission.job == "score":
+        return
+    from pipeline.generate.config import load_config  # torch loads only for jobs that take a config
+
+    path = Path(submission.working_dir) / config
+    try:
+        load_config(path, getattr(job_args, "overrides", []))
+    except ValueError as error:  # ConfigError
+        raise ValueError(f"{submission.job}: {error} (checked locally; nothing was submitted)") from error
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
+    try:
+        check_locally(submission)
+    except ValueError as error:
+        print(f"jepa-minority submit: {error}", file=sys.stderr)
+        return 2
     try:
         job_id = submit(submission)
     except DuplicateSubmission as error:
         print(f"jepa-minority submit: {error}", file=sys.stderr)
         return 3
+    except ConnectionError as error:
+        print(f"jepa-minority submit: no Ray cluster answered at {args.address} ({str(error).splitlines()[0]}); "
+              "start one (ray start --head) or pass --address / RAY_ADDRESS", file=sys.stderr)
+        return 2
     print(f"submitted {job_id}: {submission.entrypoint}")
     if args.wait is None:
         return 0

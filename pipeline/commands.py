@@ -1,7 +1,7 @@
-"""The job table: every ``jepa-minority`` command, the module that runs it and its one line.
+"""The job table: every ``jepa-minority`` command, the module that runs it, its one line, and whether it is a job.
 
-Light to import (the CLI reads it before any job's dependencies load). The CLI dispatches on it and
-``pipeline.submission`` submits any of its jobs but ``submit`` itself.
+Light to import (the CLI reads it before any job's dependencies load). The CLI dispatches on it and lists its
+one-liners; ``pipeline.submission`` submits the commands that are jobs.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 class Command:
     module: str  # run as ``python -m MODULE`` (a Ray job's entrypoint) or called as MODULE.main(argv)
     summary: str  # the one line the CLI's usage shows
+    submittable: bool = True  # a job that ``submit`` may run on a cluster (False: submit itself, local tools)
 
 
 COMMANDS = {
@@ -22,7 +23,9 @@ COMMANDS = {
     "refresh": Command("jobs.refresh", "one scheduled dataset version, published when complete"),
     "score": Command("jobs.score", "rank image files by world-prior rarity"),
     "evaluate": Command("jobs.evaluate", "rarity and quality of generated runs against a reference"),
-    "submit": Command("jobs.submit", "run any of these jobs on a Ray cluster, once"),
+    "submit": Command("jobs.submit", "run any of these jobs on a Ray cluster, once", submittable=False),
     "serve": Command("jobs.serve", "the samplers and scores over HTTP on Ray Serve, and a page of the rarest"),
+    "config": Command("jobs.config", "every key of a generation config with its type, default and meaning",
+                      submittable=False),
 }
-SUBMITTABLE = tuple(name for name in COMMANDS if name != "submit")  # what ``submit`` may run as a Ray job
+SUBMITTABLE = tuple(name for name, command in COMMANDS.items() if command.submittable)

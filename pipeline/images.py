@@ -34,10 +34,14 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def read_image(path: str | Path) -> torch.Tensor:
-    """Decode one image file to a float32 RGB tensor (3, H, W) in [0, 1]."""
+def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
+    """Decode one image file to a float32 RGB tensor (3, H, W) in [0, 1]; larger than ``max_pixels`` is refused
+    from the header, before decoding."""
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ValueError(f"image {path} is {width} x {height} pixels, over the limit of {max_pixels}")
             rgb = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error

@@ -55,14 +55,27 @@ OUTPUT_SCHEMA = pa.schema(
     metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
 )
 
-# Layout of a run's output folder.
-MANIFEST_FILE = "manifest.parquet"  # the work, written before generation starts
-DATA_DIR = "data"  # committed output rows, part-*.parquet
-FAILURES_DIR = "failures"  # one <sample_id>.json per failed sample
+# Layout of a run's output folder and of a curated set. The usual readers pointed at the folder itself
+# read exactly the data rows (tests/test_readers.py): pyarrow and pandas skip `_` / `.` names but fail on
+# any other non-Parquet file, duckdb reads every *.parquet below the folder whatever its name, polars
+# needs `<folder>/**/*.parquet`, and Hugging Face datasets reads CARD_FILE or, without one, the files
+# named like a split. So only data files end in .parquet, and every other name starts with `_` or `.`.
+MANIFEST_FILE = "_manifest.arrow"  # the work (an Arrow IPC file, not .parquet), written before generation starts
+DATA_DIR = "data"  # committed output rows
+DATA_FILE_PREFIX = "train-"  # DATA_DIR/train-<hash>.parquet: the name datasets' default split patterns pick
+DATA_FILES = f"{DATA_DIR}/{DATA_FILE_PREFIX}*.parquet"  # the glob of every committed data file
+FAILURES_DIR = "_failures"  # one <sample_id>.json per failed sample
+# The dataset card (what the folder holds, its configs / data_files), which datasets reads at the folder root;
+# a README.md there would break pyarrow's and pandas' reads of the folder.
+CARD_FILE = ".huggingface.yaml"
 RUN_FILE = "_run.json"  # written last: the completion marker
 
-# Layout of a curated set: the run's DATA_DIR, then this record written last as its completion marker.
-SELECTION_FILE = "selection.json"
+# Layout of a curated set: the run's DATA_DIR and CARD_FILE, then this record written last as its completion marker.
+SELECTION_FILE = "_selection.json"
+
+# Names of the layout before this one, whose manifest and records the readers took for data: a folder
+# holding any of them is refused rather than resumed (pipeline/layout.py).
+OLD_LAYOUT = ("manifest.parquet", "failures", "selection.json")
 
 # Layout of a refresh root: VERSIONS_DIR/<V>/GENERATED_DIR and .../RAREST_DIR, and LATEST_FILE naming
 # the newest complete version, replaced in one write.

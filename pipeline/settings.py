@@ -19,7 +19,7 @@ class TrackingConfig:
 
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
     artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
-    experiment: str = "jepa-minority"
+    experiment: str = "jepa-minority"  # the MLflow experiment the runs are grouped under
 
     def __post_init__(self):
         if "@" in urlparse(self.tracking_uri).netloc:

@@ -16,16 +16,16 @@ import pyarrow as pa
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig, resolve, write_table
 
 
 def part_name(sample_ids: list[str]) -> str:
-    return "part-" + hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:32] + ".parquet"
+    return DATA_FILE_PREFIX + hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:32] + ".parquet"
 
 
 class AtomicParquetSink(Datasink[list[str]]):
-    """Writes OUTPUT_SCHEMA rows under ``<uri>/data/`` in files of at most ``max_rows_per_file``.
+    """Writes OUTPUT_SCHEMA rows under ``<uri>/<DATA_DIR>/`` in files of at most ``max_rows_per_file``.
 
     Holds plain settings only, so write workers import pyarrow and Ray, not the models.
     """

@@ -1,8 +1,8 @@
 """Object storage through pyarrow filesystems: local paths, ``file://`` and ``s3://`` URIs.
 
 Writes are atomic: a reader sees a file whole or not at all. On a local disk the bytes go to a
-``.``-prefixed (hidden) temporary name, which every reader skips, and are renamed into place; on S3 a
-PUT or a completed multipart upload is already all-or-nothing.
+``.``-prefixed (hidden) temporary name that ends in a uuid, which no reader takes for data, and are
+renamed into place; on S3 a PUT or a completed multipart upload is already all-or-nothing.
 Credentials are never passed in: pyarrow's S3 client reads the standard AWS environment / profile chain.
 """
 
@@ -145,7 +145,8 @@ def write_bytes(location: Location, data: bytes) -> None:
     with clear_errors("write", location):
         if location.is_local:
             fs.create_dir(parent, recursive=True)
-            temp = f"{parent}/{TEMP_PREFIX}{uuid.uuid4().hex}-{name}"
+            # Ends in the uuid, never in .parquet: duckdb and polars globs would read a leftover temp file.
+            temp = f"{parent}/{TEMP_PREFIX}{name}-{uuid.uuid4().hex}"
             with fs.open_output_stream(temp) as stream:
                 stream.write(data)
             fs.move(temp, path)
@@ -159,6 +160,19 @@ def write_table(location: Location, table: pa.Table, row_group_size: int) -> Non
     buffer = io.BytesIO()
     pq.write_table(table, buffer, row_group_size=row_group_size)
     write_bytes(location, buffer.getvalue())
+
+
+def write_ipc(location: Location, table: pa.Table) -> None:
+    """Write an Arrow IPC file atomically, zstd-compressed."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    write_bytes(location, sink.getvalue().to_pybytes())
+
+
+def read_ipc_schema(location: Location) -> pa.Schema:
+    """The schema (with its metadata) of an Arrow IPC file."""
+    return pa.ipc.open_file(pa.BufferReader(read_bytes(location))).schema
 
 
 def list_files(location: Location, suffix: str) -> list[Location]:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny DINOv2-architecture ViTs saved and loaded through the product's code, and
-closed-form encoders whose Jacobians are known."""
+closed-form parts whose right answers are known: encoders (their Jacobians), Gaussian data's denoiser
+and a guidance objective with a closed-form gradient."""
 
 from __future__ import annotations
 
@@ -83,6 +84,28 @@ class SmoothEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return torch.tanh(images.flatten(1) @ self.w1.T + self.b) @ self.w2.T
+
+
+class GaussianDenoiser:
+    """The exact noise prediction for data x0 ~ N(0, s^2 I): E[eps | x_t] = c_t x_t with
+    c_t = sqrt(1 - abar_t) / (abar_t s^2 + 1 - abar_t) (float64; ``abar`` from a NoiseSchedule)."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor, data_std: float):
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.data_std = data_std
+
+    def gain(self, t: int) -> float:
+        abar = float(self.alphas_cumprod[t])
+        return (1 - abar) ** 0.5 / (abar * self.data_std**2 + 1 - abar)
+
+    def __call__(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        return self.gain(t) * x
+
+
+def feature_energy(encoder, images, k, oversample, power_iters, generator=None, memory=None) -> torch.Tensor:
+    """A guidance objective with a closed-form gradient: 1/2 ||f(x)||^2 per image, so for a
+    LinearEncoder f(x) = A x the gradient is A^T A x. Same signature as the top-k objectives."""
+    return 0.5 * encoder(images.double()).square().sum(1)
 
 
 def rand_images(batch: int, shape=(3, 4, 4), seed: int = 0, dtype=torch.float64) -> torch.Tensor:

@@ -5,12 +5,17 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 
 from jobs import generate as generate_job
+from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
 
 
@@ -100,5 +105,43 @@ def test_a_truncated_model_checkpoint_fails_in_one_line_and_nothing_looks_done(
     assert "the sampler could not load its models" in line and str(broken) in line
     out = tmp_path / "out"
     assert not (out / "_run.json").exists() and not list((out / "data").glob("*.parquet"))
-    assert pq.read_table(out / "manifest.parquet").num_rows == 2  # the manifest is the config's own: a rerun resumes
-    assert not (out / "failures").exists()  # nothing was sampled, so nothing is recorded as failed
+    assert feather.read_table(out / MANIFEST_FILE).num_rows == 2  # the manifest is the config's own: a rerun resumes
+    assert not (out / FAILURES_DIR).exists()  # nothing was sampled, so nothing is recorded as failed
+
+
+def cli_refuses(args: list[str], cwd) -> str:
+    """Run the real command in a fresh process; it must exit 2 without a traceback, its error the last line."""
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd, env=os.environ | {"PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_generate_without_a_config_names_the_missing_model_source(tmp_path):
+    line = cli_refuses(["generate", "--dry-run"], tmp_path)
+    assert line.startswith("jepa-minority generate: model.source: preset 'pixel-unet' has no default weights")
+    assert "--set model.source=" in line
+
+
+def test_submit_checks_the_config_locally_before_the_cluster(tmp_path):
+    (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml"], tmp_path)
+    assert line == ("jepa-minority submit: generate: sampling: steps must be an integer >= 1, got -3 "
+                    "(checked locally; nothing was submitted)")
+    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml", "--dryrun"], tmp_path)
+    assert line.endswith("generate rejects its arguments: jepa-minority generate: error: unrecognized arguments: --dryrun")
+
+
+def test_submit_without_a_cluster_names_the_address(tmp_path):
+    (tmp_path / "good.yaml").write_text("work:\n  count: 2\n")
+    dead = f"http://127.0.0.1:{free_port()}"
+    line = cli_refuses(["submit", "--address", dead, "--", "generate", "good.yaml"], tmp_path)
+    assert line.startswith(f"jepa-minority submit: no Ray cluster answered at {dead}") and "--address" in line
+
+
+def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path):
+    (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
+    assert cli_refuses(["serve", "bad.yaml"], tmp_path) == \
+        "jepa-minority serve: sampling: steps must be an integer >= 1, got -3"

@@ -1,17 +1,37 @@
-"""The ``jepa-minority`` command: it lists every entry of the job table, and each name reaches its own job."""
+"""The command itself: it lists every entry of the job table and each name reaches its own job; help at once
+(no torch, diffusers, timm or Ray loaded), every flag explained with its default, a version, and a config
+reference that stays current with the typed configs."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from jobs import cli
 from pipeline.commands import COMMANDS
+
+HEAVY = ("torch", "diffusers", "timm", "ray", "transformers", "mlflow")
+ROOT = Path(__file__).parent.parent
+PROBE = f"""
+import json, sys
+from jobs import cli
+try:
+    code = cli.main(sys.argv[1:] + ['--help'])
+except SystemExit as stop:
+    code = stop.code
+print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+"""
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_is_listed_and_reaches_its_job(name, capsys):
     assert cli.main(["--help"]) == 0
-    assert f"  {name.ljust(max(map(len, COMMANDS)))}  {COMMANDS[name].summary}\n" in capsys.readouterr().err
+    assert f"  {name.ljust(max(map(len, COMMANDS)))}  {COMMANDS[name].summary}\n" in capsys.readouterr().out
     with pytest.raises(SystemExit) as done:
         cli.main([name, "--help"])
     assert done.value.code == 0
@@ -22,3 +42,68 @@ def test_an_unknown_command_is_refused_naming_every_command(capsys):
     assert cli.main(["trian"]) == 2
     assert capsys.readouterr().err.endswith(f"unknown command 'trian'; choose one of: {', '.join(COMMANDS)}\n")
     assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_parses_without_loading_the_ml_stack(command):
+    probe = subprocess.run([sys.executable, "-c", PROBE, command], capture_output=True, text=True, timeout=120)
+    result = json.loads(probe.stdout.splitlines()[-1])
+    assert result == {"code": 0, "heavy": []}
+    assert f"usage: jepa-minority {command}" in probe.stdout
+
+
+def test_every_flag_of_every_command_has_help_and_the_top_level_help_describes_each(capsys):
+    for name, command in COMMANDS.items():
+        parser = __import__(command.module, fromlist=["build_parser"]).build_parser()
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+        assert parser.description and parser.formatter_class.__name__ == "HelpFormatter"
+    assert cli.main(["--help"]) == 0
+    printed = capsys.readouterr().out
+    for name in COMMANDS:
+        (line,) = [line for line in printed.splitlines() if line.startswith(f"  {name} ")]
+        assert len(line.split(None, 1)[1]) > 20, line
+
+
+def test_help_shows_the_defaults_of_the_configs_themselves(capsys):
+    from pipeline.evaluate.scoring import ScoreConfig
+    from pipeline.serve.inputs import ServeLimits
+
+    for command in ("score", "serve"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"images per encoder call (default: {ScoreConfig.batch_size})" in text
+    assert f"images per generate request (default: {ServeLimits.max_n})" in text
+    assert "(default: 8000)" in text  # a parser's own default is shown too
+
+
+def test_version_is_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"jepa-minority {version('jepa-minority')}"
+
+
+def test_config_reference_covers_every_key_with_a_meaning_and_docs_config_md_is_current(capsys):
+    from pipeline.generate.config import GenerateConfig
+    from pipeline.generate.config_doc import as_markdown, config_reference
+    from pipeline.settings import flatten, to_dict
+
+    sections = config_reference()
+    keys = {k.key: k for section in sections for k in section.keys}
+    assert set(keys) == set(flatten(to_dict(GenerateConfig())))
+    assert all(k.meaning for k in keys.values()), [k.key for k in keys.values() if not k.meaning]
+    assert keys["work.count"].default == "8" and keys["storage.endpoint_url"].type == "str | None"
+    assert (ROOT / "docs" / "config.md").read_text() == as_markdown(sections), \
+        "docs/config.md is stale: run 'jepa-minority config --markdown > docs/config.md'"
+
+
+def test_the_defaults_printed_as_yaml_load_back_as_the_defaults(tmp_path, capsys):
+    from pipeline.generate.config import GenerateConfig, load_config
+
+    assert cli.main(["config", "--defaults"]) == 0
+    path = tmp_path / "defaults.yaml"
+    path.write_text(capsys.readouterr().out)
+    assert yaml.safe_load(path.read_text())["work"]["count"] == 8
+    assert load_config(path) == GenerateConfig()

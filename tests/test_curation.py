@@ -24,7 +24,7 @@ from PIL import Image
 from jobs import filter as filter_job
 from pipeline.curate.filter import FilterConfig, run_filter
 from pipeline.curate.selection import rarest_by_group
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import DATA_FILE_PREFIX, FAILURES_DIR, OUTPUT_SCHEMA, SELECTION_FILE
 from pipeline.storage import StorageConfig
 
 
@@ -46,16 +46,16 @@ def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files
     (folder / "data").mkdir(parents=True)
     for part in range(files):
         pq.write_table(pa.Table.from_pylist(rows[part::files], schema=OUTPUT_SCHEMA),
-                       folder / "data" / f"part-{part}.parquet")
-    (folder / "failures").mkdir()
+                       folder / "data" / f"{DATA_FILE_PREFIX}{part}.parquet")
+    (folder / FAILURES_DIR).mkdir()
     for i in range(failures):
-        (folder / "failures" / f"failed{i}.json").write_text(json.dumps({"sample_id": f"failed{i}", "error": "x"}))
+        (folder / FAILURES_DIR / f"failed{i}.json").write_text(json.dumps({"sample_id": f"failed{i}", "error": "x"}))
     (folder / "_run.json").write_text(json.dumps({"status": "complete", "last_run_id": "gen-run"}))
     return rows
 
 
 def kept_rows(folder) -> list[dict]:
-    files = sorted(str(p) for p in (folder / "data").glob("part-*.parquet"))
+    files = sorted(str(p) for p in (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     return pads.dataset(files, format="parquet").to_table().to_pylist() if files else []
 
 
@@ -74,7 +74,7 @@ def test_keeps_the_rarest_fraction_with_ties_by_id_and_broken_rows_counted(ray_c
     assert report["rows_in"] == 12 and report["invalid_scores"] == 3 and report["failed_in_input"] == 2
     assert report["rows_kept"] == 4 and report["threshold"] == 2.0
     assert report["kept_ids_digest"] == hashlib.sha256("\n".join(sorted(want)).encode()).hexdigest()
-    on_disk = json.loads((tmp_path / "cur" / "selection.json").read_text())
+    on_disk = json.loads((tmp_path / "cur" / SELECTION_FILE).read_text())
     assert on_disk["kept_ids_digest"] == report["kept_ids_digest"]
     run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(report["filter_run_id"])
     assert run.data.tags["generation_run_id"] == "gen-run" and run.data.metrics["rows_kept"] == 4
@@ -109,7 +109,7 @@ def test_an_interrupted_filter_starts_over_cleanly(ray_cluster, tmp_path, tracki
     fake_generation(tmp_path / "gen", [float(i) for i in range(10)])
     stale = tmp_path / "cur" / "data"
     stale.mkdir(parents=True)
-    pq.write_table(pa.table({"sample_id": ["junk"]}), stale / "part-stale.parquet")
+    pq.write_table(pa.table({"sample_id": ["junk"]}), stale / f"{DATA_FILE_PREFIX}stale.parquet")
     run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3, tracking=tracking))
     assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id002"]
 
@@ -127,7 +127,7 @@ def test_filter_on_object_storage(ray_cluster, s3, tmp_path, tracking):
     assert report["rows_kept"] == 2
     fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
                            access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector("curate/rarest/data")) if i.base_name.startswith("part-")]
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector("curate/rarest/data")) if i.base_name.startswith(DATA_FILE_PREFIX)]
     kept = pads.dataset(files, filesystem=fs, format="parquet").to_table().to_pylist()
     assert sorted(r["sample_id"] for r in kept) == ["id000", "id001"]
     assert kept[0]["image"]["bytes"] == rows[int(kept[0]["sample_id"][2:])]["image"]["bytes"]
@@ -146,7 +146,7 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     fake_generation(tmp_path / "all_failed", [], failures=2, files=0)
     assert filter_job.main(["--input", str(tmp_path / "all_failed"), "--output", str(tmp_path / "y"), "--keep", "1"]) == 2
     assert "holds no rows to curate" in capsys.readouterr().err.replace("\n", " ")
-    assert not (tmp_path / "y" / "selection.json").exists()
+    assert not (tmp_path / "y" / SELECTION_FILE).exists()
     with pytest.raises(SystemExit) as stop:
         filter_job.main([*base, "--keep", "1", "--keep-fraction", "0.5"])
     assert stop.value.code == 2
@@ -157,7 +157,7 @@ def test_per_group_needs_the_group_column(ray_cluster, tmp_path, tracking):
     with pytest.raises(ValueError, match="some rows have no class_label"):
         run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=1,
                                 per="class_label", tracking=tracking))
-    assert not (tmp_path / "cur" / "selection.json").exists()
+    assert not (tmp_path / "cur" / SELECTION_FILE).exists()
 
 
 def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):

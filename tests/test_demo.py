@@ -13,6 +13,7 @@ from sklearn.svm import SVC
 from guidance import SamplingConfig, WorkItem, generate_images, load_encoder, load_model
 from jobs import demo as demo_job
 from pipeline.demo.digits import digits, to_8x8
+from pipeline.schema import DATA_FILE_PREFIX, SELECTION_FILE
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
@@ -50,8 +51,8 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
         assert picture in page and (report.parent / picture).stat().st_size > 1000
     for arm in ("unguided", "jepa"):
         assert (tmp_path / "demo" / arm / "_run.json").exists()
-        assert len(list((tmp_path / "demo" / arm / "data").glob("part-*.parquet"))) >= 1
-    assert (tmp_path / "demo" / "rarest" / "selection.json").exists()
+        assert len(list((tmp_path / "demo" / arm / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))) >= 1
+    assert (tmp_path / "demo" / "rarest" / SELECTION_FILE).exists()
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name("jepa-minority-demo")
     runs = client.search_runs([experiment.experiment_id])

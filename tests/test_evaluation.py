@@ -26,7 +26,7 @@ from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.images import png_bytes
-from pipeline.schema import OUTPUT_SCHEMA
+from pipeline.schema import DATA_FILE_PREFIX, OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 
@@ -104,7 +104,7 @@ def test_subsample_is_uniform_bounded_and_independent_of_read_order():
 
 
 def stored(folder) -> pa.Table:
-    files = sorted(str(p) for p in (folder / "data").glob("part-*.parquet"))
+    files = sorted(str(p) for p in (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     return pads.dataset(files, format="parquet").to_table()
 
 
@@ -141,7 +141,7 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
 
     # the reference is embedded and scored by the runs' own encoder (the same as `jepa-minority score`)
     reference_scores = np.array([row.score for row in score_images(ScoreConfig(
-        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE))])
+        paths=(str(tmp_path / "real"),), encoder=ENCODER_NAME, weights=str(tiny_vit_folder), input_size=TINY_SIZE)).rows])
     assert report["reference"]["rows"] == len(images)
     assert report["reference"]["p10"] == pytest.approx(np.quantile(reference_scores, 0.1), abs=1e-6)
 
@@ -188,7 +188,7 @@ def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encod
     } for i in range(count)]
     (folder / "data").mkdir(parents=True)
     table = pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA)
-    pq.write_table(table, folder / "data" / "part-0.parquet")
+    pq.write_table(table, folder / "data" / f"{DATA_FILE_PREFIX}0.parquet")
     encoder_config = {"name": ENCODER_NAME, "weights": "dinov2.safetensors", "input_size": input_size}
     (folder / "_run.json").write_text(json.dumps({"status": "complete", "last_run_id": f"gen-{method}",
                                                   "config": {"encoder": encoder_config, "sampling": {"method": method}}}))

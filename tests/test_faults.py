@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
+from pipeline.storage import TEMP_PREFIX
 from tests.test_generation import read_rows
 
 
@@ -47,7 +48,7 @@ def start_driver(config: str, ray_address: str, log: Path, **env: str) -> subpro
 def wait_for_commits(driver: subprocess.Popen, data: Path, log: Path, timeout: float = 300) -> int:
     """Wait until the running driver has committed its first data file; returns the rows committed."""
     deadline = time.monotonic() + timeout
-    while not list(data.glob("part-*.parquet")):
+    while not list(data.glob(f"{DATA_FILE_PREFIX}*.parquet")):
         assert driver.poll() is None, f"the run ended before the fault: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)
@@ -65,7 +66,7 @@ def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> int:
 
 def assert_exactly_once(out: Path) -> None:
     """Every manifest id in the data once, nothing else, and the run marked complete."""
-    manifest = pq.read_table(out / "manifest.parquet").column("sample_id").to_pylist()
+    manifest = feather.read_table(out / MANIFEST_FILE).column("sample_id").to_pylist()
     ids = [row["sample_id"] for row in read_rows(pafs.LocalFileSystem(), str(out / "data"))]
     assert len(ids) == len(set(ids)), "a sample_id was committed twice"
     assert sorted(ids) == sorted(manifest), "committed ids differ from the manifest"
@@ -85,7 +86,7 @@ def test_a_killed_sampler_actor_is_restarted_and_every_sample_lands_once(ray_clu
     assert committed < 24 and driver.poll() is None  # killed mid-run
     assert finish(driver, log) == 0, log.read_text()[-3000:]
     assert_exactly_once(out)
-    assert not list((out / "failures").glob("*.json"))
+    assert not list((out / FAILURES_DIR).glob("*.json"))
 
 
 @pytest.fixture
@@ -146,7 +147,7 @@ def s3_keys(s3, bucket: str, prefix: str) -> set[str]:
 def assert_exactly_once_on_s3(s3, bucket: str, prefix: str) -> None:
     import io
 
-    manifest = pq.read_table(io.BytesIO(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/manifest.parquet")
+    manifest = feather.read_table(io.BytesIO(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST_FILE}")
                                         ["Body"].read())).column("sample_id").to_pylist()
     ids = [row["sample_id"] for row in s3_rows(s3, bucket, prefix)]
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(manifest)
@@ -174,7 +175,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
     log = tmp_path / "driver.log"
     driver = start_driver(path, ray_cluster, log)
     deadline = time.monotonic() + 300
-    while not any(key.startswith("data/part-") for key in s3_keys(s3, "outage", "run")):
+    while not any(key.startswith(f"{DATA_DIR}/{DATA_FILE_PREFIX}") for key in s3_keys(s3, "outage", "run")):
         assert driver.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)
@@ -217,7 +218,7 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
         assert time.monotonic() < deadline, "the soak did not finish in time"
         for pid in sampler_pids(os.getpid()):
             try:
-                readings.append((len(list((out / "data").glob("part-*.parquet"))),
+                readings.append((len(list((out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))),
                                  psutil.Process(pid).memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 pass
@@ -235,22 +236,52 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
     assert high - median(early) < SOAK_PEAK_GROWTH_MIB, readings
 
 
+# A real write through pipeline/storage.py, killed part-way by the kernel: with RLIMIT_FSIZE set, the
+# write that would pass the limit raises SIGXFSZ, whose default action ends the process on the spot (no
+# handler, no cleanup: as a SIGKILL would, but always at byte ``limit``). Python ignores SIGXFSZ, so the
+# writer restores the default first; the limits are set after the imports, which may write bytecode.
+KILLED_WRITER = """
+import resource, signal, sys
+import numpy as np
+import pyarrow as pa
+from pipeline.storage import StorageConfig, resolve, write_table
+uri, limit, ids = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+payload = np.random.default_rng(0).bytes(4 * limit)  # incompressible: the file is far past the limit
+table = pa.table({"sample_id": ids, "image": [payload[i::len(ids)] for i in range(len(ids))]})
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+write_table(resolve(uri, StorageConfig()), table, row_group_size=len(ids))
+"""
+
+
 def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_config, tmp_path):
-    """A write killed mid-file leaves at most a hidden ``.tmp-`` file (pipeline/storage.py writes there,
-    then renames): resume, the job's counts and every reader skip it, so no half file passes for data."""
+    """A data file's write killed mid-file, through storage's own atomic write: it leaves only a hidden
+    ``.tmp-`` file, which the storage listing, resume, the job's counts and every reader skip."""
     import datasets
     import pyarrow.dataset as pads
 
+    from pipeline.generate.work import build_manifest
+    from pipeline.sink import part_name
+    from pipeline.storage import StorageConfig, list_files, resolve
+
     path = write_config(work={"class_labels": [3], "samples_per_label": 4})
     data = tmp_path / "out" / "data"
-    data.mkdir(parents=True)
-    whole = tmp_path / "whole.parquet"
-    pq.write_table(pa.table({"sample_id": [f"id{i}" for i in range(1000)]}), whole)
-    (data / ".tmp-0123abcd-part-0123.parquet").write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    ids = build_manifest(load_config(path)).table.column("sample_id").to_pylist()[:2]  # this run's own rows
+    target, limit = data / part_name(ids), 256 * 1024
+    writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), str(limit), *ids],
+                            capture_output=True, text=True, timeout=120)
+    assert writer.returncode == -signal.SIGXFSZ, writer.stderr  # killed, not finished nor failed
+    (temp,) = data.iterdir()
+    assert temp.name.startswith(f"{TEMP_PREFIX}{target.name}-") and temp.stat().st_size == limit
+    assert list_files(resolve(str(data), StorageConfig()), ".parquet") == []
+    assert pads.dataset(str(data), format="parquet").count_rows() == 0
+
     summary = run_generation(load_config(path))
     assert summary.complete and summary.committed == 4 and summary.generated == 4
     assert_exactly_once(tmp_path / "out")
-    assert pads.dataset(str(data), format="parquet").count_rows() == 4  # pyarrow's discovery skips "_" names
+    assert temp.exists() and temp.stat().st_size == limit  # still there, never read
+    assert pads.dataset(str(data), format="parquet").count_rows() == 4  # pyarrow's discovery skips "." names
     loaded = datasets.load_dataset("parquet", data_dir=str(data), split="train")
     assert loaded.num_rows == 4
 
@@ -261,7 +292,7 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     path = write_config(sampling=overflow, work={"class_labels": [0, 3], "samples_per_label": 1})
     summary = run_generation(load_config(path))
     assert not summary.complete and summary.failed == 2 and summary.committed == 0
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "failures").glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).glob("*.json")]
     assert len(records) == 2 and all("NaN or infinite" in r["error"] for r in records)
 
     summary = run_generation(load_config(path, ["output.retry_unguided=true"]))  # the same run, resumed
@@ -269,4 +300,4 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     rows = read_rows(pafs.LocalFileSystem(), str(tmp_path / "out" / "data"))
     assert [r["method"] for r in rows] == ["unguided", "unguided"]
     assert all(np.isfinite(r["jepa_score"]) for r in rows)
-    assert not list((tmp_path / "out" / "failures").glob("*.json"))  # records of committed ids are removed
+    assert not list((tmp_path / "out" / FAILURES_DIR).glob("*.json"))  # records of committed ids are removed

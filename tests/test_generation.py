@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.feather as feather
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -27,11 +28,12 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import load_models
 from pipeline.generate.work import build_manifest
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
     files = [info.path for info in filesystem.get_file_info(pafs.FileSelector(data_dir))
-             if info.base_name.startswith("part-")]
+             if info.base_name.startswith(DATA_FILE_PREFIX)]
     return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().to_pylist()
 
 
@@ -55,12 +57,12 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     assert "12 of 12 committed (12 by this run), 0 failed" in capsys.readouterr().out  # 3 labels x 4
     config = load_config(path)
     out = tmp_path / "out"
-    manifest = pq.read_table(out / "manifest.parquet")
+    manifest = feather.read_table(out / MANIFEST_FILE)
     assert manifest.num_rows == 12
     rows = read_rows(pafs.LocalFileSystem(), str(out / "data"))
     check_output(rows, manifest.column("sample_id").to_pylist(), tiny_encoder)
     assert {row["class_label"] for row in rows} == {0, 3, 7}
-    assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").glob("part-*.parquet"))
+    assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     assert not list((out / "data").glob("_*"))
 
     run = json.loads((out / "_run.json").read_text())
@@ -85,7 +87,7 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
 
     import datasets
 
-    loaded = datasets.load_dataset("parquet", data_files=sorted(map(str, (out / "data").glob("part-*.parquet"))),
+    loaded = datasets.load_dataset("parquet", data_files=sorted(map(str, (out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))),
                                    split="train")
     assert isinstance(loaded.features["image"], datasets.Image)
     assert loaded[0]["image"].size == (8, 8) and loaded.num_rows == 12
@@ -103,8 +105,8 @@ def test_prompts_from_object_storage_rows_to_object_storage(ray_cluster, s3, wri
     )
     assert generate_job.main([path]) == 0
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="runs", Prefix="job1/")["Contents"]}
-    assert {"job1/manifest.parquet", "job1/_run.json"} <= keys
-    assert sum(k.startswith("job1/data/part-") for k in keys) == 2  # 4 rows, at most 3 per file
+    assert {f"job1/{MANIFEST_FILE}", f"job1/{RUN_FILE}"} <= keys
+    assert sum(k.startswith(f"job1/{DATA_DIR}/{DATA_FILE_PREFIX}") for k in keys) == 2  # 4 rows, at most 3 per file
     s3fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
                              access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
     rows = read_rows(s3fs, "runs/job1/data")
@@ -121,7 +123,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
     driver = subprocess.Popen([sys.executable, "-m", "jobs.generate", path], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not list(data.glob("part-*.parquet")):
+    while not list(data.glob(f"{DATA_FILE_PREFIX}*.parquet")):
         assert driver.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)
@@ -132,7 +134,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
 
     summary = run_generation(load_config(path))
     assert summary.complete and summary.generated == 24 - partial
-    manifest = pq.read_table(tmp_path / "out" / "manifest.parquet").column("sample_id").to_pylist()
+    manifest = feather.read_table(tmp_path / "out" / MANIFEST_FILE).column("sample_id").to_pylist()
     check_output(read_rows(pafs.LocalFileSystem(), str(data)), manifest, tiny_encoder)
 
 
@@ -141,7 +143,7 @@ def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write
                         work={"class_labels": [0, 9], "samples_per_label": 2})  # class 9 turns to NaN
     assert generate_job.main([path]) == 1
     out = tmp_path / "out"
-    failures = sorted((out / "failures").glob("*.json"))
+    failures = sorted((out / FAILURES_DIR).glob("*.json"))
     records = [json.loads(f.read_text()) for f in failures]
     assert len(records) == 2 and all(r["class_label"] == 9 for r in records)
     assert all("NaN or infinite" in r["error"] or "non-finite" in r["error"] for r in records)
@@ -177,8 +179,8 @@ def test_dry_run_writes_nothing(write_config, tmp_path, capsys):
 def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, capsys):
     path = write_config()
     (tmp_path / "out").mkdir()
-    pq.write_table(build_manifest(load_config(path, ["sampling.method=unguided"])).table,
-                   tmp_path / "out" / "manifest.parquet")
+    feather.write_feather(build_manifest(load_config(path, ["sampling.method=unguided"])).table,
+                          tmp_path / "out" / MANIFEST_FILE)
     assert generate_job.main([path]) == 2
     assert "holds another run" in capsys.readouterr().err
 

@@ -60,6 +60,8 @@ def test_submit_refuses_a_job_outside_the_table_and_lists_the_table(capsys):
         submit_job.main(["--address", "http://127.0.0.1:9", "train"])
     assert refused.value.code == 2
     choices = capsys.readouterr().err.rpartition("invalid choice: 'train'")[2]
-    assert [name for name in COMMANDS if repr(name) in choices] == [name for name in COMMANDS if name != "submit"]
-    with pytest.raises(ValueError, match="unknown job 'submit'; choose one of demo, generate"):
-        Submission("submit", (), "http://x")
+    assert [name for name in COMMANDS if repr(name) in choices] == [name for name in COMMANDS
+                                                                    if name not in ("submit", "config")]
+    for tool in ("submit", "config"):  # submit itself and the local config reference are not jobs
+        with pytest.raises(ValueError, match=f"unknown job '{tool}'; choose one of demo, generate"):
+            Submission(tool, (), "http://x")

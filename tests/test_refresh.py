@@ -5,11 +5,22 @@ from __future__ import annotations
 
 import json
 
-import pyarrow.parquet as pq
+import pyarrow.fs as pafs
+import pyarrow.feather as feather
 import pytest
 
 from jobs import refresh as refresh_job
-from pipeline.curate.refresh import RefreshConfig, run_refresh, version_seed
+from pipeline.curate.refresh import RefreshConfig, run_refresh
+from pipeline.schema import MANIFEST_FILE, SELECTION_FILE
+from tests.test_generation import read_rows
+
+
+def version_run(root, version: str) -> tuple[list[dict], dict[str, int]]:
+    """A version's manifest rows, and the seed of each committed row by sample_id."""
+    generated = root / "versions" / version / "generated"
+    manifest = feather.read_table(generated / MANIFEST_FILE).to_pylist()
+    rows = read_rows(pafs.LocalFileSystem(), str(generated / "data"))
+    return manifest, {row["sample_id"]: row["seed"] for row in rows}
 
 
 def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
@@ -20,19 +31,28 @@ def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
     assert first.published and first.generated == 4
     latest = json.loads((root / "LATEST.json").read_text())
     assert latest["version"] == "2026-11-01" and latest["rows_kept"] == 2
-    assert (root / "versions" / "2026-11-01" / "rarest" / "selection.json").exists()
+    assert (root / "versions" / "2026-11-01" / "rarest" / SELECTION_FILE).exists()
+    first_manifest, first_rows = version_run(root, "2026-11-01")
 
     again = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=1))
     assert again.published and again.generated == 0 and again.deleted_versions == ()
+    assert version_run(root, "2026-11-01") == (first_manifest, first_rows)  # a rerun resumes the same draws
 
     second = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-02", keep_versions=1,
                                        keep_fraction=0.5))
     assert second.deleted_versions == ("2026-11-01",)
     assert json.loads((root / "LATEST.json").read_text())["version"] == "2026-11-02"
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["2026-11-02"]
-    seeds = pq.read_table(root / "versions" / "2026-11-02" / "generated" / "manifest.parquet").column("seed")
-    first_seeds = {s for s in seeds.to_pylist()}
-    assert version_seed("2026-11-01") != version_seed("2026-11-02") and len(first_seeds) == 4
+    second_manifest, second_rows = version_run(root, "2026-11-02")
+
+    # Each version draws its own seeds for the same work: the rows line up label by label, while no
+    # seed or id is shared, and every committed row carries its own version's manifest seed.
+    for manifest, rows in ((first_manifest, first_rows), (second_manifest, second_rows)):
+        assert [m["class_label"] for m in manifest] == [1, 1, 2, 2] and {m["prompt"] for m in manifest} == {None}
+        assert len({m["seed"] for m in manifest}) == 4
+        assert rows == {m["sample_id"]: m["seed"] for m in manifest}
+    assert not {m["seed"] for m in first_manifest} & {m["seed"] for m in second_manifest}
+    assert not {m["sample_id"] for m in first_manifest} & {m["sample_id"] for m in second_manifest}
 
 
 def test_an_incomplete_version_is_not_published_and_latest_survives_pruning(ray_cluster, write_config,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from guidance.generate import generate, generate_images
 from guidance.methods import BoostSkipConfig, GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import PRESETS, load_model
+from guidance.sampling import JepaGuidance, sample
 from guidance.schedules import noise_schedule
 from tests import tiny_diffusion
+from tests.conftest import GaussianDenoiser, LinearEncoder, feature_energy
 
 CAT, DOG = "a photo of a cat", "a photo of a dog"
 TEXT_ITEMS = [WorkItem(11, prompt=CAT), WorkItem(12, prompt=DOG)]
@@ -142,6 +145,19 @@ def test_timesteps_come_from_the_models_scheduler_config(models):
     assert ddpm.timesteps == (750, 500, 250, 0) and ddpm.previous == (500, 250, 0, -1)
 
 
+def test_an_override_applies_even_when_the_config_file_omits_that_key(tmp_path):
+    """Hub configs often lack ``timestep_spacing`` (SD 1.5's does); diffusers then lists it in
+    ``_use_default_values``, and an override merged into the dict was silently replaced by the default."""
+    (tmp_path / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1, "set_alpha_to_one": False}))
+    config = dict(DDIMScheduler.from_pretrained(tmp_path).config)
+    assert "timestep_spacing" in config["_use_default_values"]
+    assert noise_schedule(config, 4, "ddim").timesteps == (751, 501, 251, 1)
+    assert noise_schedule(config, 4, "ddim", timestep_spacing="trailing").timesteps == (999, 749, 499, 249)
+    assert noise_schedule(config, 4, "ddim", clip_sample=False).clip_sample_range is None
+
+
 # -- the guidance contracts, for every family -----------------------------------------------------
 
 @pytest.mark.parametrize("family", CASES)
@@ -220,6 +236,43 @@ def test_every_guidance_option_acts(models, tiny_encoder, change):
     assert np.abs(base - changed).max() > 1e-4
 
 
+@pytest.mark.parametrize("schedule_name", ["constant", "variance"])
+@pytest.mark.parametrize("placement", ["pre-step", "posterior-mean"])
+def test_guided_steps_match_a_hand_computation(schedule_name, placement):
+    """Three guided DDIM steps with Gaussian data's exact denoiser and the objective 1/2 ||A x||^2,
+    against the update written out in float64: x0_hat = a_t x, g = 1/2 a_t A^T A image / max|.|,
+    step = eta g or eta beta-tilde_t g, then DDIM's mean m_t x taken after (pre-step) or before
+    (posterior-mean) subtracting the step."""
+    config = dict(DDIMScheduler(num_train_timesteps=1000).config)
+    schedule = noise_schedule(config, 3, "ddim", clip_sample=False)
+    assert schedule.timesteps == (666, 333, 0) and schedule.previous == (333, 0, -333)
+    denoiser = GaussianDenoiser(schedule.alphas_cumprod, data_std=0.2)
+    encoder = LinearEncoder(torch.linspace(2.0, 0.5, 6))
+    eta = 0.5
+    guidance_config = GuidanceConfig(eta=eta, schedule=schedule_name, placement=placement, tau=1.0)
+    guidance = JepaGuidance(encoder, feature_energy, lambda x0: (x0 + 1) / 2, guidance_config, [None, None])
+    x_T = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got, steps_guided = sample(denoiser, x_T, schedule, generators([1, 2]), guidance=guidance)
+    assert steps_guided == 3
+
+    A = encoder.matrix
+    x = x_T.flatten(1)
+    for t, t_prev in zip(schedule.timesteps, schedule.previous):
+        abar_t = float(schedule.alphas_cumprod[t])
+        abar_prev = float(schedule.alphas_cumprod[t_prev]) if t_prev >= 0 else 1.0
+        c_t = denoiser.gain(t)
+        a_t = (1 - (1 - abar_t) ** 0.5 * c_t) / abar_t**0.5  # x0_hat = a_t x_t
+        m_t = abar_prev**0.5 * a_t + (1 - abar_prev) ** 0.5 * c_t  # DDIM (eta 0): x_prev = m_t x_t
+        image = (a_t * x + 1) / 2
+        assert ((image > 0) & (image < 1)).all()  # no clamping, so the chain rule above is the whole story
+        g = 0.5 * a_t * image @ A.T @ A
+        g = g / g.abs().amax(1, keepdim=True)
+        beta_tilde = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+        step = eta * g if schedule_name == "constant" else eta * beta_tilde * g
+        x = m_t * (x - step) if placement == "pre-step" else m_t * x - step
+    torch.testing.assert_close(got.flatten(1), x, atol=1e-6, rtol=0)
+
+
 def test_warm_start_keeps_rows_independent_and_acts(models, tiny_encoder):
     items = CASES["class"][0]
     warm = GuidanceConfig(tau=1.0, k=4, power_iters=0, warm_start=True)
@@ -239,22 +292,58 @@ def test_deferral_and_interval_choose_the_guided_steps():
     assert GuidanceConfig(eta=0.0, tau=1.0).guided_steps(4) == [False] * 4
 
 
-def test_boost_and_skip(models):
-    items = [WorkItem(1, 3)]
-    unguided = ours(models["class"], items, method="unguided", steps=5)
-    neutral = ours(models["class"], items, method="bns", steps=5, bns=BoostSkipConfig(gamma=1.0, skip=0))
-    boosted = ours(models["class"], items, method="bns", steps=5, bns=BoostSkipConfig(gamma=1.3, skip=2))
-    assert np.array_equal(neutral, unguided)
-    assert np.abs(boosted - unguided).max() > 1e-3
+def network_calls(network: torch.nn.Module, run) -> list[tuple[torch.Tensor, int]]:
+    """(x_t, t) of every call of the real network while ``run()`` samples."""
+    calls = []
+    handle = network.register_forward_pre_hook(lambda module, args: calls.append((args[0].detach().clone(), int(args[1]))))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return calls
+
+
+def test_boost_and_skip_scales_the_seeded_noise_and_skips_the_noisiest_steps(models):
+    model, items = models["class"], [WorkItem(1, 3), WorkItem(2, 7)]
+    unguided = network_calls(model.network, lambda: ours(model, items, method="unguided", steps=5))
+    boosted = network_calls(model.network, lambda: ours(model, items, method="bns", steps=5,
+                                                        bns=BoostSkipConfig(gamma=1.3, skip=2)))
+    assert [t for _, t in unguided] == [800, 600, 400, 200, 0]
+    assert [t for _, t in boosted] == [400, 200, 0]  # the noisiest two skipped, the rest unchanged
+    noise = torch.stack([torch.randn(model.sample_shape, generator=torch.Generator().manual_seed(item.seed))
+                         for item in items])
+    assert torch.equal(unguided[0][0], noise)
+    assert torch.equal(boosted[0][0], 1.3 * noise)  # the first denoised latent is gamma * the row's noise
+    neutral = ours(model, items, method="bns", steps=5, bns=BoostSkipConfig(gamma=1.0, skip=0))
+    assert np.array_equal(neutral, ours(model, items, method="unguided", steps=5))
 
 
 def test_bf16_model_keeps_the_encoder_branch_in_fp32(folders, tiny_encoder):
+    """Hooks on the real bf16 network and the real encoder during guided sampling: the network runs in
+    bf16, while every encoder call (the sketch's JVPs, the VJPs with graph) gets fp32 images, fp32
+    tangents and fp32 weights."""
     model = load_model("pixel-unet", folders["class"], dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
-    rows = generate(model, [WorkItem(1, 3)], SamplingConfig(steps=3, guidance=GuidanceConfig(tau=1.0, k=4)),
-                    tiny_encoder)
-    assert rows[0].steps_guided == 3 and np.isfinite(rows[0].jepa_score)
-    assert all(p.dtype == torch.float32 for p in tiny_encoder.parameters())
+    network_dtypes, encoder_dtypes, tangent_dtypes = [], [], []
+
+    def encoder_call(module, args):
+        encoder_dtypes.append((args[0].dtype, *{p.dtype for p in module.parameters()}))
+        tangent = torch.autograd.forward_ad.unpack_dual(args[0]).tangent
+        if tangent is not None:
+            tangent_dtypes.append(tangent.dtype)
+
+    hooks = [model.network.register_forward_hook(lambda module, args, out: network_dtypes.append(out.sample.dtype)),
+             tiny_encoder.register_forward_pre_hook(encoder_call)]
+    try:
+        config = SamplingConfig(steps=3, guidance=GuidanceConfig(tau=1.0, k=4))
+        (row,) = generate(model, [WorkItem(1, 3)], config, tiny_encoder)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert row.steps_guided == 3 and np.isfinite(row.jepa_score)
+    assert network_dtypes == [torch.bfloat16] * 6  # the guided step's forward and the sampler's, 3 times
+    assert set(encoder_dtypes) == {(torch.float32, torch.float32)}, encoder_dtypes
+    assert tangent_dtypes == [torch.float32] * 9  # 3 guided steps x (the sketch + 2 power iterations)
 
 
 def test_compiled_network_samples_the_same_images(folders, tiny_encoder):

@@ -87,22 +87,55 @@ def test_console_script_runs(image_folder, tiny_vit_folder):
     assert script.stdout.splitlines()[1].split()[2].endswith("noise.png")
 
 
-def test_undecodable_image_names_the_file(tmp_path, tiny_vit_folder):
-    broken = tmp_path / "broken.png"
+def run_score(args: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "score", *args], capture_output=True, text=True,
+                          timeout=300)
+    assert "Traceback" not in done.stderr
+    return done
+
+
+def test_undecodable_and_oversized_files_are_skipped_and_counted(tmp_path, tiny_vit_folder):
+    good, broken, large = tmp_path / "good.png", tmp_path / "broken.png", tmp_path / "large.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    with pytest.raises(ValueError, match="cannot decode image .*broken.png"):
-        cli.main(["score", str(broken), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE)])
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(large)
+    done = run_score([str(tmp_path), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE),
+                      "--max-pixels", "100"])
+    assert done.returncode == 0, done.stderr
+    assert [line.split()[2] for line in done.stdout.splitlines()[1:]] == [str(good)]
+    errors = done.stderr.strip().splitlines()
+    assert any(line.startswith(f"jepa-minority score: skipped {broken}: cannot decode image") for line in errors)
+    assert any(f"skipped {large}: image {large} is 20 x 20 pixels, over the limit of 100" in line for line in errors)
+    assert errors[-1].startswith("jepa-minority score: scored 1, skipped 2 ")
+
+
+def test_nothing_scorable_exits_2_in_one_line(tmp_path, tiny_vit_folder):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    done = run_score([str(tmp_path), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE)])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("jepa-minority score: none of the 1 files could be scored")
 
 
 @pytest.mark.parametrize("args,message", [
-    (["missing.png"], "no such image file or folder"),
-    (["{tmp}/notes.txt"], "is not an image file"),
-    (["{tmp}"], "holds no"),
+    (["missing.png", "--weights", "random"], "jepa-minority score: no such image file or folder: missing.png"),
+    (["{tmp}/notes.txt", "--weights", "random"], "is not an image file"),
+    (["{tmp}", "--weights", "random"], "jepa-minority score: folder {tmp} holds no"),
+    (["{tmp}/a.png"], "jepa-minority score: no encoder weights given: pass --weights WEIGHTS"),
+    (["{tmp}/a.png", "--weights", "{tmp}/notes.txt"], "jepa-minority score: encoder weights {tmp}/notes.txt: "),
 ])
-def test_bad_paths_are_refused(tmp_path, args, message):
+def test_bad_paths_and_weights_are_one_line_exit_2(tmp_path, args, message):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        cli.main(["score", *[a.format(tmp=tmp_path) for a in args], "--weights", "random"])
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    tmp = {"{tmp}/a.png": str(images / "a.png"), "{tmp}": str(folder)}
+    args = [tmp.get(a, a.format(tmp=tmp_path)) for a in args]
+    done = run_score(args)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert message.format(tmp=folder if "holds no" in message else tmp_path) in line
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -111,7 +144,5 @@ def test_bad_paths_are_refused(tmp_path, args, message):
     (["--batch-size", "0"], "batch_size must be >= 1"),
 ])
 def test_bad_flags_exit_2_with_the_reason(image_folder, flags, message, capsys):
-    with pytest.raises(SystemExit) as stop:
-        cli.main(["score", str(image_folder), *flags])
-    assert stop.value.code == 2
+    assert cli.main(["score", str(image_folder), "--weights", "random", *flags]) == 2
     assert message in capsys.readouterr().err

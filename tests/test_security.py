@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from guidance import load_encoder, load_model
 from jobs import generate as generate_job
 from pipeline.curate.refresh import RefreshConfig
+from pipeline.schema import FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from tests.conftest import ENCODER_NAME, TINY_ARGS, TINY_SIZE
 from tests.tiny_diffusion import save_pixel_unet
 
@@ -57,7 +58,7 @@ def test_no_credential_appears_in_logs_tracking_or_outputs(ray_cluster, s3, writ
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(s3.client().get_object(Bucket="secrets", Key=item["Key"])["Body"].read())
     written = {p.relative_to(objects).as_posix() for p in objects.rglob("*") if p.is_file()}
-    assert {"run/_run.json", "run/manifest.parquet"} <= written and any(k.startswith("run/failures/") for k in written)
+    assert {f"run/{RUN_FILE}", f"run/{MANIFEST_FILE}"} <= written and any(k.startswith(f"run/{FAILURES_DIR}/") for k in written)
     for file in objects.rglob("*"):
         if file.is_file():
             found[f"s3 {file.relative_to(objects)}"] = leaks(readable(file), secrets)

@@ -13,7 +13,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.feather as feather
 import pytest
 import requests
 import torch
@@ -26,6 +26,7 @@ from guidance.presets import load_model
 from pipeline.generate.config import load_config
 from pipeline.images import png_bytes
 from pipeline.rows import read_committed
+from pipeline.schema import MANIFEST_FILE
 from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageConfig, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
@@ -95,19 +96,36 @@ def rarest_rows(dataset_root) -> list[dict]:
     return sorted(rows, key=lambda row: (row["jepa_score"], row["sample_id"]))
 
 
-def local_scores(encoder, image_bytes: bytes, k: int = 4) -> tuple[float, float]:
+def local_scores(encoder, image_bytes: bytes, k: int = 4) -> dict:
+    """What the library computes for an uploaded image alone (exact score, top-k with the sketch seeded
+    0, embedding), in one thread like the replica (``cpus_per_replica`` 0.5), so equal bit for bit."""
     pixels = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
     images = encoder.resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] / 255)
-    with torch.no_grad():
-        topk = topk_log_volume(encoder, images, k, 2, 2, [torch.Generator().manual_seed(0)])
-    return float(jepa_score(encoder, images)[0]), float(topk[0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            topk = topk_log_volume(encoder, images, k, 2, 2, [torch.Generator().manual_seed(0)])
+            embedding = encoder(images)[0]
+        exact = jepa_score(encoder, images)
+    finally:
+        torch.set_num_threads(threads)
+    return {"jepa_score": float(exact[0]), "topk_score": float(topk[0]), "embedding": embedding.tolist()}
 
 
-def test_healthz_names_what_is_served(service):
+# The exact score of the same pixels computed in another batch or thread count differs by fp32 rounding of
+# the Jacobian, which the smallest singular values (near the 1e-6 floor) amplify: measured up to 0.08 on
+# random 8x8 images with this encoder. Only comparisons across batches use it.
+BATCH_NOISE = 0.1
+
+
+def test_healthz_names_what_is_served(service, served_config, dataset_root):
     health = requests.get(f"{service}/healthz", timeout=30).json()
-    assert health == {"status": "ok", "model": "pixel-unet", "encoder": ENCODER_NAME,
-                      "dataset": health["dataset"], "max_n": 3}
-    assert health["dataset"].endswith("served-dataset0")
+    config = load_config(served_config)
+    assert health == {"status": "ok", "model": config.model.preset, "encoder": config.encoder.name,
+                      "dataset": str(dataset_root), "max_n": LIMITS.max_n}
+    assert (config.model.preset, config.encoder.name) == ("pixel-unet", ENCODER_NAME)
+    assert json.loads((dataset_root / "LATEST.json").read_text())["version"] == "2026-11-28"
 
 
 def test_score_matches_the_library_and_ranks_against_the_dataset(service, dataset_root, encoder):
@@ -116,16 +134,15 @@ def test_score_matches_the_library_and_ranks_against_the_dataset(service, datase
     response = requests.post(f"{service}/score", data=image, headers={"Content-Type": "image/png"}, timeout=120)
     assert response.status_code == 200, response.text
     scored = response.json()
-    exact, topk = local_scores(encoder, image)
-    assert scored["jepa_score"] == pytest.approx(exact, rel=1e-4, abs=1e-3)
-    assert scored["topk_score"] == pytest.approx(topk, rel=1e-4, abs=1e-3)
-    assert scored["jepa_score"] == pytest.approx(rows[4]["jepa_score"], abs=0.1)  # stored by the batch job
+    local = local_scores(encoder, image)
+    assert {key: scored[key] for key in local} == local  # exactly the library's values
+    assert scored["jepa_score"] == pytest.approx(rows[4]["jepa_score"], abs=BATCH_NOISE)  # the batch job's
     assert len(scored["embedding"]) == encoder.embed_dim and scored["k"] == 4
     rarer = sum(row["jepa_score"] < scored["jepa_score"] for row in rows)
     assert scored["dataset_rank"] == {"version": "2026-11-28", "rank": rarer + 1, "total": len(rows)}
 
 
-def test_concurrent_scores_are_batched_and_kept_apart(service, dataset_root):
+def test_concurrent_scores_are_batched_and_kept_apart(service, dataset_root, encoder):
     images = [row["image"]["bytes"] for row in rarest_rows(dataset_root)[:6]]
 
     def post(image: bytes) -> dict:
@@ -137,14 +154,17 @@ def test_concurrent_scores_are_batched_and_kept_apart(service, dataset_root):
     with ThreadPoolExecutor(len(images)) as pool:
         together = list(pool.map(post, images))
     assert max(result["batch_size"] for result in together) > 1
-    for single, batched in zip(alone, together):
-        assert batched["embedding"] == pytest.approx(single["embedding"], abs=1e-4)
-        assert batched["jepa_score"] == pytest.approx(single["jepa_score"], abs=0.1)
+    for image, single, batched in zip(images, alone, together):
+        local = local_scores(encoder, image)
+        assert {key: single[key] for key in local} == local  # alone: exactly the library's values
+        np.testing.assert_allclose(batched["embedding"], local["embedding"], rtol=0, atol=2e-6)  # fp32 rounding
+        assert batched["topk_score"] == pytest.approx(local["topk_score"], abs=1e-5)
+        assert batched["jepa_score"] == pytest.approx(local["jepa_score"], abs=BATCH_NOISE)
     assert len({round(result["jepa_score"], 6) for result in together}) == len(images)
 
 
 def test_generate_returns_what_the_batch_job_made_for_the_same_seed(service, dataset_root, served_config):
-    manifest = pq.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / "manifest.parquet").to_pylist()
+    manifest = feather.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / MANIFEST_FILE).to_pylist()
     row = rarest_rows(dataset_root)[0]
     seed, label = row["seed"], row["class_label"]
     assert {"seed": seed, "class_label": label} in [{"seed": m["seed"], "class_label": m["class_label"]} for m in manifest]
@@ -152,10 +172,8 @@ def test_generate_returns_what_the_batch_job_made_for_the_same_seed(service, dat
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["method"] == "jepa" and [s["seed"] for s in body["samples"]] == [seed, seed + 1]
-    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["samples"][0]["png_base64"]))), dtype=float)
-    stored = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), dtype=float)
-    assert served.shape == stored.shape and np.abs(served - stored).mean() < 0.5
-    assert body["samples"][0]["jepa_score"] == pytest.approx(row["jepa_score"], abs=0.1)
+    assert base64.b64decode(body["samples"][0]["png_base64"]) == row["image"]["bytes"]  # the same PNG, byte for byte
+    assert body["samples"][0]["jepa_score"] == pytest.approx(row["jepa_score"], abs=BATCH_NOISE)
     assert body["samples"][0]["steps_guided"] == 3
 
 
@@ -173,8 +191,9 @@ def test_generate_takes_method_overrides_and_batches_requests_that_share_them(se
     sampling = load_config(served_config, ["sampling.method=unguided", "sampling.steps=2"]).sampling
     local = generate(model, [WorkItem(12, 7)], sampling, load_encoder(ENCODER_NAME, config.encoder.weights,
                                                                      input_size=TINY_SIZE))[0]
-    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(samples[1]["png_base64"]))), dtype=float)
-    assert np.abs(served - local.image).mean() < 0.5
+    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(samples[1]["png_base64"]))))
+    assert np.array_equal(served, local.image)
+    assert samples[1]["jepa_score"] == pytest.approx(local.jepa_score, abs=BATCH_NOISE)
 
 
 @pytest.mark.parametrize("route, body, status, message", [
@@ -241,7 +260,7 @@ def test_dataset_api_pages_the_rarest_rows_and_serves_their_images(service, data
 def test_an_incomplete_version_is_not_shown(tmp_path):
     from pipeline.serve.browse import DatasetBrowser, DatasetError
 
-    (tmp_path / "versions" / "2026-11-29" / "rarest" / "data").mkdir(parents=True)  # no selection.json yet
+    (tmp_path / "versions" / "2026-11-29" / "rarest" / "data").mkdir(parents=True)  # no _selection.json yet
     browser = DatasetBrowser(str(tmp_path), StorageConfig())
     assert browser.versions() == []
     with pytest.raises(DatasetError, match="holds no complete dataset yet"):

@@ -5,8 +5,9 @@ Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the
      rows and the valid ones (a finite score) per group, which sets each group's quota; then each
      read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
      stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
-  2. copy the chosen rows, images included, through the atomic sink into ``<output>/data/``.
-``selection.json`` is written last, as the completion marker of the curated set.
+  2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
+The dataset card, then ``_selection.json`` last, as the completion marker of the curated set (names in
+pipeline/schema.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
+from pipeline.layout import check_layout, write_card
 from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SELECTION_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -34,7 +36,7 @@ ROW_GROUP_SIZE = 128
 class FilterConfig:
     """Which generated dataset to curate, how many rarest rows to keep, and where they go."""
 
-    input: str  # a completed generation output (holds _run.json)
+    input: str  # a completed generation output (holds its completion marker, _run.json)
     output: str  # where the curated dataset goes
     keep_fraction: float | None = None  # keep this fraction of the valid rows (of each group with `per`)
     keep: int | None = None  # or keep this many rows (per group with `per`)
@@ -97,7 +99,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
 
 
 def run_filter(config: FilterConfig) -> dict:
-    """Curate ``config.input`` into ``config.output``; returns the selection report (selection.json)."""
+    """Curate ``config.input`` into ``config.output``; returns the selection report (_selection.json)."""
     import ray
 
     from pipeline.sink import AtomicParquetSink
@@ -107,6 +109,7 @@ def run_filter(config: FilterConfig) -> dict:
     if not exists(source.child(RUN_FILE)):
         raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
     check_writable(target)
+    check_layout(target)
     if exists(target.child(SELECTION_FILE)):
         log.info("%s is already curated: nothing to do", config.output)
         return json.loads(read_bytes(target.child(SELECTION_FILE)))
@@ -139,6 +142,9 @@ def run_filter(config: FilterConfig) -> dict:
         report = _report(config, chosen, rows_in, counts, len(list_files(source.child(FAILURES_DIR), ".json")),
                          generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
+        write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
+                   [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest JEPA-SCORE first "
+                    f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); record in {SELECTION_FILE}."])
         tracker.log_params(flatten(to_dict(config)))
         tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
                              "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}

@@ -2,7 +2,7 @@
 
 Layout under the root:
   versions/<V>/generated/   the generation output of version V (resumable, _run.json last)
-  versions/<V>/rarest/      its curated rarest samples (selection.json last)
+  versions/<V>/rarest/      its curated rarest samples (_selection.json last)
   LATEST.json               {"version": V, ...}: replaced in one write, only once V is complete
 A version's seeds derive from its name, so each refresh draws new samples while a rerun of the same
 version resumes it exactly. Old versions beyond ``keep_versions`` are deleted, never the one that

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation
 from pipeline.report import contact_sheet, overlaid_histograms
@@ -24,7 +25,6 @@ from pipeline.rows import read_committed
 from pipeline.storage import resolve
 
 log = logging.getLogger(__name__)
-DEMO_CONFIG = "jobs/configs/demo.yaml"
 SHEET_COLUMNS = 8
 
 

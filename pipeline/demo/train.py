@@ -2,9 +2,11 @@
 
 (a) A class-conditional DDPM (Ho et al., 2020): diffusers ``UNet2DModel`` with class embeddings,
     epsilon prediction, saved as a diffusers ``DDPMPipeline`` folder.
-(b) A joint-embedding encoder of the JEPA family trained with VICReg (Bardes et al., 2022): two
-    augmented views, invariance + variance + covariance terms on an expander over the CLS token of
-    a small timm DINOv2-architecture ViT; saved in timm's folder layout (config.json + model.safetensors).
+(b) A joint-embedding encoder of the JEPA family: two augmented views through a small timm
+    DINOv2-architecture ViT and an expander over its CLS token, trained with one of two objectives:
+    VICReg (Bardes et al., 2022; invariance + variance + covariance) or LeJEPA's (Balestriero & LeCun,
+    2025; invariance + SIGReg, ``pipeline/demo/sigreg.py``). Saved in timm's folder layout
+    (config.json + model.safetensors).
 Both are reproducible from their seed.
 """
 
@@ -24,8 +26,10 @@ from tqdm import tqdm
 
 from guidance.encoders import JepaEncoder
 from pipeline.demo.digits import augment, digits
+from pipeline.demo.sigreg import POINTS, SLICES, T_MAX, sigreg
 
 log = logging.getLogger(__name__)
+ENCODER_OBJECTIVES = ("vicreg", "sigreg")
 
 
 @dataclass(frozen=True)
@@ -55,11 +59,27 @@ class EncoderTraining:
     steps: int = 2000
     batch_size: int = 128
     learning_rate: float = 1e-3
-    expander: int = 256  # VICReg expander width
+    expander: int = 256  # expander width; both objectives act on its output
+    objective: str = "vicreg"  # one of ENCODER_OBJECTIVES
     invariance: float = 25.0  # VICReg weights (lambda, mu, nu of the paper)
     variance: float = 25.0
     covariance: float = 1.0
+    sigreg_weight: float = 0.05  # LeJEPA's lambda: loss = (1 - lambda) * invariance + lambda * SIGReg
+    sigreg_slices: int = SLICES  # random directions, drawn afresh each step
+    sigreg_points: int = POINTS  # quadrature points of t
+    sigreg_t_max: float = T_MAX  # t in [-T, T]
     seed: int = 0
+
+    def __post_init__(self):
+        if self.objective not in ENCODER_OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(ENCODER_OBJECTIVES)}, got {self.objective!r}")
+        if not 0 < self.sigreg_weight < 1:
+            raise ValueError(f"sigreg_weight (LeJEPA's lambda) must be in (0, 1), got {self.sigreg_weight!r}")
+        for label, value, least in (("sigreg_slices", self.sigreg_slices, 1), ("sigreg_points", self.sigreg_points, 2)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
+        if not self.sigreg_t_max > 0:
+            raise ValueError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
 
 
 def train_diffusion(recipe: DiffusionTraining) -> Path:
@@ -110,6 +130,27 @@ def vicreg_loss(a: torch.Tensor, b: torch.Tensor, recipe: EncoderTraining) -> to
     return recipe.invariance * invariance + recipe.variance * variance + recipe.covariance * covariance
 
 
+def lejepa_loss(a: torch.Tensor, b: torch.Tensor, recipe: EncoderTraining, generator: torch.Generator) -> torch.Tensor:
+    """LeJEPA: (1 - lambda) * prediction + lambda * SIGReg, both averaged over the two views.
+
+    The prediction term is each view's squared distance to the views' mean embedding; SIGReg draws
+    its directions from ``generator``, once per view, so they change every step.
+    """
+    centre = (a + b) / 2
+    prediction = ((a - centre) ** 2 + (b - centre) ** 2).mean() / 2
+    regulariser = sum(
+        sigreg(view, generator, recipe.sigreg_slices, recipe.sigreg_t_max, recipe.sigreg_points) for view in (a, b)
+    ) / 2
+    return (1 - recipe.sigreg_weight) * prediction + recipe.sigreg_weight * regulariser
+
+
+def encoder_loss(a: torch.Tensor, b: torch.Tensor, recipe: EncoderTraining, generator: torch.Generator) -> torch.Tensor:
+    """The recipe's objective on two views' embeddings (N, D): VICReg or LeJEPA's invariance + SIGReg."""
+    if recipe.objective == "sigreg":
+        return lejepa_loss(a, b, recipe, generator)
+    return vicreg_loss(a, b, recipe)
+
+
 def train_encoder(recipe: EncoderTraining) -> Path:
     torch.manual_seed(recipe.seed)
     images, _ = digits(recipe.size)
@@ -132,7 +173,7 @@ def train_encoder(recipe: EncoderTraining) -> Path:
         batch = rgb[torch.randint(len(rgb), (recipe.batch_size,), generator=generator)]
         a = expander(encoder(augment(batch, generator)))
         b = expander(encoder(augment(batch, generator)))
-        loss = vicreg_loss(a, b, recipe)
+        loss = encoder_loss(a, b, recipe, generator)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

@@ -291,7 +291,7 @@ def _reference_source(config: EvaluateConfig) -> tuple[list[str], list[Path]]:
     if files:
         return [f.path for f in files], []
     if not location.is_local or not Path(location.path).is_dir():
-        raise ValueError(f"reference {config.reference} holds no Parquet (data/*.parquet, *.parquet or a .parquet "
+        raise ValueError(f"reference {config.reference} holds no Parquet ({DATA_DIR}/*.parquet, *.parquet or a .parquet "
                          "file) and is not a local folder of images")
     try:
         files = find_images([location.path])

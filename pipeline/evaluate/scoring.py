@@ -18,6 +18,8 @@ from pipeline.images import find_images, read_image
 
 SCORE_METHODS = ("exact", "topk")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
+WEIGHT_CHOICES = ("WEIGHTS (a .safetensors / .pth file or a timm model folder), 'hub' or 'hub:TAG' (downloads "
+                  "DINOv2), or 'random' (untrained: the scores mean nothing)")
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,8 @@ class ScoreConfig:
     """What to score and how. Lower scores are rarer under the world prior."""
 
     paths: tuple[str, ...]  # image files or folders (searched recursively)
+    weights: str | None = None  # required: a local file / folder, "hub[:TAG]" (downloads), or "random" (untrained)
     encoder: str = "vit_small_patch14_reg4_dinov2"  # a name from guidance.ENCODERS
-    weights: str = "hub"  # local file / folder, "hub[:TAG]", or "random" (explicitly untrained)
     method: str = "exact"  # "exact" JEPA-SCORE (all singular values) or "topk" log-volume (randomized SVD)
     k: int = 9  # top-k singular values for method "topk"
     oversample: int = 2  # extra sketch columns for method "topk"
@@ -34,18 +36,23 @@ class ScoreConfig:
     seed: int = 0  # seeds each image's sketch for method "topk"
     input_size: int = 224  # the encoder's input resolution; every image is resized to it
     batch_size: int = 4  # images per encoder call
+    max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     output: str | None = None  # optional .csv or .parquet table of the scores
 
     def __post_init__(self):
         if not self.paths:
             raise ValueError("paths is empty: pass image files or folders to score")
+        if not self.weights:
+            raise ValueError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
         if self.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {self.encoder!r}; valid names: {', '.join(sorted(ENCODERS))}")
         if self.method not in SCORE_METHODS:
             raise ValueError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.method == "topk":
             check_sketch(self.k, self.oversample, self.power_iters)
         if self.output is not None and Path(self.output).suffix not in OUTPUT_SUFFIXES:
@@ -58,18 +65,36 @@ class ScoredImage:
     score: float
 
 
-def score_images(config: ScoreConfig) -> list[ScoredImage]:
-    """Score every image; returns them rarest (lowest score) first, ties broken by path."""
+@dataclass(frozen=True)
+class ScoreResult:
+    rows: list[ScoredImage]  # rarest (lowest score) first, ties broken by path
+    skipped: list[tuple[str, str]]  # (path, why) of files that could not be decoded or were too large
+
+
+def score_images(config: ScoreConfig) -> ScoreResult:
+    """Score every image that decodes within ``max_pixels``; the others are skipped and reported."""
     files = find_images(config.paths)
-    encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size).to(config.device)
+    try:
+        encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size).to(config.device)
+    except (ValueError, OSError, RuntimeError) as error:  # missing, truncated, mismatched or unfetchable weights
+        raise ValueError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
     scored: list[ScoredImage] = []
+    skipped: list[tuple[str, str]] = []
     batches = [files[i : i + config.batch_size] for i in range(0, len(files), config.batch_size)]
     for batch in tqdm(batches, desc=f"{config.method} JEPA-SCORE", unit="batch"):
+        decoded = []
+        for path in batch:
+            try:
+                decoded.append((path, read_image(path, config.max_pixels)))
+            except ValueError as error:
+                skipped.append((str(path), str(error)))
+        if not decoded:
+            continue
         with torch.no_grad():
-            images = torch.stack([encoder.resize(read_image(path)[None].to(config.device))[0] for path in batch])
+            images = torch.stack([encoder.resize(image[None].to(config.device))[0] for _, image in decoded])
         scores = _score(encoder, images, config)
-        scored.extend(ScoredImage(str(path), float(score)) for path, score in zip(batch, scores))
-    return sorted(scored, key=lambda row: (row.score, row.path))
+        scored.extend(ScoredImage(str(path), float(score)) for (path, _), score in zip(decoded, scores))
+    return ScoreResult(sorted(scored, key=lambda row: (row.score, row.path)), skipped)
 
 
 def _score(encoder, images: torch.Tensor, config: ScoreConfig) -> torch.Tensor:

@@ -1,13 +1,23 @@
 """The main job: manifest first, then Ray Data sampling into atomically committed Parquet, tracked in MLflow.
 
-Exactly once, resumable (why shard files and not Ray's row-id checkpointing: Ray's Parquet writer
-writes straight to the final path, so a killed run can leave a half file that looks like data, and
-its checkpoint and data files are not committed together). Here:
+Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpointing. Ray 2.60's
+``CheckpointConfig`` was considered again and is ruled out by what it does:
+- its two-phase commit (a ``.pending`` checkpoint before the data file, renamed after it) covers only
+  ``_FileDatasink`` subclasses such as ``write_parquet``, and those open the data file at its final
+  path: until the next run's cleanup deletes it, a killed write leaves a partial or uncommitted file in
+  ``data/`` that pyarrow, pandas and ``datasets`` read as data (RELIABILITY.md: partial output is never
+  visible). Any other sink, ours included, gets post-write checkpointing: at-least-once, by its own warning;
+- the commit point is a rename of the checkpoint file, which on S3 is a copy then a delete, not atomic;
+- the committed set then lives in two places (the checkpoint folder and the data files), written apart;
+- it filters only read -> map -> write plans from a file source, and deletes its checkpoint on success,
+  so "which ids are done" could not be read back from a finished run.
+Here the data files alone are the record:
   1. the manifest (one row per sample, deterministic ids) is written before any sampling;
   2. data files are committed atomically (pipeline/sink.py), each holding whole rows;
   3. a run reads the committed ids back and samples only the rest; a crash loses only uncommitted
      work, and no id can be committed twice because the next run skips every committed id;
-  4. ``_run.json`` is written last, only when every sample is committed or recorded as failed.
+  4. the dataset card, then ``_run.json`` last, only when every sample is committed or recorded as failed.
+The folder's names are pipeline/schema.py's.
 """
 
 from __future__ import annotations
@@ -28,12 +38,13 @@ import pyarrow.parquet as pq
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model
+from pipeline.layout import check_layout, write_card
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError, flatten, to_dict
 from pipeline.storage import (Location, StorageError, check_writable, delete, exists, list_files,
-                              read_bytes, resolve, write_bytes, write_table)
+                              read_bytes, read_ipc_schema, resolve, write_bytes, write_ipc)
 from pipeline.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -49,7 +60,7 @@ class GenerationSummary:
     planned: int  # samples in the manifest
     generated: int  # committed by this run
     committed: int  # committed in total
-    failed: int  # recorded under failures/ and not committed
+    failed: int  # recorded under _failures/ and not committed
     truncated_prompts: int
     complete: bool  # _run.json written
     ok: bool  # complete, or failures within output.max_failure_fraction
@@ -74,7 +85,7 @@ def prepare_manifest(output: Location, manifest: Manifest) -> None:
     """Write the manifest, or check that the one already there is this config's."""
     target = output.child(MANIFEST_FILE)
     if exists(target):
-        found = pq.read_schema(pa.BufferReader(read_bytes(target))).metadata or {}
+        found = read_ipc_schema(target).metadata or {}
         digest = found.get(b"config_digest", b"").decode()
         if digest != manifest.digest:
             raise StorageError(
@@ -82,7 +93,7 @@ def prepare_manifest(output: Location, manifest: Manifest) -> None:
                 "choose a new output.uri, or rerun with the config that made it to resume"
             )
         return
-    write_table(target, manifest.table, row_group_size=65536)
+    write_ipc(target, manifest.table)
 
 
 def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> GenerationSummary:
@@ -94,6 +105,7 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
     if dry_run:
         return GenerationSummary(config.output.uri, planned, 0, 0, 0, manifest.truncated_prompts, False, True)
     check_writable(output)
+    check_layout(output)
     prepare_manifest(output, manifest)
     if exists(output.child(RUN_FILE)):
         counts = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]
@@ -190,7 +202,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     planned = manifest.table.num_rows
     unique = len(pc.unique(committed))
     if unique != len(committed):
-        raise RuntimeError(f"{output.uri}/data holds {len(committed) - unique} duplicate sample ids: report this bug")
+        raise RuntimeError(f"{output.child(DATA_DIR).uri} holds {len(committed) - unique} duplicate sample ids: report this bug")
     seconds = time.perf_counter() - start
     generated = len(committed) - before
     accounted = len(committed) + len(failed) == planned
@@ -218,6 +230,9 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
         }
         data = json.dumps(run, indent=2).encode()
+        write_card(output, "jepa-minority generation run",
+                   [f"{len(committed)} of {planned} planned samples committed, {len(failed)} failed "
+                    f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
         tracker.log_artifact_bytes(RUN_FILE, data)
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
     return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),

@@ -2,7 +2,7 @@
 
 Models load once in ``__init__``; ``__call__`` maps a batch of manifest rows to output rows with
 the images already PNG-encoded, so raw arrays never travel through the object store. A sample that
-fails (an exception, a non-finite image or score) is recorded under ``failures/`` with its error
+fails (an exception, a non-finite image or score) is recorded under ``_failures/`` with its error
 and left out of the output; it is retried on the next run of the same config. With
 ``output.retry_unguided`` a sample that fails under guidance is first sampled again without it
 (same seed), and its row says method "unguided".

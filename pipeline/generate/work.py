@@ -102,6 +102,9 @@ def work_rows(work: WorkConfig, storage: StorageConfig) -> tuple[list[tuple[str 
 def check_fits_model(config: GenerateConfig) -> None:
     """Refuse work the model cannot take (labels out of range, prompts for a class model, ...), before sampling."""
     preset, work = config.model.preset, config.work
+    if config.model.source is None and PRESETS[preset].hub_id is None:
+        raise WorkError(f"model.source: preset {preset!r} has no default weights; give its diffusers pipeline folder "
+                        "(e.g. --set model.source=models/digits-ddpm) or start from jobs/configs/demo.yaml")
     try:
         classes = class_count(preset, config.model.source)
     except OSError as error:  # a missing folder, or a hub id that cannot be fetched

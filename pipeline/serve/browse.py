@@ -2,7 +2,7 @@
 
 A dataset is either a refresh root (``versions/<V>/rarest/``, ``LATEST.json``) or one finished
 output folder (a filter's or a generation's). Only complete outputs are shown: a version appears
-once its ``selection.json`` is written, a single folder once its completion marker is. Pure
+once its ``_selection.json`` is written, a single folder once its completion marker is. Pure
 pyarrow: the Serve replica reads only the id, score and condition columns to order rows, and reads
 an image only when it is asked for.
 """

@@ -211,13 +211,18 @@ class JepaService:
         return bytes(body)
 
 
-def build_app(service: ServeConfig):
-    """The Serve application: the generation config checked here, models loaded in each replica."""
-    import ray
-
+def check_service(service: ServeConfig) -> GenerateConfig:
+    """The generation config and the dataset, checked before Ray starts: a mistake is the last line on screen."""
     config = load_config(service.config, list(service.overrides))
     if service.dataset:
         DatasetBrowser(service.dataset, config.storage)  # a bad URI fails here, not in a replica
+    return config
+
+
+def build_app(service: ServeConfig, config: GenerateConfig):
+    """The Serve application over a checked config; models load in each replica."""
+    import ray
+
     gpus = service.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -227,9 +232,10 @@ def build_app(service: ServeConfig):
 
 def run_serve(service: ServeConfig, *, blocking: bool = True) -> str:
     """Deploy on the cluster in RAY_ADDRESS (else a local one); returns the service's base URL."""
+    config = check_service(service)
     connect_ray()
     serve.start(http_options={"host": service.host, "port": service.port})
-    application = build_app(service)
+    application = build_app(service, config)
     url = f"http://{service.host}:{service.port}"
     log.info("serving %s at %s (GET / for the page)", service.config, url)
     serve.run(application, name=APP_NAME, route_prefix="/", blocking=blocking)

@@ -1,0 +1,116 @@
+"""Rarity against real data, in a feature space, never through the JEPA-SCORE (numpy + scikit-learn, no I/O).
+
+The neighbourhood metrics of the minority-sampling literature (docs/method.md, 'Measuring rarity'):
+- AvgkNN: the mean Euclidean distance from a sample to its k nearest reference samples
+  (Sehwag et al. 2022; used by minority guidance, Um et al. 2024). Larger = rarer.
+- LOF: the local outlier factor of a sample relative to the reference (Breunig et al. 2000), from
+  scikit-learn's ``LocalOutlierFactor(novelty=True)``. About 1 inside the data, larger = rarer.
+- Rarity Score (Han et al. 2023): each reference sample x_i has a ball of radius r_k(x_i), the distance
+  to its k-th nearest other reference sample. A sample's score is the smallest radius among the balls
+  that contain it (a sample in a sparse region is only inside large balls). Larger = rarer; a sample
+  that no ball contains is *uncovered* and has no score (NaN), reported as a share.
+
+``avg_knn_within`` scores the reference against itself, each sample without itself: how rare each
+reference image is within its own set (the prior check's yardstick).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
+
+DEFAULT_K = 5
+QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+BOUNDARY = 1e-9  # relative slack on |y - x|^2 <= r^2, for the rounding of the expanded square: a point on a sphere is inside
+
+
+class RarityInputError(ValueError):
+    """Features that the metrics cannot be computed on; the message says which and how to fix it."""
+
+
+def _check(samples: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    samples, reference = np.asarray(samples, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if reference.ndim != 2 or samples.ndim != 2:
+        raise RarityInputError(f"features must be 2-D (rows x dims); got samples {samples.shape}, reference {reference.shape}")
+    if not len(samples):
+        raise RarityInputError("no samples to measure: the run is empty or every row failed")
+    if samples.shape[1] != reference.shape[1]:
+        raise RarityInputError(f"sample features have {samples.shape[1]} dims but reference features {reference.shape[1]}: "
+                               "embed both in the same feature space")
+    if not isinstance(k, int) or k < 1:
+        raise RarityInputError(f"k must be a positive integer, got {k!r}")
+    available = len(reference) - 1  # a reference ball's radius needs k neighbours besides its centre
+    if k > available:
+        raise RarityInputError(f"k = {k} needs more than k reference samples, but the reference has {len(reference)}: "
+                               f"lower k to at most {max(available, 0)} or give a larger reference")
+    if not (np.isfinite(samples).all() and np.isfinite(reference).all()):
+        raise RarityInputError("features hold NaN or inf: drop the failed rows before measuring rarity")
+    return samples, reference
+
+
+def avg_knn(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """AvgkNN of each sample: mean distance to its k nearest reference samples."""
+    samples, reference = _check(samples, reference, k)
+    distances, _ = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(samples)
+    return distances.mean(axis=1)
+
+
+def _within(reference: np.ndarray, k: int) -> np.ndarray:
+    """Distances from each reference sample to its k nearest others, nearest first."""
+    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(reference).kneighbors(None, n_neighbors=k)
+    return distances
+
+
+def avg_knn_within(reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """AvgkNN of each reference sample among the others (leave one out)."""
+    _, reference = _check(reference, reference, k)
+    return _within(reference, k).mean(axis=1)
+
+
+def local_outlier_factor(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """LOF of each sample relative to the reference (scikit-learn, k neighbours)."""
+    samples, reference = _check(samples, reference, k)
+    return -LocalOutlierFactor(n_neighbors=k, novelty=True).fit(reference).score_samples(samples)
+
+
+def rarity_score(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
+    """Han et al.'s Rarity Score of each sample: the smallest r_k among reference balls containing it, NaN if none."""
+    samples, reference = _check(samples, reference, k)
+    radii = _within(reference, k)[:, -1]  # r_k of each reference ball
+    order = np.argsort(radii)  # the first containing ball in this order is the smallest
+    sorted_radii, sorted_reference = radii[order], reference[order]
+    squared_radii, squared_norms = sorted_radii ** 2, (sorted_reference ** 2).sum(1)
+    scores = np.full(len(samples), np.nan)
+    for start in range(0, len(samples), 1024):  # bounded memory: 1024 x N distances at a time
+        block = samples[start:start + 1024]
+        squared = (block ** 2).sum(1)[:, None] + squared_norms[None, :] - 2 * block @ sorted_reference.T
+        inside = squared <= squared_radii[None, :] + BOUNDARY * (squared_radii[None, :] + squared_norms[None, :])
+        covered = inside.any(axis=1)
+        scores[start:start + len(block)][covered] = sorted_radii[inside[covered].argmax(axis=1)]
+    return scores
+
+
+@dataclass(frozen=True)
+class RaritySummary:
+    """What ``evaluation.json`` reports per generated run (larger = rarer for every metric)."""
+
+    feature_space: str
+    k: int
+    avg_knn: float
+    avg_knn_quantiles: dict
+    lof: float
+    rarity_score: float | None  # mean over covered samples; None when no sample is covered
+    rarity_score_uncovered: float  # the share of samples that no reference ball contains
+
+    @classmethod
+    def of(cls, samples: np.ndarray, reference: np.ndarray, feature_space: str, k: int = DEFAULT_K) -> RaritySummary:
+        knn = avg_knn(samples, reference, k)
+        rarity = rarity_score(samples, reference, k)
+        covered = rarity[np.isfinite(rarity)]
+        return cls(feature_space=feature_space, k=k, avg_knn=float(knn.mean()),
+                   avg_knn_quantiles={f"p{round(q * 100):02d}": float(np.quantile(knn, q)) for q in QUANTILES},
+                   lof=float(local_outlier_factor(samples, reference, k).mean()),
+                   rarity_score=float(covered.mean()) if len(covered) else None,
+                   rarity_score_uncovered=float(1 - len(covered) / len(rarity)))

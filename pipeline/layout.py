@@ -1,0 +1,47 @@
+"""What the usual readers rely on in an output folder: its dataset card, and no folder in the old layout.
+
+The names are pipeline/schema.py's; README.md, "Read the data", shows the readers pointed at a folder.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import yaml
+
+from pipeline.rows import read_committed
+from pipeline.schema import CARD_FILE, DATA_FILES, OLD_LAYOUT
+from pipeline.storage import Location, StorageError, exists, write_bytes
+
+
+def check_layout(folder: Location) -> None:
+    """Refuse a folder written in the layout before this one: its manifest and records would read as data."""
+    old = [name for name in OLD_LAYOUT if exists(folder.child(name))]
+    if old:
+        raise StorageError(f"{folder.uri} was written in the old layout ({', '.join(old)}), which this version does "
+                           "not resume: finish it with the version that started it, or choose a new output folder")
+
+
+def _tally(values: list) -> str:
+    return ", ".join(f"{value} ({n})" for value, n in sorted(Counter(values).items(), key=lambda item: str(item[0])))
+
+
+def write_card(folder: Location, title: str, lines: list[str]) -> None:
+    """The dataset card: what the folder holds in a few commented lines, and its data files for `datasets`.
+
+    Written atomically, before the folder's completion marker. Model, encoder and method come from the
+    committed rows themselves, so the card describes what is there.
+    """
+    rows = read_committed(folder, ["model", "encoder", "method"]).to_pydict()
+    about = [
+        title,
+        f"{len(rows['model'])} rows; model: {_tally(rows['model'])}; encoder: {_tally(rows['encoder'])}; "
+        f"method: {_tally(rows['method'])}",
+        *lines,
+        f"Rows: {DATA_FILES} (image: PNG, jepa_score: exact JEPA-SCORE, lower is rarer); the _-prefixed files "
+        "are bookkeeping. Read it with datasets.load_dataset(folder) or pandas.read_parquet(folder).",
+    ]
+    card = {"pretty_name": title,
+            "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}]}
+    text = "".join(f"# {line}\n" for line in about) + yaml.safe_dump(card, sort_keys=False)
+    write_bytes(folder.child(CARD_FILE), text.encode())

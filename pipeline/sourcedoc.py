@@ -1,0 +1,65 @@
+"""Documentation read from source files without importing them (so `--help` loads no torch or Ray):
+each dataclass field's annotation, default and one-line comment."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import io
+import tokenize
+from dataclasses import dataclass
+from functools import cache
+
+
+@dataclass(frozen=True)
+class FieldDoc:
+    """One dataclass field as written: ``name: annotation = default  # meaning``."""
+
+    name: str
+    annotation: str
+    default: str | None  # the default's source text; None when the field is required
+    meaning: str  # the field's trailing comment ("" when it has none)
+
+
+@cache
+def _source(module: str) -> str:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ValueError(f"no source for module {module}")
+    with open(spec.origin, encoding="utf-8") as handle:
+        return handle.read()
+
+
+@cache
+def field_docs(module: str, class_name: str) -> dict[str, FieldDoc]:
+    """The fields of dataclass ``class_name`` in ``module``, by name, in their written order."""
+    source = _source(module)
+    comments = {token.start[0]: token.string.lstrip("#").strip()
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    tree = ast.parse(source)
+    node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
+    if node is None:
+        raise ValueError(f"module {module} defines no class {class_name}")
+    docs: dict[str, FieldDoc] = {}
+    for statement in node.body:
+        if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
+            continue
+        docs[statement.target.id] = FieldDoc(
+            name=statement.target.id,
+            annotation=ast.unparse(statement.annotation),
+            default=None if statement.value is None else _default_text(statement.value),
+            meaning=comments.get(statement.end_lineno, ""),
+        )
+    return docs
+
+
+def _default_text(value: ast.expr) -> str:
+    """``field(default_factory=X)`` reads as ``X()``, ``default_factory=lambda: E`` as ``E``; others as written."""
+    if isinstance(value, ast.Call) and ast.unparse(value.func) in ("field", "dataclasses.field"):
+        for keyword in value.keywords:
+            if keyword.arg == "default":
+                return ast.unparse(keyword.value)
+            if keyword.arg == "default_factory":
+                factory = keyword.value
+                return ast.unparse(factory.body) if isinstance(factory, ast.Lambda) else f"{ast.unparse(factory)}()"
+    return ast.unparse(value)

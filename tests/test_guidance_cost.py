@@ -1,0 +1,140 @@
+"""The cheaper-guidance levers (docs/method.md, 'Cheaper guidance'): each off by default, each exact where it claims to be."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from guidance.generate import generate_images, sketch_seed
+from guidance.methods import GuidanceConfig, SamplingConfig
+from guidance.models import WorkItem
+from guidance.objectives import get_objective
+from guidance.presets import load_model
+from guidance.sampling import JepaGuidance, guidance_direction, step_size
+from guidance.schedules import noise_schedule, posterior_variance, predict_clean
+from tests import tiny_diffusion
+
+ITEMS = [WorkItem(1, 3), WorkItem(2, 7), WorkItem(3, 0), WorkItem(4, 5)]
+
+
+@pytest.fixture(scope="module")
+def class_model(tmp_path_factory):
+    return load_model("pixel-unet", tiny_diffusion.save_pixel_unet(tmp_path_factory.mktemp("cost"), num_classes=10))
+
+
+def sample(model, encoder, **guidance):
+    config = SamplingConfig(method="jepa", steps=4, guidance=GuidanceConfig(**{"tau": 1.0, "eta": 0.3, **guidance}))
+    images, steps_guided = generate_images(model, ITEMS, config, encoder)
+    return images, steps_guided
+
+
+def guidance_for(model, encoder, **config) -> JepaGuidance:
+    return JepaGuidance(encoder=encoder, objective=get_objective("rsvd"), decode=model.decode,
+                        config=GuidanceConfig(**config),
+                        sketch_generators=[torch.Generator().manual_seed(sketch_seed(i.seed)) for i in ITEMS])
+
+
+class CountingDenoiser:
+    """The real denoiser, counting the calls made with a graph (x_t requiring grad)."""
+
+    def __init__(self, denoiser):
+        self.denoiser, self.with_graph = denoiser, 0
+
+    def __call__(self, x, t):
+        self.with_graph += torch.is_grad_enabled() and x.requires_grad
+        return self.denoiser(x, t)
+
+
+def test_the_levers_are_off_by_default():
+    config = GuidanceConfig()
+    assert (config.gradient, config.micro_batch, config.rescale_interval, config.reuse_direction) == \
+        ("full", None, False, False)
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_micro_batches_sample_what_the_whole_batch_samples(class_model, tiny_encoder, warm_start):
+    whole, guided = sample(class_model, tiny_encoder, warm_start=warm_start)
+    for size in (1, 3):  # 3 leaves a ragged last chunk
+        chunked, chunked_guided = sample(class_model, tiny_encoder, warm_start=warm_start, micro_batch=size)
+        assert chunked_guided == guided == 4
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+    assert not torch.allclose(whole, sample(class_model, tiny_encoder, eta=0.0)[0], atol=1e-3)  # guidance moved them
+
+
+def test_tweedie_gradient_is_the_clean_estimate_gradient_through_tweedie_alone(class_model, tiny_encoder):
+    """g = (1 / sqrt(abar_t)) * d JS_bar / d x0_hat for an epsilon model, with the network output held fixed."""
+    schedule = noise_schedule(class_model.scheduler_config, 4, "ddim")
+    t = schedule.timesteps[1]
+    x = torch.randn((len(ITEMS), *class_model.sample_shape), generator=torch.Generator().manual_seed(0))
+    denoiser = CountingDenoiser(class_model.denoiser(ITEMS, 1.0))
+    got, _ = guidance_direction(guidance_for(class_model, tiny_encoder, gradient="tweedie", normalize=False),
+                                denoiser, schedule, x, t)
+    assert denoiser.with_graph == 0  # no denoiser graph, hence no denoiser backward
+
+    with torch.no_grad():
+        x0_hat, _ = predict_clean(schedule, class_model.denoiser(ITEMS, 1.0)(x, t), x, t)
+    image = class_model.decode(x0_hat).clamp(0, 1).float().requires_grad_(True)
+    objective = guidance_for(class_model, tiny_encoder)
+    value = objective.objective(tiny_encoder, image, 9, 2, 2, generator=objective.sketch_generators)
+    (grad_image,) = torch.autograd.grad(value.sum(), image)
+    decode_jacobian = torch.autograd.functional.vjp(lambda z: class_model.decode(z).clamp(0, 1), x0_hat, grad_image)[1]
+    torch.testing.assert_close(got, decode_jacobian / schedule.abar(t) ** 0.5, rtol=1e-5, atol=1e-8)
+
+    denoiser = CountingDenoiser(class_model.denoiser(ITEMS, 1.0))
+    full, _ = guidance_direction(guidance_for(class_model, tiny_encoder, normalize=False), denoiser, schedule, x, t)
+    assert denoiser.with_graph == 1
+    assert not torch.allclose(full, got, rtol=1e-2)  # the denoiser's Jacobian is not the identity
+
+
+def test_interval_rescaled_multiplies_the_step_by_the_interval(class_model):
+    schedule = noise_schedule(class_model.scheduler_config, 10, "ddim")
+    t, t_prev = schedule.timesteps[4], schedule.previous[4]
+    assert step_size(GuidanceConfig(eta=0.3, interval=3), schedule, t, t_prev) == pytest.approx(0.3)
+    assert step_size(GuidanceConfig(eta=0.3, interval=3, rescale_interval=True), schedule, t, t_prev) == pytest.approx(0.9)
+    variance = posterior_variance(schedule, t, t_prev).item()
+    assert step_size(GuidanceConfig(eta=0.3, interval=2, rescale_interval=True, schedule="variance"),
+                     schedule, t, t_prev) == pytest.approx(0.6 * variance)
+
+
+def test_reuse_direction_pushes_every_step_after_the_first_guided_one():
+    config = GuidanceConfig(tau=0.8, interval=3, reuse_direction=True)
+    assert config.guided_steps(10) == [False, False, True, False, False, True, False, False, True, False]
+    assert config.pushed_steps(10) == [False, False] + [True] * 8
+    assert GuidanceConfig(tau=0.8, interval=3).pushed_steps(10) == config.guided_steps(10)
+    assert GuidanceConfig(tau=0.0, reuse_direction=True).pushed_steps(4) == [False] * 4
+
+
+def test_reuse_direction_calls_the_encoder_only_on_guided_steps(class_model, tiny_encoder):
+    calls = []
+    hook = tiny_encoder.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        skipped, _ = sample(class_model, tiny_encoder, interval=2)
+        plain = len(calls)
+        calls.clear()
+        reused, guided = sample(class_model, tiny_encoder, interval=2, reuse_direction=True)
+        assert len(calls) == plain > 0 and guided == 2
+    finally:
+        hook.remove()
+    assert not torch.allclose(reused, skipped, atol=1e-4)  # the steps in between moved too
+
+
+def test_tweedie_refused_for_a_model_that_predicts_the_clean_sample(class_model, tiny_encoder):
+    model = copy.copy(class_model)
+    model.scheduler_config = {**class_model.scheduler_config, "prediction_type": "sample"}
+    with pytest.raises(ValueError, match="gradient 'tweedie' holds the network output constant"):
+        sample(model, tiny_encoder, gradient="tweedie")
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"gradient": "exact"}, "guidance.gradient must be one of full, tweedie"),
+    ({"micro_batch": 0}, "guidance.micro_batch must be an integer >= 1 or null"),
+    ({"micro_batch": 2.5}, "guidance.micro_batch must be an integer >= 1 or null"),
+    ({"rescale_interval": "yes"}, "guidance.rescale_interval must be true or false"),
+    ({"rescale_interval": True, "reuse_direction": True}, "choose one"),
+])
+def test_bad_lever_settings_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(GuidanceConfig(), **fields)
