@@ -16,14 +16,13 @@ benchmarks/results/compile_<device>.json. Run from the repository root:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
-from pathlib import Path
 
 import torch
 
+from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, write_json
 from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
@@ -31,8 +30,6 @@ from guidance.log_volume import topk_log_volume
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 
-RESULTS = Path(__file__).parent / "results"
-MODELS = Path(__file__).parent.parent / "models"
 ENCODER = "vit_small_patch14_reg4_dinov2"
 
 
@@ -83,9 +80,9 @@ def main() -> None:
     torch.manual_seed(0)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")  # cold: what a fresh actor pays
 
-    eager_model = load_model("pixel-unet", MODELS / "digits-ddpm")
-    compiled_model = load_model("pixel-unet", MODELS / "digits-ddpm", compile_network=True)
-    encoder = load_encoder(ENCODER, MODELS / "digits-vicreg-vit", input_size=56)
+    eager_model = load_model("pixel-unet", DIGITS_DDPM)
+    compiled_model = load_model("pixel-unet", DIGITS_DDPM, compile_network=True)
+    encoder = load_encoder(ENCODER, DIGITS_ENCODER, input_size=56)
     compiled_encoder = torch.compile(encoder)
     items = [WorkItem(seed, class_label=seed % 10) for seed in range(args.batch)]
     unguided = SamplingConfig(method="unguided", steps=args.steps)
@@ -111,10 +108,9 @@ def main() -> None:
         compare("encoder compiled: top-k value + gradient (q = 1)",
                 lambda: value_and_gradient(encoder), lambda: value_and_gradient(compiled_encoder), args.rounds),
     ]
-    RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = RESULTS / f"compile_{device}.json"
-    out.write_text(json.dumps({"settings": vars(args), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    out = write_json(RESULTS / f"compile_{device}.json",
+                     {"settings": vars(args), "torch": torch.__version__, "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -29,10 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from benchmarks.paths import RESULTS, ROOT, write_json
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, RUN_FILE
 
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).parent.parent
 
 
 def tiny_pngs(count: int, rng: np.random.Generator) -> list[bytes]:
@@ -143,8 +142,7 @@ def main() -> None:
         print(f"  at the {peak.upper()} peak: {sum(p['processes'] for p in at_peak.values())} processes")
         for name, memory in list(at_peak.items())[:8]:
             print(f"  {memory[peak] / 2**20:8.0f} MiB {peak.upper()} in {memory['processes']:>2} x {name}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.results, result)
     print(f"\nwrote {args.results}")
 
 

@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp, vmap
 
+from benchmarks.paths import DIGITS_ENCODER, RESULTS, write_json
 from benchmarks.timing import timed
 from guidance import load_encoder
 from guidance.log_volume import LOG_FLOOR, projected_log_volume, sketch_range
 
-RESULTS = Path(__file__).parent / "results"
-MODELS = Path(__file__).parent.parent / "models"
 ENCODER = "vit_small_patch14_reg4_dinov2"
 
 
@@ -109,14 +106,13 @@ def main() -> None:
     images = torch.rand(args.images, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     encoders = {
         "DINOv2-S/14-reg architecture, random weights, 56 px": load_encoder(ENCODER, "random", input_size=56),
-        "demo VICReg ViT (trained), 56 px": load_encoder(ENCODER, MODELS / "digits-vicreg-vit", input_size=56),
+        "demo VICReg ViT (trained), 56 px": load_encoder(ENCODER, DIGITS_ENCODER, input_size=56),
     }
     rows = [bench_encoder(label, encoder, images, args.k, args.oversample, args.power_iters, args.rounds)
             for label, encoder in encoders.items()]
-    RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = RESULTS / f"gradient_modes_{device}.json"
-    out.write_text(json.dumps({"settings": vars(args), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    out = write_json(RESULTS / f"gradient_modes_{device}.json",
+                     {"settings": vars(args), "torch": torch.__version__, "rows": rows})
     print(f"\nwrote {out}")
 
 

@@ -15,7 +15,6 @@ benchmarks/results/guided_sampling_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
+from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, write_json
 from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.generate import generate_images
@@ -34,8 +34,6 @@ from guidance.presets import load_model
 from guidance.schedules import noise_schedule, predict_clean
 from tests import tiny_diffusion
 
-RESULTS = Path(__file__).parent / "results"
-DEMO = Path(__file__).parent.parent / "models"
 PROMPTS = ["a photo of a cat", "a red car", "a bowl of fruit", "a mountain lake"]
 
 
@@ -82,7 +80,7 @@ def families(root: Path) -> dict[str, tuple[str, Path, float, callable]]:
                  lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
         "mid-size sd": ("sd", save_sd_shaped(root / "sd-mid", root / "t3", 64, 32, 32, 256, 4), 7.5,
                         lambda s: WorkItem(s, prompt=PROMPTS[s % 4])),
-        "demo digits": ("pixel-unet", DEMO / "digits-ddpm", 1.0, lambda s: WorkItem(s, s % 10)),
+        "demo digits": ("pixel-unet", DIGITS_DDPM, 1.0, lambda s: WorkItem(s, s % 10)),
     }
 
 
@@ -139,7 +137,7 @@ def main() -> None:
             encoder_folder, safe_serialization=True,
         )
         tiny_encoder = load_encoder("vit_small_patch14_reg4_dinov2", encoder_folder, input_size=28)
-        demo_encoder = load_encoder("vit_small_patch14_reg4_dinov2", DEMO / "digits-vicreg-vit", input_size=56)
+        demo_encoder = load_encoder("vit_small_patch14_reg4_dinov2", DIGITS_ENCODER, input_size=56)
         full_encoder = load_encoder("vit_small_patch14_reg4_dinov2", "random", input_size=56,
                                     model_args=dict(init_values=1.0))
         guidance = GuidanceConfig(tau=args.tau)
@@ -178,10 +176,9 @@ def main() -> None:
         print(f"  {r['family']:<14}" + "".join(
             f"{p[name + '_s']:>9.3f} ({p[name + '_share']:>4.0%})" for name in ("denoiser_fwd_bwd", "decode_fwd_bwd",
                                                                              "encoder_branch")))
-    RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = RESULTS / f"guided_sampling_{device}.json"
-    out.write_text(json.dumps({"settings": vars(args), "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
+    out = write_json(RESULTS / f"guided_sampling_{device}.json",
+                     {"settings": vars(args), "torch": torch.__version__, "rows": rows})
     print(f"\nwrote {out}")
 
 

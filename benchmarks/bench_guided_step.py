@@ -24,17 +24,16 @@ Run from the repository root: ``python -m benchmarks.bench_guided_step``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, write_json
+from benchmarks.timing import speedups, timed
 from guidance import load_encoder, load_model
 from guidance.log_volume import SketchMemory, topk_log_volume
 from guidance.methods import GuidanceConfig
@@ -43,10 +42,6 @@ from guidance.reference import FD_STEP, topk_log_volume_exact, topk_log_volume_r
 from guidance.sampling import JepaGuidance, guidance_step
 from guidance.schedules import noise_schedule, update
 
-RESULTS = Path(__file__).parent / "results"
-ROOT = Path(__file__).parent.parent
-DIGITS_DDPM = ROOT / "models" / "digits-ddpm"
-DIGITS_ENCODER = ROOT / "models" / "digits-vicreg-vit"
 
 
 @dataclass
@@ -128,9 +123,9 @@ def bench_encoder(label: str, encoder, model, items, args) -> list[dict]:
         exact = step(_exact, x, t, t_prev, slice(None), index)
         for v in chosen:
             batch = v.batch or count
-            start = time.perf_counter()
-            parts = [step(objectives[v.name], x, t, t_prev, slice(i, i + batch), index) for i in range(0, count, batch)]
-            seconds[v.name].append((time.perf_counter() - start) / count)
+            parts, elapsed = timed(lambda: [step(objectives[v.name], x, t, t_prev, slice(i, i + batch), index)
+                                            for i in range(0, count, batch)])
+            seconds[v.name].append(elapsed / count)
             cosines[v.name].append(F.cosine_similarity(torch.cat(parts).flatten(1), exact.flatten(1), dim=1))
         print(f"  {label}: guided step {index + 1}/{len(points)} done", flush=True)
 
@@ -149,10 +144,7 @@ def bench_encoder(label: str, encoder, model, items, args) -> list[dict]:
             "cosine_by_step": cos.mean(1).tolist(),
             "fd_jv_cosine": fd_cosines.get(v.name.rpartition(" ")[2]) if v.batch == 1 else None,
         })
-    reference = next(r for r in rows if r["variant"] == "reference q=2 fp32")
-    for row in rows:
-        row["speedup_vs_reference"] = reference["s_per_image_step"] / row["s_per_image_step"]
-    return rows
+    return speedups(rows, "s_per_image_step", reference="reference q=2 fp32")
 
 
 def main() -> None:
@@ -174,15 +166,14 @@ def main() -> None:
             "vit_small_patch14_reg4_dinov2", "random", input_size=args.dinov2_size, model_args=dict(init_values=1.0)),
     }
     rows = []
-    RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = RESULTS / f"guided_step_{device}.json"
     for label, encoder in encoders.items():
         rows += bench_encoder(label, encoder, model, items, args)
-        out.write_text(json.dumps({  # after each encoder, so a long run keeps what it has measured
+        write_json(out, {  # after each encoder, so a long run keeps what it has measured
             "settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "rows": rows,
-        }, indent=2) + "\n")
+        })
 
     print(f"\nGuided step (k={args.k}, p={args.oversample}), {args.images} images, the demo's digits DDPM; "
           "cosine of each step to the exact top-k step")

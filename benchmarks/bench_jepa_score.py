@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.timing import timed
+from benchmarks.paths import RESULTS, write_json
+from benchmarks.timing import speedups, timed
 from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.reference import jepa_score_naive, topk_log_volume_exact, topk_log_volume_reference
 
-RESULTS = Path(__file__).parent / "results"
 
 
 def value_and_gradient(objective, images: torch.Tensor, **kwargs):
@@ -86,10 +84,7 @@ def bench_topk(encoder, images: torch.Tensor, k: int, oversample: int) -> list[d
         name = "fp32" if dtype is None else str(dtype).removeprefix("torch.")
         record(f"reference q=2 {name}", 1, lambda x, dtype=dtype: topk_log_volume_reference(
             encoder, x, k, oversample, 2, generator=torch.Generator().manual_seed(0), autocast_dtype=dtype))
-    reference = next(r for r in rows if r["variant"] == "reference q=2 fp32")
-    for row in rows:
-        row["speedup_vs_reference"] = reference["s_per_image"] / row["s_per_image"]
-    return rows
+    return speedups(rows, "s_per_image", reference="reference q=2 fp32")
 
 
 def main() -> None:
@@ -121,12 +116,10 @@ def main() -> None:
         print(f"  {row['variant']:<26}{row['batch']:>6}{row['s_per_image']:>10.3f}"
               f"{row['speedup_vs_reference']:>10.2f}{row['cosine_mean']:>10.4f}{row['cosine_min']:>10.4f}")
 
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"jepa_score_{args.device.split(':')[0]}.json"
-    out.write_text(json.dumps({
+    out = write_json(RESULTS / f"jepa_score_{args.device.split(':')[0]}.json", {
         "settings": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "exact": exact, "topk": topk,
-    }, indent=2) + "\n")
+    })
     print(f"\nwrote {out}")
 
 

@@ -16,7 +16,6 @@ benchmarks/results/pipeline_overhead_<device>.json. Run from the repository root
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import tempfile
@@ -25,14 +24,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.paths import RESULTS, ROOT, write_json
 from pipeline.cluster import connect_ray
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import SampleGenerator
 from pipeline.generate.work import build_manifest
 
-RESULTS = Path(__file__).parent / "results"
-DEMO_CONFIG = Path(__file__).parent.parent / "jobs" / "configs" / "demo.yaml"
+DEMO_CONFIG = ROOT / "jobs" / "configs" / "demo.yaml"
 
 
 def job_config(scratch: Path, name: str, args, actors: int, cpus_per_actor: float) -> GenerateConfig:
@@ -113,11 +112,9 @@ def main() -> None:
               f"loop {statistics.median(r['loop_samples_per_s']):.2f} samples/s | Ray Data end to end "
               f"{statistics.median(r['ray_samples_per_s']):.2f} samples/s | efficiency {r['efficiency']:.2f} "
               f"({r['efficiency_with_ray_init']:.2f} counting ray.init)")
-    RESULTS.mkdir(exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = RESULTS / f"pipeline_overhead_{device}.json"
-    out.write_text(json.dumps({"settings": vars(args), "torch": torch.__version__, "ray_init_s": ray_init_s,
-                               "layouts": rows}, indent=2) + "\n")
+    out = write_json(RESULTS / f"pipeline_overhead_{device}.json",
+                     {"settings": vars(args), "torch": torch.__version__, "ray_init_s": ray_init_s, "layouts": rows})
     print(f"\nwrote {out}")
 
 

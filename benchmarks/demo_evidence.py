@@ -15,7 +15,6 @@ Run from the repository root: ``python -m benchmarks.demo_evidence``.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -27,10 +26,10 @@ from sklearn.model_selection import train_test_split
 from sklearn.neighbors import NearestNeighbors
 from sklearn.svm import SVC
 
+from benchmarks.paths import RESULTS, write_json
 from guidance import GuidanceConfig, SamplingConfig, WorkItem, generate, jepa_score, load_encoder, load_model
 from pipeline.demo.digits import DIGIT_LEVELS, digits, to_8x8
 
-RESULTS = Path(__file__).parent / "results"
 ENCODER = "vit_small_patch14_reg4_dinov2"
 
 
@@ -133,12 +132,11 @@ def main() -> None:
     proxies = density_proxies(encoder, images, labels.numpy(), args.real_digits, seed=0)
     print(proxies)
 
-    RESULTS.mkdir(exist_ok=True)
-    sheet(sheets, RESULTS / "demo_strength_sheet.png")
-    (RESULTS / "demo_evidence.json").write_text(json.dumps({
+    write_json(RESULTS / "demo_evidence.json", {
         "settings": vars(args), "classifier_accuracy_on_real_test_digits": real_accuracy, "sweep": sweep,
         "default_eta": default, "k_sweep_at_default": k_sweep, "real_digits": proxies,
-    }, indent=2) + "\n")
+    })
+    sheet(sheets, RESULTS / "demo_strength_sheet.png")
     print(f"default eta: {default}; wrote {RESULTS / 'demo_evidence.json'} and demo_strength_sheet.png")
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import tempfile
 import time
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
 from benchmarks.bench_guided_sampling import profile_guided_step, save_sd_shaped
 from benchmarks.bench_jepa_score import with_fused_attention
+from benchmarks.paths import RESULTS, write_json
 from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
@@ -50,7 +50,6 @@ from guidance.models import WorkItem
 from guidance.reference import topk_log_volume_exact, topk_log_volume_reference
 from tests import tiny_diffusion
 
-RESULTS = Path(__file__).parent / "results"
 ENCODER = "vit_small_patch14_reg4_dinov2"
 
 
@@ -186,8 +185,7 @@ def main() -> None:
               "torch": torch.__version__}
 
     def save() -> None:
-        RESULTS.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(out, result)
 
     started = time.perf_counter()
     model_args = dict(init_values=1.0) | (dict(embed_dim=32, depth=2, num_heads=2) if args.smoke else {})

@@ -35,13 +35,13 @@ from scipy.special import logsumexp
 from scipy.stats import spearmanr
 from torch import nn
 
+from benchmarks.paths import RESULTS, write_json
 from guidance.jepa_score import encoder_jacobian, log_singular_volume
 from guidance.log_volume import LOG_FLOOR
 from pipeline.demo.sigreg import sigreg
 from pipeline.demo.train import EncoderTraining, encoder_loss
 from pipeline.evaluate.rarity import avg_knn, local_outlier_factor, rarity_score
 
-RESULTS = Path(__file__).parent / "results"
 TOP_KS = (1, 2, 3, 4, 8)
 RAREST = 0.10  # the share of images called "the rarest"
 # The issue's own quick check (issue 19), Spearman of the score with the true log-density, for comparison.
@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # on 2 shared cores a second thread made a training step 25x slower (measured)
     result = run(QUICK if args.quick else Settings())
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"{result['seconds']} s; wrote {args.output}")
 
 

@@ -22,3 +22,11 @@ def timed(function: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any,
     result = function(*args, **kwargs)
     synchronize()
     return result, time.perf_counter() - start
+
+
+def speedups(rows: list[dict], seconds_key: str, reference: str) -> list[dict]:
+    """Set each row's ``speedup_vs_reference``: the ``reference`` variant's ``seconds_key`` over the row's."""
+    base = next(row[seconds_key] for row in rows if row["variant"] == reference)
+    for row in rows:
+        row["speedup_vs_reference"] = base / row[seconds_key]
+    return rows

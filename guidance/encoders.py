@@ -28,19 +28,18 @@ log = logging.getLogger(__name__)
 class EncoderSpec:
     """One row of the encoder table: what a name means."""
 
-    embed_dim: int  # D, the length of the CLS embedding
     hub_tag: str  # timm's pretrained tag for the official DINOv2 weights
 
 
 ENCODERS: dict[str, EncoderSpec] = {
-    "vit_small_patch14_dinov2": EncoderSpec(384, "lvd142m"),
-    "vit_small_patch14_reg4_dinov2": EncoderSpec(384, "lvd142m"),
-    "vit_base_patch14_dinov2": EncoderSpec(768, "lvd142m"),
-    "vit_base_patch14_reg4_dinov2": EncoderSpec(768, "lvd142m"),
-    "vit_large_patch14_dinov2": EncoderSpec(1024, "lvd142m"),
-    "vit_large_patch14_reg4_dinov2": EncoderSpec(1024, "lvd142m"),
-    "vit_giant_patch14_dinov2": EncoderSpec(1536, "lvd142m"),
-    "vit_giant_patch14_reg4_dinov2": EncoderSpec(1536, "lvd142m"),
+    "vit_small_patch14_dinov2": EncoderSpec("lvd142m"),
+    "vit_small_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
+    "vit_base_patch14_dinov2": EncoderSpec("lvd142m"),
+    "vit_base_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
+    "vit_large_patch14_dinov2": EncoderSpec("lvd142m"),
+    "vit_large_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
+    "vit_giant_patch14_dinov2": EncoderSpec("lvd142m"),
+    "vit_giant_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
 }
 DEFAULT_INPUT_SIZE = 224  # docs/method.md, 'The encoder': images are resized to 224 x 224 before the encoder
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,6 @@ class GeneratedSample:
     jepa_score: float  # exact JEPA-SCORE of the final uint8 image under the run's encoder
     embedding: np.ndarray  # float32 (D,): the encoder's CLS embedding of the final image
     steps_guided: int  # how many sampling steps ran JEPA guidance
-    seconds: float  # this row's share of its batch's wall time
 
 
 def sketch_seed(seed: int) -> int:
@@ -100,7 +98,6 @@ def generate(
     progress: bool = False,
 ) -> list[GeneratedSample]:
     """Generate one image per work item with ``config.method``; score each with the exact JEPA-SCORE."""
-    start = time.perf_counter()
     images, steps_guided = generate_images(model, items, config, encoder, progress=progress)
     broken = (~torch.isfinite(images).flatten(1).all(1)).nonzero().flatten().tolist()
     if broken:  # caught before uint8 quantisation would hide it
@@ -111,7 +108,6 @@ def generate(
     with torch.no_grad():
         embeddings = encoder(encoder_input).cpu().numpy().astype(np.float32)
     scores = jepa_score(encoder, encoder_input).tolist()
-    seconds = (time.perf_counter() - start) / len(items)
     return [
-        GeneratedSample(pixels[b], scores[b], embeddings[b], steps_guided, seconds) for b in range(len(items))
+        GeneratedSample(pixels[b], scores[b], embeddings[b], steps_guided) for b in range(len(items))
     ]

@@ -11,11 +11,11 @@ rises with it. Writes prior_check.png and prior_check.json (last) to --output; l
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
-from jobs.options import add_storage_and_tracking, config_flag, given, job_parser, storage_config, tracking_config
+from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
+                          tracking_config)
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("features", "labels", "k", "max_images", "seed", "inception_weights", "clip_weights", "clip_arch", "batch_size",
@@ -85,5 +85,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import job_parser
+from jobs.options import job_parser, run_as_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,4 +25,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

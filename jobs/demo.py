@@ -4,10 +4,9 @@ local MLflow store), unguided vs JEPA-guided at the same seeds, the rarest kept,
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import job_parser
+from jobs.options import job_parser, run_as_program
 from pipeline.demo import DEMO_CONFIG
 
 
@@ -39,5 +38,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

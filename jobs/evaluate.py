@@ -9,10 +9,10 @@ FID / sFID and CLIP score from local weights files.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import add_storage_and_tracking, config_flag, given, job_parser, storage_config, tracking_config
+from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
+                          tracking_config)
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
@@ -68,5 +68,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import add_storage_and_tracking, job_parser, storage_config, tracking_config
+from jobs.options import add_storage_and_tracking, job_parser, run_as_program, storage_config, tracking_config
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
 from pipeline.schema import SELECTION_FILE
 from pipeline.storage import StorageError
@@ -44,5 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

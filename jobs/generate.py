@@ -7,12 +7,9 @@ Submit to a cluster with: ray job submit --working-dir . -- python -m jobs.gener
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import job_parser
-
-log = logging.getLogger("jepa-minority")
+from jobs.options import job_parser, run_as_program
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,5 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

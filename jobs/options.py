@@ -1,9 +1,13 @@
-"""Command-line parts that several jobs share: the help layout, flags documented by a config field, and
-where object storage is and where runs are tracked. Light to import: `--help` loads no torch or Ray."""
+"""Command-line parts that several jobs share: the help layout, flags documented by a config field, where
+object storage is and where runs are tracked, the one log format and how a job runs as a program. Light to
+import: `--help` loads no torch or Ray."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+from collections.abc import Callable
+from typing import NoReturn
 
 from pipeline.settings import TrackingConfig
 from pipeline.sourcedoc import FieldDoc, field_docs
@@ -51,3 +55,14 @@ def storage_config(args: argparse.Namespace) -> StorageConfig:
 
 def tracking_config(args: argparse.Namespace) -> TrackingConfig:
     return TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
+
+
+def configure_logging() -> None:
+    """INFO logs on stderr, in the one format of every job."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_as_program(main: Callable[[], int]) -> NoReturn:
+    """``python -m jobs.NAME`` (a Ray job's entrypoint): the jobs' logging, then exit with ``main``'s status."""
+    configure_logging()
+    raise SystemExit(main())

@@ -4,10 +4,9 @@ LATEST.json atomically once complete, and prune old versions."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from jobs.options import config_flag, given, job_parser
+from jobs.options import config_flag, given, job_parser, run_as_program
 from pipeline.curate.filter import GROUP_COLUMNS  # pyarrow only
 from pipeline.sourcedoc import field_docs
 
@@ -49,5 +48,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import config_flag, given, job_parser
+from jobs.options import config_flag, given, job_parser, run_as_program
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("weights", "encoder", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

@@ -15,8 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.options import job_parser
-from pipeline.submission import JOBS, DuplicateSubmission, Submission, submit, wait
+from jobs.options import job_parser, run_as_program
+from pipeline.commands import COMMANDS, SUBMITTABLE
+from pipeline.submission import DuplicateSubmission, Submission, submit, wait
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the cluster's job API (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
     parser.add_argument("--working-dir", default=".", help="uploaded as the job's working directory")
     parser.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the job to end, at most this long")
-    parser.add_argument("job", choices=JOBS, help="the job to run on the cluster")
+    parser.add_argument("job", choices=SUBMITTABLE, help="the job to run on the cluster")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
     return parser
 
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_locally(submission: Submission) -> None:
     """Refuse before contacting the cluster: the job's own parser must accept the arguments, and a generation
     config it names must load (the path as seen from the uploaded working directory)."""
-    parser = importlib.import_module(f"jobs.{submission.job}").build_parser()
+    parser = importlib.import_module(COMMANDS[submission.job].module).build_parser()
     errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(errors):
@@ -78,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_as_program(main)

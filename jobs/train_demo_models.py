@@ -4,8 +4,8 @@ diffusion model and the VICReg ViT encoder. Reproducible from the seeds in pipel
 from __future__ import annotations
 
 import argparse
-import logging
 
+from jobs.options import run_as_program
 from pipeline.demo.train import DiffusionTraining, EncoderTraining, train_diffusion, train_encoder
 
 
@@ -24,5 +24,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raise SystemExit(main())
+    run_as_program(main)

@@ -1,7 +1,8 @@
-"""Image files in, tensors out: finding PNG / JPEG files and decoding them to [0, 1] RGB tensors."""
+"""Image files in, tensors out: finding PNG / JPEG files and decoding them to [0, 1] RGB tensors; PNG bytes out."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -45,3 +46,10 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """A uint8 (H, W, 3) image encoded as PNG (lossless: what is stored is what was scored)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()

@@ -26,10 +26,7 @@ def score_histogram(scores: np.ndarray, title: str) -> bytes:
     """A PNG histogram of JEPA-SCOREs (lower = rarer)."""
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
     axis.hist(scores, bins=min(50, max(5, len(scores) // 4)), color="#4c72b0")
-    axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
-    axis.set_ylabel("samples")
-    axis.set_title(title)
-    return _png(figure)
+    return _score_figure_png(figure, axis, title)
 
 
 def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 96) -> bytes:
@@ -57,10 +54,15 @@ def overlaid_histograms(series: dict[str, np.ndarray], title: str) -> bytes:
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
     for name, scores in series.items():
         axis.hist(scores, bins=bins, alpha=0.55, label=f"{name} (mean {scores.mean():.1f})")
+    axis.legend()
+    return _score_figure_png(figure, axis, title)
+
+
+def _score_figure_png(figure, axis, title: str) -> bytes:
+    """The score axes labelled and titled, then the figure as PNG bytes (and closed)."""
     axis.set_xlabel("exact JEPA-SCORE (lower = rarer)")
     axis.set_ylabel("samples")
     axis.set_title(title)
-    axis.legend()
     return _png(figure)
 
 

@@ -55,8 +55,6 @@ OUTPUT_SCHEMA = pa.schema(
     metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
 )
 
-FAILURE_FIELDS = ("sample_id", "seed", "prompt", "class_label", "error", "run_id", "created_at")
-
 # Layout of a run's output folder and of a curated set. The usual readers pointed at the folder itself
 # read exactly the data rows (tests/test_readers.py): pyarrow and pandas skip `_` / `.` names but fail on
 # any other non-Parquet file, duckdb reads every *.parquet below the folder whatever its name, polars

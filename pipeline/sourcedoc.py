@@ -1,5 +1,5 @@
 """Documentation read from source files without importing them (so `--help` loads no torch or Ray):
-a module's docstring, and each dataclass field's annotation, default and one-line comment."""
+each dataclass field's annotation, default and one-line comment."""
 
 from __future__ import annotations
 
@@ -28,12 +28,6 @@ def _source(module: str) -> str:
         raise ValueError(f"no source for module {module}")
     with open(spec.origin, encoding="utf-8") as handle:
         return handle.read()
-
-
-def module_summary(module: str) -> str:
-    """The first paragraph of a module's docstring, on one line."""
-    docstring = ast.get_docstring(ast.parse(_source(module))) or ""
-    return " ".join(docstring.strip().split("\n\n")[0].split())
 
 
 @cache

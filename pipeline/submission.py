@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-JOBS = ("generate", "filter", "refresh", "evaluate", "check-prior", "demo", "score", "serve")  # every jobs.cli command but submit
+from pipeline.commands import COMMANDS, SUBMITTABLE
+
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT = 120  # seconds to wait for a starting head's job agent
@@ -25,18 +26,18 @@ class DuplicateSubmission(RuntimeError):
 
 @dataclass(frozen=True)
 class Submission:
-    job: str  # a module under jobs/
+    job: str  # a command name from pipeline.commands.SUBMITTABLE
     args: tuple[str, ...]
     address: str  # the cluster's dashboard / job API, e.g. http://127.0.0.1:8265
     working_dir: str = "."
 
     def __post_init__(self):
-        if self.job not in JOBS:
-            raise ValueError(f"unknown job {self.job!r}; choose one of {', '.join(JOBS)}")
+        if self.job not in SUBMITTABLE:
+            raise ValueError(f"unknown job {self.job!r}; choose one of {', '.join(SUBMITTABLE)}")
 
     @property
     def entrypoint(self) -> str:
-        return shlex.join(["python", "-m", f"jobs.{self.job.replace('-', '_')}", *self.args])  # check-prior: jobs.check_prior
+        return shlex.join(["python", "-m", COMMANDS[self.job].module, *self.args])
 
     @property
     def submission_id(self) -> str:

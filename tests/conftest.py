@@ -13,6 +13,7 @@ import yaml
 from torch import nn
 
 from guidance import load_encoder
+from pipeline.settings import TrackingConfig
 
 ENCODER_NAME = "vit_small_patch14_reg4_dinov2"
 TINY_SIZE = 28  # 2 x 2 patches of 14 pixels
@@ -151,6 +152,16 @@ def class_unet(tmp_path_factory):
     return tiny_diffusion.save_pixel_unet(tmp_path_factory.mktemp("class_unet"), num_classes=10)
 
 
+def tracking_section(folder) -> dict:
+    """An MLflow store under ``folder``/mlruns: runs in sqlite, artifacts beside them."""
+    return {"tracking_uri": f"sqlite:///{folder}/mlruns/mlflow.db", "artifact_location": str(folder / "mlruns" / "artifacts")}
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    return TrackingConfig(**tracking_section(tmp_path))
+
+
 @pytest.fixture
 def write_config(tmp_path, class_unet, tiny_vit_folder):
     """A YAML config for the tiny class-conditional job, with per-test changes merged in."""
@@ -163,8 +174,7 @@ def write_config(tmp_path, class_unet, tiny_vit_folder):
             "work": {"class_labels": [0, 3, 7], "samples_per_label": 4},
             "output": {"uri": str(tmp_path / "out"), "max_rows_per_file": 4, "row_group_size": 2},
             "ray": {"actors": 2, "cpus_per_actor": 0.5, "batch_size": 2},
-            "tracking": {"tracking_uri": f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                         "artifact_location": str(tmp_path / "mlruns" / "artifacts")},
+            "tracking": tracking_section(tmp_path),
         }
         for section, values in sections.items():
             config[section] = config.get(section, {}) | values

@@ -1,5 +1,6 @@
-"""The command itself: help at once (no torch, diffusers, timm or Ray loaded), every flag explained with
-its default, a version, and a config reference that stays current with the typed configs."""
+"""The command itself: it lists every entry of the job table and each name reaches its own job; help at once
+(no torch, diffusers, timm or Ray loaded), every flag explained with its default, a version, and a config
+reference that stays current with the typed configs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from jobs import cli
+from pipeline.commands import COMMANDS
 
 HEAVY = ("torch", "diffusers", "timm", "ray", "transformers", "mlflow")
 ROOT = Path(__file__).parent.parent
@@ -26,7 +28,23 @@ print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sy
 """
 
 
-@pytest.mark.parametrize("command", [*cli.COMMANDS, *cli.TOOLS])
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_command_is_listed_and_reaches_its_job(name, capsys):
+    assert cli.main(["--help"]) == 0
+    assert f"  {name.ljust(max(map(len, COMMANDS)))}  {COMMANDS[name].summary}\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        cli.main([name, "--help"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: jepa-minority {name} ")
+
+
+def test_an_unknown_command_is_refused_naming_every_command(capsys):
+    assert cli.main(["trian"]) == 2
+    assert capsys.readouterr().err.endswith(f"unknown command 'trian'; choose one of: {', '.join(COMMANDS)}\n")
+    assert cli.main([]) == 2
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
 def test_help_parses_without_loading_the_ml_stack(command):
     probe = subprocess.run([sys.executable, "-c", PROBE, command], capture_output=True, text=True, timeout=120)
     result = json.loads(probe.stdout.splitlines()[-1])
@@ -35,14 +53,14 @@ def test_help_parses_without_loading_the_ml_stack(command):
 
 
 def test_every_flag_of_every_command_has_help_and_the_top_level_help_describes_each(capsys):
-    for name, module in (cli.COMMANDS | cli.TOOLS).items():
-        parser = __import__(module, fromlist=["build_parser"]).build_parser()
+    for name, command in COMMANDS.items():
+        parser = __import__(command.module, fromlist=["build_parser"]).build_parser()
         for action in parser._actions:
             assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
         assert parser.description and parser.formatter_class.__name__ == "HelpFormatter"
     assert cli.main(["--help"]) == 0
     printed = capsys.readouterr().out
-    for name, module in (cli.COMMANDS | cli.TOOLS).items():
+    for name in COMMANDS:
         (line,) = [line for line in printed.splitlines() if line.startswith(f"  {name} ")]
         assert len(line.split(None, 1)[1]) > 20, line
 

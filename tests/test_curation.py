@@ -25,7 +25,6 @@ from jobs import filter as filter_job
 from pipeline.curate.filter import FilterConfig, run_filter
 from pipeline.curate.selection import rarest_by_group
 from pipeline.schema import DATA_FILE_PREFIX, FAILURES_DIR, OUTPUT_SCHEMA, SELECTION_FILE
-from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
 
 
@@ -59,12 +58,6 @@ def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files
 def kept_rows(folder) -> list[dict]:
     files = sorted(str(p) for p in (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     return pads.dataset(files, format="parquet").to_table().to_pylist() if files else []
-
-
-@pytest.fixture
-def tracking(tmp_path):
-    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
 
 
 def test_keeps_the_rarest_fraction_with_ties_by_id_and_broken_rows_counted(ray_cluster, tmp_path, tracking):

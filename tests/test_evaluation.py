@@ -28,8 +28,8 @@ from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_fact
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.images import png_bytes
 from pipeline.schema import DATA_FILE_PREFIX, OUTPUT_SCHEMA
-from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 
@@ -104,12 +104,6 @@ def test_subsample_is_uniform_bounded_and_independent_of_read_order():
     other = Subsample(100, seed=4)
     other.add(ids, features)
     assert sorted(other.features[:, 0]) != sorted(forward.features[:, 0])
-
-
-@pytest.fixture
-def tracking(tmp_path):
-    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
-                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
 
 
 def stored(folder) -> pa.Table:
@@ -210,12 +204,6 @@ def pixel_features(images: list, size: int) -> np.ndarray:
                      .reshape(-1) / 255 for image in images])
 
 
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encoder: str = ENCODER_NAME,
              prompts: bool = True, input_size: int = TINY_SIZE, fallback: int = 0) -> pa.Table:
     """A completed text-to-image generation output in the real schema, with random images and features;
@@ -225,7 +213,7 @@ def fake_run(folder, method: str, seed: int, count: int = 8, dim: int = 6, encod
     rows = [{
         "sample_id": f"{method}{i:03d}", "seed": i, "prompt": ["a red square", "a blue circle"][i % 2] if prompts else None,
         "class_label": None if prompts else i % 2,
-        "image": {"bytes": png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
+        "image": {"bytes": png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)), "path": f"{method}{i:03d}.png"},
         "width": 16, "height": 16, "jepa_score": float(rng.normal(-30, 3)), "embedding": rng.normal(size=dim).tolist(),
         "method": "unguided" if i >= count - fallback else method, "model": "sd", "encoder": encoder, "run_id": f"gen-{method}", "created_at": now,
     } for i in range(count)]

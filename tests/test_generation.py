@@ -194,9 +194,18 @@ def test_model_compile_reaches_the_actors_network(write_config):
     assert not compiled_in_place(plain.network)
 
 
+def test_model_dtype_is_what_the_actor_loads_with(write_config):
+    """``model.dtype`` names a torch dtype; auto is float32 on CPU and bfloat16 on a GPU."""
+    half, encoder = load_models(load_config(write_config(model={"dtype": "bfloat16"})), "cpu")
+    auto = load_config(write_config()).model
+    assert half.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in encoder.parameters())
+    assert (auto.torch_dtype("cpu"), auto.torch_dtype("cuda")) == (torch.float32, torch.bfloat16)
+
+
 @pytest.mark.parametrize("change,message", [
     (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
     (["sampling.steps=many"], "sampling.steps must be an integer"),
+    (["model.dtype=fp8"], "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
     (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
     (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
     (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],

@@ -31,7 +31,7 @@ from mlflow.cli import server as mlflow_server
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from jobs.cli import COMMANDS
+from pipeline.commands import COMMANDS
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 
@@ -138,8 +138,9 @@ def parse_entrypoint(entrypoint: str, monkeypatch) -> tuple[str, argparse.Namesp
     if words[:2] != ["python", "-m"] or len(words) < 3:
         raise EntrypointError(f"{entrypoint!r}: expected 'python -m jobs.<name> ...'")
     module = words[2]
-    if module not in COMMANDS.values() or importlib.util.find_spec(module) is None:
-        raise EntrypointError(f"{entrypoint!r}: {module} is not a job module (jobs/cli.py: {sorted(COMMANDS.values())})")
+    modules = sorted(command.module for command in COMMANDS.values())
+    if module not in modules or importlib.util.find_spec(module) is None:
+        raise EntrypointError(f"{entrypoint!r}: {module} is not a job module (pipeline/commands.py: {modules})")
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser, args=None, namespace=None):

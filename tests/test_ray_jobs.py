@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs import submit as submit_job
+from pipeline.commands import COMMANDS
 from pipeline.submission import Submission
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +54,14 @@ def test_submission_ids_follow_the_work(tmp_path):
         Submission("train", (), "http://x")
 
 
-def test_every_job_command_can_be_submitted():
-    from jobs.cli import COMMANDS
-    from pipeline.submission import JOBS
-
-    assert set(JOBS) == set(COMMANDS) - {"submit"}
+def test_submit_refuses_a_job_outside_the_table_and_lists_the_table(capsys):
+    """Refused before any cluster is contacted (nothing listens on the address), naming every job it can run."""
+    with pytest.raises(SystemExit) as refused:
+        submit_job.main(["--address", "http://127.0.0.1:9", "train"])
+    assert refused.value.code == 2
+    choices = capsys.readouterr().err.rpartition("invalid choice: 'train'")[2]
+    assert [name for name in COMMANDS if repr(name) in choices] == [name for name in COMMANDS
+                                                                    if name not in ("submit", "config")]
+    for tool in ("submit", "config"):  # submit itself and the local config reference are not jobs
+        with pytest.raises(ValueError, match=f"unknown job '{tool}'; choose one of demo, generate"):
+            Submission(tool, (), "http://x")

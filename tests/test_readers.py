@@ -23,7 +23,7 @@ from pipeline.rows import committed_ids
 from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, MANIFEST_FILE, OLD_LAYOUT, RUN_FILE, SELECTION_FILE
 from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig, StorageError, resolve
-from tests.conftest import ENCODER_NAME, TINY_SIZE
+from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("run", "curated")
@@ -53,7 +53,7 @@ def decodes(images) -> bool:
 def folders(ray_cluster, tmp_path_factory, class_unet, tiny_vit_folder) -> dict[str, Path]:
     """A generated run, with a failure record planted beside its data, and its curated set (2 per label)."""
     root = tmp_path_factory.mktemp("readers")
-    tracking = {"tracking_uri": f"sqlite:///{root}/mlruns/mlflow.db", "artifact_location": str(root / "artifacts")}
+    tracking = tracking_section(root)
     config = {
         "model": {"preset": "pixel-unet", "source": str(class_unet)},
         "encoder": {"name": ENCODER_NAME, "weights": str(tiny_vit_folder), "input_size": TINY_SIZE},

@@ -146,8 +146,3 @@ def test_bad_paths_and_weights_are_one_line_exit_2(tmp_path, args, message):
 def test_bad_flags_exit_2_with_the_reason(image_folder, flags, message, capsys):
     assert cli.main(["score", str(image_folder), "--weights", "random", *flags]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_unknown_command_is_refused(capsys):
-    assert cli.main(["generate-all"]) == 2
-    assert "unknown command 'generate-all'" in capsys.readouterr().err

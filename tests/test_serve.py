@@ -24,20 +24,15 @@ from guidance.generate import generate
 from guidance.models import WorkItem
 from guidance.presets import load_model
 from pipeline.generate.config import load_config
+from pipeline.images import png_bytes
 from pipeline.rows import read_committed
 from pipeline.schema import MANIFEST_FILE
 from pipeline.serve.inputs import ServeLimits
 from pipeline.storage import StorageConfig, resolve
-from tests.conftest import ENCODER_NAME, TINY_SIZE
+from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
 from tests.services import free_port
 
 LIMITS = ServeLimits(max_body_bytes=64 * 1024, max_pixels=256 * 256, max_n=3, max_steps=4)
-
-
-def png(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def decompression_bomb(width: int = 40_000, height: int = 40_000) -> bytes:
@@ -59,8 +54,7 @@ def served_config(tmp_path_factory, class_unet, tiny_vit_folder):
         "sampling": {"method": "jepa", "steps": 3, "guidance": {"tau": 1.0, "k": 4}},
         "work": {"class_labels": [0, 3, 7], "samples_per_label": 8},
         "ray": {"actors": 1, "cpus_per_actor": 0.5, "batch_size": 4},
-        "tracking": {"tracking_uri": f"sqlite:///{folder}/mlruns/mlflow.db",
-                     "artifact_location": str(folder / "mlruns" / "artifacts")},
+        "tracking": tracking_section(folder),
     }
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -251,7 +245,7 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(service, route, body, sta
         Image.new("RGB", (8, 8)).save(buffer, format="GIF")
         body = buffer.getvalue()
     elif body == "large":
-        body = png(np.zeros((300, 300, 3), np.uint8))  # 90,000 pixels > 65,536, but a small file
+        body = png_bytes(np.zeros((300, 300, 3), np.uint8))  # 90,000 pixels > 65,536, but a small file
     elif body == "bomb":
         body = decompression_bomb()
     elif isinstance(body, dict):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from guidance.encoders import ENCODERS
@@ -23,7 +24,7 @@ from guidance.presets import PRESETS
 from pipeline.settings import ConfigError, TrackingConfig
 from pipeline.storage import StorageConfig
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype, besides "auto"
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,16 @@ class ModelConfig:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset: unknown preset {self.preset!r}; valid presets: {', '.join(PRESETS)}")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ConfigError(f"model.dtype must be one of auto, {', '.join(DTYPES)}, got {self.dtype!r}")
         if not isinstance(self.compile, bool):
             raise ConfigError(f"model.compile must be true or false, got {self.compile!r}")
+
+    def torch_dtype(self, device: str) -> torch.dtype:
+        """The denoiser / VAE dtype on ``device``: auto is float32 on CPU, bfloat16 on GPU (the encoder stays fp32)."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device == "cuda" else torch.float32
+        return DTYPES[self.dtype]
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,6 @@ class GenerationSummary:
     ok: bool  # complete, or failures within output.max_failure_fraction
     run_id: str | None = None
     tracking_uri: str | None = None
-    seconds: float = 0.0
 
 
 def failed_ids(output: Location, committed: pa.Array) -> list[str]:
@@ -237,7 +236,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         tracker.log_artifact_bytes(RUN_FILE, data)
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
     return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
-                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri, seconds)
+                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri)
 
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:

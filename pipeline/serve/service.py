@@ -14,7 +14,6 @@ No ``from __future__ import annotations`` here: FastAPI reads the route signatur
 
 import asyncio
 import base64
-import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ from importlib.resources import files
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 from ray import serve
 
 from guidance import generate, jepa_score, topk_log_volume
@@ -31,6 +29,7 @@ from guidance.generate import check_work
 from pipeline.cluster import connect_ray
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.sampler_stage import load_models
+from pipeline.images import png_bytes
 from pipeline.serve.browse import DatasetBrowser, DatasetError
 from pipeline.serve.inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
 
@@ -202,11 +201,9 @@ class JepaService:
 
     @staticmethod
     def _sample_json(sample, item) -> dict:
-        buffer = io.BytesIO()
-        Image.fromarray(sample.image).save(buffer, format="PNG")
         return {"seed": item.seed, "class_label": item.class_label, "prompt": item.prompt,
                 "jepa_score": sample.jepa_score, "steps_guided": sample.steps_guided,
-                "png_base64": base64.b64encode(buffer.getvalue()).decode()}
+                "png_base64": base64.b64encode(png_bytes(sample.image)).decode()}
 
     async def _body(self, request: Request) -> bytes:
         limit = self.limits.max_body_bytes
