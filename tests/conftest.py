@@ -5,6 +5,11 @@ and a guidance objective with a closed-form gradient."""
 from __future__ import annotations
 
 import os
+import tempfile
+
+# Hugging Face `datasets` reads its cache folder once, when first imported, and reuses a cached copy of a
+# folder it has loaded before: every test session gets a fresh one, so no test reads another run's rows.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
 
 import pytest
 import timm

@@ -178,9 +178,8 @@ def substituted(code: str, placeholder: str, value: str) -> str:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_the_readme_snippets_run_as_written(folders, on_s3, s3, kind, monkeypatch, tmp_path):
+def test_the_readme_snippets_run_as_written(folders, on_s3, s3, kind):
     local, remote = readme_snippets()
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path))
     ids = committed(folders[kind])
     names: dict = {}
     exec(substituted(local, "runs/digits", str(folders[kind])), names)
