@@ -83,7 +83,7 @@ def test_keeps_the_rarest_fraction_with_ties_by_id_and_broken_rows_counted(ray_c
 
 
 def test_rows_of_the_unguided_fallback_are_counted_per_method(ray_cluster, tmp_path, tracking):
-    """output.retry_unguided commits fallback rows under method unguided: selection.json says how many."""
+    """output.retry_unguided commits fallback rows under method unguided: _selection.json says how many."""
     scores = [5.0, 1.0, 3.0, float("nan"), 2.0, 9.0, 4.0, 0.5]
     methods = ["jepa", "unguided", "jepa", "unguided", "jepa", "jepa", "unguided", "jepa"]
     fake_generation(tmp_path / "gen", scores, methods=methods)
@@ -92,7 +92,7 @@ def test_rows_of_the_unguided_fallback_are_counted_per_method(ray_cluster, tmp_p
     assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id001", "id004", "id007"]
     assert report["methods"] == {"jepa": {"rows": 5, "considered": 5, "kept": 2},
                                  "unguided": {"rows": 3, "considered": 2, "kept": 1}}
-    assert json.loads((tmp_path / "cur" / "selection.json").read_text())["methods"] == report["methods"]
+    assert json.loads((tmp_path / "cur" / SELECTION_FILE).read_text())["methods"] == report["methods"]
 
 
 def test_per_class_quota_and_a_score_cap(ray_cluster, tmp_path, tracking):
