@@ -34,6 +34,7 @@ from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT
                                        FeatureSpec, check_weights_file)
 from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
 from pipeline.images import IMAGE_SUFFIXES, find_images
+from pipeline.layout import missing_columns
 from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -96,6 +97,7 @@ class SetStats:
     spatial: Gaussian | None = None  # Inception mixed_6/conv[:7]
     clip_score: float | None = None  # mean over prompted rows
     clip_rows: int = 0
+    topk_scores: np.ndarray | None = None  # the valid rows' stored top-k scores, when the set has them
 
 
 class Collector:
@@ -108,6 +110,7 @@ class Collector:
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
         self.clip: list[np.ndarray] = []
+        self.topk: list[np.ndarray] = []
 
     def add(self, batch: pa.Table) -> None:
         self.rows += batch.num_rows
@@ -117,6 +120,8 @@ class Collector:
         if not valid.num_rows:
             return
         self.scores.append(valid.column("jepa_score").to_numpy())
+        if "topk_score" in valid.column_names:
+            self.topk.append(valid_scores(valid, "topk_score").column("topk_score").to_numpy())
         if "encoder" in valid.column_names:
             self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
         embeddings = _matrix(valid.column("embedding"))
@@ -137,7 +142,8 @@ class Collector:
         gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
         return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
                         self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
-                        float(clip.mean()) if len(clip) else None, len(clip))
+                        float(clip.mean()) if len(clip) else None, len(clip),
+                        topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None)
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -272,7 +278,8 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> SetStats:
     import ray
 
     images = bool(config.inception_weights or config.clip_weights)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder"] + (["image", "prompt"] if images else [])
+    topk = [] if "topk_score" in missing_columns(run.location) else ["topk_score"]  # older runs have none
+    columns = ["sample_id", "jepa_score", *topk, "embedding", "encoder"] + (["image", "prompt"] if images else [])
     dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
     spec = FeatureSpec(None, config.inception_weights, config.clip_weights, config.clip_arch) if images else None
     stats = _collect(config, dataset, spec, run.uri)
@@ -363,6 +370,8 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
         row = {"method": run.label, "uri": run.uri, "generation_run_id": run.generation_run_id,
                "rows": mine.rows, "invalid": mine.invalid, "failed_in_input": run.failed,
                "jepa_score": score_summary(mine.scores)}
+        if mine.topk_scores is not None:
+            row["topk_score"] = score_summary(mine.topk_scores)
         if reference:
             row["jepa_score"]["rarer_than_reference_p10"] = share_below(mine.scores, threshold)
             row["embedding"] = {"fd": mine.embedding.distance(reference.embedding), "samples": len(mine.sample)}
@@ -394,6 +403,8 @@ def row_metrics(row: dict) -> dict[str, float]:
     values |= {f"jepa_score_{name}": value for name, value in score["quantiles"].items()}
     if "rarer_than_reference_p10" in score:
         values["rarer_than_reference_p10"] = score["rarer_than_reference_p10"]
+    if "topk_score" in row:
+        values |= {"topk_score_mean": row["topk_score"]["mean"], "topk_score_std": row["topk_score"]["std"]}
     values |= {f"embedding_{name}": value for name, value in row.get("embedding", {}).items()}
     values |= row.get("inception", {})
     if row.get("clip_score") is not None:
@@ -404,6 +415,7 @@ def row_metrics(row: dict) -> dict[str, float]:
 COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / higher is better as marked
     ("samples", lambda r: f"{r['rows'] - r['invalid']}"),
     ("JEPA-SCORE ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
+    ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
     ("rarer than ref. p10 ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
     ("FD (encoder) ↓", lambda r: _fmt(r.get("embedding", {}).get("fd"))),
     ("precision ↑", lambda r: _fmt(r.get("embedding", {}).get("precision"))),
@@ -429,7 +441,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['method']} | " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     encoder = report["encoder"]
     notes = [f"Encoder: {encoder['name']} ({encoder['weights']}, input {encoder['input_size']}). "
-             "JEPA-SCORE: mean ± std of the exact score, lower is rarer."]
+             "JEPA-SCORE: mean ± std of the exact score, lower is rarer; top-k score: of the exact top-k "
+             "log-volume at each run's guidance k."]
     reference = report["reference"]
     if reference:
         settings = report["settings"]

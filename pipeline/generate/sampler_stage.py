@@ -118,7 +118,7 @@ class SampleGenerator:
             "class_label": row["class_label"],
             "image": {"bytes": png_bytes(sample.image), "path": f"{row['sample_id']}.png"},
             "width": width, "height": height, "jepa_score": sample.jepa_score,
-            "embedding": sample.embedding.tolist(), "method": method,
+            "topk_score": sample.topk_score, "embedding": sample.embedding.tolist(), "method": method,
             "model": self.config.model.preset, "encoder": self.config.encoder.name,
             "run_id": self.run_id, "created_at": created,
         }
