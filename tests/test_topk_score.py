@@ -20,7 +20,14 @@ from jobs import generate as generate_job
 from pipeline.curate.filter import FilterConfig, run_filter
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, SELECTION_FILE
 from tests.conftest import TINY_SIZE, LinearEncoder, rand_images
-from tests.test_curation import fake_generation, kept_rows, tracking  # noqa: F401 (a fixture)
+from pipeline.settings import TrackingConfig
+from tests.test_curation import fake_generation, kept_rows
+
+
+@pytest.fixture
+def tracking(tmp_path):
+    return TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                          artifact_location=str(tmp_path / "mlruns" / "artifacts"))
 
 
 def test_topk_of_a_linear_encoder_is_the_sum_of_its_k_largest_logs():
@@ -51,7 +58,7 @@ def test_k_beyond_the_jacobians_rank_is_refused():
         jepa_scores(LinearEncoder(torch.tensor([1.0, 2.0])), rand_images(1), k=3)
 
 
-def test_filter_by_topk_score_ranks_by_it_and_the_record_names_it(ray_cluster, tmp_path, tracking):  # noqa: F811
+def test_filter_by_topk_score_ranks_by_it_and_the_record_names_it(ray_cluster, tmp_path, tracking):
     scores = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     topk = [6.0, 5.0, 4.0, 3.0, 2.0, float("nan")]  # the other order; a broken top-k score is never kept
     fake_generation(tmp_path / "gen", scores, topk=topk)
@@ -97,7 +104,7 @@ def test_filtering_a_run_written_before_topk_score_is_refused(tmp_path, capsys):
     assert len(error.splitlines()) == 1 and "has no topk_score column (an older version wrote it)" in error
 
 
-def test_evaluate_summarises_both_scores(ray_cluster, tmp_path, tracking):  # noqa: F811
+def test_evaluate_summarises_both_scores(ray_cluster, tmp_path, tracking):
     from pipeline.evaluate.job import EvaluateConfig, markdown, row_metrics, run_evaluation
     from tests.test_evaluation import fake_run
 

@@ -54,7 +54,8 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
         unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
         compile_network=config.model.compile,
     )
-    encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
+    encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size,
+                           output=config.encoder.output)
     return model, encoder.to(device)
 
 
