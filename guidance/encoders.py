@@ -241,7 +241,7 @@ def _load_checked(source: Path, create) -> nn.Module:
     try:
         return create()
     except RuntimeError as error:
-        text = str(error)
+        text = one_line(error)
         if "weights_only" in text:
             raise ValueError(
                 f"{source} is a pickle checkpoint that is not weights-only; refusing to unpickle it. "
@@ -251,7 +251,13 @@ def _load_checked(source: Path, create) -> nn.Module:
             raise ValueError(f"weights in {source} do not fit the encoder architecture: {text}") from error
         raise ValueError(f"could not read encoder weights {source}: {text}") from error
     except Exception as error:  # truncated / corrupted files surface as assorted decoder errors
-        raise ValueError(f"could not read encoder weights {source} (truncated or corrupted?): {error}") from error
+        raise ValueError(f"could not read encoder weights {source} (truncated or corrupted?): {one_line(error)}") from error
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """A library's error text on one line (state-dict mismatches list keys over many lines), shortened."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else f"{text[:limit]} ..."
 
 
 def _use_math_attention(backbone: nn.Module) -> None:
@@ -358,7 +364,7 @@ def load_open_clip(architecture: str, weights: str, device: str = "cpu"):
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device, weights_only=True)
     except Exception as error:  # mismatched, pickled or unreadable checkpoints surface as assorted errors
-        raise ValueError(f"could not load open_clip weights {weights} into {name}: {error}") from error
+        raise ValueError(f"could not load open_clip weights {weights} into {name}: {one_line(error)}") from error
     return model.eval(), preprocess, name
 
 

@@ -19,7 +19,8 @@ import requests
 import torch
 from PIL import Image
 
-from guidance import jepa_score, load_encoder, topk_log_volume
+from guidance import jepa_score, load_encoder
+from guidance.reference import topk_log_volume_exact
 from guidance.generate import generate
 from guidance.models import WorkItem
 from guidance.presets import load_model
@@ -98,7 +99,7 @@ def encoder(tiny_vit_folder):
 
 def rarest_rows(dataset_root) -> list[dict]:
     location = resolve(str(dataset_root / "versions" / "2026-11-28" / "rarest"), StorageConfig())
-    rows = read_committed(location, ["sample_id", "seed", "class_label", "jepa_score", "image"]).to_pylist()
+    rows = read_committed(location, ["sample_id", "seed", "class_label", "jepa_score", "topk_score", "image"]).to_pylist()
     return sorted(rows, key=lambda row: (row["jepa_score"], row["sample_id"]))
 
 
@@ -106,7 +107,7 @@ def local_scores(encoder, image_bytes: bytes, k: int = 4) -> tuple[float, float]
     pixels = np.asarray(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
     images = encoder.resize(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float()[None] / 255)
     with torch.no_grad():
-        topk = topk_log_volume(encoder, images, k, 2, 2, [torch.Generator().manual_seed(0)])
+        topk = topk_log_volume_exact(encoder, images, k)  # the full SVD's top k, computed apart from the service's
     return float(jepa_score(encoder, images)[0]), float(topk[0])
 
 
@@ -127,6 +128,7 @@ def test_score_matches_the_library_and_ranks_against_the_dataset(service, datase
     assert scored["jepa_score"] == pytest.approx(exact, rel=1e-4, abs=1e-3)
     assert scored["topk_score"] == pytest.approx(topk, rel=1e-4, abs=1e-3)
     assert scored["jepa_score"] == pytest.approx(rows[4]["jepa_score"], abs=0.1)  # stored by the batch job
+    assert scored["topk_score"] == pytest.approx(rows[4]["topk_score"], rel=1e-4)
     assert len(scored["embedding"]) == encoder.embed_dim and scored["k"] == 4
     rarer = sum(row["jepa_score"] < scored["jepa_score"] for row in rows)
     assert scored["dataset_rank"] == {"version": "2026-11-28", "rank": rarer + 1, "total": len(rows)}
@@ -163,6 +165,7 @@ def test_generate_returns_what_the_batch_job_made_for_the_same_seed(service, dat
     stored = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"])), dtype=float)
     assert served.shape == stored.shape and np.abs(served - stored).mean() < 0.5
     assert body["samples"][0]["jepa_score"] == pytest.approx(row["jepa_score"], abs=0.1)
+    assert body["samples"][0]["topk_score"] == pytest.approx(row["topk_score"], abs=0.01)
     assert body["samples"][0]["steps_guided"] == 3
 
 
@@ -234,6 +237,7 @@ def test_dataset_api_pages_the_rarest_rows_and_serves_their_images(service, data
     listed = first["rows"] + second["rows"]
     assert [r["sample_id"] for r in listed] == [r["sample_id"] for r in rows]
     assert [r["rank"] for r in listed] == list(range(1, 16))
+    assert [r["topk_score"] for r in listed] == [r["topk_score"] for r in rows]
     image = requests.get(f"{service}/api/image", params={"version": "2026-11-28", "sample_id": rows[3]["sample_id"]},
                          timeout=60)
     assert image.headers["content-type"] == "image/png" and image.content == rows[3]["image"]["bytes"]
@@ -290,6 +294,7 @@ def test_page_pages_the_rarest_samples_and_scores_an_image_a_person_drops_in(ser
         "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth === 8)"))
     first = browser.find_element(By.CSS_SELECTOR, "#grid figcaption").text
     assert first.startswith(f"#1 · score {rows[0]['jepa_score']:.3f} · class {rows[0]['class_label']}")
+    assert first.endswith(f"top-k {rows[0]['topk_score']:.3f}")
     assert browser.find_element(By.ID, "range").text == "rows 1–12 of 15"
     assert browser.find_element(By.ID, "version").get_attribute("value") == "2026-11-28"
 
@@ -307,6 +312,7 @@ def test_page_pages_the_rarest_samples_and_scores_an_image_a_person_drops_in(ser
     wait.until(lambda _: browser.find_elements(By.ID, "score"))
     result = browser.find_element(By.ID, "score")
     assert float(result.get_attribute("data-score")) == pytest.approx(expected["jepa_score"], abs=1e-6)
+    assert float(result.get_attribute("data-topk-score")) == pytest.approx(expected["topk_score"], abs=1e-6)
     assert f"would rank #{expected['dataset_rank']['rank']} of 16 in version 2026-11-28" in result.text
 
     drop = """

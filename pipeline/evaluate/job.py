@@ -415,7 +415,6 @@ def row_metrics(row: dict) -> dict[str, float]:
 COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / higher is better as marked
     ("samples", lambda r: f"{r['rows'] - r['invalid']}"),
     ("JEPA-SCORE ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
-    ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
     ("rarer than ref. p10 ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
     ("FD (encoder) ↓", lambda r: _fmt(r.get("embedding", {}).get("fd"))),
     ("precision ↑", lambda r: _fmt(r.get("embedding", {}).get("precision"))),
@@ -425,6 +424,7 @@ COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / 
     ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
     ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
     ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
+    ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
 ]
 
 
