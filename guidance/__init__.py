@@ -3,7 +3,7 @@ JEPA-guided samplers (pure PyTorch over diffusers models)."""
 
 from guidance.encoders import ENCODERS, JepaEncoder, load_encoder
 from guidance.generate import GeneratedSample, generate, generate_images
-from guidance.jepa_score import encoder_jacobian, jepa_score
+from guidance.jepa_score import encoder_jacobian, jepa_score, jepa_scores
 from guidance.log_volume import topk_log_volume
 from guidance.methods import METHODS, BoostSkipConfig, GuidanceConfig, SamplingConfig
 from guidance.models import DiffusionModel, WorkItem
@@ -27,6 +27,7 @@ __all__ = [
     "generate_images",
     "get_objective",
     "jepa_score",
+    "jepa_scores",
     "load_encoder",
     "load_model",
     "topk_log_volume",

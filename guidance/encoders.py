@@ -1,13 +1,21 @@
-"""JEPA encoders: DINOv2 ViTs through timm, as image -> embedding maps with preprocessing included.
+"""World priors: image encoders as image -> embedding maps with preprocessing included.
 
 The world prior of the paper is a JEPA encoder f. Here f maps images in [0, 1], shape (B, 3, H, W),
-to the CLS token after the final LayerNorm, shape (B, D), not normalised (docs/method.md, 'The encoder').
-Resizing (bilinear) and the mean / std normalisation are part of f, so Jacobians are taken with
-respect to the [0, 1] image a sampler produces.
+to one embedding per image, shape (B, D), not normalised (docs/method.md, 'The encoder'). Three families:
+  - the DINOv2 table below (the paper's prior): timm names, 224 px unless asked otherwise;
+  - ``timm:<architecture>``: any timm VisionTransformer, its input size, mean and std from its
+    pretrained config (a folder's config.json, or timm's registry);
+  - ``open_clip:<architecture>``: an open_clip ViT image tower (e.g. MetaCLIP's) from a local
+    checkpoint; its embedding is ``encode_image``'s (pooled token, final norm, projection).
+``output`` picks the embedding: "cls", the CLS token after the final norm, or "pool", the mean of
+the patch tokens (timm's / open_clip's own average pooling). Resizing (bilinear) and the mean / std
+normalisation are part of f, so Jacobians are taken with respect to the [0, 1] image a sampler
+produces. Every family runs in fp32 on the math attention path (no fused kernels), scoped to it.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import os
@@ -19,6 +27,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_model_data_config
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,12 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 DEFAULT_INPUT_SIZE = 224  # docs/method.md, 'The encoder': images are resized to 224 x 224 before the encoder
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+TIMM_PREFIX = "timm:"  # timm:<architecture>[.<tag>], any timm VisionTransformer
+OPEN_CLIP_PREFIX = "open_clip:"  # open_clip:<architecture or model config .json>, a ViT image tower
+OUTPUTS = {"cls": "token", "pool": "avg"}  # encoder output -> timm's global_pool
+OPEN_CLIP_POOLS = {"cls": "tok", "pool": "avg"}  # encoder output -> open_clip's pool_type
+NAME_FORMS = (f"a DINOv2 name ({', '.join(sorted(ENCODERS))}), '{TIMM_PREFIX}<ViT architecture>' "
+              f"(e.g. timm:vit_base_patch16_224) or '{OPEN_CLIP_PREFIX}<architecture or config .json>' (e.g. open_clip:ViT-B-32)")
 
 
 class JepaEncoder(nn.Module):
@@ -82,48 +97,118 @@ class JepaEncoder(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
+def encoder_family(name: str) -> tuple[str, str]:
+    """(family, architecture) of an encoder name: ("dinov2" | "timm" | "open_clip", the name its library knows)."""
+    if name in ENCODERS:
+        return "dinov2", name
+    for family, prefix in (("timm", TIMM_PREFIX), ("open_clip", OPEN_CLIP_PREFIX)):
+        if name.startswith(prefix) and name[len(prefix):]:
+            return family, name[len(prefix):]
+    raise ValueError(f"unknown encoder {name!r}; give {NAME_FORMS}")
+
+
+def check_encoder(name: str, weights: str, output: str = "cls", input_size: int | None = None) -> None:
+    """Refuse a bad encoder request in one line before anything loads (names, weights kind, output, size)."""
+    family, architecture = encoder_family(name)
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (CLS token after the final norm, or the "
+                         f"mean of the patch tokens), got {output!r}")
+    if family == "dinov2" and input_size is not None and (input_size <= 0 or input_size % 14):
+        raise ValueError(f"input_size must be a positive multiple of the patch size 14, got {input_size}")
+    if input_size is not None and (isinstance(input_size, bool) or input_size <= 0):
+        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
+    if family == "timm":
+        vits = timm.list_models(module="vision_transformer")
+        base = timm.models.get_arch_name(architecture)
+        if base not in vits:
+            known = "" if timm.is_model(architecture) else " unknown to timm;"
+            close = difflib.get_close_matches(base, vits, n=3)
+            raise ValueError(f"encoder {name!r}:{known} not a timm VisionTransformer"
+                             + (f" (close: {', '.join(close)})" if close else "")
+                             + "; list them with timm.list_models(module='vision_transformer')")
+    if family == "open_clip":
+        _open_clip_name(architecture)
+        if weights == "hub" or weights.startswith("hub:"):
+            raise ValueError(f"encoder {name!r} loads from a local open_clip checkpoint file: set its weights to that "
+                             "file (nothing is downloaded), or 'random' for an untrained tower")
+
+
 def load_encoder(
     name: str,
     weights: str | os.PathLike = "hub",
     *,
-    input_size: int = DEFAULT_INPUT_SIZE,
+    input_size: int | None = None,
+    output: str = "cls",
     antialias: bool = False,
     model_args: Mapping[str, Any] | None = None,
 ) -> JepaEncoder:
-    """Build a frozen, fp32, eval-mode JEPA encoder.
+    """Build a frozen, fp32, eval-mode encoder (``name``: see the module doc).
 
     weights:
       - a local ``.safetensors`` / ``.pth`` file (torch files are loaded weights-only);
-      - a local folder in timm's layout (``config.json`` + ``model.safetensors``);
-      - ``"hub"`` or ``"hub:TAG"`` to fetch timm's pretrained weights (needs the internet);
+      - a local folder in timm's layout (``config.json`` + ``model.safetensors``), for timm families;
+      - ``"hub"`` or ``"hub:TAG"`` to fetch timm's pretrained weights (needs the internet), timm families only;
       - ``"random"`` for an untrained encoder, only when asked for explicitly.
+    input_size: None for the encoder's own (224 for DINOv2, the pretrained config's otherwise).
+    output: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens).
     model_args: architecture overrides passed to timm (e.g. a smaller ``depth``), for checkpoints
       of a non-standard size; a folder's ``config.json`` supplies its own.
     """
-    if name not in ENCODERS:
-        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(ENCODERS))}")
-    if input_size % 14 != 0 or input_size <= 0:
-        raise ValueError(f"input_size must be a positive multiple of the patch size 14, got {input_size}")
-    kwargs = dict(model_args or {}) | dict(img_size=input_size, num_classes=0, global_pool="token")
-    backbone = _create_backbone(name, str(weights), kwargs)
-    _use_math_attention(backbone)
+    weights = str(weights)
+    check_encoder(name, weights, output, input_size)
+    family, architecture = encoder_family(name)
+    if family == "open_clip":
+        if model_args:
+            raise ValueError("model_args apply to timm encoders; an open_clip architecture comes from its config")
+        backbone, mean, std, native = _open_clip_tower(architecture, weights, output)
+        if input_size not in (None, native):
+            raise ValueError(f"encoder {name!r} runs at its own input size {native}, got input_size {input_size}: "
+                             "leave it unset")
+        input_size = native
+    else:
+        kwargs = dict(model_args or {}) | dict(num_classes=0)
+        if family == "dinov2":
+            input_size = input_size or DEFAULT_INPUT_SIZE
+            kwargs |= dict(global_pool="token")
+        if input_size is not None:
+            kwargs |= dict(img_size=input_size)
+        backbone = _create_backbone(architecture, weights, kwargs, ENCODERS[name].hub_tag if family == "dinov2" else None)
+        input_size = _timm_output(backbone, name, output, input_size)
+        _use_math_attention(backbone)
+        config = resolve_model_data_config(backbone)
+        mean, std = tuple(config["mean"]), tuple(config["std"])
     backbone.float().eval().requires_grad_(False)
-    cfg = backbone.pretrained_cfg
-    encoder = JepaEncoder(backbone, name, input_size, tuple(cfg["mean"]), tuple(cfg["std"]), antialias)
+    encoder = JepaEncoder(backbone, name, input_size, mean, std, antialias)
     return encoder.eval().requires_grad_(False)
 
 
-def _create_backbone(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm_output(backbone: nn.Module, name: str, output: str, input_size: int | None) -> int:
+    """Point the ViT's head at the requested output (its weights untouched); returns the input size it runs at."""
+    if not isinstance(backbone, timm.models.VisionTransformer):
+        raise ValueError(f"encoder {name!r} is a {type(backbone).__name__}, not a timm VisionTransformer")
+    if output == "cls" and backbone.cls_token is None:
+        raise ValueError(f"encoder {name!r} has no CLS token: use output 'pool'")
+    backbone.reset_classifier(0, global_pool=OUTPUTS[output])
+    height, width = backbone.patch_embed.img_size
+    patch = backbone.patch_embed.patch_size[0]
+    if height != width or height % patch:
+        raise ValueError(f"encoder {name!r} runs at {height}x{width}: input_size must be square and a multiple of "
+                         f"its patch size {patch}")
+    return input_size or height
+
+
+def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: str | None) -> nn.Module:
     if weights == "random":
         log.warning("encoder %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
         return timm.create_model(name, pretrained=False, **kwargs)
     if weights == "hub" or weights.startswith("hub:"):
-        tag = weights.partition(":")[2] or ENCODERS[name].hub_tag
+        tag = weights.partition(":")[2] or hub_tag
+        model = f"{name}.{tag}" if tag else name
         try:
-            return timm.create_model(f"{name}.{tag}", pretrained=True, **kwargs)
+            return timm.create_model(model, pretrained=True, **kwargs)
         except Exception as error:  # offline, unknown tag, or hub failure: all mean "no weights"
             raise RuntimeError(
-                f"could not fetch weights for {name}.{tag} from the hub ({error}). Without the internet, "
+                f"could not fetch weights for {model} from the hub ({error}). Without the internet, "
                 "download them elsewhere and pass weights=<file or folder>."
             ) from error
     path = Path(weights).expanduser()
@@ -145,7 +230,7 @@ def _create_from_folder(name: str, folder: Path, kwargs: dict[str, Any]) -> nn.M
     if not config.is_file():
         raise FileNotFoundError(f"encoder folder {folder} has no config.json (timm's layout: config.json + model.safetensors)")
     architecture = json.loads(config.read_text()).get("architecture")
-    if architecture != name:
+    if architecture != timm.models.get_arch_name(name):
         raise ValueError(f"encoder folder {folder} holds a {architecture!r}, not the requested {name!r}")
     return _load_checked(folder, lambda: timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs))
 
@@ -155,7 +240,7 @@ def _load_checked(source: Path, create) -> nn.Module:
     try:
         return create()
     except RuntimeError as error:
-        text = str(error)
+        text = one_line(error)
         if "weights_only" in text:
             raise ValueError(
                 f"{source} is a pickle checkpoint that is not weights-only; refusing to unpickle it. "
@@ -165,7 +250,13 @@ def _load_checked(source: Path, create) -> nn.Module:
             raise ValueError(f"weights in {source} do not fit the encoder architecture: {text}") from error
         raise ValueError(f"could not read encoder weights {source}: {text}") from error
     except Exception as error:  # truncated / corrupted files surface as assorted decoder errors
-        raise ValueError(f"could not read encoder weights {source} (truncated or corrupted?): {error}") from error
+        raise ValueError(f"could not read encoder weights {source} (truncated or corrupted?): {one_line(error)}") from error
+
+
+def one_line(error: BaseException, limit: int = 600) -> str:
+    """A library's error text on one line (state-dict mismatches list keys over many lines), shortened."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else f"{text[:limit]} ..."
 
 
 def _use_math_attention(backbone: nn.Module) -> None:
@@ -178,3 +269,118 @@ def _use_math_attention(backbone: nn.Module) -> None:
         raise RuntimeError(f"{type(backbone).__name__} has no timm attention modules to put on the math path")
     for module in attentions:
         module.fused_attn = False
+
+
+class MathMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` on the explicit math path: softmax(q k^T / sqrt(d)) v by bmm, same weights.
+
+    The stock module's fast path and its fused SDPA kernels have no forward-mode AD and no double
+    backward; asking ``multi_head_attention_forward`` for the weights selects its bmm path instead.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        output, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.weight, self.out_proj.bias,
+            training=self.training, key_padding_mask=key_padding_mask, need_weights=True, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return (output.transpose(0, 1) if self.batch_first else output), (weights if need_weights else None)
+
+    @classmethod
+    def like(cls, attention: nn.MultiheadAttention) -> MathMultiheadAttention:
+        if not attention._qkv_same_embed_dim:
+            raise ValueError("attention with separate key / value sizes is not supported on the math path")
+        math = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
+                   bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
+                   add_zero_attn=attention.add_zero_attn, batch_first=attention.batch_first)
+        math.load_state_dict(attention.state_dict())
+        return math
+
+
+class OpenClipTower(nn.Module):
+    """open_clip's ViT image tower as a backbone: ``encode_image`` (unnormalised), its attention on the math path.
+
+    Per instance, like timm's ``fused_attn = False``: other models in the process keep their kernels.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        for parent in list(visual.modules()):
+            for child_name, child in parent.named_children():
+                if type(child) is nn.MultiheadAttention:
+                    setattr(parent, child_name, MathMultiheadAttention.like(child))
+                elif hasattr(child, "use_fsdpa"):  # open_clip's own Attention
+                    child.use_fsdpa = False
+        self.visual = visual
+        self.num_features: int = visual.output_dim
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)
+
+
+def _open_clip_name(architecture: str) -> str:
+    """The open_clip model name of an architecture name or model config .json (registered here)."""
+    import open_clip
+
+    name = architecture
+    if architecture.endswith(".json"):
+        config = Path(architecture).expanduser()
+        if not config.is_file():
+            raise FileNotFoundError(f"open_clip model config not found: {config}")
+        open_clip.add_model_config(config)
+        name = config.stem
+    if name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        raise ValueError(f"unknown open_clip architecture {architecture!r}: give an open_clip model name "
+                         f"(e.g. ViT-B-32{', close: ' + ', '.join(close) if close else ''}) or a model config .json file")
+    return name
+
+
+def load_open_clip(architecture: str, weights: str, device: str = "cpu"):
+    """(model, preprocess, model name) of an open_clip architecture from a local checkpoint file, weights-only.
+
+    The one loader of open_clip models: the CLIP score (pipeline/evaluate/features.py) and the open_clip
+    world prior both use it. ``weights="random"`` builds an untrained model, only when asked for.
+    """
+    import open_clip
+
+    name = _open_clip_name(architecture)
+    if weights == "random":
+        log.warning("open_clip model %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
+        pretrained = None
+    else:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"open_clip weights not found: {path}; pass a local checkpoint file "
+                                    f"({', '.join(WEIGHT_FILE_SUFFIXES)}), nothing is downloaded")
+        if path.suffix not in WEIGHT_FILE_SUFFIXES:
+            raise ValueError(f"open_clip weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
+        pretrained = str(path)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device, weights_only=True)
+    except Exception as error:  # mismatched, pickled or unreadable checkpoints surface as assorted errors
+        raise ValueError(f"could not load open_clip weights {weights} into {name}: {one_line(error)}") from error
+    return model.eval(), preprocess, name
+
+
+def _open_clip_tower(architecture: str, weights: str, output: str) -> tuple[nn.Module, tuple, tuple, int]:
+    """(tower, mean, std, input size) of an open_clip ViT image tower, its pooling set to ``output``."""
+    import open_clip
+    from open_clip.transformer import VisionTransformer
+
+    model, _, name = load_open_clip(architecture, weights)
+    visual = model.visual
+    if not isinstance(visual, VisionTransformer) or visual.attn_pool is not None:
+        raise ValueError(f"open_clip {name}'s image tower is a {type(visual).__name__}"
+                         f"{' with attentional pooling' if isinstance(visual, VisionTransformer) else ''}: "
+                         "only plain ViT towers (CLS or mean-pooled token) are supported")
+    visual.pool_type = OPEN_CLIP_POOLS[output]
+    config = open_clip.get_model_preprocess_cfg(model)
+    height, width = visual.image_size
+    if height != width:
+        raise ValueError(f"open_clip {name} runs at {height}x{width}: only square inputs are supported")
+    return OpenClipTower(visual), tuple(config["mean"]), tuple(config["std"]), height

@@ -12,7 +12,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from guidance.checks import check_rank
 from guidance.encoders import JepaEncoder
-from guidance.jepa_score import jepa_score
+from guidance.jepa_score import jepa_scores
 from guidance.methods import SamplingConfig
 from guidance.models import DiffusionModel, WorkItem
 from guidance.objectives import get_objective
@@ -26,6 +26,7 @@ class GeneratedSample:
 
     image: np.ndarray  # uint8 (H, W, 3)
     jepa_score: float  # exact JEPA-SCORE of the final uint8 image under the run's encoder
+    topk_score: float  # exact top-k log-volume of that image at the run's guidance k (the same SVD)
     embedding: np.ndarray  # float32 (D,): the encoder's CLS embedding of the final image
     steps_guided: int  # how many sampling steps ran JEPA guidance
 
@@ -97,7 +98,9 @@ def generate(
     *,
     progress: bool = False,
 ) -> list[GeneratedSample]:
-    """Generate one image per work item with ``config.method``; score each with the exact JEPA-SCORE."""
+    """Generate one image per work item with ``config.method``; score each with the exact JEPA-SCORE
+    and the exact top-k log-volume at ``config.guidance.k``."""
+    check_rank(config.guidance.k, 0, encoder.embed_dim, 3 * encoder.input_size**2)  # the top-k score, before sampling
     images, steps_guided = generate_images(model, items, config, encoder, progress=progress)
     broken = (~torch.isfinite(images).flatten(1).all(1)).nonzero().flatten().tolist()
     if broken:  # caught before uint8 quantisation would hide it
@@ -107,7 +110,7 @@ def generate(
     encoder_input = encoder.resize(stored.to(encoder.mean.device))
     with torch.no_grad():
         embeddings = encoder(encoder_input).cpu().numpy().astype(np.float32)
-    scores = jepa_score(encoder, encoder_input).tolist()
+    scores, topk = (values.tolist() for values in jepa_scores(encoder, encoder_input, config.guidance.k))
     return [
-        GeneratedSample(pixels[b], scores[b], embeddings[b], steps_guided) for b in range(len(items))
+        GeneratedSample(pixels[b], scores[b], topk[b], embeddings[b], steps_guided) for b in range(len(items))
     ]

@@ -28,9 +28,8 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from guidance.checks import check_images, check_rank, check_sketch
-from guidance.jepa_score import Encoder
+from guidance.jepa_score import LOG_FLOOR, Encoder
 
-LOG_FLOOR = 1e-8  # docs/method.md, 'Top-k log-volume': the top-k singular values are clamped at 1e-8 before the log
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
 

@@ -1,4 +1,4 @@
-"""jepa-minority filter: keep the rarest samples of a generated dataset (lowest JEPA-SCORE first)."""
+"""jepa-minority filter: keep the rarest samples of a generated dataset (lowest JEPA-SCORE, or top-k score, first)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 from jobs.options import add_storage_and_tracking, job_parser, run_as_program, storage_config, tracking_config
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
-from pipeline.schema import SELECTION_FILE
+from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.storage import StorageError
 
 
@@ -19,7 +19,10 @@ def build_parser() -> argparse.ArgumentParser:
     amount.add_argument("--keep-fraction", type=float, help="keep this fraction of the valid rows (per group with --per)")
     amount.add_argument("--keep", type=int, help="keep this many rows (per group with --per)")
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
-    parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
+    parser.add_argument("--by", choices=SCORE_COLUMNS, default=SCORE_COLUMNS[0],
+                        help="the score to rank by: the exact JEPA-SCORE (the paper's metric) or the exact top-k "
+                             "log-volume at the run's guidance k (default: %(default)s)")
+    parser.add_argument("--max-score", type=float, help="never keep a row scoring above this (in the --by score)")
     add_storage_and_tracking(parser)
     return parser
 
@@ -29,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, storage=storage_config(args), tracking=tracking_config(args),
+            max_score=args.max_score, by=args.by, storage=storage_config(args), tracking=tracking_config(args),
         )
         report = run_filter(config)
     except (ValueError, StorageError) as error:
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
-    print(f"threshold: {report['threshold']}")
+    print(f"threshold: {report['threshold']} ({config.by})")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     return 0
 

@@ -13,7 +13,7 @@ import sys
 from jobs.options import config_flag, given, job_parser, run_as_program
 from pipeline.sourcedoc import field_docs
 
-FLAGS = ("weights", "encoder", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
+FLAGS = ("weights", "encoder", "encoder_output", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
          "max_pixels", "device", "output")  # ScoreConfig fields, one flag each
 
 
@@ -22,9 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = job_parser("score", __doc__)
     parser.add_argument("paths", nargs="+", help="PNG / JPEG files or folders (searched recursively)")
     parser.add_argument("--weights",
-                        help="required: a .safetensors / .pth file or a timm model folder; 'hub' or 'hub:TAG' to download "
-                             "DINOv2; 'random' for an untrained encoder (plumbing only)")
-    config_flag(parser, "--encoder", doc["encoder"], help="a DINOv2 encoder name (a wrong one lists them)")
+                        help="required: a .safetensors / .pth file, a timm model folder or an open_clip checkpoint; "
+                             "'hub' or 'hub:TAG' to download timm weights; 'random' for an untrained encoder (plumbing only)")
+    config_flag(parser, "--encoder", doc["encoder"], help="a DINOv2 name, timm:<ViT architecture> or "
+                                                          "open_clip:<architecture or config .json> (a wrong one says why)")
+    config_flag(parser, "--encoder-output", doc["encoder_output"], help="cls: the CLS token after the final norm; "
+                                                                        "pool: the mean of the patch tokens")
     config_flag(parser, "--method", doc["method"])
     for name, kind in (("k", int), ("oversample", int), ("power_iters", int), ("seed", int), ("input_size", int),
                        ("batch_size", int), ("max_pixels", int)):

@@ -7,19 +7,36 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow.parquet as pq
 import yaml
 
 from pipeline.rows import read_committed
-from pipeline.schema import CARD_FILE, DATA_FILES, OLD_LAYOUT
-from pipeline.storage import Location, StorageError, exists, write_bytes
+from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
+from pipeline.storage import Location, StorageError, clear_errors, exists, list_files, write_bytes
 
 
 def check_layout(folder: Location) -> None:
-    """Refuse a folder written in the layout before this one: its manifest and records would read as data."""
+    """Refuse a folder written in the layout before this one (its manifest and records would read as data),
+    or whose committed rows lack columns of this version's rows (an older version wrote them)."""
     old = [name for name in OLD_LAYOUT if exists(folder.child(name))]
     if old:
         raise StorageError(f"{folder.uri} was written in the old layout ({', '.join(old)}), which this version does "
                            "not resume: finish it with the version that started it, or choose a new output folder")
+    missing = missing_columns(folder)
+    if missing:
+        raise StorageError(f"{folder.uri} holds rows written before column {', '.join(missing)} existed, which this "
+                           "version does not resume: finish it with the version that started it, or choose a new "
+                           "output folder")
+
+
+def missing_columns(folder: Location) -> list[str]:
+    """Columns of OUTPUT_SCHEMA that the folder's committed rows lack (one file read: a run is uniform)."""
+    files = list_files(folder.child(DATA_DIR), ".parquet")
+    if not files:
+        return []
+    with clear_errors("read", files[0]):
+        names = pq.read_schema(files[0].path, filesystem=folder.filesystem).names
+    return [name for name in OUTPUT_SCHEMA.names if name not in names]
 
 
 def _tally(values: list) -> str:
@@ -38,7 +55,8 @@ def write_card(folder: Location, title: str, lines: list[str]) -> None:
         f"{len(rows['model'])} rows; model: {_tally(rows['model'])}; encoder: {_tally(rows['encoder'])}; "
         f"method: {_tally(rows['method'])}",
         *lines,
-        f"Rows: {DATA_FILES} (image: PNG, jepa_score: exact JEPA-SCORE, lower is rarer); the _-prefixed files "
+        f"Rows: {DATA_FILES} (image: PNG; jepa_score: exact JEPA-SCORE; topk_score: exact top-k log-volume at the "
+        "run's guidance k; lower is rarer); the _-prefixed files "
         "are bookkeeping. Read it with datasets.load_dataset(folder) or pandas.read_parquet(folder).",
     ]
     card = {"pretty_name": title,

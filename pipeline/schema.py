@@ -25,6 +25,7 @@ _HF_FEATURES = {
     "width": {"dtype": "int32", "_type": "Value"},
     "height": {"dtype": "int32", "_type": "Value"},
     "jepa_score": {"dtype": "float64", "_type": "Value"},
+    "topk_score": {"dtype": "float64", "_type": "Value"},
     "embedding": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"},
     "method": {"dtype": "string", "_type": "Value"},
     "model": {"dtype": "string", "_type": "Value"},
@@ -45,6 +46,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
         pa.field("jepa_score", pa.float64()),  # exact JEPA-SCORE of the final image
+        pa.field("topk_score", pa.float64()),  # exact top-k log-volume of the final image at the run's guidance k
         pa.field("embedding", pa.list_(pa.float32())),  # CLS embedding of the final image
         pa.field("method", pa.string()),
         pa.field("model", pa.string()),  # preset name
@@ -54,6 +56,8 @@ OUTPUT_SCHEMA = pa.schema(
     ],
     metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
 )
+
+SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (lower is rarer)
 
 # Layout of a run's output folder and of a curated set. The usual readers pointed at the folder itself
 # read exactly the data rows (tests/test_readers.py): pyarrow and pandas skip `_` / `.` names but fail on

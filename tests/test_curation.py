@@ -34,13 +34,14 @@ def png(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None):
+def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None, topk=None):
     """A completed generation output in the real schema, with the given scores (and each row's method)."""
     now = datetime.now(timezone.utc)
     rows = [{
         "sample_id": f"id{i:03d}", "seed": i, "prompt": prompts[i] if prompts else None,
         "class_label": labels[i] if labels else None, "image": {"bytes": png(i % 256), "path": f"id{i:03d}.png"},
-        "width": 4, "height": 4, "jepa_score": score, "embedding": [0.0, 1.0],
+        "width": 4, "height": 4, "jepa_score": score,
+        "topk_score": topk[i] if topk else None, "embedding": [0.0, 1.0],
         "method": methods[i] if methods else "jepa",
         "model": "pixel-unet", "encoder": "vit_small_patch14_reg4_dinov2", "run_id": "gen-run", "created_at": now,
     } for i, score in enumerate(scores)]

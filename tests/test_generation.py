@@ -22,7 +22,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from guidance import jepa_score
+from guidance import jepa_score, jepa_scores
 from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
@@ -48,6 +48,8 @@ def check_output(rows: list[dict], manifest_ids: list[str], encoder) -> None:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float()[None] / 255
         again = jepa_score(encoder, encoder.resize(pixels)).item()
         assert row["jepa_score"] == pytest.approx(again, abs=0.02)  # fp32 noise of a near-null direction
+        _, topk = jepa_scores(encoder, encoder.resize(pixels), 4)  # the config's guidance k
+        assert row["topk_score"] == pytest.approx(topk.item(), abs=1e-4)
         assert len(row["embedding"]) == 32 and row["method"] == "jepa" and row["model"] == "pixel-unet"
 
 

@@ -1,4 +1,5 @@
-"""Keep the rarest samples of a generated dataset: lowest exact JEPA-SCORE first, ties by sample_id.
+"""Keep the rarest samples of a generated dataset: lowest score first (the exact JEPA-SCORE, or with
+``by: topk_score`` the exact top-k log-volume), ties by sample_id.
 
 Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the input size:
   1. choose from the id / score / method / group columns only (images are never read to choose): count
@@ -24,8 +25,8 @@ import pyarrow as pa
 
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
-from pipeline.layout import check_layout, write_card
-from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SELECTION_FILE
+from pipeline.layout import check_layout, missing_columns, write_card
+from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
 
@@ -44,6 +45,7 @@ class FilterConfig:
     keep: int | None = None  # or keep this many rows (per group with `per`)
     per: str | None = None  # "class_label" or "prompt": choose within each group
     max_score: float | None = None  # never keep a row scoring above this
+    by: str = "jepa_score"  # the score to rank by: jepa_score (exact, the paper's metric) or topk_score
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     max_rows_per_file: int = 1024  # bounds each output Parquet file
@@ -57,6 +59,8 @@ class FilterConfig:
             raise ValueError(f"keep must be >= 1, got {self.keep}")
         if self.per is not None and self.per not in GROUP_COLUMNS:
             raise ValueError(f"per must be one of {', '.join(GROUP_COLUMNS)}, got {self.per!r}")
+        if self.by not in SCORE_COLUMNS:
+            raise ValueError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
         if self.max_score is not None and not math.isfinite(self.max_score):
             raise ValueError(f"max_score must be a finite number, got {self.max_score}")
         if self.input.rstrip("/") == self.output.rstrip("/"):
@@ -79,10 +83,10 @@ def _read(files: list[str], source: Location, columns: list[str] | None = None):
 def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict, dict]:
     """Pass 1 on Ray Data: (chosen id / score / method / group rows, rows in, valid rows per group,
     rows and valid rows per method)."""
-    columns = ["sample_id", "jepa_score", "method", *([config.per] if config.per else [])]
+    columns = ["sample_id", config.by, "method", *([config.per] if config.per else [])]
     scores = _read(files, source, columns)
-    tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": config.per}, batch_format="pyarrow")
-                               .iter_batches(batch_size=None, batch_format="pyarrow"))
+    tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": config.per, "by": config.by},
+                                                  batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow"))
     by_method = tallies.group_by("method").aggregate([("valid", "sum"), ("rows", "sum")])
     methods = {method: {"rows": rows, "considered": valid} for method, rows, valid in zip(
         by_method["method"].to_pylist(), by_method["rows_sum"].to_pylist(), by_method["valid_sum"].to_pylist())}
@@ -96,7 +100,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
     if None in counts and config.per:
         raise ValueError(f"some rows have no {config.per}; curate without --per {config.per}")
     quotas = {key: _quota(config, n) for key, n in counts.items()}
-    keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score}
+    keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score, "by": config.by}
     schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
     chosen = schema.empty_table()
     for block in (scores.map_batches(rarest_by_group, fn_kwargs=keep, batch_format="pyarrow")
@@ -129,6 +133,10 @@ def run_filter(config: FilterConfig) -> dict:
         failed = len(list_files(source.child(FAILURES_DIR), ".json"))
         raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
                            f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
+    missing = missing_columns(source)
+    if missing:  # the curated copy keeps this version's columns
+        raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
+                           "with that version, or generate it again with this one")
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
     connect_ray(dashboard=False)
 
@@ -152,7 +160,7 @@ def run_filter(config: FilterConfig) -> dict:
                          generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
         write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
-                   [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest JEPA-SCORE first "
+                   [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
                     f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); record in {SELECTION_FILE}."])
         tracker.log_params(flatten(to_dict(config)))
         tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
@@ -170,7 +178,7 @@ def run_filter(config: FilterConfig) -> dict:
 def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, methods: dict, failed: int,
             generation_run: str | None, filter_run: str) -> dict:
     ids = chosen.column("sample_id").to_pylist()
-    scores = chosen.column("jepa_score").to_pylist()
+    scores = chosen.column(config.by).to_pylist()
     kept = chosen.column("method").to_pylist()
     methods = {method: tally | {"kept": kept.count(method)} for method, tally in sorted(methods.items())}
     groups = {}
@@ -182,7 +190,7 @@ def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, 
     return {
         "input": config.input, "output": config.output,
         "rule": {"keep_fraction": config.keep_fraction, "keep": config.keep, "per": config.per,
-                 "max_score": config.max_score},
+                 "max_score": config.max_score, "by": config.by},
         "rows_in": rows_in, "failed_in_input": failed, "invalid_scores": rows_in - sum(counts.values()),
         "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups, "methods": methods,
         "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,

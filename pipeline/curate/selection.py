@@ -9,29 +9,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def has_valid_score(batch: pa.Table) -> pa.ChunkedArray:
-    """True where a row's score is present and finite, false elsewhere (never null)."""
-    score = batch.column("jepa_score")
+def has_valid_score(batch: pa.Table, by: str = "jepa_score") -> pa.ChunkedArray:
+    """True where a row's score (column ``by``) is present and finite, false elsewhere (never null)."""
+    score = batch.column(by)
     return pc.and_kleene(pc.is_valid(score), pc.is_finite(score))
 
 
-def valid_scores(batch: pa.Table) -> pa.Table:
+def valid_scores(batch: pa.Table, by: str = "jepa_score") -> pa.Table:
     """Rows whose score is present and finite: failed or broken rows are never chosen."""
-    return batch.filter(has_valid_score(batch))
+    return batch.filter(has_valid_score(batch, by))
 
 
-def rarest(table: pa.Table, count: int, max_score: float | None) -> pa.Table:
-    """The ``count`` lowest scores, ties broken by sample_id, none above ``max_score``."""
-    chosen = table.sort_by([("jepa_score", "ascending"), ("sample_id", "ascending")]).slice(0, count)
+def rarest(table: pa.Table, count: int, max_score: float | None, by: str = "jepa_score") -> pa.Table:
+    """The ``count`` lowest scores (column ``by``), ties broken by sample_id, none above ``max_score``."""
+    chosen = table.sort_by([(by, "ascending"), ("sample_id", "ascending")]).slice(0, count)
     if max_score is not None:
-        chosen = chosen.filter(pc.less_equal(chosen.column("jepa_score"), max_score))
+        chosen = chosen.filter(pc.less_equal(chosen.column(by), max_score))
     return chosen
 
 
-def tally(batch: pa.Table, per: str | None) -> pa.Table:
+def tally(batch: pa.Table, per: str | None, by: str = "jepa_score") -> pa.Table:
     """A block's rows and valid rows (present, finite score) by group and method: the quotas come from these,
     and the per-method counts tell the ``output.retry_unguided`` fallback's rows apart."""
-    valid = has_valid_score(batch).cast(pa.int64())
+    valid = has_valid_score(batch, by).cast(pa.int64())
     counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows),
                         "method": batch.column("method"), "valid": valid})
     by_key = counted.group_by(["group", "method"]).aggregate([("valid", "sum"), ([], "count_all")])
@@ -39,17 +39,18 @@ def tally(batch: pa.Table, per: str | None) -> pa.Table:
                      "rows": by_key["count_all"]})
 
 
-def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None) -> pa.Table:
+def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None,
+                    by: str = "jepa_score") -> pa.Table:
     """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group.
 
     Sorted by (group, score, id), a row's rank in its group is its position minus the group's first.
     """
-    batch = valid_scores(batch)
+    batch = valid_scores(batch, by)
     if max_score is not None:
-        batch = batch.filter(pc.less_equal(batch.column("jepa_score"), max_score))
+        batch = batch.filter(pc.less_equal(batch.column(by), max_score))
     if per is None:
-        return rarest(batch, quotas[None], None)
-    batch = batch.sort_by([(per, "ascending"), ("jepa_score", "ascending"), ("sample_id", "ascending")])
+        return rarest(batch, quotas[None], None, by)
+    batch = batch.sort_by([(per, "ascending"), (by, "ascending"), ("sample_id", "ascending")])
     keys = list(quotas)
     group = pc.index_in(batch.column(per), value_set=pa.array(keys, batch.schema.field(per).type)).to_numpy()
     position = np.arange(batch.num_rows)

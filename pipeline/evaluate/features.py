@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from guidance import jepa_score, load_encoder
+from guidance.encoders import load_open_clip
 
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
 INCEPTION_SUFFIXES = (".pth", ".pt")
@@ -153,22 +154,7 @@ class ClipScorer:
         import open_clip
 
         path = check_weights_file(weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
-        name = arch
-        if arch.endswith(".json"):
-            config = Path(arch).expanduser()
-            if not config.is_file():
-                raise FileNotFoundError(f"CLIP model config not found: {config}")
-            open_clip.add_model_config(config)
-            name = config.stem
-        if name not in open_clip.list_models():
-            raise ValueError(f"unknown CLIP architecture {arch!r}: give an open_clip model name "
-                             f"(e.g. ViT-B-32, ViT-L-14) or a model config .json file")
-        try:
-            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=str(path), device=device, weights_only=True)
-        except Exception as error:  # mismatched or unreadable checkpoints surface as assorted errors
-            raise ValueError(f"could not load CLIP weights {path} into {name}: {error}") from error
-        self.model.eval()
+        self.model, self.preprocess, name = load_open_clip(arch, str(path), device)
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device = device
 
@@ -217,8 +203,8 @@ class EvalFeatures:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.encoder = None
         if spec.encoder:
-            self.encoder = load_encoder(spec.encoder["name"], spec.encoder["weights"],
-                                        input_size=spec.encoder["input_size"]).to(self.device)
+            self.encoder = load_encoder(spec.encoder["name"], spec.encoder["weights"], input_size=spec.encoder["input_size"],
+                                        output=spec.encoder.get("output", "cls")).to(self.device)
         self.inception = InceptionFeatures(spec.inception_weights, self.device) if spec.inception_weights else None
         self.clip = ClipScorer(spec.clip_arch, spec.clip_weights, self.device) if spec.clip_weights else None
         self.clip_features = spec.clip_features

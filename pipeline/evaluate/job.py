@@ -40,6 +40,7 @@ from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Sub
 from pipeline.evaluate.prior import prior_summary
 from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
 from pipeline.evaluate.reference import find_reference
+from pipeline.layout import missing_columns
 from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, PRIOR_CHECK_PLOT, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -118,6 +119,7 @@ class SetStats:
     clip_rows: int = 0
     rarity: np.ndarray | None = None  # the subsample's features in the rarity space (the same rows as `sample`)
     rarity_scores: np.ndarray | None = None  # the same rows' JEPA-SCOREs, paired (the reference's prior check)
+    topk_scores: np.ndarray | None = None  # the valid rows' stored top-k scores, when the set has them
 
 
 class Collector:
@@ -133,6 +135,7 @@ class Collector:
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
         self.clip: list[np.ndarray] = []
+        self.topk: list[np.ndarray] = []
 
     def add(self, batch: pa.Table) -> None:
         self.rows += batch.num_rows
@@ -142,6 +145,8 @@ class Collector:
         if not valid.num_rows:
             return
         self.scores.append(valid.column("jepa_score").to_numpy())
+        if "topk_score" in valid.column_names:
+            self.topk.append(valid_scores(valid, "topk_score").column("topk_score").to_numpy())
         if "encoder" in valid.column_names:
             self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
         ids = valid.column("sample_id").to_pylist()
@@ -168,7 +173,8 @@ class Collector:
         rarity = (self.rarity.features, self.rarity_scores.features[:, 0]) if self.rarity_column else (None, None)
         return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
                         self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
-                        float(clip.mean()) if len(clip) else None, len(clip), *rarity)
+                        float(clip.mean()) if len(clip) else None, len(clip), *rarity,
+                        topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None)
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -338,7 +344,8 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[Ge
     import ray
 
     spec = _spec(config, None, clip_score=True)
-    columns = ["sample_id", "jepa_score", "embedding", "encoder", "method"] + (["image", "prompt"] if spec else [])
+    topk = [] if "topk_score" in missing_columns(run.location) else ["topk_score"]  # older runs have none
+    columns = ["sample_id", "jepa_score", *topk, "embedding", "encoder", "method"] + (["image", "prompt"] if spec else [])
     dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
     by_method: dict[str, Collector] = {}
     for batch in _batches(config, dataset, spec):
@@ -439,6 +446,8 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
         row = {"method": run.label, "uri": run.uri, "generation_run_id": run.generation_run_id,
                "rows": mine.rows, "invalid": mine.invalid, "failed_in_input": run.failed,
                "jepa_score": score_summary(mine.scores)}
+        if mine.topk_scores is not None:
+            row["topk_score"] = score_summary(mine.topk_scores)
         if reference:
             row["jepa_score"]["rarer_than_reference_p10"] = share_below(mine.scores, threshold)
             row["embedding"] = {"fd": mine.embedding.distance(reference.embedding), "samples": len(mine.sample)}
@@ -479,6 +488,8 @@ def row_metrics(row: dict) -> dict[str, float]:
     values |= {f"jepa_score_{name}": value for name, value in score["quantiles"].items()}
     if "rarer_than_reference_p10" in score:
         values["rarer_than_reference_p10"] = score["rarer_than_reference_p10"]
+    if "topk_score" in row:
+        values |= {"topk_score_mean": row["topk_score"]["mean"], "topk_score_std": row["topk_score"]["std"]}
     values |= {f"embedding_{name}": value for name, value in row.get("embedding", {}).items()}
     values |= row.get("inception", {})
     rarity = row.get("rarity")
@@ -509,6 +520,7 @@ COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / 
     ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
     ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
     ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
+    ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
 ]
 
 
@@ -525,8 +537,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['method']} | " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     encoder = report["encoder"]
     notes = [f"Encoder: {encoder['name']} ({encoder['weights']}, input {encoder['input_size']}). "
-             "JEPA-SCORE: mean ± std of the exact score, lower is rarer; it is the guidance objective, "
-             "not an independent measure of rarity."]
+             "JEPA-SCORE: mean ± std of the exact score, lower is rarer; top-k score: of the exact top-k "
+             "log-volume at each run's guidance k; both are the guidance objective, not independent measures of rarity."]
     reference = report["reference"]
     if reference:
         settings, rarity = report["settings"], report["rarity"]

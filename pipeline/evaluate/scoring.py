@@ -12,14 +12,15 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from guidance import ENCODERS, jepa_score, load_encoder, topk_log_volume
+from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.checks import check_sketch
+from guidance.encoders import check_encoder
 from pipeline.images import find_images, read_image
 
 SCORE_METHODS = ("exact", "topk")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
-WEIGHT_CHOICES = ("WEIGHTS (a .safetensors / .pth file or a timm model folder), 'hub' or 'hub:TAG' (downloads "
-                  "DINOv2), or 'random' (untrained: the scores mean nothing)")
+WEIGHT_CHOICES = ("WEIGHTS (a .safetensors / .pth file, a timm model folder, or an open_clip checkpoint), 'hub' or "
+                  "'hub:TAG' (downloads timm weights), or 'random' (untrained: the scores mean nothing)")
 
 
 @dataclass(frozen=True)
@@ -28,13 +29,14 @@ class ScoreConfig:
 
     paths: tuple[str, ...]  # image files or folders (searched recursively)
     weights: str | None = None  # required: a local file / folder, "hub[:TAG]" (downloads), or "random" (untrained)
-    encoder: str = "vit_small_patch14_reg4_dinov2"  # a name from guidance.ENCODERS
+    encoder: str = "vit_small_patch14_reg4_dinov2"  # a DINOv2 name, "timm:<ViT architecture>" or "open_clip:<architecture>"
+    encoder_output: str = "cls"  # the embedding: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens)
     method: str = "exact"  # "exact" JEPA-SCORE (all singular values) or "topk" log-volume (randomized SVD)
     k: int = 9  # top-k singular values for method "topk"
     oversample: int = 2  # extra sketch columns for method "topk"
     power_iters: int = 2  # subspace iterations for method "topk"
     seed: int = 0  # seeds each image's sketch for method "topk"
-    input_size: int = 224  # the encoder's input resolution; every image is resized to it
+    input_size: int | None = None  # the encoder's input resolution (unset: 224 for DINOv2, else its pretrained config's)
     batch_size: int = 4  # images per encoder call
     max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
@@ -45,8 +47,7 @@ class ScoreConfig:
             raise ValueError("paths is empty: pass image files or folders to score")
         if not self.weights:
             raise ValueError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
-        if self.encoder not in ENCODERS:
-            raise ValueError(f"unknown encoder {self.encoder!r}; valid names: {', '.join(sorted(ENCODERS))}")
+        check_encoder(self.encoder, self.weights, self.encoder_output, self.input_size)
         if self.method not in SCORE_METHODS:
             raise ValueError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
         if self.batch_size < 1:
@@ -75,7 +76,8 @@ def score_images(config: ScoreConfig) -> ScoreResult:
     """Score every image that decodes within ``max_pixels``; the others are skipped and reported."""
     files = find_images(config.paths)
     try:
-        encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size).to(config.device)
+        encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size,
+                               output=config.encoder_output).to(config.device)
     except (ValueError, OSError, RuntimeError) as error:  # missing, truncated, mismatched or unfetchable weights
         raise ValueError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
     scored: list[ScoredImage] = []

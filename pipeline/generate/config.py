@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import yaml
 
-from guidance.encoders import ENCODERS
+from guidance.encoders import check_encoder, encoder_family
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
 from pipeline.settings import ConfigError, TrackingConfig
@@ -56,17 +56,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The world prior: a DINOv2 encoder and its weights."""
+    """The world prior: an image encoder and its weights."""
 
-    name: str = "vit_small_patch14_reg4_dinov2"  # a name from guidance.ENCODERS
-    weights: str = "hub"  # a .safetensors / .pth file, a timm folder, "hub[:TAG]", or "random" (explicit)
-    input_size: int = 224  # images are resized to this before the encoder
+    name: str = "vit_small_patch14_reg4_dinov2"  # a DINOv2 name from guidance.ENCODERS, "timm:<ViT architecture>" or "open_clip:<architecture or config .json>"
+    weights: str = "hub"  # a .safetensors / .pth file (open_clip: its checkpoint), a timm folder, "hub[:TAG]" (timm only), or "random" (explicit)
+    input_size: int | None = None  # images are resized to this before the encoder; unset: 224 for DINOv2, else the pretrained config's
+    output: str = "cls"  # the embedding: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens)
 
     def __post_init__(self):
-        if self.name not in ENCODERS:
-            raise ConfigError(f"encoder.name: unknown encoder {self.name!r}; valid names: {', '.join(sorted(ENCODERS))}")
-        if self.input_size < 14 or self.input_size % 14:
+        try:
+            family, _ = encoder_family(self.name)
+        except ValueError as error:
+            raise ConfigError(f"encoder.name: {error}") from error
+        if family == "dinov2" and self.input_size is not None and (self.input_size < 14 or self.input_size % 14):
             raise ConfigError(f"encoder.input_size must be a positive multiple of 14, got {self.input_size}")
+        try:
+            check_encoder(self.name, self.weights, self.output, self.input_size)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"encoder: {error}") from error
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
         unet_weights=config.model.unet_weights, dtype=config.model.torch_dtype(device), device=device,
         compile_network=config.model.compile, guidance_decoder=config.model.guidance_decoder,
     )
-    encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
+    encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size,
+                           output=config.encoder.output)
     return model, encoder.to(device)
 
 
@@ -103,7 +104,7 @@ class SampleGenerator:
             "class_label": row["class_label"],
             "image": {"bytes": png_bytes(sample.image), "path": f"{row['sample_id']}.png"},
             "width": width, "height": height, "jepa_score": sample.jepa_score,
-            "embedding": sample.embedding.tolist(), "method": method,
+            "topk_score": sample.topk_score, "embedding": sample.embedding.tolist(), "method": method,
             "model": self.config.model.preset, "encoder": self.config.encoder.name,
             "run_id": self.run_id, "created_at": created,
         }

@@ -22,7 +22,7 @@ from pipeline.rows import read_committed
 from pipeline.schema import LATEST_FILE, RAREST_DIR, RUN_FILE, SELECTION_FILE, VERSIONS_DIR
 from pipeline.storage import Location, StorageConfig, exists, read_bytes, resolve
 
-LISTED_COLUMNS = ["sample_id", "jepa_score", "class_label", "prompt", "method"]
+LISTED_COLUMNS = ["sample_id", "jepa_score", "topk_score", "class_label", "prompt", "method"]
 SINGLE = "current"  # the version name of a dataset that is one output folder
 
 

@@ -2,7 +2,7 @@
 
 Routes (one FastAPI app behind ``@serve.ingress``):
   GET  /healthz        the replica's model, encoder and dataset
-  POST /score          a PNG / JPEG body -> exact JEPA-SCORE, top-k log-volume, CLS embedding
+  POST /score          a PNG / JPEG body -> exact JEPA-SCORE, exact top-k log-volume, embedding
   POST /generate       {"class_label" | "prompt", "n", "seed", "sampling"} -> PNGs with exact scores
   GET  /               the page: a dataset version's rarest samples, paged, and drop-in scoring
   GET  /api/dataset    a page of rows (version, offset, limit);  GET /api/image: one row's PNG
@@ -24,7 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
-from guidance import generate, jepa_score, topk_log_volume
+from guidance import generate, jepa_scores
 from guidance.generate import check_work
 from pipeline.cluster import connect_ray
 from pipeline.generate.config import GenerateConfig, load_config
@@ -158,15 +158,13 @@ class JepaService:
         return await asyncio.to_thread(self._generate, jobs)
 
     def _score(self, images: list[torch.Tensor]) -> list[dict]:
-        """Exact JEPA-SCORE, top-k log-volume (sketch seeded 0, as ``jepa-minority score``) and embedding."""
+        """Exact JEPA-SCORE, exact top-k log-volume at the config's guidance k (the same SVD, as rows store it),
+        and embedding."""
         guidance = self.config.sampling.guidance
         with torch.no_grad():
             batch = torch.cat([self.encoder.resize(image[None].to(self.device)) for image in images])
             embeddings = self.encoder(batch).cpu()
-            generators = [torch.Generator(self.device).manual_seed(0) for _ in images]
-            topk = topk_log_volume(self.encoder, batch, guidance.k, guidance.oversample, guidance.power_iters,
-                                   generators).cpu()
-        exact = jepa_score(self.encoder, batch).cpu()
+        exact, topk = (values.cpu() for values in jepa_scores(self.encoder, batch, guidance.k))
         return [{"jepa_score": float(exact[b]), "topk_score": float(topk[b]), "k": guidance.k,
                  "width": int(images[b].shape[2]), "height": int(images[b].shape[1]),
                  "encoder": self.config.encoder.name, "embedding": embeddings[b].tolist(),
@@ -202,7 +200,8 @@ class JepaService:
     @staticmethod
     def _sample_json(sample, item) -> dict:
         return {"seed": item.seed, "class_label": item.class_label, "prompt": item.prompt,
-                "jepa_score": sample.jepa_score, "steps_guided": sample.steps_guided,
+                "jepa_score": sample.jepa_score, "topk_score": sample.topk_score,
+                "steps_guided": sample.steps_guided,
                 "png_base64": base64.b64encode(png_bytes(sample.image)).decode()}
 
     async def _body(self, request: Request) -> bytes:
