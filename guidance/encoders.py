@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from guidance.checks import check_weights_readable
+
 log = logging.getLogger(__name__)
 
 
@@ -114,7 +116,46 @@ def load_encoder(
     return encoder.eval().requires_grad_(False)
 
 
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir loader reads, in its order
+
+
+def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
+    """What ``load_encoder`` will read exists and is readable, without building the model: a file's
+    suffix and header, a folder's config.json (its architecture) and weights file. Hub and random weights
+    have nothing local to check."""
+    if name not in ENCODERS:
+        raise ValueError(f"unknown encoder {name!r}; valid names: {', '.join(sorted(ENCODERS))}")
+    weights = str(weights)
+    if weights == "random" or weights == "hub" or weights.startswith("hub:"):
+        return
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
+            "(config.json + model.safetensors), 'hub' to download, or 'random' for an untrained encoder."
+        )
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"encoder folder {path} has no config.json (timm's layout: config.json + model.safetensors)")
+        try:
+            architecture = json.loads(config.read_text()).get("architecture")
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"encoder folder {path}: config.json is not a readable JSON object: {error}") from error
+        if architecture != name:
+            raise ValueError(f"encoder folder {path} holds a {architecture!r}, not the requested {name!r}")
+        found = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
+        if not found:
+            raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")
+        check_weights_readable(found[0], "encoder weights")
+        return
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
+    check_weights_readable(path, "encoder weights")
+
+
 def _create_backbone(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Module:
+    check_encoder_weights(name, weights)
     if weights == "random":
         log.warning("encoder %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
         return timm.create_model(name, pretrained=False, **kwargs)
@@ -128,27 +169,10 @@ def _create_backbone(name: str, weights: str, kwargs: dict[str, Any]) -> nn.Modu
                 "download them elsewhere and pass weights=<file or folder>."
             ) from error
     path = Path(weights).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
-            "(config.json + model.safetensors), 'hub' to download, or 'random' for an untrained encoder."
-        )
     if path.is_dir():
-        return _create_from_folder(name, path, kwargs)
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
+        return _load_checked(path, lambda: timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs))
     return _load_checked(path, lambda: timm.create_model(
         name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs))
-
-
-def _create_from_folder(name: str, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"encoder folder {folder} has no config.json (timm's layout: config.json + model.safetensors)")
-    architecture = json.loads(config.read_text()).get("architecture")
-    if architecture != name:
-        raise ValueError(f"encoder folder {folder} holds a {architecture!r}, not the requested {name!r}")
-    return _load_checked(folder, lambda: timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs))
 
 
 def _load_checked(source: Path, create) -> nn.Module:

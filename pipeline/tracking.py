@@ -20,9 +20,27 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
+from pipeline.schema import GENERATED_DIR, RAREST_DIR
 from pipeline.settings import TrackingConfig
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
+VERSIONED = (GENERATED_DIR, RAREST_DIR)  # a refresh's folders, one pair per version
+
+
+def folder_name(uri: str) -> str:
+    """The last part of a folder's path; for a refresh's versions/V/generated (or rarest), V/generated."""
+    parts = uri.rstrip("/").split("/")
+    return "/".join(parts[-2:]) if parts[-1] in VERSIONED and len(parts) > 1 else parts[-1]
+
+
+def source_name(source: str) -> str:
+    """A model or weights source by its last name: models/digits-ddpm -> digits-ddpm, org/name -> name."""
+    return source.rstrip("/").rsplit("/", 1)[-1]
+
+
+def run_name(job: str, *parts: str | None) -> str:
+    """A run name that says what ran: ``generate jepa digits-ddpm jepa`` (job, method, model, output)."""
+    return " ".join([job, *(part for part in parts if part)])
 
 
 def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:

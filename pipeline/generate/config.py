@@ -26,6 +26,13 @@ from pipeline.storage import StorageConfig
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def resolve_dtype(name: str, gpu: bool) -> str:
+    """model.dtype as the samplers run it: auto = float32 on CPU, bfloat16 on GPU."""
+    if name == "auto":
+        return "bfloat16" if gpu else "float32"
+    return name
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which diffusion model, and where its weights are."""

@@ -25,20 +25,13 @@ from PIL import Image
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
-from pipeline.generate.config import GenerateConfig
+from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
 from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def model_dtype(name: str, device: str) -> torch.dtype:
-    """auto: float32 on CPU, bfloat16 on GPU (the encoder branch stays fp32 either way)."""
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -51,7 +44,7 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
     """The config's diffusion model and encoder, on ``device`` (the encoder branch in fp32)."""
     model = load_model(
         config.model.preset, config.model.source, variant=config.model.variant,
-        unet_weights=config.model.unet_weights, dtype=model_dtype(config.model.dtype, device), device=device,
+        unet_weights=config.model.unet_weights, dtype=DTYPES[resolve_dtype(config.model.dtype, device == "cuda")], device=device,
         compile_network=config.model.compile,
     )
     encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
