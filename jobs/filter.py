@@ -7,8 +7,9 @@ import logging
 import sys
 
 from jobs.options import add_storage_and_tracking, job_parser, storage_config, tracking_config
-from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
+from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SELECTION_FILE
+from pipeline.settings import ui_command
 from pipeline.storage import StorageError
 
 
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
     add_storage_and_tracking(parser)
+    parser.add_argument("--dry-run", action="store_true", help="check the input, the rule and the output; write nothing")
     return parser
 
 
@@ -30,8 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, storage=storage_config(args), tracking=tracking_config(args),
+            max_score=args.max_score, storage=storage_config(args), tracking=tracking_config(args, args.input),
         )
+        if args.dry_run:
+            preflight_filter(config)
+            print(f"dry run: the rarest of {config.input} into {config.output}, tracked in experiment "
+                  f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
+            return 0
         report = run_filter(config)
     except (ValueError, StorageError) as error:
         print(f"jepa-minority filter: {error}", file=sys.stderr)
@@ -40,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
     print(f"threshold: {report['threshold']}")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
+    print(f"mlflow:    run {report['filter_run_id']} in experiment {config.tracking.experiment!r}")
+    print(f"browse:    {ui_command(config.tracking.tracking_uri)}")
     return 0
 
 

@@ -20,17 +20,17 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
-from pipeline.schema import GENERATED_DIR, RAREST_DIR
+from pipeline.schema import GENERATED_DIR, RAREST_DIR, VERSIONS_DIR
 from pipeline.settings import TrackingConfig
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
-VERSIONED = (GENERATED_DIR, RAREST_DIR)  # a refresh's folders, one pair per version
 
 
 def folder_name(uri: str) -> str:
     """The last part of a folder's path; for a refresh's versions/V/generated (or rarest), V/generated."""
     parts = uri.rstrip("/").split("/")
-    return "/".join(parts[-2:]) if parts[-1] in VERSIONED and len(parts) > 1 else parts[-1]
+    versioned = len(parts) > 2 and parts[-3] == VERSIONS_DIR and parts[-1] in (GENERATED_DIR, RAREST_DIR)
+    return "/".join(parts[-2:]) if versioned else parts[-1]
 
 
 def source_name(source: str) -> str:
@@ -69,6 +69,8 @@ class RunTracker:
         )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self.tracking_uri = uri
+        self.tracking = TrackingConfig(uri, str(Path(tracking.artifact_location).expanduser().resolve()),
+                                       tracking.experiment)  # absolute: what a run's _run.json records
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(key, str(value)[:PARAM_LIMIT]) for key, value in sorted(params.items())]

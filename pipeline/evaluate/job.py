@@ -196,7 +196,7 @@ def _same_encoder(runs: list[GeneratedRun]) -> dict:
 
 def run_evaluation(config: EvaluateConfig) -> dict:
     """Evaluate every generated run against the reference; returns the report (evaluation.json)."""
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking import RunTracker, folder_name, run_name
 
     runs = _labelled([open_generated(uri, config.storage) for uri in config.generated])
     encoder = _same_encoder(runs)
@@ -223,13 +223,14 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     report = _report(config, encoder, runs, stats, reference)
     table = markdown(report)
 
-    parent = RunTracker(config.tracking, run_name="evaluate",
+    parent = RunTracker(config.tracking, run_name=run_name("evaluate", " vs ".join(run.label for run in runs),
+                                                           folder_name(config.output) if config.output else None),
                         tags={"generated_uris": ",".join(config.generated), "reference_uri": config.reference or ""})
     status = "FAILED"
     try:
         parent.log_params(flatten(to_dict(config)))
         for run, row in zip(runs, report["rows"]):
-            child = RunTracker(config.tracking, run_name=f"evaluate-{run.label}",
+            child = RunTracker(config.tracking, run_name=run_name("evaluate", run.method, folder_name(run.uri)),
                                tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
                                      "generation_run_id": run.generation_run_id or ""})
             child.log_metrics(row_metrics(row))

@@ -206,6 +206,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         run = {
             "status": "complete", "finished_at": datetime.now(timezone.utc).isoformat(),
             "config": to_dict(config), "manifest_digest": manifest.digest, "last_run_id": tracker.run_id,
+            "tracking": to_dict(tracker.tracking),  # absolute paths: jobs run by hand on this output log beside it
             "counts": {"planned": planned, "committed": len(committed), "failed": len(failed),
                        "truncated_prompts": manifest.truncated_prompts},
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
