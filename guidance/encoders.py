@@ -137,7 +137,8 @@ def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file():
-            raise FileNotFoundError(f"encoder folder {path} has no config.json (timm's layout: config.json + model.safetensors)")
+            raise FileNotFoundError(f"encoder folder {path} has no config.json "
+                                    "(timm's layout: config.json + model.safetensors)")
         try:
             architecture = json.loads(config.read_text()).get("architecture")
         except (OSError, ValueError, AttributeError) as error:

@@ -112,7 +112,8 @@ def load_model(
     return model
 
 
-def check_model(preset: str, source: str | os.PathLike | None = None, *, unet_weights: str | os.PathLike | None = None) -> None:
+def check_model(preset: str, source: str | os.PathLike | None = None, *,
+                unet_weights: str | os.PathLike | None = None) -> None:
     """What ``load_model`` will read exists and is readable, without loading it: a local pipeline folder's
     ``model_index.json`` (the pipeline class this preset loads), each component's config and the headers
     of its ``.safetensors`` files, and the UNet weights file. A hub id has nothing local to check."""
@@ -138,7 +139,8 @@ def check_model(preset: str, source: str | os.PathLike | None = None, *, unet_we
     components = _read_json(index)
     accepted = FAMILIES[spec.family][1]
     if components.get("_class_name") not in accepted:
-        raise ValueError(f"{folder} holds a {components.get('_class_name')}, but this preset loads a {' or '.join(accepted)}")
+        raise ValueError(f"{folder} holds a {components.get('_class_name')}, but this preset loads a "
+                         f"{' or '.join(accepted)}")
     for name, entry in components.items():
         part = folder / name
         if name.startswith("_") or not isinstance(entry, list) or None in entry or not part.is_dir():

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--per", choices=GROUP_COLUMNS, help="choose the rarest within each class label or prompt")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this")
     add_storage_and_tracking(parser)
-    parser.add_argument("--dry-run", action="store_true", help="check the input, the rule and the output; write nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the input, the rule and the output; write nothing")
     return parser
 
 

@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value, e.g. --set sampling.steps=20 (repeatable)")
     parser.add_argument("--output", help="output URI (same as --set output.uri=...)")
-    parser.add_argument("--dry-run", action="store_true", help="run every check a real run makes first (config, model and encoder files, prompts, output) "
-                             "and say what it would do; write and sample nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every check a real run makes first (config, model and encoder files, prompts, "
+                             "output) and say what it would do; write and sample nothing")
     return parser
 
 

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.curate.refresh import RefreshConfig, preflight_refresh, run_refresh  # torch and Ray load after parsing
+    from pipeline.curate.refresh import RefreshConfig, preflight_refresh, run_refresh  # torch, Ray load after parsing
     from pipeline.generate.work import WorkError
     from pipeline.settings import ConfigError, ui_command
     from pipeline.storage import StorageError

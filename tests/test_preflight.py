@@ -138,7 +138,8 @@ def test_refresh_and_demo_dry_runs_check_every_arm_and_write_nothing(write_confi
     assert demo_job.main(["--config", path, "--root", str(tmp_path / "demo"), "--dry-run"]) == 0
     assert "unguided: 12 samples planned" in capsys.readouterr().out
     encoder, message = broken_weights(tmp_path, tiny_vit_folder)
-    assert demo_job.main(["--config", write_config(encoder=encoder), "--root", str(tmp_path / "demo"), "--dry-run"]) == 2
+    broken = write_config(encoder=encoder)
+    assert demo_job.main(["--config", broken, "--root", str(tmp_path / "demo"), "--dry-run"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"jepa-minority demo: {message} (truncated, corrupted or not safetensors?)")
     assert not (tmp_path / "root").exists() and not (tmp_path / "demo").exists()

@@ -45,7 +45,8 @@ from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError, flatten, to_dict
-from pipeline.storage import Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes, write_ipc
+from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
+                              write_ipc)
 from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
 log = logging.getLogger(__name__)

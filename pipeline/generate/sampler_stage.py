@@ -44,8 +44,8 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
     """The config's diffusion model and encoder, on ``device`` (the encoder branch in fp32)."""
     model = load_model(
         config.model.preset, config.model.source, variant=config.model.variant,
-        unet_weights=config.model.unet_weights, dtype=DTYPES[resolve_dtype(config.model.dtype, device == "cuda")], device=device,
-        compile_network=config.model.compile,
+        unet_weights=config.model.unet_weights, dtype=DTYPES[resolve_dtype(config.model.dtype, device == "cuda")],
+        device=device, compile_network=config.model.compile,
     )
     encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size)
     return model, encoder.to(device)
