@@ -1,6 +1,10 @@
-"""Input checks shared by the JEPA-SCORE functions: bad input fails here, with a message that teaches."""
+"""Input checks shared by the JEPA-SCORE functions and the weight loaders: bad input fails here, with a
+message that teaches."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 
@@ -44,3 +48,36 @@ def check_rank(k: int, oversample: int, embed_dim: int, num_pixels: int) -> None
             f"k + oversample = {k} + {oversample} exceeds min(D, N) = min({embed_dim}, {num_pixels}) = {limit}, "
             "the most singular values the encoder Jacobian has; lower k or oversample"
         )
+
+
+def check_weights_readable(path: Path, what: str) -> None:
+    """A weights file exists and can be read; a ``.safetensors`` file's header parses and its data is whole.
+
+    Cheap (the header only, never the tensors), so a job can run it before anything loads; the loaders
+    run it too, so the check and the load agree on what is readable.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with path.open("rb") as stream:
+            head = stream.read(8)
+            if path.suffix != ".safetensors":
+                if not head:
+                    raise ValueError("the file is empty")
+                return
+            if len(head) < 8:
+                raise ValueError("shorter than a safetensors header")
+            length = int.from_bytes(head, "little")
+            size = path.stat().st_size
+            if length > size - 8:
+                raise ValueError(f"its header claims {length} bytes of a {size}-byte file")
+            header = json.loads(stream.read(length))
+            described = 8 + length + max((int(entry["data_offsets"][1]) for key, entry in header.items()
+                                          if key != "__metadata__"), default=0)
+    except OSError as error:
+        raise ValueError(f"could not read {what} {path}: {error.strerror or error}") from error
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
+        raise ValueError(f"could not read {what} {path} (truncated, corrupted or not safetensors?): {error}") from error
+    if described != size:
+        raise ValueError(f"could not read {what} {path}: truncated or corrupted (its header describes "
+                         f"{described} bytes, the file holds {size})")

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
+from guidance.checks import check_weights_readable
+
 log = logging.getLogger(__name__)
 
 
@@ -156,6 +158,7 @@ def load_encoder(
     """
     weights = str(weights)
     check_encoder(name, weights, output, input_size)
+    check_encoder_weights(name, weights)  # the preflight's own check: the two agree on what is read
     family, architecture = encoder_family(name)
     if family == "open_clip":
         if model_args:
@@ -197,6 +200,46 @@ def _timm_output(backbone: nn.Module, name: str, output: str, input_size: int | 
     return input_size or height
 
 
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir loader reads, in its order
+
+
+def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
+    """What ``load_encoder`` will read exists and is readable, without building the model: a file's
+    suffix and header, a timm folder's config.json (its architecture) and weights file. Hub and random
+    weights have nothing local to check."""
+    family, architecture = encoder_family(name)
+    weights = str(weights)
+    if weights == "random" or weights == "hub" or weights.startswith("hub:"):
+        return
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
+            "(config.json + model.safetensors), 'hub' to download, or 'random' for an untrained encoder."
+        )
+    if path.is_dir():
+        if family == "open_clip":
+            raise ValueError(f"encoder {name!r} loads from an open_clip checkpoint file, not a folder: {path}")
+        config = path / "config.json"
+        if not config.is_file():
+            raise FileNotFoundError(f"encoder folder {path} has no config.json "
+                                    "(timm's layout: config.json + model.safetensors)")
+        try:
+            found = json.loads(config.read_text()).get("architecture")
+        except (OSError, ValueError, AttributeError) as error:
+            raise ValueError(f"encoder folder {path}: config.json is not a readable JSON object: {error}") from error
+        if found != timm.models.get_arch_name(architecture):
+            raise ValueError(f"encoder folder {path} holds a {found!r}, not the requested {name!r}")
+        files = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
+        if not files:
+            raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")
+        check_weights_readable(files[0], "encoder weights")
+        return
+    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
+    check_weights_readable(path, "encoder weights")
+
+
 def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: str | None) -> nn.Module:
     if weights == "random":
         log.warning("encoder %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
@@ -212,27 +255,10 @@ def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: s
                 "download them elsewhere and pass weights=<file or folder>."
             ) from error
     path = Path(weights).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(
-            f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
-            "(config.json + model.safetensors), 'hub' to download, or 'random' for an untrained encoder."
-        )
     if path.is_dir():
-        return _create_from_folder(name, path, kwargs)
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
+        return _load_checked(path, lambda: timm.create_model(f"local-dir:{path}", pretrained=True, **kwargs))
     return _load_checked(path, lambda: timm.create_model(
         name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs))
-
-
-def _create_from_folder(name: str, folder: Path, kwargs: dict[str, Any]) -> nn.Module:
-    config = folder / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"encoder folder {folder} has no config.json (timm's layout: config.json + model.safetensors)")
-    architecture = json.loads(config.read_text()).get("architecture")
-    if architecture != timm.models.get_arch_name(name):
-        raise ValueError(f"encoder folder {folder} holds a {architecture!r}, not the requested {name!r}")
-    return _load_checked(folder, lambda: timm.create_model(f"local-dir:{folder}", pretrained=True, **kwargs))
 
 
 def _load_checked(source: Path, create) -> nn.Module:

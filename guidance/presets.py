@@ -26,6 +26,7 @@ from diffusers import (
     UNet2DModel,
 )
 
+from guidance.checks import check_weights_readable
 from guidance.models import DiT, DiffusionModel, PixelUNet, StableDiffusion
 
 FAMILIES = {  # family -> (diffusers pipeline class that loads it, pipeline class names it accepts)
@@ -88,19 +89,14 @@ def load_model(
     guidance_decoder: an ``AutoencoderTiny`` folder or hub id (TAESD for SD 1.x / 2.x and DiT, TAESDXL for
       SDXL) that decodes the Tweedie estimate inside guidance only; latent models only.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    check_model(preset, source, unet_weights=unet_weights)
     spec = PRESETS[preset]
     source = str(source) if source is not None else spec.hub_id
-    if source is None:
-        raise ValueError(f"preset {preset!r} has no default weights: pass the model's pipeline folder as source")
-    if spec.needs_unet_weights and unet_weights is None:
-        raise ValueError(f"preset {preset!r} needs unet_weights: the path of its distilled UNet weights file")
-    pipeline_class, accepted = FAMILIES[spec.family]
+    pipeline_class = FAMILIES[spec.family][0]
     options: dict[str, Any] = {"dtype": dtype, "variant": variant}
     if spec.family == "sd":
         options |= {"safety_checker": None, "requires_safety_checker": False}
-    pipeline = _from_pretrained(pipeline_class, accepted, source, options)
+    pipeline = _from_pretrained(pipeline_class, source, options)
     if unet_weights is not None:
         _load_unet_weights(pipeline.unet, Path(unet_weights))
     vae = getattr(pipeline, "vae", None)
@@ -149,6 +145,55 @@ def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, d
     return tiny.to(device).eval().requires_grad_(False)
 
 
+def check_model(preset: str, source: str | os.PathLike | None = None, *,
+                unet_weights: str | os.PathLike | None = None) -> None:
+    """What ``load_model`` will read exists and is readable, without loading it: a local pipeline folder's
+    ``model_index.json`` (the pipeline class this preset loads), each component's config and the headers
+    of its ``.safetensors`` files, and the UNet weights file. A hub id has nothing local to check."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; valid presets: {', '.join(PRESETS)}")
+    spec = PRESETS[preset]
+    source = str(source) if source is not None else spec.hub_id
+    if source is None:
+        raise ValueError(f"preset {preset!r} has no default weights: pass the model's pipeline folder as source")
+    if spec.needs_unet_weights and unet_weights is None:
+        raise ValueError(f"preset {preset!r} needs unet_weights: the path of its distilled UNet weights file")
+    if unet_weights is not None:
+        check_weights_readable(Path(unet_weights).expanduser(), "UNet weights file")
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        if not HUB_ID.match(source):
+            raise FileNotFoundError(f"model folder not found: {folder} (and it is not a hub id like 'org/name')")
+        return
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
+                         "save one with pipeline.save_pretrained(folder)")
+    components = _read_json(index)
+    accepted = FAMILIES[spec.family][1]
+    if components.get("_class_name") not in accepted:
+        raise ValueError(f"{folder} holds a {components.get('_class_name')}, but this preset loads a "
+                         f"{' or '.join(accepted)}")
+    for name, entry in components.items():
+        part = folder / name
+        if name.startswith("_") or not isinstance(entry, list) or None in entry or not part.is_dir():
+            continue
+        for config in sorted(part.glob("*config.json")):
+            _read_json(config)
+        for weights in sorted(part.glob("*.safetensors")):
+            check_weights_readable(weights, f"{name} weights")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"could not read {path}: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"could not read {path}: it holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def class_count(preset: str, source: str | os.PathLike | None = None) -> int | None:
     """How many class labels the preset's model takes (0..n-1); None when it takes none.
 
@@ -166,19 +211,11 @@ def class_count(preset: str, source: str | os.PathLike | None = None) -> int | N
     return model_class.load_config(location, subfolder=component).get(key)
 
 
-def _from_pretrained(pipeline_class, accepted: tuple[str, ...], source: str, options: dict[str, Any]):
+def _from_pretrained(pipeline_class, source: str, options: dict[str, Any]):
+    """A checked local folder (check_model), else a hub id."""
     folder = Path(source).expanduser()
     if folder.exists():
-        index = folder / "model_index.json"
-        if not index.is_file():
-            raise ValueError(f"{folder} is not a diffusers pipeline folder (no model_index.json); "
-                             "save one with pipeline.save_pretrained(folder)")
-        found = json.loads(index.read_text()).get("_class_name")
-        if found not in accepted:
-            raise ValueError(f"{folder} holds a {found}, but this preset loads a {' or '.join(accepted)}")
         return pipeline_class.from_pretrained(folder, **options)
-    if not HUB_ID.match(source):
-        raise FileNotFoundError(f"model folder not found: {folder} (and it is not a hub id like 'org/name')")
     try:
         return pipeline_class.from_pretrained(source, **options)
     except Exception as error:  # offline or unknown repo: either way there are no weights
@@ -188,8 +225,6 @@ def _from_pretrained(pipeline_class, accepted: tuple[str, ...], source: str, opt
 
 def _load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
     """Replace every UNet weight from a safetensors or weights-only torch file (strict)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"UNet weights file not found: {path}")
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(path)

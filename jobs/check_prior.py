@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = PriorConfig(reference=args.reference, encoder=_encoder(args), storage=storage_config(args),
-                             tracking=tracking_config(args), **given(args, *FLAGS))
+                             tracking=tracking_config(args, args.reference), **given(args, *FLAGS))
         summary = check_prior(config)
     except (ValueError, FileNotFoundError, StorageError) as error:
         print(f"jepa-minority check-prior: {error}", file=sys.stderr)

@@ -17,15 +17,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="rarest share kept per class")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set work.samples_per_label=2")
+    parser.add_argument("--dry-run", action="store_true", help="run every check first and say what it would do; "
+                                                               "write and sample nothing")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.demo.job import run_demo  # torch, diffusers and Ray load after parsing
+    from pipeline.demo.job import preflight_demo, run_demo  # torch, diffusers and Ray load after parsing
+    from pipeline.settings import ui_command
     from pipeline.storage import StorageError
 
     try:
+        if args.dry_run:
+            print(f"dry run: {preflight_demo(args.config, args.root, args.keep_fraction, args.overrides).describe()}")
+            return 0
         result = run_demo(args.config, args.root, args.keep_fraction, args.overrides)
     except (StorageError, ValueError) as error:  # config and work errors are ValueErrors
         print(f"jepa-minority demo: {error}", file=sys.stderr)
@@ -34,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data:    {result.unguided.output_uri} (unguided), {result.guided.output_uri} (JEPA-guided), "
           f"{result.rarest_uri} (rarest {result.rows_kept})")
     print(f"mlflow:  {result.guided.tracking_uri} (runs {result.unguided.run_id}, {result.guided.run_id})")
+    print(f"browse:  {ui_command(result.guided.tracking_uri)}")
     return 0 if result.unguided.ok and result.guided.ok else 1
 
 

@@ -51,17 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.evaluate.job import EvaluateConfig, markdown, run_evaluation  # torch and Ray load after parsing
     from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
+    from pipeline.settings import ui_command
     from pipeline.storage import StorageError
 
     try:
         config = EvaluateConfig(generated=tuple(args.generated), storage=storage_config(args),
-                                tracking=tracking_config(args), **given(args, *FLAGS))
+                                tracking=tracking_config(args, args.generated[0]), **given(args, *FLAGS))
         report = run_evaluation(config)
     except (ValueError, FileNotFoundError, StorageError) as error:
         print(f"jepa-minority evaluate: {error}", file=sys.stderr)
         return 2
     print(markdown(report))
     print(f"mlflow:  run {report['evaluation_run_id']} in {config.tracking.tracking_uri}")
+    print(f"browse:  {ui_command(config.tracking.tracking_uri)}")
     if config.output:
         print(f"output:  {config.output}/{EVALUATION_TABLE_FILE}, {config.output}/{EVALUATION_FILE}")
     return 0

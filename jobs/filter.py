@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from jobs.options import add_storage_and_tracking, job_parser, run_as_program, storage_config, tracking_config
-from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, run_filter  # pyarrow only: Ray loads when it runs
+from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
+from pipeline.settings import ui_command
 from pipeline.storage import StorageError
 
 
@@ -24,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "log-volume at the run's guidance k (default: %(default)s)")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this (in the --by score)")
     add_storage_and_tracking(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the input, the rule and the output; write nothing")
     return parser
 
 
@@ -32,8 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, by=args.by, storage=storage_config(args), tracking=tracking_config(args),
+            max_score=args.max_score, by=args.by, storage=storage_config(args), tracking=tracking_config(args, args.input),
         )
+        if args.dry_run:
+            preflight_filter(config)
+            print(f"dry run: the rarest of {config.input} into {config.output}, tracked in experiment "
+                  f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
+            return 0
         report = run_filter(config)
     except (ValueError, StorageError) as error:
         print(f"jepa-minority filter: {error}", file=sys.stderr)
@@ -42,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
     print(f"threshold: {report['threshold']} ({config.by})")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
+    print(f"mlflow:    run {report['filter_run_id']} in experiment {config.tracking.experiment!r}")
+    print(f"browse:    {ui_command(config.tracking.tracking_uri)}")
     return 0
 
 

@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one value, e.g. --set sampling.steps=20 (repeatable)")
     parser.add_argument("--output", help="output URI (same as --set output.uri=...)")
-    parser.add_argument("--dry-run", action="store_true", help="validate the config and expand the work; sample nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="run every check a real run makes first (config, model and encoder files, prompts, "
+                             "output) and say what it would do; write and sample nothing")
     return parser
 
 
@@ -29,21 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
     from pipeline.generate.job import run_generation
+    from pipeline.generate.preflight import preflight_generation
     from pipeline.generate.work import WorkError
-    from pipeline.settings import ConfigError
+    from pipeline.settings import ConfigError, ui_command
     from pipeline.storage import StorageError
 
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
     try:
         config = load_config(args.config, overrides)
-        summary = run_generation(config, dry_run=args.dry_run)
+        if args.dry_run:
+            print(f"dry run: {preflight_generation(config).describe()}")
+            return 0
+        summary = run_generation(config)
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
         return 2
-    if args.dry_run:
-        print(f"dry run: {summary.planned} samples planned for {summary.output_uri}"
-              f"{f' ({summary.truncated_prompts} prompts truncated)' if summary.truncated_prompts else ''}")
-        return 0
     print(f"output:    {summary.output_uri}")
     print(f"samples:   {summary.committed} of {summary.planned} committed ({summary.generated} by this run), "
           f"{summary.failed} failed")
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"prompts:   {summary.truncated_prompts} truncated to work.max_prompt_chars")
     if summary.run_id:
         print(f"mlflow:    run {summary.run_id} in {summary.tracking_uri}")
+        print(f"browse:    {ui_command(summary.tracking_uri)}")
     print(f"status:    {'complete' if summary.complete else 'INCOMPLETE: rerun the same command to resume'}")
     return 0 if summary.ok else 1
 

@@ -5,13 +5,18 @@ import: `--help` loads no torch or Ray."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 from collections.abc import Callable
 from typing import NoReturn
 
+from pipeline.schema import RUN_FILE
 from pipeline.settings import TrackingConfig
 from pipeline.sourcedoc import FieldDoc, field_docs
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, exists, read_bytes, resolve
+
+TRACKING_KEYS = {f.name for f in dataclasses.fields(TrackingConfig)}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -45,16 +50,28 @@ def add_storage_and_tracking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint-url", help=f"{storage['endpoint_url'].meaning}; credentials come from the AWS "
                                                "environment")
     parser.add_argument("--region", help=storage["region"].meaning)
-    parser.add_argument("--tracking-uri", default=TrackingConfig.tracking_uri, help=tracking["tracking_uri"].meaning)
-    parser.add_argument("--experiment", default=TrackingConfig.experiment, help=tracking["experiment"].meaning)
+    parser.add_argument("--tracking-uri", help=f"{tracking['tracking_uri'].meaning} (default: the input run's, "
+                                               f"from its {RUN_FILE}, else {TrackingConfig.tracking_uri})")
+    parser.add_argument("--experiment", help=f"{tracking['experiment'].meaning} (default: the input run's, else "
+                                             f"{TrackingConfig.experiment})")
 
 
 def storage_config(args: argparse.Namespace) -> StorageConfig:
     return StorageConfig(args.endpoint_url, args.region)
 
 
-def tracking_config(args: argparse.Namespace) -> TrackingConfig:
-    return TrackingConfig(tracking_uri=args.tracking_uri, experiment=args.experiment)
+def tracking_config(args: argparse.Namespace, input_uri: str) -> TrackingConfig:
+    """--tracking-uri / --experiment where given, else where the input run was tracked (its _run.json's
+    ``tracking``: store, artifact location, experiment), else the defaults: a job run by hand on a run's
+    output logs beside that run."""
+    run = resolve(input_uri, storage_config(args)).child(RUN_FILE)
+    record = json.loads(read_bytes(run)) if exists(run) else {}
+    recorded = record.get("tracking") or record.get("config", {}).get("tracking", {})
+    if args.tracking_uri is not None and args.tracking_uri != recorded.get("tracking_uri"):
+        recorded = {}  # another store: the run's experiment and artifact folder are not its
+    chosen = {"tracking_uri": args.tracking_uri, "experiment": args.experiment}
+    return TrackingConfig(**({key: value for key, value in recorded.items() if key in TRACKING_KEYS}
+                             | {key: value for key, value in chosen.items() if value is not None}))
 
 
 def configure_logging() -> None:

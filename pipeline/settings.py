@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -26,6 +27,14 @@ class TrackingConfig:
             raise ConfigError("tracking.tracking_uri carries credentials (user:secret@host), which would be logged "
                               "with the config: give the bare URI and put them in MLFLOW_TRACKING_USERNAME / "
                               "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+
+
+def ui_command(tracking_uri: str) -> str:
+    """How a person opens the runs: the exact ``mlflow ui`` command for a sqlite store, else the server's address."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
+        return f"mlflow ui --backend-store-uri sqlite:///{db}"
+    return f"open {tracking_uri} in a browser"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

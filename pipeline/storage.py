@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,16 +88,40 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(connect_timeout=5, request_timeout=30, retry_strategy=pafs.AwsStandardS3RetryStrategy(3), **options)
 
 
+def check_reachable(location: Location) -> None:
+    """Refuse early, writing nothing, what could not hold the folder: a file in its place, a local parent
+    that is not a writable folder; on S3 an endpoint that does not answer, a missing bucket, refused keys."""
+    fs, path = location.filesystem, location.path
+    try:
+        if fs.get_file_info(path).type == pafs.FileType.File:
+            raise StorageError(f"{location.uri} is a file, not a folder: choose a folder for the output")
+        if location.is_local:
+            folder = Path(path)
+            while not folder.exists():
+                folder = folder.parent
+            if not folder.is_dir():
+                raise StorageError(f"cannot write to {location.uri}: {folder} is a file, not a folder")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise StorageError(f"cannot write to {location.uri}: {folder} is not writable by this user")
+            return
+        bucket = path.split("/", 1)[0]
+        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"bucket {bucket!r} of {location.uri} does not exist; create it or fix output.uri")
+        fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))  # a listing: the keys must be accepted
+    except StorageError:
+        raise
+    except OSError as error:
+        raise StorageError(f"cannot reach {location.uri}: {_explain(error)}") from error
+
+
 def check_writable(location: Location) -> None:
-    """Refuse early when the folder cannot be created or the bucket is missing or forbidden."""
+    """check_reachable, then create the local folder, or write and delete a probe object on S3."""
+    check_reachable(location)
     fs, path = location.filesystem, location.path
     try:
         if location.is_local:
             fs.create_dir(path, recursive=True)
             return
-        bucket = path.split("/", 1)[0]
-        if fs.get_file_info(bucket).type == pafs.FileType.NotFound:
-            raise StorageError(f"bucket {bucket!r} of {location.uri} does not exist; create it or fix output.uri")
         probe = f"{path}/{TEMP_PREFIX}probe-{uuid.uuid4().hex}"
         with fs.open_output_stream(probe) as stream:
             stream.write(b"")

@@ -22,9 +22,27 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetRecord
 from mlflow.entities import DatasetInput, InputTag, Metric, Param
 
+from pipeline.schema import GENERATED_DIR, RAREST_DIR, VERSIONS_DIR
 from pipeline.settings import TrackingConfig
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
+
+
+def folder_name(uri: str) -> str:
+    """The last part of a folder's path; for a refresh's versions/V/generated (or rarest), V/generated."""
+    parts = uri.rstrip("/").split("/")
+    versioned = len(parts) > 2 and parts[-3] == VERSIONS_DIR and parts[-1] in (GENERATED_DIR, RAREST_DIR)
+    return "/".join(parts[-2:]) if versioned else parts[-1]
+
+
+def source_name(source: str) -> str:
+    """A model or weights source by its last name: models/digits-ddpm -> digits-ddpm, org/name -> name."""
+    return source.rstrip("/").rsplit("/", 1)[-1]
+
+
+def run_name(job: str, *parts: str | None) -> str:
+    """A run name that says what ran: ``generate jepa digits-ddpm jepa`` (job, method, model, output)."""
+    return " ".join([job, *(part for part in parts if part)])
 
 
 def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:
@@ -62,6 +80,8 @@ class RunTracker:
         )
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self.tracking_uri = uri
+        self.tracking = TrackingConfig(uri, str(Path(tracking.artifact_location).expanduser().resolve()),
+                                       tracking.experiment)  # absolute: what a run's _run.json records
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(key, str(value)[:PARAM_LIMIT]) for key, value in sorted(params.items())]

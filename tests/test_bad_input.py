@@ -5,6 +5,7 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -93,12 +94,25 @@ def test_over_long_prompts_are_truncated_and_reported(write_config, sd_folder, t
     assert "2 samples planned" in out and "(1 prompts truncated)" in out
 
 
-def test_a_truncated_model_checkpoint_fails_in_one_line_and_nothing_looks_done(
-        ray_cluster, write_config, class_unet, tmp_path, capsys):
+def test_a_truncated_model_checkpoint_is_refused_before_anything_is_written(write_config, class_unet, tmp_path, capsys):
     broken = tmp_path / "broken_unet"
     shutil.copytree(class_unet, broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2})
+    (line,) = run_refused([path], capsys).strip().splitlines()
+    assert line.startswith(f"jepa-minority generate: model: could not read unet weights {weights}: truncated")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_weights_that_pass_the_check_but_not_the_load_fail_in_one_line_and_nothing_looks_done(
+        ray_cluster, write_config, class_unet, tmp_path, capsys):
+    """The preflight reads configs and headers only: weights whose shapes do not fit the UNet's config
+    fail when the sampler loads them, in one line, with only the manifest written."""
+    broken = tmp_path / "misfit_unet"
+    shutil.copytree(class_unet, broken)
+    config = broken / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"num_class_embeds": 12}))
     path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
                         ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
     err = run_refused([path], capsys)

@@ -56,5 +56,7 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name("jepa-minority-demo")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name.split("-")[0] for r in runs) == ["filter", "generate", "generate"]
+    assert sorted(r.info.run_name for r in runs) == [  # job, method, model, output folder: the arms apart
+        "filter jepa digits-ddpm rarest", "generate jepa digits-ddpm jepa", "generate unguided digits-ddpm unguided"]
     assert all(r.info.status == "FINISHED" for r in runs)
+    assert out.strip().splitlines()[-1] == f"browse:  mlflow ui --backend-store-uri {tracking}"

@@ -27,9 +27,15 @@ from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import load_models
+from pipeline.generate.preflight import for_device
 from pipeline.generate.work import build_manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from tests.private_apis import compiled_in_place
+
+
+def cpu_manifest(config):
+    """The manifest as a run on CPU samplers makes it (model.dtype resolved)."""
+    return build_manifest(for_device(config, gpus_per_actor=0.0))
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
@@ -165,8 +171,8 @@ def test_tolerated_failures_complete_the_run(ray_cluster, write_config, nan_clas
 
 def test_sample_ids_are_stable_per_config_and_seeds_shared_across_methods(write_config):
     path = write_config()
-    first, again = build_manifest(load_config(path)), build_manifest(load_config(path))
-    unguided = build_manifest(load_config(path, ["sampling.method=unguided"]))
+    first, again = cpu_manifest(load_config(path)), cpu_manifest(load_config(path))
+    unguided = cpu_manifest(load_config(path, ["sampling.method=unguided"]))
     assert first.table.equals(again.table)
     assert set(first.table.column("sample_id").to_pylist()).isdisjoint(unguided.table.column("sample_id").to_pylist())
     assert first.table.column("seed").equals(unguided.table.column("seed"))
@@ -182,7 +188,7 @@ def test_dry_run_writes_nothing(write_config, tmp_path, capsys):
 def test_another_config_on_the_same_output_is_refused(write_config, tmp_path, capsys):
     path = write_config()
     (tmp_path / "out").mkdir()
-    feather.write_feather(build_manifest(load_config(path, ["sampling.method=unguided"])).table,
+    feather.write_feather(cpu_manifest(load_config(path, ["sampling.method=unguided"])).table,
                           tmp_path / "out" / MANIFEST_FILE)
     assert generate_job.main([path]) == 2
     assert "holds another run" in capsys.readouterr().err
@@ -257,7 +263,7 @@ def test_missing_bucket_and_wrong_credentials_fail_before_sampling(s3, write_con
 def test_prompt_files_of_every_format(write_config, tmp_path, suffix, body):
     prompts = tmp_path / f"prompts{suffix}"
     prompts.write_text(body)
-    manifest = build_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None,
+    manifest = cpu_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None,
                                                              "repeats": 2})))
     assert manifest.table.column("prompt").to_pylist() == ["a cat", "a cat", "a dog", "a dog"]
 
@@ -265,7 +271,7 @@ def test_prompt_files_of_every_format(write_config, tmp_path, suffix, body):
 def test_parquet_prompts_and_truncation_report(write_config, tmp_path):
     prompts = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"prompt": ["short", "x" * 50]}), prompts)
-    manifest = build_manifest(load_config(write_config(
+    manifest = cpu_manifest(load_config(write_config(
         work={"prompts": str(prompts), "class_labels": None, "max_prompt_chars": 10})))
     assert manifest.table.column("prompt").to_pylist() == ["short", "x" * 10]
     assert manifest.truncated_prompts == 1
@@ -283,7 +289,7 @@ def test_bad_prompt_files_are_refused(write_config, tmp_path, suffix, body, mess
     prompts = tmp_path / f"prompts{suffix}"
     prompts.write_text(body)
     with pytest.raises(ValueError, match=message.replace("(", "\\(").replace("[", "\\[")):
-        build_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None})))
+        cpu_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None})))
 
 
 def test_an_mlflow_server_works_like_the_local_store(ray_cluster, write_config, tmp_path_factory):

@@ -33,7 +33,7 @@ from packaging.version import Version
 
 from pipeline.commands import COMMANDS
 from pipeline.generate.config import load_config
-from pipeline.generate.job import run_generation
+from pipeline.generate.preflight import preflight_generation
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
@@ -226,8 +226,7 @@ def test_config_dry_runs_against_the_models_the_image_carries(tmp_path):
     local = load_config(tmp_path / "cluster.yaml", [f"model.source={image_path(config.model.source)}",
                                                     f"encoder.weights={image_path(config.encoder.weights)}",
                                                     f"output.uri={tmp_path / 'output'}"])
-    summary = run_generation(local, dry_run=True)
-    assert summary.planned == len(config.work.class_labels) * config.work.samples_per_label
+    assert preflight_generation(local).planned == len(config.work.class_labels) * config.work.samples_per_label
 
 
 def test_tracking_uri_points_at_the_mlflow_service(tmp_path):

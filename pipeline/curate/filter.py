@@ -28,7 +28,8 @@ from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids
 from pipeline.layout import check_layout, missing_columns, write_card
 from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
-from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
+from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, delete, exists,
+                              list_files, read_bytes, resolve, write_bytes)
 
 log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("class_label", "prompt")
@@ -111,18 +112,32 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
     return rarest_by_group(chosen, **keep), rows_in, counts, methods
 
 
+def check_target(config: FilterConfig) -> Location:
+    """The curated set's folder can be written (nothing is written here) and is not in the old layout."""
+    target = resolve(config.output, config.storage)
+    check_reachable(target)
+    check_layout(target)
+    return target
+
+
+def preflight_filter(config: FilterConfig) -> tuple[Location, Location]:
+    """The filter's checks before Ray starts (its rule was checked when the config was built): the input
+    is a completed run, the output can take the curated set. Returns (input, output) locations."""
+    source = resolve(config.input, config.storage)
+    if not exists(source.child(RUN_FILE)):
+        raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
+    return source, check_target(config)
+
+
 def run_filter(config: FilterConfig) -> dict:
     """Curate ``config.input`` into ``config.output``; returns the selection report (_selection.json)."""
     import ray
 
     from pipeline.sink import AtomicParquetSink
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
-    source, target = resolve(config.input, config.storage), resolve(config.output, config.storage)
-    if not exists(source.child(RUN_FILE)):
-        raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
+    source, target = preflight_filter(config)
     check_writable(target)
-    check_layout(target)
     if exists(target.child(SELECTION_FILE)):
         log.info("%s is already curated: nothing to do", config.output)
         return json.loads(read_bytes(target.child(SELECTION_FILE)))
@@ -140,7 +155,11 @@ def run_filter(config: FilterConfig) -> dict:
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
     connect_ray(dashboard=False)
 
-    tracker = RunTracker(config.tracking, run_name="filter",
+    made = generation.get("config", {})
+    model = made.get("model", {})
+    name = run_name("filter", made.get("sampling", {}).get("method"),
+                    source_name(model.get("source") or model.get("preset") or ""), folder_name(config.output))
+    tracker = RunTracker(config.tracking, run_name=name,
                          tags={"input_uri": config.input, "output_uri": config.output,
                                "generation_run_id": generation.get("last_run_id", "")})
     status = "FAILED"

@@ -16,10 +16,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.curate.filter import FilterConfig, check_target, run_filter
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation
+from pipeline.generate.preflight import Plan, preflight_generation
 from pipeline.report import contact_sheet, overlaid_histograms
 from pipeline.rows import read_committed
 from pipeline.storage import resolve
@@ -37,19 +38,42 @@ class DemoResult:
     rows_kept: int
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """What the demo would do, found by its preflight."""
+
+    unguided: Plan
+    guided: Plan
+    curation: FilterConfig  # the rarest of the guided arm, the rule already checked
+
+    def describe(self) -> str:
+        return (f"unguided: {self.unguided.describe()}\nguided: {self.guided.describe()}\n"
+                f"rarest: {self.curation.keep_fraction} of each class into {self.curation.output}")
+
+
+def preflight_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,
+                   overrides: list[str] = ()) -> DemoPlan:
+    """Both arms' generation checks and the curation rule and folder, before either arm samples; writes nothing."""
+    guided = load_config(config_path, [*overrides, f"output.uri={root}/jepa"])
+    unguided = load_config(config_path, [*overrides, f"output.uri={root}/unguided", "sampling.method=unguided"])
+    curation = FilterConfig(input=guided.output.uri, output=f"{root}/rarest", keep_fraction=keep_fraction,
+                            per="class_label", storage=guided.storage, tracking=guided.tracking)
+    check_target(curation)
+    return DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
+
+
 def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,
              overrides: list[str] = ()) -> DemoResult:
     """Unguided and guided generation, the rarest guided samples per class, and the report."""
-    guided = load_config(config_path, [*overrides, f"output.uri={root}/jepa"])
-    unguided = load_config(config_path, [*overrides, f"output.uri={root}/unguided", "sampling.method=unguided"])
+    plan = preflight_demo(config_path, root, keep_fraction, overrides)
+    unguided, guided, curation = plan.unguided.config, plan.guided.config, plan.curation
     log.info("demo 1/4: unguided samples -> %s", unguided.output.uri)
     unguided_summary = run_generation(unguided)
     log.info("demo 2/4: JEPA-guided samples, same seeds -> %s", guided.output.uri)
     guided_summary = run_generation(guided)
-    rarest_uri = f"{root}/rarest"
+    rarest_uri = curation.output
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
-    selection = run_filter(FilterConfig(input=guided.output.uri, output=rarest_uri, keep_fraction=keep_fraction,
-                                        per="class_label", storage=guided.storage, tracking=guided.tracking))
+    selection = run_filter(curation)
     log.info("demo 4/4: report")
     report = write_report(Path(root) / "report", guided, unguided, rarest_uri)
     return DemoResult(report, unguided_summary, guided_summary, rarest_uri, selection["rows_kept"])

@@ -233,7 +233,7 @@ def _same_encoder(runs: list[GeneratedRun]) -> dict:
 
 def run_evaluation(config: EvaluateConfig) -> dict:
     """Evaluate every generated run against the reference; returns the report (evaluation.json)."""
-    from pipeline.tracking import RunTracker
+    from pipeline.tracking import RunTracker, folder_name, run_name
 
     runs = _labelled([open_generated(uri, config.storage) for uri in config.generated])
     encoder = _same_encoder(runs)
@@ -265,7 +265,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     report = _report(config, encoder, runs, stats, reference, prior)
     table = markdown(report)
 
-    parent = RunTracker(config.tracking, run_name="evaluate",
+    parent = RunTracker(config.tracking, run_name=run_name("evaluate", " vs ".join(run.label for run in runs),
+                                                           folder_name(config.output) if config.output else None),
                         tags={"generated_uris": ",".join(config.generated), "reference_uri": config.reference or ""})
     status = "FAILED"
     try:
@@ -273,7 +274,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         if prior and prior["spearman"] is not None:
             parent.log_metrics({"prior_check_spearman": prior["spearman"], "prior_check_images": prior["images"]})
         for run, row in zip(runs, report["rows"]):
-            child = RunTracker(config.tracking, run_name=f"evaluate-{run.label}",
+            child = RunTracker(config.tracking, run_name=run_name("evaluate", run.method, folder_name(run.uri)),
                                tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
                                      "generation_run_id": run.generation_run_id or "",
                                      "rarity_feature_space": row.get("rarity", {}).get("feature_space", "")})

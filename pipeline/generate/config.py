@@ -27,6 +27,13 @@ from pipeline.storage import StorageConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype, besides "auto"
 
 
+def resolve_dtype(name: str, gpu: bool) -> str:
+    """model.dtype as the samplers run it: auto = float32 on CPU, bfloat16 on GPU."""
+    if name == "auto":
+        return "bfloat16" if gpu else "float32"
+    return name
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which diffusion model, and where its weights are."""
@@ -49,9 +56,7 @@ class ModelConfig:
 
     def torch_dtype(self, device: str) -> torch.dtype:
         """The denoiser / VAE dtype on ``device``: auto is float32 on CPU, bfloat16 on GPU (the encoder stays fp32)."""
-        if self.dtype == "auto":
-            return torch.bfloat16 if device == "cuda" else torch.float32
-        return DTYPES[self.dtype]
+        return DTYPES[resolve_dtype(self.dtype, gpu=device == "cuda")]
 
 
 @dataclass(frozen=True)

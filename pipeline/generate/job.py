@@ -12,6 +12,7 @@ Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpo
 - it filters only read -> map -> write plans from a file source, and deletes its checkpoint on success,
   so "which ids are done" could not be read back from a finished run.
 Here the data files alone are the record:
+  0. every check that can run before sampling runs first (pipeline/generate/preflight.py);
   1. the manifest (one row per sample, deterministic ids) is written before any sampling;
   2. data files are committed atomically (pipeline/sink.py), each holding whole rows;
   3. a run reads the committed ids back and samples only the rest; a crash loses only uncommitted
@@ -37,15 +38,16 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.generate.config import GenerateConfig
-from pipeline.generate.work import Manifest, build_manifest, check_fits_model
-from pipeline.layout import check_layout, write_card
+from pipeline.generate.preflight import preflight_generation
+from pipeline.generate.work import Manifest
+from pipeline.layout import write_card
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError, flatten, to_dict
-from pipeline.storage import (Location, StorageError, check_writable, delete, exists, list_files,
-                              read_bytes, read_ipc_schema, resolve, write_bytes, write_ipc)
-from pipeline.tracking import RunTracker
+from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
+                              write_ipc)
+from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
@@ -81,33 +83,14 @@ def failed_ids(output: Location, committed: pa.Array) -> list[str]:
     return failed
 
 
-def prepare_manifest(output: Location, manifest: Manifest) -> None:
-    """Write the manifest, or check that the one already there is this config's."""
-    target = output.child(MANIFEST_FILE)
-    if exists(target):
-        found = read_ipc_schema(target).metadata or {}
-        digest = found.get(b"config_digest", b"").decode()
-        if digest != manifest.digest:
-            raise StorageError(
-                f"{output.uri} holds another run (manifest digest {digest[:12]}, this config {manifest.digest[:12]}); "
-                "choose a new output.uri, or rerun with the config that made it to resume"
-            )
-        return
-    write_ipc(target, manifest.table)
-
-
-def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> GenerationSummary:
+def run_generation(config: GenerateConfig) -> GenerationSummary:
     """Generate every manifest sample not yet committed; finish with _run.json when all are accounted for."""
-    output = resolve(config.output.uri, config.storage)
-    check_fits_model(config)
-    manifest = build_manifest(config)
-    planned = manifest.table.num_rows
-    if dry_run:
-        return GenerationSummary(config.output.uri, planned, 0, 0, 0, manifest.truncated_prompts, False, True)
+    plan = preflight_generation(config)  # every check before a model loads or Ray starts
+    config, output, manifest, planned = plan.config, plan.output, plan.manifest, plan.planned
     check_writable(output)
-    check_layout(output)
-    prepare_manifest(output, manifest)
-    if exists(output.child(RUN_FILE)):
+    if not plan.started:
+        write_ipc(output.child(MANIFEST_FILE), manifest.table)
+    if plan.complete:
         counts = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]
         log.info("%s is already complete: nothing to do", config.output.uri)
         return GenerationSummary(config.output.uri, planned, 0, counts["committed"], counts["failed"],
@@ -116,7 +99,9 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
     start = time.perf_counter()
     before = committed_ids(output)
     todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("sample_id"), value_set=before)))
-    tracker = RunTracker(config.tracking, run_name=f"generate-{manifest.digest[:8]}",
+    tracker = RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
+                                                            source_name(config.model.source or config.model.preset),
+                                                            folder_name(config.output.uri)),
                          tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
                                "resumed": str(len(before) > 0).lower()})
     tracker.log_params(flatten(to_dict(config)))
@@ -124,21 +109,21 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
                         output.child(DATA_DIR).uri)
     status = "FAILED"
     try:
-        gpus_per_actor = 0.0
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            gpus_per_actor = _sample_on_ray(config, todo, tracker.run_id)
+            _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor)
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
-        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start, gpus_per_actor)
+        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start,
+                          plan.gpus_per_actor if todo.num_rows else 0.0)
         status = "FINISHED" if summary.ok else "FAILED"
         return summary
     finally:
         tracker.end(status)
 
 
-def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float:
-    """Sample ``todo`` on the actor pool into committed files; returns the GPUs each actor held."""
+def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: float) -> None:
+    """Sample ``todo`` on the actor pool, ``gpus`` GPUs each, into committed files."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -149,9 +134,6 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
     # A sampler's own error (ConfigError, StorageError) reaches the driver as itself, not as a UserCodeException.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     resources = ray.cluster_resources()
-    gpus = config.ray.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
     reserved = config.ray.actors * config.ray.cpus_per_actor
     if reserved >= resources.get("CPU", 0):
         log.warning("ray.actors x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
@@ -179,7 +161,6 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
         if isinstance(cause, ConfigError):
             raise ConfigError(str(cause)) from error
         raise
-    return gpus
 
 
 def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
@@ -225,6 +206,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         run = {
             "status": "complete", "finished_at": datetime.now(timezone.utc).isoformat(),
             "config": to_dict(config), "manifest_digest": manifest.digest, "last_run_id": tracker.run_id,
+            "tracking": to_dict(tracker.tracking),  # absolute paths: jobs run by hand on this output log beside it
             "counts": {"planned": planned, "committed": len(committed), "failed": len(failed),
                        "truncated_prompts": manifest.truncated_prompts},
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},

@@ -1,8 +1,18 @@
 """Expand the configured work into the manifest: one row per sample, with a deterministic id and seed.
 
-``sample_id`` hashes the config digest (model, encoder, sampling, the work rows, base seed) with the
-row's index: stable across re-runs of the same config, distinct across configs. ``seed`` hashes the
-base seed with the row's index only, so runs that differ in method share seeds row by row.
+``sample_id`` hashes the config digest with the row's index: stable across re-runs of the same config,
+distinct across configs. ``seed`` hashes the base seed with the row's index only, so runs that differ
+in method share seeds row by row.
+
+The digest is the run's identity: what changes the samples, and nothing else. In: the model (preset,
+source, variant, UNet file, and the dtype as resolved for the device), the encoder, the sampling
+settings, the work rows and base seed, and every local weights file by path, size and modification
+time (``weights_identity``). Out: speed-only levers whose rows are the same either way: ``model.compile``,
+``sampling.guidance.micro_batch`` (rows are independent, so chunking them changes none), ``ray.*``
+(batch size included: every row draws from its own seed) and the output's file sizes, so turning them
+on resumes a run. Weights by path, size and mtime rather than a content hash: reading a 10 GB model
+to hash it would cost more than the run's preflight should, and a safetensors header hash would miss a
+retrained model of the same shapes; the price is that a copied or touched weights folder is a new run.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -127,12 +138,41 @@ def _hash(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
 
-def build_manifest(config: GenerateConfig) -> Manifest:
-    rows, truncated = work_rows(config.work, config.storage)
-    identity = {
-        "model": to_dict(config.model), "encoder": to_dict(config.encoder), "sampling": to_dict(config.sampling),
-        "base_seed": config.work.base_seed, "rows": rows,
+def weights_identity(source: str | None) -> list | None:
+    """A local weights file or folder as [relative path, size, mtime_ns] per file (hidden names skipped);
+    None for what is not a local path (a hub id, "hub", "random"): its name in the config is its identity."""
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if not path.exists():
+        return None
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
+                                                 and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    return [[f.relative_to(path).as_posix() if f != path else f.name, f.stat().st_size, f.stat().st_mtime_ns]
+            for f in files]
+
+
+def run_identity(config: GenerateConfig) -> dict:
+    """What the digest covers (module docstring): model.dtype must already be resolved for the device."""
+    if config.model.dtype == "auto":
+        raise ValueError("model.dtype 'auto' must be resolved for the device before the run's identity is taken "
+                         "(pipeline/generate/preflight.py: for_device)")
+    sampling = to_dict(config.sampling)
+    del sampling["guidance"]["micro_batch"]
+    model = {key: value for key, value in to_dict(config.model).items() if key != "compile"}
+    return {
+        "model": model | {"weights": weights_identity(config.model.source),
+                          "unet_weights": weights_identity(config.model.unet_weights),
+                          "guidance_decoder_weights": weights_identity(config.model.guidance_decoder)},
+        "encoder": to_dict(config.encoder) | {"files": weights_identity(config.encoder.weights)},
+        "sampling": sampling, "base_seed": config.work.base_seed,
     }
+
+
+def build_manifest(config: GenerateConfig) -> Manifest:
+    """The work's rows with ids and seeds; ``config.model.dtype`` resolved for the device (for_device)."""
+    rows, truncated = work_rows(config.work, config.storage)
+    identity = run_identity(config) | {"rows": rows}
     digest = _hash(json.dumps(identity, sort_keys=True)).hex()
     ids = [_hash(f"{digest}:{i}").hex()[:24] for i in range(len(rows))]
     seeds = [int.from_bytes(_hash(f"seed:{config.work.base_seed}:{i}")[:8], "big") >> 1 for i in range(len(rows))]
