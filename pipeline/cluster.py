@@ -27,13 +27,13 @@ class ClusterError(ConfigError):
 def connect_ray(dashboard: bool = True, verbose: bool = True) -> None:
     """Attach to the cluster in RAY_ADDRESS (as Ray jobs have), else start a local one on loopback.
 
-    A local cluster binds every component to 127.0.0.1: Ray binds its servers to all interfaces (and its
-    runtime-env agent to the machine's own address) unless told it is not a cluster
-    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read by every Ray process it starts). Token auth stays on,
-    Ray's default, without its notice that it is the default. ``dashboard=False`` starts no dashboard (a
-    head process and about ten module processes). ``verbose=False`` keeps Ray's own chatter off the
-    console: workers' output stays in their log files, Ray Data's operator progress in ``ray-data.log``
-    (the session's logs folder).
+    A local cluster binds every component to 127.0.0.1. Unless told it is not a cluster
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which each Ray process reads when it imports Ray),
+    ``ray.init`` swaps a given 127.0.0.1 for the machine's own address, and its servers then listen on
+    every interface. Token auth stays on, Ray's default, without its notice that it is the default.
+    ``dashboard=False`` starts no dashboard (a head process and about ten module processes).
+    ``verbose=False`` keeps Ray's own chatter off the console: workers' output stays in their log
+    files, Ray Data's operator progress in ``ray-data.log`` (the session's logs folder).
     """
     import ray
 
@@ -43,7 +43,10 @@ def connect_ray(dashboard: bool = True, verbose: bool = True) -> None:
         if address:
             ray.init(address=address, **quiet)
         else:
-            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            from ray._private import ray_constants
+
+            os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # read by each process Ray starts
+            ray_constants.ENABLE_RAY_CLUSTER = False  # read by this one at import: else ray.init resolves 127.0.0.1 away
             logging.getLogger(TOKEN_SETUP_LOGGER).addFilter(_not_token_auth_notice)
             _start_local(dashboard, quiet)
     if not verbose:
