@@ -10,7 +10,8 @@ import argparse
 import logging
 import sys
 
-from jobs.options import job_parser
+from jobs.options import config_flag, job_parser
+from pipeline.sourcedoc import field_docs
 
 log = logging.getLogger("jepa-minority")
 
@@ -25,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="override one value, e.g. --set sampling.steps=20 (repeatable)")
     parser.add_argument("--output", help="output URI (same as --set output.uri=...)")
     parser.add_argument("--dry-run", action="store_true", help="validate the config and expand the work; sample nothing")
+    console, ray = field_docs("pipeline.generate.config", "ConsoleConfig"), field_docs("pipeline.generate.config", "RayConfig")
+    config_flag(parser, "--status-every", console["status_every"], type=float, metavar="SECONDS",
+                help="seconds between status lines when stderr is not a terminal (console.status_every)")
+    parser.add_argument("--verbose", action="store_true", help=f"{console['verbose'].meaning} (console.verbose)")
+    parser.add_argument("--dashboard", action="store_true", help=f"{ray['dashboard'].meaning} (ray.dashboard)")
     return parser
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import StorageError
 
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
+    overrides += [f"console.status_every={args.status_every}"] if args.status_every is not None else []
+    overrides += ["console.verbose=true"] * args.verbose + ["ray.dashboard=true"] * args.dashboard
     try:
         config = load_config(args.config, overrides)
         summary = run_generation(config, dry_run=args.dry_run)

@@ -6,7 +6,6 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
+from tests.tiny_diffusion import truncated_copy
 
 
 def run_refused(args: list[str], capsys) -> str:
@@ -94,10 +94,7 @@ def test_over_long_prompts_are_truncated_and_reported(write_config, sd_folder, t
 
 def test_a_truncated_model_checkpoint_fails_in_one_line_and_nothing_looks_done(
         ray_cluster, write_config, class_unet, tmp_path, capsys):
-    broken = tmp_path / "broken_unet"
-    shutil.copytree(class_unet, broken)
-    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    broken = truncated_copy(class_unet, tmp_path / "broken_unet")
     path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
                         ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
     err = run_refused([path], capsys)

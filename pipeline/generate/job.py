@@ -35,10 +35,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cluster import WRITERS, connect_ray
+from pipeline.cluster import WRITERS, connect_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model
 from pipeline.layout import check_layout, write_card
+from pipeline.progress import show_progress
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
@@ -128,7 +129,7 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
         gpus_per_actor = 0.0
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            gpus_per_actor = _sample_on_ray(config, todo, tracker.run_id)
+            gpus_per_actor = _sample_on_ray(config, todo, tracker.run_id, output, planned, len(before))
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start, gpus_per_actor)
@@ -138,24 +139,28 @@ def run_generation(config: GenerateConfig, *, dry_run: bool = False) -> Generati
         tracker.end(status)
 
 
-def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float:
-    """Sample ``todo`` on the actor pool into committed files; returns the GPUs each actor held."""
+def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, output: Location, planned: int,
+                   already: int) -> float:
+    """Sample ``todo`` on the actor pool into committed files, showing progress; returns the GPUs each actor held."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline.generate.sampler_stage import SampleGenerator
     from pipeline.sink import AtomicParquetSink
 
-    connect_ray()
+    connect_ray(dashboard=config.ray.dashboard, verbose=config.console.verbose)
+    if not config.console.verbose and logs_folder():
+        log.info("Ray's own output (workers, ray-data.log; --verbose shows it here): %s", logs_folder())
     # A sampler's own error (ConfigError, StorageError) reaches the driver as itself, not as a UserCodeException.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     resources = ray.cluster_resources()
     gpus = config.ray.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
-    reserved = config.ray.actors * config.ray.cpus_per_actor
+    smallest, largest = config.ray.pool
+    reserved = largest * config.ray.cpus_per_actor
     if reserved >= resources.get("CPU", 0):
-        log.warning("ray.actors x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
+        log.warning("ray.actors (at most) x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
                     "writing need some too, so unless the cluster scales up this run will stall; lower "
                     "ray.cpus_per_actor (fractions are fine)", reserved, resources.get("CPU", 0))
     blocks = min(10_000, math.ceil(todo.num_rows / config.ray.batch_size))  # small blocks keep every actor busy
@@ -165,14 +170,17 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str) -> float
         fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": max(1, int(config.ray.cpus_per_actor))},
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.ray.actors),
+        # A range autoscales: Ray Data adds actors up to the max while work is queued (a KubeRay GPU group
+        # scales up from zero to host them) and releases idle ones down to the min.
+        compute=ActorPoolStrategy(min_size=smallest, max_size=largest),
         num_cpus=config.ray.cpus_per_actor,
         num_gpus=gpus,
     )
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
     try:
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+        with show_progress(output, planned, already, config.console.status_every):
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
     except Exception as error:
         cause = _task_cause(error)
         if isinstance(cause, StorageError):
@@ -212,7 +220,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     metrics = {
         "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
-        "accelerator_seconds": seconds * config.ray.actors * gpus_per_actor,  # GPU-seconds held
+        "accelerator_seconds": seconds * config.ray.pool[1] * gpus_per_actor,  # GPU-seconds held (at most, for a range)
         "truncated_prompts": manifest.truncated_prompts,
     }
     if len(scores):
