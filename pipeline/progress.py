@@ -60,9 +60,10 @@ def _duration(seconds: float) -> str:
 def show_progress(output: Location, planned: int, already: int, every: float,
                   stream=None) -> Iterator[CommitWatch]:
     """Watch ``output`` while the body runs: a bar when ``stream`` (stderr) is a terminal, else a status
-    line every ``every`` seconds; ``already`` of the ``planned`` samples were committed before."""
+    line every ``every`` seconds and a last one at the end; ``already`` of the ``planned`` samples were
+    committed before. A body that raises gets no last line: its error is the last thing said."""
     stream = stream or sys.stderr
-    watch, start, stop = CommitWatch(output), time.monotonic(), threading.Event()
+    watch, start, stop, failed = CommitWatch(output), time.monotonic(), threading.Event(), threading.Event()
     bar = None
     if stream.isatty():
         from tqdm import tqdm
@@ -74,6 +75,8 @@ def show_progress(output: Location, planned: int, already: int, every: float,
             watch.poll()
         except StorageError as error:  # a transient listing error skips one report, never the run
             log.debug("progress poll failed: %s", error)
+            return
+        if failed.is_set():  # the run's error is the last line
             return
         if bar is not None:
             bar.update(already + watch.committed - bar.n)
@@ -90,9 +93,14 @@ def show_progress(output: Location, planned: int, already: int, every: float,
     thread.start()
     try:
         yield watch
-    finally:
+    except BaseException:
+        failed.set()  # no last poll and no wait for this one: storage may be why the work failed
+        raise
+    else:
         stop.set()
         thread.join()
         report()
+    finally:
+        stop.set()
         if bar is not None:
             bar.close()

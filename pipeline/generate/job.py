@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -51,6 +52,7 @@ from pipeline.tracking import RunTracker
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+RAY_RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts")  # how Ray Data's note begins
 
 
 @dataclass(frozen=True)
@@ -184,11 +186,17 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, output: 
     except Exception as error:
         cause = _task_cause(error)
         if isinstance(cause, StorageError):
-            raise StorageError(f"{cause} (committed files are whole: rerun the same command to resume)") from error
+            raise StorageError(f"{_own_message(cause)} (committed files are whole: rerun the same command to "
+                               "resume)") from error
         if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from error
+            raise ConfigError(_own_message(cause)) from error
         raise
     return gpus
+
+
+def _own_message(error: BaseException) -> str:
+    """A task's error as it raised it, without the retry note Ray Data appends on lines of its own."""
+    return RAY_RETRY_NOTE.split(str(error), maxsplit=1)[0].rstrip()
 
 
 def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
