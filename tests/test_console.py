@@ -65,7 +65,7 @@ def run_watched(args: list[str], log: Path, env: dict) -> tuple[int, list[str], 
 
 
 @pytest.mark.slow
-def test_a_demo_sized_run_shows_its_own_progress_listens_only_on_loopback_and_scales_its_pool(
+def test_a_demo_sized_run_on_an_elastic_pool_shows_its_own_progress_and_listens_only_on_loopback(
         write_config, tmp_path):
     path = write_config(work={"class_labels": [0, 1, 2, 3, 4], "samples_per_label": 4},
                         ray={"actors": [1, 2], "cpus_per_actor": 0.5, "batch_size": 2})
