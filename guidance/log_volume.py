@@ -21,11 +21,16 @@ iterations.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.func import jvp, vjp, vmap
+
+with warnings.catch_warnings():  # torch's own JVP decompositions (loaded by the first jvp) still call torch.jit.script
+    warnings.filterwarnings("ignore", r"`torch.jit.script` is deprecated", FutureWarning)
+    import torch._decomp.decompositions_for_jvp  # noqa: F401
 
 from guidance.checks import check_images, check_rank, check_sketch
 from guidance.jepa_score import LOG_FLOOR, Encoder

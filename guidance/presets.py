@@ -25,6 +25,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DModel,
 )
+from diffusers.utils import is_accelerate_available
 
 from guidance.checks import check_weights_readable
 from guidance.models import DiT, DiffusionModel, PixelUNet, StableDiffusion
@@ -93,7 +94,9 @@ def load_model(
     spec = PRESETS[preset]
     source = str(source) if source is not None else spec.hub_id
     pipeline_class = FAMILIES[spec.family][0]
-    options: dict[str, Any] = {"dtype": dtype, "variant": variant}
+    # diffusers' own default, said explicitly so it skips its notice to install accelerate: measured on the demo
+    # and tiny test models, loading with accelerate was slower (its import), so the project does not add it.
+    options: dict[str, Any] = {"dtype": dtype, "variant": variant, "low_cpu_mem_usage": is_accelerate_available()}
     if spec.family == "sd":
         options |= {"safety_checker": None, "requires_safety_checker": False}
     pipeline = _from_pretrained(pipeline_class, source, options)

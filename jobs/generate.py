@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import job_parser, run_as_program
+from jobs.options import config_flag, job_parser, run_as_program
+from pipeline.sourcedoc import field_docs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check a real run makes first (config, model and encoder files, prompts, "
                              "output) and say what it would do; write and sample nothing")
+    console, ray = field_docs("pipeline.generate.config", "ConsoleConfig"), field_docs("pipeline.generate.config", "RayConfig")
+    config_flag(parser, "--status-every", console["status_every"], type=float, metavar="SECONDS",
+                help="seconds between status lines when stderr is not a terminal (console.status_every)")
+    parser.add_argument("--verbose", action="store_true", help=f"{console['verbose'].meaning} (console.verbose)")
+    parser.add_argument("--dashboard", action="store_true", help=f"{ray['dashboard'].meaning} (ray.dashboard)")
     return parser
 
 
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import StorageError
 
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
+    overrides += [f"console.status_every={args.status_every}"] if args.status_every is not None else []
+    overrides += ["console.verbose=true"] * args.verbose + ["ray.dashboard=true"] * args.dashboard
     try:
         config = load_config(args.config, overrides)
         if args.dry_run:

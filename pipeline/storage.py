@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -227,14 +228,16 @@ def read_ipc_schema(location: Location) -> pa.Schema:
     return pa.ipc.open_file(pa.BufferReader(read_bytes(location))).schema
 
 
-def list_files(location: Location, suffix: str) -> list[Location]:
-    """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted."""
+def list_files(location: Location, suffix: str, modified_since: datetime | None = None) -> list[Location]:
+    """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted; with
+    ``modified_since``, only those written since then (by the store's clock)."""
     selector = pafs.FileSelector(location.path, allow_not_found=True)
     with clear_errors("list", location):
         infos = location.filesystem.get_file_info(selector)
     names = sorted(
         info.base_name for info in infos
         if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and info.base_name[0] not in "_."
+        and (modified_since is None or info.mtime >= modified_since)
     )
     return [location.child(name) for name in names]
 

@@ -18,6 +18,7 @@ import pytest
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
+from tests.tiny_diffusion import truncated_copy
 
 
 def run_refused(args: list[str], capsys) -> str:
@@ -95,10 +96,8 @@ def test_over_long_prompts_are_truncated_and_reported(write_config, sd_folder, t
 
 
 def test_a_truncated_model_checkpoint_is_refused_before_anything_is_written(write_config, class_unet, tmp_path, capsys):
-    broken = tmp_path / "broken_unet"
-    shutil.copytree(class_unet, broken)
+    broken = truncated_copy(class_unet, tmp_path / "broken_unet")
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2})
     (line,) = run_refused([path], capsys).strip().splitlines()
     assert line.startswith(f"jepa-minority generate: model: could not read unet weights {weights}: truncated")

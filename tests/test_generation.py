@@ -224,6 +224,11 @@ def test_model_dtype_is_what_the_actor_loads_with(write_config):
     (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
     (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
     (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
+    (["ray.actors=[2, 1]"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got [2, 1]"),
+    (["ray.actors=[0, 2]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=[1, 2, 3]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=two"], "ray.actors must be an integer or a list, got 'two'"),
+    (["console.status_every=0"], "console.status_every must be > 0 seconds"),
 ])
 def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
     path = write_config()

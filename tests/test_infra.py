@@ -266,7 +266,7 @@ def test_gpu_group_requests_gpus_and_fits_the_actor_pool(tmp_path):
     # The group starts empty, so auto-detection (gpus_per_actor None) would find no GPU and sample on CPUs.
     assert gpu["minReplicas"] > 0 or config.ray.gpus_per_actor, "set ray.gpus_per_actor: the GPU group starts at 0"
     assert config.ray.gpus_per_actor <= int(limits["nvidia.com/gpu"])
-    assert config.ray.actors * config.ray.gpus_per_actor <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
+    assert config.ray.pool[1] * config.ray.gpus_per_actor <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
 
 
 def test_serve_listens_on_a_head_port_and_asks_for_gpus(monkeypatch):

@@ -7,6 +7,7 @@ loading code, exactly as users' real checkpoints are.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -38,6 +39,14 @@ def tiny_unet(num_classes: int | None = None) -> UNet2DModel:
 def save_pixel_unet(folder: Path, num_classes: int | None = None) -> Path:
     """DDPM-format pixel UNet (google/ddpm-* style scheduler: linear betas, clipped x0)."""
     DDPMPipeline(unet=tiny_unet(num_classes), scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+def truncated_copy(pipeline: Path, folder: Path) -> Path:
+    """A copy of a saved pixel-UNet pipeline whose UNet weights file is cut in half (a broken download)."""
+    shutil.copytree(pipeline, folder)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     return folder
 
 

@@ -115,18 +115,38 @@ class WorkConfig:
 class RayConfig:
     """Ray resources for the sampler actors."""
 
-    actors: int = 1  # sampler actors in the pool (each loads the models once)
+    actors: int | list[int] = 1  # sampler actors (each loads the models once): a size, or [min, max] to scale with the work
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     cpus_per_actor: float = 1.0  # CPUs reserved per actor (fractions keep small machines from stalling)
     batch_size: int = 4  # samples per actor call
+    dashboard: bool = False  # start Ray's dashboard with a local cluster (a given cluster keeps its own)
 
     def __post_init__(self):
-        if self.actors < 1:
-            raise ConfigError(f"ray.actors must be >= 1, got {self.actors}")
+        if not isinstance(self.actors, int) and len(self.actors) != 2 or not 1 <= self.pool[0] <= self.pool[1]:
+            raise ConfigError(f"ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, "
+                              f"got {self.actors}")
         if self.batch_size < 1:
             raise ConfigError(f"ray.batch_size must be >= 1, got {self.batch_size}")
         if self.cpus_per_actor < 0 or (self.gpus_per_actor is not None and self.gpus_per_actor < 0):
             raise ConfigError("ray.cpus_per_actor and ray.gpus_per_actor must be >= 0")
+
+
+    @property
+    def pool(self) -> tuple[int, int]:
+        """The actor pool's (min, max) size; equal for a fixed pool."""
+        return (self.actors, self.actors) if isinstance(self.actors, int) else (self.actors[0], self.actors[-1])
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """What the job shows while it runs."""
+
+    status_every: float = 30.0  # seconds between status lines when the console is not a terminal (a terminal gets a bar)
+    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
+
+    def __post_init__(self):
+        if not self.status_every > 0:
+            raise ConfigError(f"console.status_every must be > 0 seconds, got {self.status_every}")
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,7 @@ class GenerateConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerateConfig:
@@ -218,8 +239,18 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             if type(None) in args:
                 return None
             raise ConfigError(f"{key} must not be empty")
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        choices = [a for a in args if a is not type(None)]
+        for choice in choices[:-1]:  # the first type the value fits; the last one's error names the key
+            try:
+                return _convert(choice, value, key)
+            except ConfigError:
+                pass
+        try:
+            return _convert(choices[-1], value, key)
+        except ConfigError as error:
+            if len(choices) == 1:
+                raise
+            raise ConfigError(f"{key} must be {' or '.join(map(_type_name, choices))}, got {value!r}") from error
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key)
     if origin is list:
@@ -243,3 +274,9 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported config type {hint}")
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

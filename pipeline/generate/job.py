@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -36,11 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cluster import WRITERS, connect_ray
+from pipeline.cluster import WRITERS, connect_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
 from pipeline.layout import write_card
+from pipeline.progress import show_progress
 from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
@@ -52,6 +54,7 @@ from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+RAY_RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts")  # how Ray Data's note begins
 
 
 @dataclass(frozen=True)
@@ -111,7 +114,7 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     try:
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor)
+            _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start,
@@ -122,21 +125,25 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
         tracker.end(status)
 
 
-def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: float) -> None:
-    """Sample ``todo`` on the actor pool, ``gpus`` GPUs each, into committed files."""
+def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: float, output: Location, planned: int,
+                   already: int) -> None:
+    """Sample ``todo`` on the actor pool, ``gpus`` GPUs each, into committed files, showing progress."""
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipeline.generate.sampler_stage import SampleGenerator
     from pipeline.sink import AtomicParquetSink
 
-    connect_ray()
+    connect_ray(dashboard=config.ray.dashboard, verbose=config.console.verbose)
+    if not config.console.verbose and logs_folder():
+        log.info("Ray's own output (workers, ray-data.log; --verbose shows it here): %s", logs_folder())
     # A sampler's own error (ConfigError, StorageError) reaches the driver as itself, not as a UserCodeException.
     ray.data.DataContext.get_current().raise_original_map_exception = True
     resources = ray.cluster_resources()
-    reserved = config.ray.actors * config.ray.cpus_per_actor
+    smallest, largest = config.ray.pool
+    reserved = largest * config.ray.cpus_per_actor
     if reserved >= resources.get("CPU", 0):
-        log.warning("ray.actors x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
+        log.warning("ray.actors (at most) x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
                     "writing need some too, so unless the cluster scales up this run will stall; lower "
                     "ray.cpus_per_actor (fractions are fine)", reserved, resources.get("CPU", 0))
     blocks = min(10_000, math.ceil(todo.num_rows / config.ray.batch_size))  # small blocks keep every actor busy
@@ -146,21 +153,30 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: fl
         fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": max(1, int(config.ray.cpus_per_actor))},
         batch_size=config.ray.batch_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.ray.actors),
+        # A range autoscales: Ray Data adds actors up to the max while work is queued (a KubeRay GPU group
+        # scales up from zero to host them) and releases idle ones down to the min.
+        compute=ActorPoolStrategy(min_size=smallest, max_size=largest),
         num_cpus=config.ray.cpus_per_actor,
         num_gpus=gpus,
     )
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
     try:
-        dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+        with show_progress(output, planned, already, config.console.status_every):
+            dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
     except Exception as error:
         cause = _task_cause(error)
         if isinstance(cause, StorageError):
-            raise StorageError(f"{cause} (committed files are whole: rerun the same command to resume)") from error
+            raise StorageError(f"{_own_message(cause)} (committed files are whole: rerun the same command to "
+                               "resume)") from error
         if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from error
+            raise ConfigError(_own_message(cause)) from error
         raise
+
+
+def _own_message(error: BaseException) -> str:
+    """A task's error as it raised it, without the retry note Ray Data appends on lines of its own."""
+    return RAY_RETRY_NOTE.split(str(error), maxsplit=1)[0].rstrip()
 
 
 def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
@@ -192,7 +208,7 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     metrics = {
         "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
-        "accelerator_seconds": seconds * config.ray.actors * gpus_per_actor,  # GPU-seconds held
+        "accelerator_seconds": seconds * config.ray.pool[1] * gpus_per_actor,  # GPU-seconds held (at most, for a range)
         "truncated_prompts": manifest.truncated_prompts,
     }
     if len(scores):

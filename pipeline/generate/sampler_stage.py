@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pyarrow as pa
 import torch
+from diffusers.utils import logging as diffusers_logging
 
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.generate import GeneratedSample
@@ -49,6 +50,7 @@ class SampleGenerator:
 
     def __init__(self, config: GenerateConfig, run_id: str, threads: int = 1):
         torch.set_num_threads(max(1, threads))
+        diffusers_logging.disable_progress_bar()  # diffusers' loading bars are noise in a worker's log
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.config = config
         self.run_id = run_id

@@ -1,0 +1,106 @@
+"""A run's own progress on the console: samples committed / planned, samples/s, ETA and failures.
+
+Read from storage, the run's one record of what is done, so it shows only what is committed: each poll
+lists the data folder (reading each new file's Parquet footer once, for its row count) and the failure
+records written since the run began. A bar on a terminal (tqdm); elsewhere one status line every
+``every`` seconds, and a last one when the work ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pyarrow.parquet as pq
+
+from pipeline.schema import DATA_DIR, FAILURES_DIR
+from pipeline.storage import Location, StorageError, list_files
+
+log = logging.getLogger(__name__)
+BAR_REFRESH = 2.0  # seconds between polls behind a terminal's bar
+
+
+class CommitWatch:
+    """Counts the rows committed and the failures recorded in an output folder since it was made."""
+
+    def __init__(self, output: Location):
+        self.output = output
+        self.since = datetime.now(timezone.utc)
+        self.counted = {item.path for item in list_files(output.child(DATA_DIR), ".parquet")}
+        self.committed = 0
+        self.failed = 0
+
+    def poll(self) -> None:
+        for item in list_files(self.output.child(DATA_DIR), ".parquet"):
+            if item.path not in self.counted:  # a file is whole once listed (atomic commit), and named by its ids
+                self.committed += pq.read_metadata(item.path, filesystem=item.filesystem).num_rows
+                self.counted.add(item.path)
+        self.failed = len(list_files(self.output.child(FAILURES_DIR), ".json", modified_since=self.since))
+
+
+def status_line(done: int, planned: int, failed: int, rate: float) -> str:
+    left = planned - done - failed
+    eta = f"ETA {_duration(left / rate)}" if rate > 0 else "ETA unknown"
+    return (f"{done}/{planned} samples committed ({100 * done / planned:.0f}%), {rate:.2f} samples/s, "
+            f"{eta}, {failed} failed")
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+@contextmanager
+def show_progress(output: Location, planned: int, already: int, every: float,
+                  stream=None) -> Iterator[CommitWatch]:
+    """Watch ``output`` while the body runs: a bar when ``stream`` (stderr) is a terminal, else a status
+    line every ``every`` seconds and a last one at the end; ``already`` of the ``planned`` samples were
+    committed before. A body that raises gets no last line: its error is the last thing said."""
+    stream = stream or sys.stderr
+    watch, start, stop, failed = CommitWatch(output), time.monotonic(), threading.Event(), threading.Event()
+    bar = None
+    if stream.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=planned, initial=already, unit="sample", desc="generate", file=stream, dynamic_ncols=True)
+
+    def report() -> None:
+        try:
+            watch.poll()
+        except StorageError as error:  # a transient listing error skips one report, never the run
+            log.debug("progress poll failed: %s", error)
+            return
+        if failed.is_set():  # the run's error is the last line
+            return
+        if bar is not None:
+            bar.update(already + watch.committed - bar.n)
+            bar.set_postfix(failed=watch.failed, refresh=True)
+        else:
+            rate = watch.committed / max(time.monotonic() - start, 1e-9)
+            log.info("%s", status_line(already + watch.committed, planned, watch.failed, rate))
+
+    def loop() -> None:
+        while not stop.wait(BAR_REFRESH if bar is not None else every):
+            report()
+
+    thread = threading.Thread(target=loop, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield watch
+    except BaseException:
+        failed.set()  # no last poll and no wait for this one: storage may be why the work failed
+        raise
+    else:
+        stop.set()
+        thread.join()
+        report()
+    finally:
+        stop.set()
+        if bar is not None:
+            bar.close()

@@ -1,0 +1,133 @@
+"""What a person sees and what a local run exposes: real ``generate`` runs in fresh processes without a
+terminal, their console counted and their process tree's listening sockets watched; progress counted
+from storage; Ray that cannot start, said in one line."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pytest
+
+from pipeline.progress import CommitWatch, status_line
+from pipeline.schema import DATA_DIR, FAILURES_DIR
+from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
+from tests.tiny_diffusion import truncated_copy
+
+ROOT = Path(__file__).parent.parent
+STATUS = "INFO pipeline.progress: "  # how a status line is told apart from the rest
+OUR_ENV = ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_AUTH_MODE", "RAY_TMPDIR")  # what the fixtures set
+
+
+def fresh_env(**extra: str) -> dict:
+    """A user's environment: none of the Ray settings the test session's fixtures put in os.environ."""
+    env = {key: value for key, value in os.environ.items() if key not in OUR_ENV}
+    return env | {"PYTHONPATH": str(ROOT)} | extra
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def run_watched(args: list[str], log: Path, env: dict) -> tuple[int, list[str], set, list[str]]:
+    """Run the command without a terminal; returns its exit code, console lines, the (process, address,
+    port) of every socket its process tree listened on, and the command lines of dashboard processes."""
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args], stdin=subprocess.DEVNULL,
+                                   stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    listening, dashboards = set(), []
+    root = psutil.Process(process.pid)
+    deadline = time.monotonic() + 900
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for member in tree:
+            try:
+                listening |= {(member.name(), c.laddr.ip, c.laddr.port) for c in member.net_connections(kind="inet")
+                              if c.status == psutil.CONN_LISTEN}
+                dashboards += [" ".join(member.cmdline())] if "dashboard/dashboard.py" in " ".join(member.cmdline()) else []
+            except psutil.Error:  # a process that ended between the listing and the look
+                pass
+        time.sleep(0.5)
+    code = process.wait(timeout=60)
+    return code, log.read_text().splitlines(), listening, dashboards
+
+
+@pytest.mark.slow
+def test_a_demo_sized_run_on_an_elastic_pool_shows_its_own_progress_and_listens_only_on_loopback(
+        write_config, tmp_path):
+    path = write_config(work={"class_labels": [0, 1, 2, 3, 4], "samples_per_label": 4},
+                        ray={"actors": [1, 2], "cpus_per_actor": 0.5, "batch_size": 2})
+    code, lines, listening, dashboards = run_watched(["generate", path, "--status-every", "5"],
+                                                     tmp_path / "console.log", fresh_env())
+    text = "\n".join(lines)
+    assert code == 0, text
+    status = [line for line in lines if STATUS in line]
+    others = [line for line in lines if STATUS not in line]
+    assert status and "20/20 samples committed" in status[-1] and "0 failed" in status[-1]
+    assert len(others) <= 15, text
+    assert "Traceback" not in text and "Total Progress" not in text and "pid=" not in text, text
+    assert lines[-1] == "status:    complete"
+    assert any(name == "gcs_server" for name, _, _ in listening), listening  # the watch saw the cluster
+    assert not [s for s in listening if not is_loopback(s[1])], listening
+    # No dashboard for a batch run unless asked: what Ray still starts then is its API server with no frontend
+    # and only its usage-stats module.
+    assert dashboards and all("--disable-frontend" in line for line in dashboards), dashboards
+
+
+@pytest.mark.slow
+def test_a_worker_side_error_is_the_last_line_and_no_worker_log_reaches_the_console(
+        write_config, class_unet, tmp_path):
+    broken = truncated_copy(class_unet, tmp_path / "broken_unet")
+    path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
+    code, lines, _, _ = run_watched(["generate", path], tmp_path / "console.log", fresh_env())
+    text = "\n".join(lines)
+    assert code == 2, text
+    assert lines[-1].startswith("jepa-minority generate: the sampler could not load its models"), text
+    assert "Traceback" not in text and "pid=" not in text, text
+
+
+def test_ray_that_cannot_start_says_why_in_one_line(write_config, tmp_path):
+    too_long = tmp_path / ("x" * 100)
+    too_long.mkdir()
+    done = subprocess.run([sys.executable, "-m", "jobs.cli", "generate", write_config()], capture_output=True,
+                          text=True, timeout=600, cwd=ROOT, stdin=subprocess.DEVNULL,
+                          env=fresh_env(RAY_TMPDIR=str(too_long)))
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("jepa-minority generate: Ray could not start: its socket paths under RAY_TMPDIR=")
+    assert "107 bytes" in last and "set RAY_TMPDIR to a short folder" in last
+
+
+def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    rows = lambda n, tag: pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})  # noqa: E731
+    write_table(output.child(DATA_DIR).child("part-before.parquet"), rows(5, "b"), 2)
+    stale = output.child(FAILURES_DIR).child("old.json")
+    write_bytes(stale, b"{}")
+    past = (datetime.now(timezone.utc) - timedelta(hours=1)).timestamp()
+    os.utime(stale.path, (past, past))  # a record left by an earlier run
+    watch = CommitWatch(output)
+    watch.poll()
+    assert (watch.committed, watch.failed) == (0, 0)
+    write_table(output.child(DATA_DIR).child("part-a.parquet"), rows(3, "a"), 2)
+    write_table(output.child(DATA_DIR).child("part-c.parquet"), rows(4, "c"), 2)
+    write_bytes(output.child(FAILURES_DIR).child("new.json"), json.dumps({"error": "x"}).encode())
+    watch.poll()
+    watch.poll()  # a file is counted once however often it is seen
+    assert (watch.committed, watch.failed) == (7, 1)
+    assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
+    assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
