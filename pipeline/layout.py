@@ -16,12 +16,17 @@ from pipeline.storage import Location, StorageError, clear_errors, exists, list_
 
 
 def check_layout(folder: Location) -> None:
-    """Refuse a folder written in the layout before this one (its manifest and records would read as data),
-    or whose committed rows lack columns of this version's rows (an older version wrote them)."""
+    """Refuse a folder written in the layout before this one: its manifest and records would read as data."""
     old = [name for name in OLD_LAYOUT if exists(folder.child(name))]
     if old:
         raise StorageError(f"{folder.uri} was written in the old layout ({', '.join(old)}), which this version does "
                            "not resume: finish it with the version that started it, or choose a new output folder")
+
+
+def check_resumable(folder: Location) -> None:
+    """A run folder this version can add rows to: this layout, and committed rows with this version's columns
+    (an older version's rows would mix two schemas in one run)."""
+    check_layout(folder)
     missing = missing_columns(folder)
     if missing:
         raise StorageError(f"{folder.uri} holds rows written before column {', '.join(missing)} existed, which this "

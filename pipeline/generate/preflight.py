@@ -19,7 +19,7 @@ from guidance.encoders import check_encoder_weights
 from guidance.presets import check_model
 from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model
-from pipeline.layout import check_layout
+from pipeline.layout import check_resumable
 from pipeline.rows import committed_ids
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError
@@ -88,7 +88,7 @@ def check_files(config: GenerateConfig) -> None:
 def check_output(output: Location, manifest: Manifest) -> bool:
     """The output can hold this run and holds no other; True when it already holds this config's manifest."""
     check_reachable(output)
-    check_layout(output)
+    check_resumable(output)
     target = output.child(MANIFEST_FILE)
     if not exists(target):
         return False
