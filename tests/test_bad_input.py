@@ -36,7 +36,7 @@ def run_refused(args: list[str], capsys) -> str:
     ("work.samples_per_label=0", "work.samples_per_label must be >= 1, got 0"),
     ("work.class_labels=[-1, 2]", "work.class_labels must be >= 0"),
     ("work.base_seed=1.5", "work.base_seed must be an integer"),
-    ("ray.actors=0", "ray.actors must be >= 1, got 0"),
+    ("ray.actors=0", "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got 0"),
     ("ray.cpus_per_actor=-1", "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
     ("output.max_failure_fraction=.nan", "output.max_failure_fraction must be a finite number, got nan"),
     ("output.max_failure_fraction=2", "output.max_failure_fraction must be in [0, 1], got 2.0"),
