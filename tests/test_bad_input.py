@@ -5,9 +5,7 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +16,7 @@ import pytest
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
-from tests.tiny_diffusion import truncated_copy
+from tests.tiny_diffusion import misfit_copy, truncated_copy
 
 
 def run_refused(args: list[str], capsys) -> str:
@@ -108,10 +106,7 @@ def test_weights_that_pass_the_check_but_not_the_load_fail_in_one_line_and_nothi
         ray_cluster, write_config, class_unet, tmp_path, capsys):
     """The preflight reads configs and headers only: weights whose shapes do not fit the UNet's config
     fail when the sampler loads them, in one line, with only the manifest written."""
-    broken = tmp_path / "misfit_unet"
-    shutil.copytree(class_unet, broken)
-    config = broken / "unet" / "config.json"
-    config.write_text(json.dumps(json.loads(config.read_text()) | {"num_class_embeds": 12}))
+    broken = misfit_copy(class_unet, tmp_path / "misfit_unet")
     path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
                         ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
     err = run_refused([path], capsys)

@@ -20,7 +20,7 @@ import pytest
 from pipeline.progress import CommitWatch, status_line
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
-from tests.tiny_diffusion import truncated_copy
+from tests.tiny_diffusion import misfit_copy
 
 ROOT = Path(__file__).parent.parent
 STATUS = "INFO pipeline.progress: "  # how a status line is told apart from the rest
@@ -89,7 +89,7 @@ def test_a_demo_sized_run_on_an_elastic_pool_shows_its_own_progress_and_listens_
 @pytest.mark.slow
 def test_a_worker_side_error_is_the_last_line_and_no_worker_log_reaches_the_console(
         write_config, class_unet, tmp_path):
-    broken = truncated_copy(class_unet, tmp_path / "broken_unet")
+    broken = misfit_copy(class_unet, tmp_path / "misfit_unet")  # passes the preflight, fails in the sampler
     path = write_config(model={"source": str(broken)}, work={"class_labels": [0], "samples_per_label": 2},
                         ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2})
     code, lines, _, _ = run_watched(["generate", path], tmp_path / "console.log", fresh_env())

@@ -394,7 +394,7 @@ def test_runs_and_reference_on_object_storage_and_rarity_without_a_reference(ray
 
 def rewrite(folder, column: str, values: list) -> None:
     """Replace one column of a fake run's only data file, every other column kept."""
-    path = folder / "data" / "part-0.parquet"
+    (path,) = (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet")
     table = pq.read_table(path)
     index = table.schema.get_field_index(column)
     pq.write_table(table.set_column(index, table.field(column), pa.array(values, table.schema.field(column).type)), path)

@@ -285,13 +285,13 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     import datasets
     import pyarrow.dataset as pads
 
-    from pipeline.generate.work import build_manifest
+    from tests.test_generation import cpu_manifest
     from pipeline.sink import part_name
     from pipeline.storage import StorageConfig, list_files, resolve
 
     path = write_config(work={"class_labels": [3], "samples_per_label": 4})
     data = tmp_path / "out" / "data"
-    ids = build_manifest(load_config(path)).table.column("sample_id").to_pylist()[:2]  # this run's own rows
+    ids = cpu_manifest(load_config(path)).table.column("sample_id").to_pylist()[:2]  # this run's own rows
     target, limit = data / part_name(ids), 256 * 1024
     writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), str(limit), *ids],
                             capture_output=True, text=True, timeout=120)

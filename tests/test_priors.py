@@ -25,7 +25,7 @@ from jobs import score as score_job
 from pipeline.evaluate.features import ClipScorer
 from pipeline.generate.config import EncoderConfig, load_config
 from pipeline.generate.sampler_stage import SampleGenerator
-from pipeline.generate.work import build_manifest
+from tests.test_generation import cpu_manifest
 from pipeline.settings import ConfigError
 
 VIT = "vit_tiny_patch16_224"  # not in the DINOv2 table: patch 16, one CLS token, no registers
@@ -236,7 +236,7 @@ def test_the_sampler_stage_guides_and_scores_with_a_timm_prior(write_config, vit
     config = load_config(path)
     stage = SampleGenerator(config, "run-1")
     assert stage.load_error is None and stage.encoder.name == f"timm:{VIT}"
-    rows = stage(build_manifest(config).table).to_pylist()
+    rows = stage(cpu_manifest(config).table).to_pylist()
     assert len(rows) == 2 and all(row["encoder"] == f"timm:{VIT}" and len(row["embedding"]) == 32 for row in rows)
     assert all(np.isfinite(row["jepa_score"]) and np.isfinite(row["topk_score"]) for row in rows)
     assert yaml.safe_load(open(path))["encoder"]["output"] == "pool"

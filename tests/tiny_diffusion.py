@@ -50,6 +50,15 @@ def truncated_copy(pipeline: Path, folder: Path) -> Path:
     return folder
 
 
+def misfit_copy(pipeline: Path, folder: Path) -> Path:
+    """A copy of a saved class-conditional UNet pipeline whose config no longer fits its weights: every file
+    reads (a preflight passes it), but loading the UNet fails (a mismatched checkpoint)."""
+    shutil.copytree(pipeline, folder)
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"num_class_embeds": 12}))
+    return folder
+
+
 def tiny_vae(seed: int = 0) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(

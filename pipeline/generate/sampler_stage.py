@@ -22,6 +22,7 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
+from guidance.encoders import one_line
 from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
 from pipeline.generate.config import GenerateConfig
@@ -66,7 +67,7 @@ class SampleGenerator:
             self.load_error = ConfigError(
                 f"the sampler could not load its models (model.source {config.model.source}, encoder.weights "
                 f"{config.encoder.weights}; truncated, corrupted or not weights-only?): "
-                f"{type(error).__name__}: {error}")
+                f"{type(error).__name__}: {one_line(error)}")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         if self.load_error is not None:
