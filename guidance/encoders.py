@@ -212,6 +212,9 @@ def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
     if weights == "random" or weights == "hub" or weights.startswith("hub:"):
         return
     path = Path(weights).expanduser()
+    if not path.exists() and family == "open_clip":
+        raise FileNotFoundError(f"open_clip weights not found: {path}. Pass the tower's local open_clip checkpoint "
+                                "file (nothing is downloaded), or 'random' for an untrained tower.")
     if not path.exists():
         raise FileNotFoundError(
             f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
@@ -229,7 +232,7 @@ def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
         except (OSError, ValueError, AttributeError) as error:
             raise ValueError(f"encoder folder {path}: config.json is not a readable JSON object: {error}") from error
         if found != timm.models.get_arch_name(architecture):
-            raise ValueError(f"encoder folder {path} holds a {found!r}, not the requested {name!r}")
+            raise ValueError(f"encoder folder {path} holds a {found!r}, not the requested {architecture!r}")
         files = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
         if not files:
             raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")

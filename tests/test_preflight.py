@@ -79,7 +79,7 @@ def test_dry_run_says_what_a_run_would_do(write_config, tmp_path, capsys):
     feather.write_feather(manifest, out / MANIFEST_FILE)
     rows = [{"sample_id": sample_id} for sample_id in manifest.column("sample_id").to_pylist()[:5]]
     (out / DATA_DIR).mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([OUTPUT_SCHEMA.field("sample_id")])),
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA),  # this version's columns, nulls but the id
                    out / DATA_DIR / f"{DATA_FILE_PREFIX}a.parquet")
     assert generate_job.main([path, "--dry-run"]) == 0
     assert capsys.readouterr().out == f"dry run: 12 samples planned into {out}, 5 already committed: resumes\n"
