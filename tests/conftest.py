@@ -18,6 +18,8 @@ import yaml
 from torch import nn
 
 from guidance import load_encoder
+from pipeline.generate.preflight import for_device
+from pipeline.generate.work import build_manifest
 from pipeline.settings import TrackingConfig
 
 ENCODER_NAME = "vit_small_patch14_reg4_dinov2"
@@ -212,3 +214,8 @@ def nan_class_unet(tmp_path_factory):
         pipeline.unet.class_embedding.weight[9] = float("nan")
     pipeline.save_pretrained(folder)
     return folder
+
+
+def cpu_manifest(config):
+    """The manifest as a run on CPU samplers makes it (model.dtype resolved)."""
+    return build_manifest(for_device(config, gpus_per_actor=0.0))

@@ -285,7 +285,7 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     import datasets
     import pyarrow.dataset as pads
 
-    from tests.test_generation import cpu_manifest
+    from tests.conftest import cpu_manifest
     from pipeline.sink import part_name
     from pipeline.storage import StorageConfig, list_files, resolve
 

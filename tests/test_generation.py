@@ -27,15 +27,9 @@ from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import load_models
-from pipeline.generate.preflight import for_device
-from pipeline.generate.work import build_manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from tests.conftest import cpu_manifest
 from tests.private_apis import compiled_in_place
-
-
-def cpu_manifest(config):
-    """The manifest as a run on CPU samplers makes it (model.dtype resolved)."""
-    return build_manifest(for_device(config, gpus_per_actor=0.0))
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:

@@ -19,17 +19,12 @@ from jobs import filter as filter_job
 from jobs import generate as generate_job
 from jobs import refresh as refresh_job
 from pipeline.generate.config import load_config
-from pipeline.generate.preflight import for_device
-from pipeline.generate.work import build_manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
 from pipeline.tracking import folder_name, run_name, source_name
 from tests.services import free_port
 from tests.test_bad_input import cli_refuses
+from tests.conftest import cpu_manifest
 from tests.test_curation import fake_generation
-
-
-def cpu_manifest(path: str, changes: list[str] = ()) -> pa.Table:
-    return build_manifest(for_device(load_config(path, list(changes)), gpus_per_actor=0.0)).table
 
 
 def broken_weights(tmp_path, tiny_vit_folder):
@@ -52,7 +47,8 @@ def test_dry_run_refuses_each_bad_input_in_one_line_and_writes_nothing(case, wri
         message = f"jepa-minority generate: {out} is a file, not a folder"
     elif case == "another config's run":
         out.mkdir()
-        feather.write_feather(cpu_manifest(write_config(), ["sampling.method=unguided"]), out / MANIFEST_FILE)
+        unguided = cpu_manifest(load_config(write_config(), ["sampling.method=unguided"]))
+        feather.write_feather(unguided.table, out / MANIFEST_FILE)
         message = f"jepa-minority generate: {out} holds another run (manifest digest"
     elif case == "unreadable encoder weights":
         sections["encoder"], message = broken_weights(tmp_path, tiny_vit_folder)
@@ -74,7 +70,7 @@ def test_dry_run_says_what_a_run_would_do(write_config, tmp_path, capsys):
     path, out = write_config(), tmp_path / "out"
     assert generate_job.main([path, "--dry-run"]) == 0
     assert capsys.readouterr().out == f"dry run: 12 samples planned into {out}, 0 already committed: starts\n"
-    manifest = cpu_manifest(path)
+    manifest = cpu_manifest(load_config(path)).table
     out.mkdir()
     feather.write_feather(manifest, out / MANIFEST_FILE)
     rows = [{"sample_id": sample_id} for sample_id in manifest.column("sample_id").to_pylist()[:5]]
@@ -92,7 +88,7 @@ def test_speed_only_levers_resume_the_run(change, write_config, tmp_path, capsys
     """Each leaves the samples as they are, so it leaves the run's identity as it is (auto is float32 on CPU)."""
     path = write_config()
     (tmp_path / "out").mkdir()
-    feather.write_feather(cpu_manifest(path), tmp_path / "out" / MANIFEST_FILE)
+    feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
     assert generate_job.main([path, "--dry-run", "--set", change]) == 0, capsys.readouterr().err
     assert capsys.readouterr().out.endswith("0 already committed: resumes\n")
 
@@ -104,7 +100,7 @@ def test_what_changes_the_samples_is_another_run(change, write_config, class_une
     shutil.copytree(tiny_vit_folder, encoder)
     path = write_config(model={"source": str(model)}, encoder={"weights": str(encoder)})
     (tmp_path / "out").mkdir()
-    feather.write_feather(cpu_manifest(path), tmp_path / "out" / MANIFEST_FILE)
+    feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
     overrides = []
     if change == "eta":
         overrides = ["--set", "sampling.guidance.eta=0.25"]

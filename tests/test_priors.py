@@ -25,7 +25,7 @@ from jobs import score as score_job
 from pipeline.evaluate.features import ClipScorer
 from pipeline.generate.config import EncoderConfig, load_config
 from pipeline.generate.sampler_stage import SampleGenerator
-from tests.test_generation import cpu_manifest
+from tests.conftest import cpu_manifest
 from pipeline.settings import ConfigError
 
 VIT = "vit_tiny_patch16_224"  # not in the DINOv2 table: patch 16, one CLS token, no registers
