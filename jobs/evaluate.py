@@ -16,7 +16,7 @@ from jobs.options import (add_storage_and_tracking, config_flag, given, job_pars
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
-         "rarity_features", "rarity_k", "batch_size", "actors", "cpus_per_actor")  # EvaluateConfig fields, one flag each
+         "rarity_features", "rarity_k", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--batch-size", doc["batch_size"], type=int)
     config_flag(parser, "--actors", doc["actors"], type=int)
     config_flag(parser, "--cpus-per-actor", doc["cpus_per_actor"], type=float)
+    parser.add_argument("--verbose", action="store_true", help=doc["verbose"].meaning)
     add_storage_and_tracking(parser)
     return parser
 

@@ -9,6 +9,7 @@ from jobs.options import add_storage_and_tracking, job_parser, run_as_program, s
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import ui_command
+from pipeline.sourcedoc import field_docs
 from pipeline.storage import StorageError
 
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_and_tracking(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input, the rule and the output; write nothing")
+    parser.add_argument("--verbose", action="store_true", help=field_docs("pipeline.curate.filter", "FilterConfig")["verbose"]
+                        .meaning)
     return parser
 
 
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
             max_score=args.max_score, by=args.by, storage=storage_config(args), tracking=tracking_config(args, args.input),
+            verbose=args.verbose,
         )
         if args.dry_run:
             preflight_filter(config)

@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=8, help="score requests batched together")
     config_flag(parser, "--generate-batch-samples", field_docs("pipeline.serve.service", "ServeConfig")["generate_batch_samples"],
                 type=int)
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"{field_docs('pipeline.generate.config', 'ConsoleConfig')['verbose'].meaning} (console.verbose)")
     for name in LIMITS:
         config_flag(parser, f"--{name.replace('_', '-')}", limits[name], type=int)
     return parser
@@ -39,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         service = ServeConfig(
-            config=args.config, overrides=tuple(args.overrides), dataset=args.dataset, host=args.host,
-            port=args.port, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-            gpus_per_replica=args.gpus_per_replica, max_batch_size=args.max_batch_size,
+            config=args.config, overrides=(*args.overrides, *["console.verbose=true"] * args.verbose),
+            dataset=args.dataset, host=args.host, port=args.port, replicas=args.replicas,
+            cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+            max_batch_size=args.max_batch_size,
             **given(args, "generate_batch_samples"),
             limits=ServeLimits(**given(args, *LIMITS)),
         )

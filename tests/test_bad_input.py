@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pyarrow.feather as feather
 import pytest
+import yaml
 
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
@@ -154,3 +155,18 @@ def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path):
     (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
     assert cli_refuses(["serve", "bad.yaml"], tmp_path) == \
         "jepa-minority serve: sampling: steps must be an integer >= 1, got -3"
+
+
+def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tmp_path, class_unet, tiny_vit_folder):
+    """The replicas would load them; a broken file is found first, in one line naming the key."""
+    broken = truncated_copy(class_unet, tmp_path / "broken_unet")
+    encoder = {"name": "vit_small_patch14_reg4_dinov2", "weights": str(tiny_vit_folder), "input_size": 28}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model": {"source": str(broken)}, "encoder": encoder}))
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    assert cli_refuses(["serve", "model.yaml"], tmp_path).startswith(
+        f"jepa-minority serve: model: could not read unet weights {weights}: truncated")
+    (tmp_path / "bad.safetensors").write_bytes(b"not weights")
+    encoder["weights"] = str(tmp_path / "bad.safetensors")
+    (tmp_path / "encoder.yaml").write_text(yaml.safe_dump({"model": {"source": str(class_unet)}, "encoder": encoder}))
+    assert cli_refuses(["serve", "encoder.yaml"], tmp_path).startswith(
+        f"jepa-minority serve: encoder.weights: could not read encoder weights {tmp_path / 'bad.safetensors'}")

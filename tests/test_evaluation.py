@@ -322,6 +322,9 @@ def test_bad_references_and_runs_give_clear_errors(ray_cluster, tmp_path, tracki
         assert err.strip().splitlines()[-1].startswith("jepa-minority evaluate: ")  # the last line is ours
         return err
 
+    assert f"reference {tmp_path / 'nowhere'} not found" in refused("--reference", str(tmp_path / "nowhere"))
+    reference_folder(tmp_path / "real", count=8)  # images are embedded with the runs' encoder, whose weights are gone
+    assert "encoder weights not found: dinov2.safetensors" in refused("--reference", str(tmp_path / "real"))
     (tmp_path / "empty").mkdir()
     assert "holds no Parquet files and no .png/.jpg/.jpeg images" in refused("--reference", str(tmp_path / "empty"))
     reference_folder(tmp_path / "broken", count=3)

@@ -50,6 +50,7 @@ class FilterConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     max_rows_per_file: int = 1024  # bounds each output Parquet file
+    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
 
     def __post_init__(self):
         if (self.keep_fraction is None) == (self.keep is None):
@@ -153,7 +154,7 @@ def run_filter(config: FilterConfig) -> dict:
         raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
                            "with that version, or generate it again with this one")
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
-    connect_ray(dashboard=False)
+    connect_ray(dashboard=False, verbose=config.verbose)
 
     made = generation.get("config", {})
     model = made.get("model", {})

@@ -69,6 +69,7 @@ class EvaluateConfig:
     cpus_per_actor: float = 1.0  # fractions keep small machines from stalling
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
 
     def __post_init__(self):
         if not self.generated:
@@ -211,6 +212,9 @@ def open_generated(uri: str, storage: StorageConfig) -> GeneratedRun:
     files = [f.path for f in list_files(location.child(DATA_DIR), ".parquet")]
     if not files:
         raise ValueError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
+    rows = pads.dataset(files, filesystem=location.filesystem, format="parquet").count_rows()  # file footers only
+    if rows < 2:
+        raise ValueError(f"{uri} holds fewer than 2 rows ({rows} committed): nothing to evaluate")
     return GeneratedRun(uri, location, files, config["sampling"]["method"], config["encoder"], run.get("last_run_id"),
                         len(list_files(location.child(FAILURES_DIR), ".json")))
 
@@ -247,7 +251,7 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         _check_reference(config, encoder, parquet, images)
     # every model loads once here first, on the CPU: a bad weights file fails before any data is read
     EvalFeatures(_spec(config, encoder if images else None, clip_score=True) or FeatureSpec(), device="cpu")
-    connect_ray()
+    connect_ray(dashboard=False, verbose=config.verbose)
 
     reference = None
     if parquet:

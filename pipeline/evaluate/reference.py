@@ -14,6 +14,9 @@ from pipeline.storage import StorageConfig, exists, list_files, resolve
 def find_reference(uri: str, storage: StorageConfig) -> tuple[list[str], list[Path]]:
     """(Parquet files, image files) of the reference: exactly one of the two is non-empty."""
     location = resolve(uri, storage)
+    if location.is_local and not Path(location.path).exists():
+        raise FileNotFoundError(f"reference {uri} not found: give a folder of real images or Parquet in the "
+                                "generated schema")
     if location.path.endswith(".parquet") and exists(location):
         return [location.path], []
     files = list_files(location.child(DATA_DIR), ".parquet") or list_files(location, ".parquet")

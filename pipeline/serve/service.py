@@ -28,6 +28,7 @@ from guidance import generate, jepa_scores
 from guidance.generate import check_work
 from pipeline.cluster import connect_ray
 from pipeline.generate.config import GenerateConfig, load_config
+from pipeline.generate.preflight import check_files
 from pipeline.generate.sampler_stage import load_models
 from pipeline.images import png_bytes
 from pipeline.serve.browse import DatasetBrowser, DatasetError
@@ -218,8 +219,10 @@ class JepaService:
 
 
 def check_service(service: ServeConfig) -> GenerateConfig:
-    """The generation config and the dataset, checked before Ray starts: a mistake is the last line on screen."""
+    """The generation config, its model and encoder files and the dataset, checked before Ray starts: a
+    mistake is the last line on screen, not a replica's traceback."""
     config = load_config(service.config, list(service.overrides))
+    check_files(config)
     if service.dataset:
         DatasetBrowser(service.dataset, config.storage)  # a bad URI fails here, not in a replica
     return config
@@ -239,7 +242,7 @@ def build_app(service: ServeConfig, config: GenerateConfig):
 def run_serve(service: ServeConfig, *, blocking: bool = True) -> str:
     """Deploy on the cluster in RAY_ADDRESS (else a local one); returns the service's base URL."""
     config = check_service(service)
-    connect_ray()
+    connect_ray(verbose=config.console.verbose)
     serve.start(http_options={"host": service.host, "port": service.port})
     application = build_app(service, config)
     url = f"http://{service.host}:{service.port}"
