@@ -3,9 +3,10 @@
   jepa-minority check-prior real_images/ --encoder vit_small_patch14_reg4_dinov2 --weights dinov2.safetensors
 
 Scores the reference (a folder of images, or Parquet in the generated schema) with the encoder's exact
-JEPA-SCORE, measures each image's AvgkNN among the others in an independent feature space, and says
-in one line whether the score falls with rarity there (negative Spearman), does not track it, or
-rises with it. Writes prior_check.png and prior_check.json (last) to --output; logs both to MLflow.
+JEPA-SCORE and the top-k log-volume guidance descends (at --guidance-k), measures each image's AvgkNN
+among the others in an independent feature space, and says in one line per score whether it falls
+with rarity there (negative Spearman), does not track it, or rises with it. Writes prior_check.png
+and prior_check.json (last) to --output; logs both to MLflow.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from jobs.options import (add_storage_and_tracking, config_flag, given, job_pars
                           tracking_config)
 from pipeline.sourcedoc import field_docs
 
-FLAGS = ("features", "labels", "k", "max_images", "seed", "inception_weights", "clip_weights", "clip_arch", "batch_size",
+FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "inception_weights", "clip_weights", "clip_arch", "batch_size",
          "device", "output")  # PriorConfig fields, one flag each
 
 
@@ -37,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--weights", encoder["weights"])
     config_flag(parser, "--input-size", encoder["input_size"], type=int)
     config_flag(parser, "--k", doc["k"], type=int)
+    guidance_k = field_docs("guidance.methods", "GuidanceConfig")["k"].default
+    parser.add_argument("--guidance-k", type=int, metavar="K",
+                        help=f"{doc['guidance_k'].meaning} (default: --config's sampling.guidance.k, else {guidance_k})")
     config_flag(parser, "--max-images", doc["max_images"], type=int)
     config_flag(parser, "--seed", doc["seed"], type=int)
     parser.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception .pth: the inception space")
@@ -48,18 +52,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _encoder(args: argparse.Namespace):
-    """The encoder: a generation config's encoder section, with --encoder / --weights / --input-size over it."""
+def _from_config(args: argparse.Namespace) -> dict:
+    """The generation config given by --config, as YAML (empty without one)."""
     import yaml
 
+    if not args.config:
+        return {}
+    path = Path(args.config).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"config not found: {path}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _encoder(args: argparse.Namespace, section: dict):
+    """The encoder: a generation config's encoder section, with --encoder / --weights / --input-size over it."""
     from pipeline.generate.config import EncoderConfig, build
 
-    section = {}
-    if args.config:
-        path = Path(args.config).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"config not found: {path}")
-        section = (yaml.safe_load(path.read_text()) or {}).get("encoder", {})
     chosen = {"name": args.encoder, "weights": args.weights, "input_size": args.input_size}
     return build(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None}, "encoder")
 
@@ -71,13 +79,18 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.storage import StorageError
 
     try:
-        config = PriorConfig(reference=args.reference, encoder=_encoder(args), storage=storage_config(args),
-                             tracking=tracking_config(args, args.reference), **given(args, *FLAGS))
+        generation = _from_config(args)
+        guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
+        options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
+        config = PriorConfig(reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
+                             storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
         summary = check_prior(config)
     except (ValueError, FileNotFoundError, StorageError) as error:
         print(f"jepa-minority check-prior: {error}", file=sys.stderr)
         return 2
     print(summary["verdict"])
+    if "topk" in summary:
+        print(summary["topk"]["verdict"])
     print(f"mlflow:  run {summary['run_id']} in {config.tracking.tracking_uri}")
     if config.output:
         print(f"output:  {config.output}/{PRIOR_CHECK_PLOT}, {config.output}/{PRIOR_CHECK_FILE}")

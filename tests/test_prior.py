@@ -13,7 +13,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from guidance import jepa_score, load_encoder
+from guidance import jepa_score, jepa_scores, load_encoder
 from jobs import check_prior as check_prior_job
 from pipeline.evaluate.features import FeatureSpace
 from pipeline.evaluate.prior import class_frequency, prior_summary, verdict
@@ -43,8 +43,11 @@ def test_prior_summary_on_scores_that_are_known_functions_of_rarity():
     space = FeatureSpace.parse("pixels-8")
     falls, _ = prior_summary(-rarity ** 2, features, space, k=4)  # lower score exactly where rarer
     assert falls["spearman"] == pytest.approx(-1) and falls["verdict"].startswith("JEPA-SCORE falls with rarity")
-    rises, _ = prior_summary(np.exp(rarity), features, space, k=4)
+    rises, _ = prior_summary(np.exp(rarity), features, space, k=4, topk=(3, -rarity))
     assert rises["spearman"] == pytest.approx(1) and rises["verdict"].startswith("JEPA-SCORE rises with rarity")
+    assert rises["topk"]["spearman"] == pytest.approx(-1) and rises["topk"]["guidance_k"] == 3
+    assert rises["topk"]["verdict"].startswith("The top-3 score falls with rarity")
+    assert "topk" not in falls
     assert [b["images"] for b in falls["binned"]] == [6] * 10
     assert np.all(np.diff([b["avg_knn"] for b in falls["binned"]]) > 0)  # rarest bin last
     assert np.all(np.diff([b["jepa_score"] for b in falls["binned"]]) < 0)
@@ -68,10 +71,10 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     args = [str(tmp_path / "real"), "--encoder", ENCODER_NAME, "--weights", str(tiny_vit_folder), "--input-size",
             str(TINY_SIZE), "--features", "pixels-8", "--k", "3", "--labels", str(tmp_path / "labels.csv"),
             "--tracking-uri", tracking_uri, "--device", "cpu"]
-    assert check_prior_job.main([*args, "--output", str(tmp_path / "check")]) == 0
+    assert check_prior_job.main([*args, "--guidance-k", "4", "--output", str(tmp_path / "check")]) == 0
     printed = capsys.readouterr().out.splitlines()
     summary = json.loads((tmp_path / "check" / "prior_check.json").read_text())
-    assert printed[0] == summary["verdict"]
+    assert printed[:2] == [summary["verdict"], summary["topk"]["verdict"]]
 
     # the score is the exact JEPA-SCORE of `jepa-minority score`, rarity the leave-one-out AvgkNN in pixels-8
     scored = {row.path: row.score for row in score_images(ScoreConfig(
@@ -81,6 +84,13 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     rho, p_value = scipy.stats.spearmanr(scores, avg_knn_within(pixels, 3))
     assert summary["spearman"] == pytest.approx(rho, abs=1e-9) and summary["p_value"] == pytest.approx(p_value)
     assert summary["verdict"] == verdict(rho, 12, p_value)  # the line's sign is the computed one
+    # the score guidance descends, checked the same way: the exact top-4 log-volume, recomputed here
+    encoder = load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
+    _, topk = jepa_scores(encoder, encoder.resize(torch.from_numpy(pixels).float().view(-1, 8, 8, 3).permute(0, 3, 1, 2)), 4)
+    rho_k, p_k = scipy.stats.spearmanr(topk.numpy(), avg_knn_within(pixels, 3))
+    assert summary["topk"]["guidance_k"] == 4 and summary["topk"]["spearman"] == pytest.approx(rho_k, abs=1e-9)
+    assert summary["topk"]["verdict"] == verdict(rho_k, 12, p_k, score="The top-4 score")
+    assert rho_k != pytest.approx(rho, abs=1e-3)  # a different score, so the check can tell them apart
     assert summary["feature_space"] == "pixels-8" and summary["independent"] is True
     assert summary["images"] == summary["reference_images"] == 12 and summary["subsample"] is None
     classes = summary["class_frequency"]["classes"]
@@ -101,9 +111,10 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
 def test_check_prior_on_a_parquet_run_scores_its_images_and_reads_a_label_column(
         tmp_path, tiny_vit_folder, tracking_uri, capsys):
     table = fake_run(tmp_path / "run", "unguided", 0, count=10, prompts=False)
-    assert check_prior_job.main([str(tmp_path / "run"), "--weights", str(tiny_vit_folder), "--input-size",
-                                 str(TINY_SIZE), "--labels", "class_label", "--k", "2", "--device", "cpu",
-                                 "--tracking-uri", tracking_uri]) == 0
+    (tmp_path / "gen.yaml").write_text(f"encoder:\n  name: {ENCODER_NAME}\n  weights: {tiny_vit_folder}\n"
+                                       f"  input_size: {TINY_SIZE}\nsampling:\n  guidance:\n    k: 3\n")
+    assert check_prior_job.main([str(tmp_path / "run"), "--config", str(tmp_path / "gen.yaml"), "--labels",
+                                 "class_label", "--k", "2", "--device", "cpu", "--tracking-uri", tracking_uri]) == 0
     assert capsys.readouterr().out.startswith("JEPA-SCORE ")
     encoder = load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")).copy())
@@ -116,6 +127,7 @@ def test_check_prior_on_a_parquet_run_scores_its_images_and_reads_a_label_column
     with open(client.download_artifacts(run.info.run_id, "prior_check.json", str(tmp_path))) as handle:
         summary = json.load(handle)
     assert summary["feature_space"] == "pixels-32"  # the default without weights files
+    assert summary["topk"]["guidance_k"] == 3  # the generation config's guidance k
     assert summary["class_frequency"]["classes"]["0"]["jepa_score"] == pytest.approx(scores[0::2].mean(), abs=1e-5)
     assert summary["class_frequency"]["spearman"] is None  # two classes: no rank correlation
 
@@ -132,7 +144,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, tiny_vit_folder, tracking_ur
         assert err.count("\n") == 1 and err.startswith("jepa-minority check-prior: ")
         return err
 
-    assert "is not a local folder of images" in refused(str(tmp_path / "missing"))
+    assert f"reference {tmp_path / 'missing'} not found" in refused(str(tmp_path / "missing"))
     assert "has 4 images but AvgkNN with k = 5 needs more than k: lower --k to at most 3" in refused(str(tmp_path / "real"))
     (tmp_path / "labels.json").write_text(json.dumps({"img00.png": "a"}))
     assert "has no label for 3 image(s), e.g. img01.png" in refused(str(tmp_path / "real"), "--k", "2",

@@ -25,7 +25,7 @@ import pyarrow as pa
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from guidance import jepa_score, load_encoder
+from guidance import jepa_score, jepa_scores, load_encoder
 from guidance.encoders import load_open_clip
 
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
@@ -100,6 +100,7 @@ class FeatureSpec:
     clip_arch: str | None = None  # an open_clip architecture name, or a model config .json
     clip_features: bool = False  # also the CLIP image features (rarity in the clip space)
     pixels: str | None = None  # a pixels-N feature space name: its pixel vectors
+    topk: int | None = None  # with an encoder: also the exact top-k log-volume at this k (``topk_score``)
 
 
 def check_weights_file(path: str, what: str, suffixes: tuple[str, ...], hint: str) -> Path:
@@ -192,7 +193,7 @@ def _list_column(rows: np.ndarray) -> pa.Array:
 class EvalFeatures:
     """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
 
-    Adds ``jepa_score`` and ``embedding`` (when given an encoder), ``pool`` and ``spatial`` (Inception),
+    Adds ``jepa_score`` and ``embedding`` (when given an encoder; ``topk_score`` too when asked), ``pool`` and ``spatial`` (Inception),
     ``clip_score`` (CLIP, for batches with a ``prompt`` column; null for rows without one), ``clip_image``
     (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
     travel no further.
@@ -209,14 +210,17 @@ class EvalFeatures:
         self.clip = ClipScorer(spec.clip_arch, spec.clip_weights, self.device) if spec.clip_weights else None
         self.clip_features = spec.clip_features
         self.pixels = FeatureSpace.parse(spec.pixels) if spec.pixels else None
+        self.topk = spec.topk
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         images = [decode(row) for row in rows]
         out = batch.drop_columns([c for c in ("image", "path") if c in batch.column_names])
         if self.encoder is not None:
-            embeddings, scores = self._encode(images)
+            embeddings, scores, topk = self._encode(images)
             out = out.append_column("jepa_score", pa.array(scores, pa.float64()))
+            if topk is not None:
+                out = out.append_column("topk_score", pa.array(topk, pa.float64()))
             out = out.append_column("embedding", _list_column(embeddings))
         if self.inception is not None:
             pool, spatial = self._inception(images)
@@ -231,12 +235,16 @@ class EvalFeatures:
             out = out.append_column("pixels", _list_column(np.stack([self.pixels.pixels(image) for image in images])))
         return out
 
-    def _encode(self, images: list[Image.Image]) -> tuple[np.ndarray, list[float]]:
+    def _encode(self, images: list[Image.Image]) -> tuple[np.ndarray, list[float], list[float] | None]:
+        """Embeddings, exact JEPA-SCOREs and (when asked) exact top-k log-volumes, from one SVD per image."""
         with torch.no_grad():
             pixels = torch.stack([self.encoder.resize(_uint8(image)[None].float().to(self.device) / 255)[0]
                                   for image in images])
             embeddings = self.encoder(pixels).cpu().numpy()
-        return embeddings, jepa_score(self.encoder, pixels).tolist()
+        if self.topk is None:
+            return embeddings, jepa_score(self.encoder, pixels).tolist(), None
+        exact, topk = jepa_scores(self.encoder, pixels, self.topk)
+        return embeddings, exact.tolist(), topk.tolist()
 
     def _inception(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """One Inception call per image size (reference folders may mix sizes), rows kept in order."""

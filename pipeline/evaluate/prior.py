@@ -35,6 +35,7 @@ from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT,
 from pipeline.evaluate.metrics import subsample_key
 from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
 from pipeline.evaluate.reference import find_reference
+from guidance import GuidanceConfig
 from pipeline.generate.config import EncoderConfig
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
 from pipeline.settings import TrackingConfig, flatten, to_dict
@@ -46,10 +47,11 @@ SIGNIFICANCE = 0.05  # p-values at or above this are called out in the verdict
 BINS = 10  # AvgkNN quantile bins of the plot's binned means
 
 
-def verdict(rho: float | None, images: int, p_value: float | None = None, space: FeatureSpace | None = None) -> str:
-    """One plain line saying how the JEPA-SCORE relates to rarity (Spearman with AvgkNN, negative = tracks)."""
+def verdict(rho: float | None, images: int, p_value: float | None = None, space: FeatureSpace | None = None,
+            score: str = "JEPA-SCORE") -> str:
+    """One plain line saying how ``score`` relates to rarity (Spearman with AvgkNN, negative = tracks)."""
     if rho is None:
-        return (f"JEPA-SCORE cannot be compared with rarity here: the scores or the distances are constant "
+        return (f"{score} cannot be compared with rarity here: the scores or the distances are constant "
                 f"over {images:,} images")
     where = f"Spearman {rho:+.2f} on {images:,} images"
     if space is not None and not space.independent:
@@ -57,10 +59,10 @@ def verdict(rho: float | None, images: int, p_value: float | None = None, space:
     if p_value is not None and p_value >= SIGNIFICANCE:
         where += f"; p = {p_value:.2f}: too few images to be sure of the sign"
     if rho <= -TRACKS:
-        return f"JEPA-SCORE falls with rarity here ({where})"
+        return f"{score} falls with rarity here ({where})"
     if rho >= TRACKS:
-        return f"JEPA-SCORE rises with rarity here ({where}): guidance will push towards typical images"
-    return (f"JEPA-SCORE does not track rarity here ({where}): guidance will find images that are rare to this "
+        return f"{score} rises with rarity here ({where}): guidance will push towards typical images"
+    return (f"{score} does not track rarity here ({where}): guidance will find images that are rare to this "
             "encoder, not rare in this data")
 
 
@@ -88,9 +90,10 @@ def class_frequency(scores: np.ndarray, labels: list[str]) -> dict:
 
 
 def prior_summary(scores: np.ndarray, features: np.ndarray, space: FeatureSpace, k: int = DEFAULT_K,
-                  labels: list[str] | None = None) -> tuple[dict, np.ndarray]:
+                  labels: list[str] | None = None, topk: tuple[int, np.ndarray] | None = None) -> tuple[dict, np.ndarray]:
     """The prior check on paired arrays (each image's JEPA-SCORE and its features in ``space``):
-    the summary, and each image's AvgkNN among the others."""
+    the summary, and each image's AvgkNN among the others. ``topk`` = (the guidance k, each image's
+    exact top-k log-volume) adds the same check of the score guidance descends, under ``topk``."""
     scores = np.asarray(scores, np.float64)
     if len(scores) != len(features):
         raise RarityInputError(f"{len(scores)} scores but {len(features)} feature rows: they must be paired")
@@ -102,6 +105,13 @@ def prior_summary(scores: np.ndarray, features: np.ndarray, space: FeatureSpace,
                "independent": space.independent, "k": k, "images": len(scores), "spearman": rho, "p_value": p_value,
                "threshold": TRACKS, "verdict": verdict(rho, len(scores), p_value, space),
                "binned": binned_means(rarity, scores)}
+    if topk is not None:
+        guidance_k, values = topk[0], np.asarray(topk[1], np.float64)
+        if len(values) != len(scores) or not np.isfinite(values).all():
+            raise RarityInputError("the top-k scores must be finite and paired with the JEPA-SCOREs")
+        rho_k, p_k = _spearman(values, rarity)
+        summary["topk"] = {"guidance_k": guidance_k, "spearman": rho_k, "p_value": p_k,
+                           "verdict": verdict(rho_k, len(values), p_k, space, f"The top-{guidance_k} score")}
     if labels is not None:
         summary["class_frequency"] = class_frequency(scores, labels)
     return summary, rarity
@@ -116,6 +126,7 @@ class PriorConfig:
     features: str | None = None  # a FeatureSpace name; None = the most independent one available
     labels: str | None = None  # a Parquet column, or a .csv / .json file mapping file name (or sample id) -> label
     k: int = DEFAULT_K  # neighbours of AvgkNN
+    guidance_k: int | None = GuidanceConfig.k  # the top-k score (guidance descends it) is checked at this k; None: not
     max_images: int = 2000  # a uniform subsample (seeded) above this: every image costs D backward passes
     seed: int = 0  # chooses the subsample
     inception_weights: str | None = None
@@ -132,6 +143,8 @@ class PriorConfig:
             raise ValueError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.guidance_k is not None and self.guidance_k < 1:
+            raise ValueError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
         if (self.clip_weights is None) != (self.clip_arch is None):
             raise ValueError("the clip feature space needs both --clip-weights and --clip-arch")
         if self.inception_weights:
@@ -232,15 +245,19 @@ def check_prior(config: PriorConfig) -> dict:
                                f"lower --k to at most {max(chosen - 1, 0)} or give more images")
     spec = FeatureSpec(to_dict(config.encoder), config.inception_weights if space.name == "inception" else None,
                        *((config.clip_weights, config.clip_arch) if space.name == "clip" else (None, None)),
-                       clip_features=space.name == "clip", pixels=space.name if space.column == "pixels" else None)
+                       clip_features=space.name == "clip", pixels=space.name if space.column == "pixels" else None,
+                       topk=config.guidance_k)
     features = EvalFeatures(spec, device=config.device)
-    scores, rows = [], []
+    scores, topk, rows = [], [], []
     for batch in tqdm(batches, desc=f"JEPA-SCORE and {space.name} features", unit="batch"):
         out = features(pa.Table.from_batches([batch]))
         scores.append(out.column("jepa_score").to_numpy())
+        if config.guidance_k is not None:
+            topk.append(out.column("topk_score").to_numpy())
         rows.append(np.array(out.column(space.column).to_pylist(), np.float64))
     score = np.concatenate(scores)
-    summary, rarity = prior_summary(score, np.concatenate(rows), space, config.k, labels)
+    paired_topk = (config.guidance_k, np.concatenate(topk)) if config.guidance_k is not None else None
+    summary, rarity = prior_summary(score, np.concatenate(rows), space, config.k, labels, paired_topk)
     summary = {"reference": config.reference, "encoder": to_dict(config.encoder), "reference_images": total,
                "subsample": None if chosen == total else {"images": chosen, "seed": config.seed,
                                                           "how": "uniform over sample ids (blake2b of seed and id)"},
@@ -252,6 +269,8 @@ def check_prior(config: PriorConfig) -> dict:
     try:
         run.log_params(flatten(to_dict(config)))
         run.log_metrics({name: summary[name] for name in ("spearman", "p_value", "images") if summary[name] is not None})
+        if summary.get("topk", {}).get("spearman") is not None:
+            run.log_metrics({"topk_spearman": summary["topk"]["spearman"]})
         summary["run_id"] = run.run_id
         data = json.dumps(summary, indent=2).encode()
         run.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
