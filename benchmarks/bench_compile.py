@@ -1,6 +1,6 @@
 """The torch.compile lever: eager vs compiled, side by side, with what compiling costs.
 
-On the demo's models (the digits DDPM and the VICReg ViT trained here, 56 px, batch ``--batch``):
+On the demo's models (the digits DDPM and the ViT world prior trained here, 56 px, batch ``--batch``):
 1. the denoising network compiled in place (``model.compile: true``, ``load_model(compile_network=True)``):
    unguided sampling and JEPA-guided sampling (the demo's eta and tau), seconds per batch;
 2. the encoder compiled (``torch.compile(encoder)``): the exact JEPA-SCORE and the top-k value plus

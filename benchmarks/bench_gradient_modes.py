@@ -13,7 +13,7 @@ dL/dM = G = U_k Sigma_k^-1 V_k^T, so
 
 Both are checked against the double-backward gradient in float64 (a float64 copy of the encoder)
 and timed in alternating rounds on the same images and basis, for the DINOv2-S/14-reg architecture
-(random weights) and the demo's VICReg ViT (trained here), both at 56 px. Results:
+(random weights) and the demo's ViT world prior (trained here), both at 56 px. Results:
 benchmarks/results/gradient_modes_<device>.json. Run from the repository root:
 ``python -m benchmarks.bench_gradient_modes``.
 """
@@ -106,7 +106,7 @@ def main() -> None:
     images = torch.rand(args.images, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     encoders = {
         "DINOv2-S/14-reg architecture, random weights, 56 px": load_encoder(ENCODER, "random", input_size=56),
-        "demo VICReg ViT (trained), 56 px": load_encoder(ENCODER, DIGITS_ENCODER, input_size=56),
+        "demo ViT (trained), 56 px": load_encoder(ENCODER, DIGITS_ENCODER, input_size=56),
     }
     rows = [bench_encoder(label, encoder, images, args.k, args.oversample, args.power_iters, args.rounds)
             for label, encoder in encoders.items()]

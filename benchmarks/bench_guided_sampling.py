@@ -3,7 +3,7 @@
 For each family (tiny random models built like the tests', saved and loaded through the presets;
 a mid-size Stable Diffusion: SD 1.5's UNet and VAE layout at a fifth / a quarter of its widths, 256 px,
 with the full DINOv2-S/14-reg architecture at 56 px, random weights; and the demo's digits DDPM with
-its VICReg ViT at 56 px, trained here): sampling wall time of
+its ViT world prior at 56 px, trained here): sampling wall time of
 `unguided` and `jepa` (tau = 0.8) over the same seeds, their ratio, and the shift of the mean
 exact JEPA-SCORE of the final images. Then a profile of one guided step, timed part by part:
 the denoiser forward with graph and its backward, the decode (VAE for latent models) forward and

@@ -13,7 +13,7 @@ full Jacobian SVD, envelope theorem). Variants:
 - reference: the authors' algorithm (one image, one column at a time, finite-difference J v),
   in fp32 and under bf16 autocast.
 
-Models: the demo's digits DDPM (trained here) with two encoders: the demo's VICReg ViT (trained,
+Models: the demo's digits DDPM (trained here) with two encoders: the demo's ViT world prior (trained,
 nonlinear) and the DINOv2-S/14-reg architecture with random weights (LayerScale at 1). Random
 weights are nearly linear, which flatters finite differences; the trained encoder is the harder case.
 The trajectory is the unguided DDIM run of the same seeds; variants are interleaved step by step
@@ -161,7 +161,7 @@ def main() -> None:
     model = load_model("pixel-unet", DIGITS_DDPM)
     items = [WorkItem(seed, seed % 10) for seed in range(args.images)]
     encoders = {
-        "digits-vicreg-vit (trained)": load_encoder("vit_small_patch14_reg4_dinov2", DIGITS_ENCODER, input_size=56),
+        "demo ViT (trained)": load_encoder("vit_small_patch14_reg4_dinov2", DIGITS_ENCODER, input_size=56),
         f"dinov2-s-reg random {args.dinov2_size}px": load_encoder(
             "vit_small_patch14_reg4_dinov2", "random", input_size=args.dinov2_size, model_args=dict(init_values=1.0)),
     }

@@ -1,6 +1,6 @@
 """Pipeline overhead: the main job on Ray Data vs the same sampler in a plain Python loop.
 
-Both run the demo's config (the digits DDPM and VICReg ViT trained here, JEPA guidance) on the same
+Both run the demo's config (the digits DDPM and the ViT world prior trained here, JEPA guidance) on the same
 work. The loop builds one ``SampleGenerator`` (the Ray actor's class: models loaded once, rows to
 PNG rows) and calls it on consecutive batches, with as many torch threads as the Ray actors have
 together; nothing is written. The Ray side is ``run_generation`` end to end against local storage

@@ -8,7 +8,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS_DDPM = ROOT / "models" / "digits-ddpm"  # the demo's class-conditional DDPM (jobs/train_demo_models.py)
-DIGITS_ENCODER = ROOT / "models" / "digits-vicreg-vit"  # the demo's VICReg ViT, loaded at 56 px
+DIGITS_ENCODER = ROOT / "models" / "digits-sigreg-vit"  # the demo world prior, a SIGReg ViT loaded at 56 px
 RESULTS = ROOT / "benchmarks" / "results"
 
 

@@ -1,5 +1,5 @@
 """Train the demo's small models from scikit-learn's digits (CPU, minutes): the class-conditional
-diffusion model and the VICReg ViT encoder. Reproducible from the seeds in pipeline/demo/train.py."""
+diffusion model and the SIGReg ViT encoder (the world prior). Reproducible from the seeds in pipeline/demo/train.py."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which in ("diffusion", "both"):
         train_diffusion(DiffusionTraining(output=f"{args.models}/digits-ddpm", steps=args.diffusion_steps))
     if args.which in ("encoder", "both"):
-        train_encoder(EncoderTraining(output=f"{args.models}/digits-vicreg-vit", steps=args.encoder_steps))
+        train_encoder(EncoderTraining(output=f"{args.models}/digits-sigreg-vit", steps=args.encoder_steps))
     return 0
 
 

@@ -80,7 +80,12 @@ def test_the_recipe_validates_its_objective_and_sigreg_settings():
     with pytest.raises(ValueError, match="sigreg_slices"):
         EncoderTraining(sigreg_slices=0)
     a, b = torch.randn(32, 8, generator=draws(0)), torch.randn(32, 8, generator=draws(1))
-    assert encoder_loss(a, b, EncoderTraining(), draws()) == vicreg_loss(a, b, EncoderTraining())
+    vicreg = EncoderTraining(objective="vicreg")
+    assert encoder_loss(a, b, vicreg, draws()) == vicreg_loss(a, b, vicreg)
+    with pytest.raises(ValueError, match="expander must be an integer width >= 0"):
+        EncoderTraining(expander=-1)
+    with pytest.raises(ValueError, match="augment_strength must be positive"):
+        EncoderTraining(augment_strength=0)
 
 
 def test_a_few_dozen_sigreg_steps_make_a_tiny_encoders_embeddings_gaussian():

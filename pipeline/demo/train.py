@@ -42,6 +42,7 @@ class DiffusionTraining:
     batch_size: int = 64
     learning_rate: float = 2e-3
     ema_decay: float = 0.999  # the saved weights are the exponential moving average
+    data: str = "train"  # which digits it learns from (pipeline/demo/digits.py, PARTS)
     seed: int = 0
 
 
@@ -49,7 +50,7 @@ class DiffusionTraining:
 class EncoderTraining:
     """Recipe of the demo JEPA-family encoder."""
 
-    output: str = "models/digits-vicreg-vit"  # a timm model folder
+    output: str = "models/digits-sigreg-vit"  # a timm model folder
     name: str = "vit_small_patch14_reg4_dinov2"  # the DINOv2 architecture family, shrunk by model_args
     input_size: int = 56  # 4 x 4 patches of 14 pixels
     embed_dim: int = 64
@@ -59,15 +60,17 @@ class EncoderTraining:
     steps: int = 2000
     batch_size: int = 128
     learning_rate: float = 1e-3
-    expander: int = 256  # expander width; both objectives act on its output
-    objective: str = "vicreg"  # one of ENCODER_OBJECTIVES
+    augment_strength: float = 1.0  # scales every range of the two views' augmentations (pipeline/demo/digits.py)
+    expander: int = 0  # expander width, both objectives act on its output; 0: on the embedding itself
+    objective: str = "sigreg"  # one of ENCODER_OBJECTIVES; chosen by the prior check (models/README.md)
     invariance: float = 25.0  # VICReg weights (lambda, mu, nu of the paper)
     variance: float = 25.0
     covariance: float = 1.0
-    sigreg_weight: float = 0.05  # LeJEPA's lambda: loss = (1 - lambda) * invariance + lambda * SIGReg
+    sigreg_weight: float = 0.5  # LeJEPA's lambda: loss = (1 - lambda) * invariance + lambda * SIGReg (paper: 0.05)
     sigreg_slices: int = SLICES  # random directions, drawn afresh each step
     sigreg_points: int = POINTS  # quadrature points of t
     sigreg_t_max: float = T_MAX  # t in [-T, T]
+    data: str = "train"  # which digits it learns from (pipeline/demo/digits.py, PARTS)
     seed: int = 0
 
     def __post_init__(self):
@@ -78,6 +81,10 @@ class EncoderTraining:
         for label, value, least in (("sigreg_slices", self.sigreg_slices, 1), ("sigreg_points", self.sigreg_points, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
+        if isinstance(self.expander, bool) or not isinstance(self.expander, int) or self.expander < 0:
+            raise ValueError(f"expander must be an integer width >= 0 (0: none), got {self.expander!r}")
+        if not self.augment_strength > 0:
+            raise ValueError(f"augment_strength must be positive, got {self.augment_strength!r}")
         if not self.sigreg_t_max > 0:
             raise ValueError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
 
@@ -85,7 +92,7 @@ class EncoderTraining:
 def train_diffusion(recipe: DiffusionTraining) -> Path:
     """DDPM training: eps-MSE at uniformly drawn t, class embeddings for the 10 digits."""
     torch.manual_seed(recipe.seed)
-    images, labels = digits(recipe.size)
+    images, labels = digits(recipe.size, recipe.data)
     data = images * 2 - 1  # the pixel UNet works in [-1, 1]
     unet = UNet2DModel(
         sample_size=recipe.size, in_channels=1, out_channels=1, block_out_channels=(32, 48, 64),
@@ -153,7 +160,7 @@ def encoder_loss(a: torch.Tensor, b: torch.Tensor, recipe: EncoderTraining, gene
 
 def train_encoder(recipe: EncoderTraining) -> Path:
     torch.manual_seed(recipe.seed)
-    images, _ = digits(recipe.size)
+    images, _ = digits(recipe.size, recipe.data)
     rgb = images.expand(-1, 3, -1, -1)
     backbone = timm.create_model(
         recipe.name, pretrained=False, img_size=recipe.input_size, num_classes=0, embed_dim=recipe.embed_dim,
@@ -164,15 +171,15 @@ def train_encoder(recipe: EncoderTraining) -> Path:
     expander = nn.Sequential(
         nn.Linear(recipe.embed_dim, recipe.expander), nn.BatchNorm1d(recipe.expander), nn.ReLU(),
         nn.Linear(recipe.expander, recipe.expander),
-    )
+    ) if recipe.expander else nn.Identity()
     parameters = list(backbone.parameters()) + list(expander.parameters())
     optimiser = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, recipe.learning_rate, total_steps=recipe.steps)
     generator = torch.Generator().manual_seed(recipe.seed)
     for _ in tqdm(range(recipe.steps), desc="encoder", unit="step"):
         batch = rgb[torch.randint(len(rgb), (recipe.batch_size,), generator=generator)]
-        a = expander(encoder(augment(batch, generator)))
-        b = expander(encoder(augment(batch, generator)))
+        a = expander(encoder(augment(batch, generator, recipe.augment_strength)))
+        b = expander(encoder(augment(batch, generator, recipe.augment_strength)))
         loss = encoder_loss(a, b, recipe, generator)
         optimiser.zero_grad()
         loss.backward()
