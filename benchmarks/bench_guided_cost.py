@@ -1,18 +1,21 @@
 """The cost of guidance against its rarity gain: one row per lever setting, side by side in one run (issue 17).
 
-Part 1, the demo's trained models (digits DDPM, VICReg ViT at 56 px), the same seeds for every setting:
-time per sample as a ratio to unguided (timed in alternating rounds, so machine noise hits every
-setting alike; medians), the mean exact JEPA-SCORE shift, the non-circular rarity gain (AvgkNN in
-8x8 pixel space against all 1,797 real digits, pipeline/evaluate/rarity.py), and class accuracy (an
-SVM trained on the real digits). A Pareto plot of AvgkNN gain against time ratio goes beside the JSON.
+Part 1, the demo's trained models (jobs/configs/demo.yaml), the same seeds for every setting: time
+per sample as a ratio to unguided (timed in alternating rounds, so machine noise hits every setting
+alike; medians), the mean exact JEPA-SCORE shift, the non-circular rarity gain (AvgkNN in 16 x 16 grey
+pixels against the held-out real digits, pipeline/evaluate/evidence.py, as the demo's evidence), and
+class accuracy (an SVM on the training digits). A Pareto plot of AvgkNN gain against time ratio goes
+beside the JSON.
 
 Part 2, the mid-size Stable Diffusion (SD 1.5's layout at 1/5 UNet and 1/4 VAE width, 256 px, the
 full DINOv2-S/14 architecture at 56 px, random weights): each setting's time ratio to unguided, and
-one guided step split into its parts. Peak memory (RSS of a fresh process) of a guided batch with and
+one guided step split into its parts. The cheap guidance decoder is diffusers' AutoencoderTiny at
+TAESD's architecture with random weights: its time is measured, its accuracy cannot be. Peak memory (RSS of a fresh process) of a guided batch with and
 without micro-batches.
 
-Run from the repository root: ``python -m benchmarks.bench_guided_cost`` (``--quick`` for a smoke run).
-Results: benchmarks/results/guided_cost_<device>.json and guided_cost_pareto_<device>.png.
+Run from the repository root: ``python -m benchmarks.bench_guided_cost`` (``--quick`` for a smoke run;
+``--part demo`` or ``--part sd`` for one part). Results: benchmarks/results/guided_cost_<part>_<device>.json
+and guided_cost_pareto_<device>.png.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from sklearn.svm import SVC  # noqa: E402
+import yaml  # noqa: E402
+from diffusers import AutoencoderTiny  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from benchmarks.bench_guided_sampling import PROMPTS, profile_guided_step, save_sd_shaped  # noqa: E402
-from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, write_json  # noqa: E402
+from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, ROOT, write_json  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
 from guidance import jepa_score, load_encoder  # noqa: E402
 from guidance.generate import generate_images  # noqa: E402
@@ -42,46 +47,74 @@ from guidance.methods import GuidanceConfig, SamplingConfig  # noqa: E402
 from guidance.models import WorkItem  # noqa: E402
 from guidance.presets import load_model  # noqa: E402
 from guidance.schedules import noise_schedule  # noqa: E402
-from pipeline.demo.digits import digits, to_8x8  # noqa: E402
-from pipeline.evaluate.rarity import avg_knn  # noqa: E402
+from pipeline.demo import DEMO_CONFIG  # noqa: E402
+from pipeline.demo.digits import digit_classifier, held_out_images  # noqa: E402
+from pipeline.evaluate.evidence import Arm, measure  # noqa: E402
 
 ENCODER = "vit_small_patch14_reg4_dinov2"
-DEFAULT = GuidanceConfig(eta=0.03)  # the demo config's guidance (jobs/configs/demo.yaml)
+DEMO = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())["sampling"]
+DEFAULT = GuidanceConfig(**DEMO["guidance"])  # the demo config's guidance
 
 
 def demo_settings() -> dict[str, GuidanceConfig | None]:
-    """name -> guidance (None: unguided). Tweedie-only steps need another strength: a few etas each."""
+    """name -> guidance (None: unguided). Tweedie-only steps need another strength: a few multiples of
+    the default's eta each."""
     cheap = dict(gradient="tweedie", placement="posterior-mean", warm_start=True, power_iters=0)
-    return {
+    settings = {
         "unguided": None,
-        "default (full, pre-step, q=2)": DEFAULT,
+        f"default (full, pre-step, q=2, eta={DEFAULT.eta:g})": DEFAULT,
         "full, posterior-mean": replace(DEFAULT, placement="posterior-mean"),
         "full, warm start, q=0": replace(DEFAULT, warm_start=True, power_iters=0),
         "full, interval 2 rescaled": replace(DEFAULT, interval=2, rescale_interval=True),
         "full, interval 2 reuse": replace(DEFAULT, interval=2, reuse_direction=True),
-        "tweedie eta=0.03": replace(DEFAULT, gradient="tweedie"),
-        "tweedie eta=0.05": replace(DEFAULT, gradient="tweedie", eta=0.05),
-        "tweedie eta=0.08": replace(DEFAULT, gradient="tweedie", eta=0.08),
-        "tweedie, post-mean, warm q=0, eta=0.05": replace(DEFAULT, eta=0.05, **cheap),
-        "tweedie, post-mean, warm q=0, eta=0.08": replace(DEFAULT, eta=0.08, **cheap),
-        "tweedie, post-mean, warm q=0, interval 2 reuse, eta=0.05": replace(DEFAULT, eta=0.05, interval=2,
-                                                                           reuse_direction=True, **cheap),
     }
+    for factor in (1, 1.5, 2.5):
+        eta = round(DEFAULT.eta * factor, 4)
+        settings[f"tweedie eta={eta:g}"] = replace(DEFAULT, gradient="tweedie", eta=eta)
+        settings[f"tweedie, post-mean, warm q=0, eta={eta:g}"] = replace(DEFAULT, eta=eta, **cheap)
+    eta = round(DEFAULT.eta * 1.5, 4)
+    settings[f"tweedie, post-mean, warm q=0, interval 2 reuse, eta={eta:g}"] = replace(
+        DEFAULT, eta=eta, interval=2, reuse_direction=True, **cheap)
+    return settings
 
 
-def sd_settings() -> dict[str, GuidanceConfig | None]:
+def sd_settings() -> dict[str, tuple[GuidanceConfig | None, bool]]:
+    """name -> (guidance, whether the guidance branch decodes with the TAESD-sized AutoencoderTiny)."""
     tau = dict(tau=0.8)
     cheap = dict(gradient="tweedie", placement="posterior-mean", warm_start=True, power_iters=0, **tau)
     return {
-        "unguided": None,
-        "default (full, pre-step, q=2)": GuidanceConfig(**tau),
-        "full, posterior-mean": GuidanceConfig(placement="posterior-mean", **tau),
-        "full, warm start, q=0": GuidanceConfig(warm_start=True, power_iters=0, **tau),
-        "full, interval 2 reuse": GuidanceConfig(interval=2, reuse_direction=True, **tau),
-        "tweedie": GuidanceConfig(gradient="tweedie", **tau),
-        "tweedie, post-mean, warm q=0": GuidanceConfig(**cheap),
-        "tweedie, post-mean, warm q=0, interval 2 reuse": GuidanceConfig(interval=2, reuse_direction=True, **cheap),
+        "unguided": (None, False),
+        "default (full, pre-step, q=2)": (GuidanceConfig(**tau), False),
+        "full, posterior-mean": (GuidanceConfig(placement="posterior-mean", **tau), False),
+        "full, warm start, q=0": (GuidanceConfig(warm_start=True, power_iters=0, **tau), False),
+        "full, interval 2 reuse": (GuidanceConfig(interval=2, reuse_direction=True, **tau), False),
+        "full, TAESD in guidance": (GuidanceConfig(**tau), True),
+        "tweedie": (GuidanceConfig(gradient="tweedie", **tau), False),
+        "tweedie, post-mean, warm q=0": (GuidanceConfig(**cheap), False),
+        "tweedie, post-mean, warm q=0, TAESD": (GuidanceConfig(**cheap), True),
+        "tweedie, post-mean, warm q=0, interval 2 reuse": (GuidanceConfig(interval=2, reuse_direction=True, **cheap),
+                                                            False),
+        "tweedie, post-mean, warm q=0, interval 2 reuse, TAESD": (
+            GuidanceConfig(interval=2, reuse_direction=True, **cheap), True),
     }
+
+
+def save_taesd_shaped(folder: Path) -> Path:
+    """diffusers' AutoencoderTiny at its default, TAESD's own architecture (64 channels, 8x), random weights."""
+    torch.manual_seed(0)
+    AutoencoderTiny().save_pretrained(folder)
+    return folder
+
+
+def decode_seconds(decode, x0: torch.Tensor) -> float:
+    """Median of 3: one decode forward and backward (what a guided step pays for its decoder)."""
+    def step():
+        latent = x0.clone().requires_grad_(True)
+        image = decode(latent)
+        image.backward(torch.ones_like(image))
+
+    step()
+    return sorted(timed(step)[1] for _ in range(3))[1]
 
 
 def sampling(guidance: GuidanceConfig | None, steps: int, cfg: float = 1.0) -> SamplingConfig:
@@ -106,9 +139,8 @@ def interleaved_seconds(settings: dict, run, rounds: int) -> dict[str, float]:
 def demo_part(args) -> dict:
     model = load_model("pixel-unet", DIGITS_DDPM)
     encoder = load_encoder(ENCODER, DIGITS_ENCODER, input_size=56)
-    real, labels = digits(16)
-    real_8x8 = to_8x8(real.expand(-1, 3, -1, -1))
-    classifier = SVC(gamma=0.001).fit(real_8x8, labels.numpy())
+    reference, _ = held_out_images()
+    classify = digit_classifier()
     items = [WorkItem(1000 + i, i % 10) for i in range(args.demo_samples)]
     wanted = np.array([item.class_label for item in items])
     settings = demo_settings()
@@ -119,13 +151,12 @@ def demo_part(args) -> dict:
     rows = {}
     for name, guidance in settings.items():  # the images (deterministic: the same in every round)
         images = run(guidance)
-        small = to_8x8(images)
-        rows[name] = {
-            "jepa_score_mean": float(torch.cat([jepa_score(encoder, encoder.resize(part)) for part in images.split(20)])
-                                     .mean()),
-            "avg_knn_mean": float(avg_knn(small, real_8x8, k=5).mean()),
-            "class_accuracy": float((classifier.predict(small) == wanted).mean()),
-        }
+        scores = torch.cat([jepa_score(encoder, encoder.resize(part)) for part in images.split(20)]).numpy()
+        pictures = [Image.fromarray((image[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy(), mode="L")
+                    for image in images]
+        (evidence,) = measure([Arm(name, pictures, wanted, scores)], reference, classify)
+        rows[name] = {"jepa_score_mean": evidence.jepa_score, "avg_knn_mean": evidence.avg_knn,
+                      "rarity_score_mean": evidence.rarity_score, "class_accuracy": evidence.class_accuracy}
         print(f"demo  {name}: {rows[name]}", flush=True)
     for name, seconds in interleaved_seconds(settings, run, args.rounds).items():
         rows[name]["seconds_per_sample"] = seconds / len(items)
@@ -161,14 +192,16 @@ def peak_rss(folder: Path, micro_batch: int | None, samples: int, steps: int) ->
 def sd_part(args, root: Path) -> dict:
     folder = save_sd_shaped(root / "sd-mid", root / "tok", 64, 32, 32, 256, 4)
     model = load_model("sd", folder)
+    with_taesd = load_model("sd", folder, guidance_decoder=save_taesd_shaped(root / "taesd"))
     encoder = load_encoder(ENCODER, "random", input_size=56, model_args=dict(init_values=1.0))
     items = [WorkItem(100 + i, prompt=PROMPTS[i % 4]) for i in range(args.sd_samples)]
     settings = sd_settings()
 
-    def run(guidance):
-        return generate_images(model, items, sampling(guidance, args.sd_steps, 7.5), encoder)[0]
+    def run(setting):
+        guidance, taesd = setting
+        return generate_images(with_taesd if taesd else model, items, sampling(guidance, args.sd_steps, 7.5), encoder)[0]
 
-    run(None)  # warm-up
+    run((None, False))  # warm-up
     seconds = interleaved_seconds(settings, run, args.rounds)
     rows = {name: {"seconds": s, "time_ratio": s / seconds["unguided"]} for name, s in seconds.items()}
     for name, row in rows.items():
@@ -182,9 +215,14 @@ def sd_part(args, root: Path) -> dict:
         forward_only = sorted(timed(lambda: denoiser(x, t))[1] for _ in range(3))[1]
     profile = profile_guided_step(model, items, 7.5, encoder, GuidanceConfig(tau=0.8), args.sd_steps)
     profile["denoiser_fwd_only_s"] = forward_only
+    with torch.no_grad():
+        x0 = torch.randn(len(items), *model.sample_shape, generator=torch.Generator().manual_seed(1))
+    decoders = {"vae_decode_fwd_bwd_s": decode_seconds(model.decode, x0),
+                "taesd_decode_fwd_bwd_s": decode_seconds(with_taesd.guidance_decode, x0)}
     memory = [peak_rss(folder, micro_batch, args.sd_samples, 2) for micro_batch in (None, 1)]
     return {"samples": len(items), "steps": args.sd_steps, "rows": rows, "guided_step_profile": profile,
-            "peak_memory": memory}
+            "guidance_decoders": decoders, "peak_memory": memory,
+            "taesd_note": "random weights: only its time is measured, not how well its gradient matches the VAE's"}
 
 
 def pareto_plot(demo: dict, path: Path) -> None:
@@ -194,7 +232,7 @@ def pareto_plot(demo: dict, path: Path) -> None:
         axis.annotate(name, (row["time_ratio"], row["avg_knn_gain"]), fontsize=6, xytext=(3, 2), textcoords="offset points")
     axis.set_xscale("log")
     axis.set_xlabel("time per sample / unguided (log)")
-    axis.set_ylabel("AvgkNN gain over unguided (8x8 pixels, real digits)")
+    axis.set_ylabel("AvgkNN gain over unguided (16x16 pixels, held-out digits)")
     axis.set_title(f"Demo models: rarity gain against cost ({demo['samples']} samples, {demo['steps']} steps)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -204,34 +242,36 @@ def pareto_plot(demo: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo-samples", type=int, default=40)
-    parser.add_argument("--demo-steps", type=int, default=25)
+    parser.add_argument("--demo-steps", type=int, default=DEMO["steps"])
     parser.add_argument("--sd-samples", type=int, default=4)
     parser.add_argument("--sd-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=10, help="demo samples per generate call")
     parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few samples and steps, one round")
+    parser.add_argument("--part", choices=("demo", "sd", "both"), default="both")
     args = parser.parse_args()
     if args.quick:
         args.demo_samples, args.demo_steps, args.sd_samples, args.sd_steps, args.rounds = 10, 5, 1, 3, 1
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as scratch:
-        demo = demo_part(args)
-        sd = sd_part(args, Path(scratch))
-
-    print("\nDemo models (ratios measured side by side in one run):")
-    print(f"  {'setting':<58}{'time x':>8}{'JS shift':>10}{'AvgkNN +':>10}{'accuracy':>10}")
-    for name, row in demo["rows"].items():
-        print(f"  {name:<58}{row['time_ratio']:>8.2f}{row['jepa_score_shift']:>10.2f}{row['avg_knn_gain']:>10.3f}"
-              f"{row['class_accuracy']:>10.2f}")
-    print("\nMid-size Stable Diffusion, random weights (ratios measured side by side in one run):")
-    for name, row in sd["rows"].items():
-        print(f"  {name:<58}{row['time_ratio']:>8.2f}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     suffix = "_quick" if args.quick else ""
-    out = write_json(RESULTS / f"guided_cost_{device}{suffix}.json",
-                     {"settings": vars(args), "torch": torch.__version__, "demo": demo, "mid_size_sd": sd})
-    pareto_plot(demo, RESULTS / f"guided_cost_pareto_{device}{suffix}.png")
-    print(f"\nwrote {out}")
+    record = {"settings": vars(args), "torch": torch.__version__}
+    if args.part in ("demo", "both"):
+        demo = demo_part(args)
+        print("\nDemo models (ratios measured side by side in one run):")
+        print(f"  {'setting':<58}{'time x':>8}{'JS shift':>10}{'AvgkNN +':>10}{'accuracy':>10}")
+        for name, row in demo["rows"].items():
+            print(f"  {name:<58}{row['time_ratio']:>8.2f}{row['jepa_score_shift']:>10.2f}{row['avg_knn_gain']:>10.3f}"
+                  f"{row['class_accuracy']:>10.2f}")
+        print(f"wrote {write_json(RESULTS / f'guided_cost_demo_{device}{suffix}.json', record | {'demo': demo})}")
+        pareto_plot(demo, RESULTS / f"guided_cost_pareto_{device}{suffix}.png")
+    if args.part in ("sd", "both"):
+        with tempfile.TemporaryDirectory() as scratch:
+            sd = sd_part(args, Path(scratch))
+        print("\nMid-size Stable Diffusion, random weights (ratios measured side by side in one run):")
+        for name, row in sd["rows"].items():
+            print(f"  {name:<58}{row['time_ratio']:>8.2f}")
+        print(f"wrote {write_json(RESULTS / f'guided_cost_sd_{device}{suffix}.json', record | {'mid_size_sd': sd})}")
 
 
 if __name__ == "__main__":

@@ -1,143 +1,132 @@
-"""Evidence for the demo models, as users of the paper would check it (results cited in the README).
+"""Evidence for the demo models: are JEPA-guided samples rare in the data, or only to the encoder?
 
-1. Rarity / quality trade-off: one sweep over the guidance strength eta (and k at one strength), all
-   at the same seeds: mean exact JEPA-SCORE, class accuracy of the requested class (an SVM trained on
-   the real 8x8 digits, applied to samples mapped back to 8x8), and the mean distance to the nearest
-   training digit. The demo default is the strongest eta whose accuracy stays within
-   ``--accuracy-drop`` of unguided. A contact sheet shows the sweep, strong end included.
-2. JEPA-SCORE of real digits against density proxies: Spearman correlation with the k-NN distance
-   in pixel space and in the encoder's embedding space, and per-class mean score against the class
-   frequency of an imbalanced subsample.
+At the same seeds: unguided, boost-and-skip, and JEPA guidance over a sweep of strengths (the demo's
+default among them), and the rarest quarter per class of the default's samples (what ``make demo``
+keeps). Each set is measured against the held-out real digits that no demo model trained on
+(pipeline/demo/digits.py), in raw pixels (16 x 16 grey), by ``pipeline/evaluate/evidence.py``:
+AvgkNN, LOF and Rarity Score, precision / recall, the class accuracy of an SVM on the training
+digits, and the mean exact JEPA-SCORE (the objective, for comparison). Then the prior check itself
+(``check_prior``, exact and top-k scores) on the held-out digits. A contact sheet shows the sweep.
 
-Run from the repository root: ``python -m benchmarks.demo_evidence``.
+Run from the repository root: ``python -m benchmarks.demo_evidence`` (``--per-class 2 --etas 0.03``
+for a smoke run).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image, ImageDraw
-from scipy.stats import spearmanr
-from sklearn.model_selection import train_test_split
-from sklearn.neighbors import NearestNeighbors
-from sklearn.svm import SVC
 
-from benchmarks.paths import RESULTS, write_json
-from guidance import GuidanceConfig, SamplingConfig, WorkItem, generate, jepa_score, load_encoder, load_model
-from pipeline.demo.digits import DIGIT_LEVELS, digits, to_8x8
+from benchmarks.paths import ROOT, RESULTS, write_json
+from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
+from pipeline.demo import DEMO_CONFIG
+from pipeline.demo.digits import digit_classifier, held_out_images
+from pipeline.evaluate.evidence import Arm, as_dicts, compared, markdown, measure
+from pipeline.evaluate.prior import PriorConfig, check_prior
+from pipeline.generate.config import EncoderConfig
+from pipeline.settings import TrackingConfig
 
-ENCODER = "vit_small_patch14_reg4_dinov2"
-
-
-def sample_set(model, encoder, labels: list[int], per_class: int, sampling: SamplingConfig):
-    items = [WorkItem(1000 + i, labels[i % len(labels)]) for i in range(per_class * len(labels))]
-    rows = []
-    for start in range(0, len(items), 20):
-        rows += generate(model, items[start : start + 20], sampling, encoder)
-    images = torch.stack([torch.from_numpy(r.image).permute(2, 0, 1).float() / 255 for r in rows])
-    return items, rows, images
+BATCH = 20
 
 
-def measure(items, rows, images, classifier, train_8x8) -> dict:
-    small = to_8x8(images)
-    accuracy = float(np.mean(classifier.predict(small) == np.array([i.class_label for i in items])))
-    nearest = NearestNeighbors(n_neighbors=1).fit(train_8x8).kneighbors(small)[0][:, 0] / DIGIT_LEVELS
-    scores = np.array([r.jepa_score for r in rows])
-    return {"jepa_score_mean": float(scores.mean()), "jepa_score_std": float(scores.std()),
-            "class_accuracy": accuracy, "nearest_train_distance": float(nearest.mean())}
+def sample_arm(name: str, model, encoder, per_class: int, sampling: SamplingConfig) -> tuple[Arm, list]:
+    items = [WorkItem(1000 + i, i % 10) for i in range(per_class * 10)]
+    start = time.perf_counter()
+    rows = [row for first in range(0, len(items), BATCH)
+            for row in generate(model, items[first:first + BATCH], sampling, encoder)]
+    seconds = (time.perf_counter() - start) / len(items)
+    images = [Image.fromarray(row.image) for row in rows]
+    return Arm(name, images, np.array([i.class_label for i in items]), np.array([r.jepa_score for r in rows]), seconds), rows
+
+
+def rarest(arm: Arm, fraction: float) -> Arm:
+    """The lowest-scoring ``fraction`` of each class, as ``filter --per class_label`` keeps them."""
+    keep = []
+    for label in np.unique(arm.labels):
+        index = np.flatnonzero(arm.labels == label)
+        keep += list(index[np.argsort(arm.jepa_scores[index], kind="stable")][: max(1, int(fraction * len(index)))])
+    keep = sorted(keep)
+    return Arm(f"rarest {fraction:.0%} of {arm.name}", [arm.images[i] for i in keep], arm.labels[keep],
+               arm.jepa_scores[keep], arm.seconds_per_sample)
 
 
 def sheet(rows_by_setting: dict[str, list], path: Path, per_row: int = 10) -> None:
-    cell, label = 48, 110
-    sheet = Image.new("RGB", (label + per_row * cell, len(rows_by_setting) * cell), "white")
-    draw = ImageDraw.Draw(sheet)
+    cell, label = 48, 150
+    canvas = Image.new("RGB", (label + per_row * cell, len(rows_by_setting) * cell), "white")
+    draw = ImageDraw.Draw(canvas)
     for r, (name, rows) in enumerate(rows_by_setting.items()):
         draw.text((4, r * cell + cell // 2 - 6), name, fill="black")
         for c, row in enumerate(rows[:per_row]):
-            sheet.paste(Image.fromarray(row.image).resize((cell, cell), Image.NEAREST), (label + c * cell, r * cell))
-    sheet.save(path)
+            canvas.paste(Image.fromarray(row.image).resize((cell, cell), Image.NEAREST), (label + c * cell, r * cell))
+    canvas.save(path)
 
 
-def density_proxies(encoder, images: torch.Tensor, labels: np.ndarray, count: int, seed: int) -> dict:
-    """Exact JEPA-SCORE of real digits vs k-NN distances and class frequency."""
-    rng = np.random.default_rng(seed)
-    # an imbalanced subsample: class c kept with probability (c + 1) / 10
-    keep = np.array([rng.random() < (label + 1) / 10 for label in labels])
-    chosen = rng.choice(np.flatnonzero(keep), size=min(count, int(keep.sum())), replace=False)
-    rgb = images[chosen].expand(-1, 3, -1, -1)
-    scores = torch.cat([jepa_score(encoder, encoder.resize(part)) for part in rgb.split(32)]).numpy()
-    with torch.no_grad():
-        embeddings = torch.cat([encoder(encoder.resize(part)) for part in rgb.split(64)]).numpy()
-    pixels = rgb[:, 0].flatten(1).numpy()
-
-    def knn_distance(points: np.ndarray, k: int = 5) -> np.ndarray:
-        return NearestNeighbors(n_neighbors=k + 1).fit(points).kneighbors(points)[0][:, 1:].mean(1)
-
-    sub_labels = labels[chosen]
-    frequency = np.array([np.mean(sub_labels == c) for c in range(10)])
-    class_mean = np.array([scores[sub_labels == c].mean() for c in range(10)])
-    return {
-        "images": len(chosen),
-        "spearman_score_vs_pixel_knn_distance": float(spearmanr(scores, knn_distance(pixels)).statistic),
-        "spearman_score_vs_embedding_knn_distance": float(spearmanr(scores, knn_distance(embeddings)).statistic),
-        "spearman_class_mean_score_vs_class_frequency": float(spearmanr(class_mean, frequency).statistic),
-        "class_frequency": frequency.round(3).tolist(),
-        "class_mean_score": class_mean.round(2).tolist(),
-    }
+def prior_on_held_out(encoder: dict, guidance_k: int, folder: Path) -> dict:
+    """``check_prior`` on the held-out digits written as PNG files, with their labels."""
+    images, labels = held_out_images()
+    (folder / "real").mkdir(parents=True)
+    for i, image in enumerate(images):
+        image.save(folder / "real" / f"{i:04d}.png")
+    (folder / "labels.csv").write_text("".join(f"{i:04d}.png,{label}\n" for i, label in enumerate(labels)))
+    config = PriorConfig(reference=str(folder / "real"), encoder=EncoderConfig(**encoder), features="pixels-16-grey",
+                         labels=str(folder / "labels.csv"), guidance_k=guidance_k, device="cpu",
+                         tracking=TrackingConfig(tracking_uri=f"sqlite:///{folder}/mlflow.db"))
+    summary = check_prior(config)
+    return {key: summary[key] for key in ("images", "feature_space", "k", "spearman", "p_value", "verdict", "topk")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="models")
-    parser.add_argument("--per-class", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--etas", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5])
-    parser.add_argument("--ks", type=int, nargs="+", default=[3, 15])
-    parser.add_argument("--accuracy-drop", type=float, default=0.03)
-    parser.add_argument("--real-digits", type=int, default=600)
+    parser.add_argument("--per-class", type=int, default=20, help="samples per digit in every set")
+    parser.add_argument("--etas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3])
+    parser.add_argument("--keep-fraction", type=float, default=0.25, help="the rarest share per class (the demo's)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())  # the demo's models and sampling settings
+    encoder_config = demo["encoder"]
+    model = load_model(demo["model"]["preset"], str(ROOT / demo["model"]["source"]))
+    weights = str(ROOT / encoder_config["weights"])
+    encoder = load_encoder(encoder_config["name"], weights, input_size=encoder_config["input_size"])
+    base = demo["sampling"]
+    steps, default = base["steps"], GuidanceConfig(**base["guidance"])
 
-    model = load_model("pixel-unet", f"{args.models}/digits-ddpm")
-    encoder = load_encoder(ENCODER, f"{args.models}/digits-vicreg-vit", input_size=56)
-    images, labels = digits(16)
-    all_8x8 = to_8x8(images.expand(-1, 3, -1, -1))
-    train_x, test_x, train_y, test_y = train_test_split(all_8x8, labels.numpy(), test_size=0.3, random_state=0)
-    classifier = SVC(gamma=0.001).fit(train_x, train_y)
-    real_accuracy = float(classifier.score(test_x, test_y))
+    def guided(eta: float) -> SamplingConfig:
+        return SamplingConfig(method="jepa", steps=steps, guidance=GuidanceConfig(**(base["guidance"] | {"eta": eta})))
 
-    settings = {"unguided": SamplingConfig(method="unguided", steps=args.steps)}
-    settings |= {f"eta={eta:g}": SamplingConfig(steps=args.steps, guidance=GuidanceConfig(eta=eta)) for eta in args.etas}
-    sweep, sheets = {}, {}
+    settings = {"unguided": SamplingConfig(method="unguided", steps=steps),
+                "boost-and-skip": SamplingConfig(method="bns", steps=steps, bns=BoostSkipConfig())}
+    settings |= {f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""): guided(eta) for eta in args.etas}
+    arms, sheets = [], {}
     for name, sampling in settings.items():
-        start = time.perf_counter()
-        items, rows, generated = sample_set(model, encoder, list(range(10)), args.per_class, sampling)
-        sweep[name] = measure(items, rows, generated, classifier, train_x) | {"seconds": time.perf_counter() - start}
+        arm, rows = sample_arm(name, model, encoder, args.per_class, sampling)
+        arms.append(arm)
         sheets[name] = rows
-        print(name, sweep[name], flush=True)
-    unguided = sweep["unguided"]["class_accuracy"]
-    within = [eta for eta in args.etas if sweep[f"eta={eta:g}"]["class_accuracy"] >= unguided - args.accuracy_drop]
-    default = max(within) if within else None
-    k_sweep = {}
-    if default is not None:
-        for k in args.ks:
-            items, rows, generated = sample_set(model, encoder, list(range(10)), args.per_class,
-                                                SamplingConfig(steps=args.steps, guidance=GuidanceConfig(eta=default, k=k)))
-            k_sweep[f"k={k}"] = measure(items, rows, generated, classifier, train_x)
-            print(f"k={k}", k_sweep[f"k={k}"], flush=True)
-    proxies = density_proxies(encoder, images, labels.numpy(), args.real_digits, seed=0)
-    print(proxies)
-
+        print(f"{name}: {arm.seconds_per_sample:.2f} s/sample", flush=True)
+    default_arm = next((a for a in arms if "(demo default)" in a.name), None)
+    if default_arm is not None:
+        arms.append(rarest(default_arm, args.keep_fraction))
+    reference, _ = held_out_images()
+    rows = measure(arms, reference, digit_classifier())
+    table = markdown(rows)
+    print(table)
+    print("\n".join(compared(rows, "unguided")))
+    with tempfile.TemporaryDirectory() as folder:
+        prior = prior_on_held_out({**encoder_config, "weights": weights}, default.k, Path(folder))
+    print(prior["verdict"], "|", prior["topk"]["verdict"])
     write_json(RESULTS / "demo_evidence.json", {
-        "settings": vars(args), "classifier_accuracy_on_real_test_digits": real_accuracy, "sweep": sweep,
-        "default_eta": default, "k_sweep_at_default": k_sweep, "real_digits": proxies,
-    })
+        "settings": vars(args) | {"steps": steps, "tau": default.tau, "k": default.k, "reference": "held-out digits",
+                                  "reference_images": len(reference), "encoder": encoder_config["weights"]},
+        "arms": as_dicts(rows), "compared_with_unguided": compared(rows, "unguided"), "prior_check": prior,
+        "markdown": table})
     sheet(sheets, RESULTS / "demo_strength_sheet.png")
-    print(f"default eta: {default}; wrote {RESULTS / 'demo_evidence.json'} and demo_strength_sheet.png")
+    print(f"wrote {RESULTS / 'demo_evidence.json'} and demo_strength_sheet.png")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def digit_evidence(arms: dict) -> str:
+    """The report's rarity section: each arm against the held-out real digits, in pixels."""
+    from pipeline.demo.digits import digit_classifier, held_out_images
+    from pipeline.evaluate.evidence import from_rows, measure, report_section
+
+    reference, _ = held_out_images()
+    rows = measure([from_rows(name, table) for name, table in arms.items()], reference, digit_classifier())
+    return report_section(rows, f"the {len(reference)} held-out real digits that no demo model trained on", "unguided")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.demo.job import preflight_demo, run_demo  # torch, diffusers and Ray load after parsing
@@ -32,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(f"dry run: {preflight_demo(args.config, args.root, args.keep_fraction, args.overrides).describe()}")
             return 0
-        result = run_demo(args.config, args.root, args.keep_fraction, args.overrides)
+        result = run_demo(args.config, args.root, args.keep_fraction, args.overrides, digit_evidence)
     except (StorageError, ValueError) as error:  # config and work errors are ValueErrors
         print(f"jepa-minority demo: {error}", file=sys.stderr)
         return 2

@@ -3,17 +3,24 @@ digits; a short demo run writes the data, the MLflow runs and the report."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from sklearn.svm import SVC
 
 from guidance import SamplingConfig, WorkItem, generate_images, load_encoder, load_model
 from jobs import demo as demo_job
-from pipeline.demo.digits import digits, to_8x8
+from pipeline.demo.digits import augment, digit_classifier, digits, held_out_images, split_indices, to_8x8
+from pipeline.demo.train import DiffusionTraining, EncoderTraining
+from pipeline.evaluate.features import FeatureSpace
+from pipeline.evaluate.rarity import avg_knn
+from pipeline.rows import read_committed
 from pipeline.schema import DATA_FILE_PREFIX, SELECTION_FILE
+from pipeline.storage import StorageConfig, resolve
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
@@ -21,7 +28,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
 
 def test_demo_models_load_like_real_checkpoints_and_draw_the_requested_digits():
     model = load_model("pixel-unet", MODELS / "digits-ddpm")
-    encoder = load_encoder("vit_small_patch14_reg4_dinov2", MODELS / "digits-vicreg-vit", input_size=56)
+    encoder = load_encoder("vit_small_patch14_reg4_dinov2", MODELS / "digits-sigreg-vit", input_size=56)
     assert model.sample_shape == (1, 16, 16) and encoder.embed_dim == 64
     images, labels = digits(16)
     classifier = SVC(gamma=0.001).fit(to_8x8(images.expand(-1, 3, -1, -1)), labels.numpy())
@@ -31,7 +38,28 @@ def test_demo_models_load_like_real_checkpoints_and_draw_the_requested_digits():
     assert accuracy >= 0.8, accuracy
     with torch.no_grad():
         embeddings = encoder(encoder.resize(samples))
-    assert embeddings.std(0).mean() > 0.1  # not collapsed: VICReg kept the embedding spread
+    assert embeddings.std(0).mean() > 0.1  # not collapsed: SIGReg kept the embedding spread
+
+
+def test_the_held_out_digits_are_a_fixed_stratified_split_no_model_trains_on():
+    train, held_out = split_indices()
+    assert len(held_out) == 400 and len(train) + len(held_out) == 1797 and not set(train) & set(held_out)
+    assert np.array_equal(split_indices()[1], held_out)  # the same split for every caller
+    everything, labels = digits(16)
+    images, held_labels = digits(16, "held_out")
+    assert torch.equal(images, everything[held_out]) and torch.equal(held_labels, labels[held_out])
+    counts = np.bincount(held_labels.numpy(), minlength=10)
+    assert counts.min() >= 38 and counts.max() <= 41  # stratified: about 40 of each digit
+    assert EncoderTraining().data == DiffusionTraining().data == "train"
+    pictures, picture_labels = held_out_images()
+    assert np.mean(digit_classifier()(pictures) == picture_labels) > 0.97
+
+
+def test_weaker_views_stay_closer_to_the_digit():
+    images = digits(16)[0][:64].expand(-1, 3, -1, -1)
+    change = {strength: (augment(images, torch.Generator().manual_seed(0), strength) - images).abs().mean().item()
+              for strength in (0.25, 1.0)}
+    assert change[0.25] < change[1.0] / 2, change
 
 
 def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tmp_path, monkeypatch, capsys):
@@ -59,4 +87,11 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
     assert sorted(r.info.run_name for r in runs) == [  # job, method, model, output folder: the arms apart
         "filter jepa digits-ddpm rarest", "generate jepa digits-ddpm jepa", "generate unguided digits-ddpm unguided"]
     assert all(r.info.status == "FINISHED" for r in runs)
+    # rarity in the data: each arm against the held-out digits in pixels, recomputed here for the unguided arm
+    assert "Rare in the data?" in page and "the 400 held-out real digits" in page
+    unguided = read_committed(resolve(str(tmp_path / "demo" / "unguided"), StorageConfig()), ["image"])
+    space = FeatureSpace.parse("pixels-16-grey")
+    samples = np.stack([space.pixels(Image.open(io.BytesIO(png["bytes"]))) for png in unguided.column("image").to_pylist()])
+    reference = np.stack([space.pixels(image) for image in held_out_images()[0]])
+    assert f"<td>unguided</td><td>{avg_knn(samples, reference).mean():.3f}</td>" in page
     assert out.strip().splitlines()[-1] == f"browse:  mlflow ui --backend-store-uri {tracking}"

@@ -2,14 +2,15 @@
 
 Generates every requested class twice at the same seeds (unguided, then JEPA-guided) on local Ray
 into local Parquet, keeps the rarest guided samples per class, logs everything to the local MLflow
-store, and writes ``report/index.html``: guided vs unguided contact sheets, the rarest kept, and
-both JEPA-SCORE distributions.
+store, and writes ``report/index.html``: guided vs unguided contact sheets, the rarest kept, both
+JEPA-SCORE distributions and, when the caller measures it, each arm's rarity in the data.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from pipeline.storage import resolve
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = 8
+ARMS = ("unguided", "JEPA-guided", "rarest kept")
+Evidence = Callable[[dict[str, pa.Table]], str]  # each arm's rows (ARMS) -> an HTML section measuring their rarity
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,9 @@ def preflight_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", k
 
 
 def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,
-             overrides: list[str] = ()) -> DemoResult:
-    """Unguided and guided generation, the rarest guided samples per class, and the report."""
+             overrides: list[str] = (), evidence: Evidence | None = None) -> DemoResult:
+    """Unguided and guided generation, the rarest guided samples per class, and the report (with
+    ``evidence``'s section on the arms' rarity)."""
     plan = preflight_demo(config_path, root, keep_fraction, overrides)
     unguided, guided, curation = plan.unguided.config, plan.guided.config, plan.curation
     log.info("demo 1/4: unguided samples -> %s", unguided.output.uri)
@@ -75,7 +79,7 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
     selection = run_filter(curation)
     log.info("demo 4/4: report")
-    report = write_report(Path(root) / "report", guided, unguided, rarest_uri)
+    report = write_report(Path(root) / "report", guided, unguided, rarest_uri, evidence)
     return DemoResult(report, unguided_summary, guided_summary, rarest_uri, selection["rows_kept"])
 
 
@@ -89,10 +93,12 @@ def _class_mean(table: pa.Table, label: int) -> str:
     return f"{scores.mean():.1f}" if len(scores) else "-"
 
 
-def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig, rarest_uri: str) -> Path:
+def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig, rarest_uri: str,
+                 evidence: Evidence | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with_guidance, without = _rows(guided.output.uri, guided), _rows(unguided.output.uri, unguided)
     rarest = _rows(rarest_uri, guided).sort_by([("class_label", "ascending"), ("jepa_score", "ascending")])
+    measured = evidence(dict(zip(ARMS, (without, with_guidance, rarest)))) if evidence else ""
     labels = sorted(set(with_guidance.column("class_label").to_pylist()))
 
     def by_class(table: pa.Table, label: int) -> tuple[list[bytes], list[float]]:
@@ -125,6 +131,7 @@ then with JEPA guidance (eta {guided.sampling.guidance.eta}, tau {guided.samplin
 against the demo world prior ({html.escape(guided.encoder.name)}, weights {html.escape(guided.encoder.weights)}).
 Lower JEPA-SCORE = rarer under the world prior.</p>
 <p>Mean exact JEPA-SCORE: unguided {scores['unguided'].mean():.1f}, JEPA-guided {scores['JEPA-guided'].mean():.1f}.</p>
+{measured}
 <h2>Score distributions</h2><img src="jepa_score_histograms.png">
 <h2>Guided vs unguided, same seeds</h2><img src="guided_vs_unguided.png">
 <h2>The rarest guided samples kept per class</h2><img src="rarest.png">
