@@ -175,7 +175,8 @@ def run_filter(config: FilterConfig) -> dict:
         copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
                                                 batch_format="pyarrow")
         sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
-        copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+        # no more writers than input files: Ray Data warns when the concurrency exceeds its input blocks
+        copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
         report = _report(config, chosen, rows_in, counts, methods, len(list_files(source.child(FAILURES_DIR), ".json")),
                          generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
