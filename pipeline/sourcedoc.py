@@ -9,6 +9,7 @@ import io
 import tokenize
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,17 @@ class FieldDoc:
 
 @cache
 def _source(module: str) -> str:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
+    """The module's source text, found without importing it or its parent packages (``guidance``
+    imports torch): the top-level package's folder, then the dotted path inside it."""
+    top, *inner = module.split(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or (inner and not spec.submodule_search_locations) or (not inner and spec.origin is None):
         raise ValueError(f"no source for module {module}")
-    with open(spec.origin, encoding="utf-8") as handle:
-        return handle.read()
+    path = Path(spec.origin) if not inner else Path(spec.submodule_search_locations[0]).joinpath(*inner)
+    for candidate in (path, path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8")
+    raise ValueError(f"no source for module {module}")
 
 
 @cache
