@@ -22,6 +22,10 @@ Stages, each printed and written as it finishes:
    and once in fp32 for the bf16 lever;
 5. one guided step at the largest batch, part by part (``benchmarks.bench_guided_sampling``):
    UNet forward + backward, VAE decode forward + backward, encoder branch.
+6. the cheaper-guidance levers of ``benchmarks.bench_guided_cost`` (the same settings, a TAESD-sized
+   AutoencoderTiny with random weights as the guidance decoder), 10 steps at tau 0.8: each setting's
+   time as a ratio to unguided, measured side by side, and peak memory with and without
+   ``micro_batch``.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_gradient_modes import bench_encoder as gradient_modes
+from benchmarks.bench_guided_cost import save_taesd_shaped, sd_settings
 from benchmarks.bench_guided_sampling import profile_guided_step, save_sd_shaped
 from benchmarks.bench_jepa_score import with_fused_attention
 from benchmarks.paths import RESULTS, write_json
@@ -166,6 +171,29 @@ def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, 
     return rows
 
 
+def cheap_guidance_stage(folder: Path, taesd: Path, encoder, device: str, dtype, batch: int, steps: int) -> dict:
+    """Every bench_guided_cost setting at this size: seconds, ratio to unguided, peak memory (one round)."""
+    prompts = ["a photo of a dog", "a red car on a bridge", "a bowl of fruit", "a mountain lake at dawn"]
+    items = [WorkItem(seed, prompt=prompts[seed % len(prompts)]) for seed in range(batch)]
+    plain = load_model("sd", folder, dtype=dtype, device=device)
+    cheap = load_model("sd", folder, dtype=dtype, device=device, guidance_decoder=taesd)
+    settings = sd_settings() | {"default, micro_batch 1": (GuidanceConfig(tau=0.8, micro_batch=1), False)}
+    rows = {}
+    for name, (guidance, use_taesd) in settings.items():
+        model = cheap if use_taesd else plain
+        config = SamplingConfig(method="unguided" if guidance is None else "jepa", steps=steps, cfg_scale=7.5,
+                                guidance=guidance or GuidanceConfig())
+        generate_images(model, items[:1], replace(config, steps=2), encoder)  # warm-up
+        reset_peak(device)
+        seconds = timed(generate_images, model, items, config, encoder)[1]
+        rows[name] = {"seconds": seconds, "peak_memory_gib": peak_memory_gib(device)}
+    for name, row in rows.items():
+        row["time_ratio"] = row["seconds"] / rows["unguided"]["seconds"]
+        print(f"  cheap guidance {name}: {row['time_ratio']:.2f}x unguided, peak {row['peak_memory_gib']}", flush=True)
+    return {"batch": batch, "steps": steps, "tau": 0.8, "rows": rows,
+            "taesd_note": "random weights: only its time is measured, not how well its gradient matches the VAE's"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (a CPU check)")
@@ -211,6 +239,10 @@ def main() -> None:
         items = [WorkItem(seed, prompt="a photo of a dog") for seed in range(batches[-1])]
         result["guided_step_profile"] = profile_guided_step(model, items, 7.5, encoder, GuidanceConfig(), steps)
         print(f"  guided step, batch {len(items)}, part by part: {result['guided_step_profile']}", flush=True)
+        save()
+        taesd = save_taesd_shaped(Path(scratch) / "taesd")
+        result["cheap_guidance"] = cheap_guidance_stage(folder, taesd, encoder, device, dtype, batches[-1] if not args.smoke
+                                                        else 1, 2 if args.smoke else 10)
         save()
         if dtype != torch.float32 and not args.skip_fp32_sampling:
             model = load_model("sd", folder, dtype=torch.float32, device=device)
