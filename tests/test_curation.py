@@ -236,7 +236,8 @@ def test_a_local_filter_runs_light_a_shuffle_free_plan_without_the_dashboard(tmp
     read and filtered by id in one task, so images never pass through the object store."""
     fake_generation(tmp_path / "gen", [float(i) for i in range(12)], labels=[i % 2 for i in range(12)])
     config = (f"FilterConfig(input={str(tmp_path / 'gen')!r}, output={str(tmp_path / 'cur')!r}, keep=2, "
-              f"per='class_label', tracking=TrackingConfig({tracking.tracking_uri!r}, {tracking.artifact_location!r}))")
+              f"per='class_label', tracking=TrackingConfig({tracking.tracking_uri!r}, {tracking.artifact_location!r}), "
+              "verbose=True)")  # Ray Data prints its plans only when asked
     filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curate.filter import FilterConfig, run_filter\n"
                                   "from pipeline.settings import TrackingConfig\n"
                                   f"report = run_filter({config})\n"
