@@ -62,6 +62,15 @@ def test_weaker_views_stay_closer_to_the_digit():
     assert change[0.25] < change[1.0] / 2, change
 
 
+def test_only_the_demo_models_are_measured_against_digits(tmp_path, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    parse = demo_job.build_parser().parse_args
+    assert demo_job.measures_digits(parse([])) and demo_job.measures_digits(parse(["--config", str(CONFIG)]))
+    assert not demo_job.measures_digits(parse(["--config", str(tmp_path / "sd.yaml")]))
+    assert not demo_job.measures_digits(parse(["--set", "model.source=other"]))
+    assert demo_job.measures_digits(parse(["--set", "work.samples_per_label=2"]))
+
+
 def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
