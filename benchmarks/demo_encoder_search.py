@@ -29,7 +29,7 @@ import torch
 from benchmarks.paths import RESULTS, write_json
 from guidance import load_encoder
 from guidance.jepa_score import LOG_FLOOR, SIGMA_FLOOR, encoder_singular_values
-from pipeline.demo.digits import digits
+from pipeline.demo.digits import digits, held_out_images
 from pipeline.demo.train import EncoderTraining, train_encoder
 from pipeline.evaluate.features import FeatureSpace
 from pipeline.evaluate.prior import prior_summary
@@ -69,20 +69,13 @@ def evaluate_candidate(folder: Path, recipe: EncoderTraining, images: torch.Tens
     encoder = load_encoder(recipe.name, str(folder), input_size=recipe.input_size)
     rgb = encoder.resize(images.expand(-1, 3, -1, -1))
     sigma = encoder_singular_values(encoder, rgb)
-    pixels = np.stack([PIXELS.pixels(image) for image in _pil(images)])
+    pixels = np.stack([PIXELS.pixels(image) for image in held_out_images()[0]])  # the same digits as images
     result = {}
     for name, score in scores_by_k(sigma, ks).items():
         summary, rarity = prior_summary(score, pixels, PIXELS)
         result[name] = {"spearman": summary["spearman"], "p_value": summary["p_value"],
                         "lowest_tenth_rarest": lowest_tenth_rarest(score, rarity)}
     return result
-
-
-def _pil(images: torch.Tensor) -> list:
-    from PIL import Image
-
-    grey = (images[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    return [Image.fromarray(g, mode="L") for g in grey]
 
 
 def main() -> None:
