@@ -184,3 +184,18 @@ def test_a_cheap_decoder_is_refused_where_it_cannot_serve(sd_with_taesd, tmp_pat
                     num_decoder_blocks=(1,), latent_channels=3).save_pretrained(tmp_path / "three")
     with pytest.raises(ValueError, match="decodes 3-channel latents, but this model's have 4"):
         load_model("sd", sd_folder, guidance_decoder=tmp_path / "three")
+
+
+def test_the_benchmark_compares_guidance_directions_through_two_decoders(sd_with_taesd, tiny_encoder):
+    """benchmarks/bench_guided_cost.py's TAESD check (run only with real weights): itself it matches
+    exactly, a different decoder it does not, one cosine per guided step and row."""
+    from benchmarks.bench_guided_cost import decoder_direction_cosines
+
+    sd_folder, taesd = sd_with_taesd
+    cheap = load_model("sd", sd_folder, guidance_decoder=taesd)
+    config = GuidanceConfig(tau=1.0, gradient="tweedie")
+    same = decoder_direction_cosines(cheap, PROMPTED, tiny_encoder, config, 3, 7.5, cheap.decode, cheap.decode)
+    other = decoder_direction_cosines(cheap, PROMPTED, tiny_encoder, config, 3, 7.5, cheap.decode, cheap.guidance_decode)
+    assert len(same) == len(other) == 3 * len(PROMPTED)
+    assert min(same) > 1 - 1e-9
+    assert max(other) < 0.99
