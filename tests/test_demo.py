@@ -12,9 +12,10 @@ from mlflow import MlflowClient
 from PIL import Image
 from sklearn.svm import SVC
 
-from guidance import SamplingConfig, WorkItem, generate_images, load_encoder, load_model
+from guidance import GuidanceConfig, SamplingConfig, WorkItem, generate_images, load_encoder, load_model
 from jobs import demo as demo_job
 from pipeline.demo.digits import augment, digit_classifier, digits, held_out_images, split_indices, to_8x8
+from pipeline.demo.job import guidance_settings
 from pipeline.demo.train import DiffusionTraining, EncoderTraining
 from pipeline.evaluate.features import FeatureSpace
 from pipeline.evaluate.rarity import avg_knn
@@ -71,6 +72,11 @@ def test_only_the_demo_models_are_measured_against_digits(tmp_path, monkeypatch)
     assert demo_job.measures_digits(parse(["--set", "work.samples_per_label=2"]))
 
 
+def test_the_report_names_every_guidance_setting_apart_from_the_authors_defaults():
+    assert guidance_settings(GuidanceConfig()) == "eta 0.5, tau 0.8, k 9"
+    assert guidance_settings(GuidanceConfig(eta=0.2, gradient="tweedie")) == "eta 0.2, tau 0.8, k 9, gradient tweedie"
+
+
 def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
@@ -98,6 +104,7 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
     assert all(r.info.status == "FINISHED" for r in runs)
     # rarity in the data: each arm against the held-out digits in pixels, recomputed here for the unguided arm
     assert "Rare in the data?" in page and "the 400 held-out real digits" in page
+    assert "with JEPA guidance (eta 0.275, tau 0.8, k 9, interval 2, placement posterior-mean," in page  # the demo's cheap step
     unguided = read_committed(resolve(str(tmp_path / "demo" / "unguided"), StorageConfig()), ["image"])
     space = FeatureSpace.parse("pixels-16-grey")
     samples = np.stack([space.pixels(Image.open(io.BytesIO(png["bytes"]))) for png in unguided.column("image").to_pylist()])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pyarrow as pa
@@ -83,6 +83,13 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     return DemoResult(report, unguided_summary, guided_summary, rarest_uri, selection["rows_kept"])
 
 
+def guidance_settings(guidance) -> str:
+    """eta, tau and k, then every setting that differs from the authors' defaults (``GuidanceConfig``)."""
+    changed = [f"{field.name.replace('_', ' ')} {getattr(guidance, field.name)}" for field in fields(guidance)
+               if field.name not in ("eta", "tau", "k") and getattr(guidance, field.name) != field.default]
+    return ", ".join([f"eta {guidance.eta}", f"tau {guidance.tau}", f"k {guidance.k}", *changed])
+
+
 def _rows(uri: str, config: GenerateConfig) -> pa.Table:
     table = read_committed(resolve(uri, config.storage), ["seed", "class_label", "image", "jepa_score"])
     return table.sort_by([("class_label", "ascending"), ("seed", "ascending")])
@@ -127,7 +134,7 @@ def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig,
 </head><body>
 <h1>JEPA-guided minority sampling: demo</h1>
 <p>Class-conditional digits from the demo diffusion model, generated twice at the same seeds: unguided,
-then with JEPA guidance (eta {guided.sampling.guidance.eta}, tau {guided.sampling.guidance.tau}, k {guided.sampling.guidance.k})
+then with JEPA guidance ({html.escape(guidance_settings(guided.sampling.guidance))})
 against the demo world prior ({html.escape(guided.encoder.name)}, weights {html.escape(guided.encoder.weights)}).
 Lower JEPA-SCORE = rarer under the world prior.</p>
 <p>Mean exact JEPA-SCORE: unguided {scores['unguided'].mean():.1f}, JEPA-guided {scores['JEPA-guided'].mean():.1f}.</p>
