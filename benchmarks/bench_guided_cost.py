@@ -13,8 +13,8 @@ one guided step split into its parts. The cheap guidance decoder is diffusers' A
 TAESD's architecture with random weights: its time is measured, its accuracy cannot be. Peak memory
 (RSS of a fresh process) of a guided batch with and without micro-batches.
 
-Part 3, only where real weights are at hand (``--part taesd-check --taesd-check MODEL TAESD
-ENCODER_WEIGHTS``, local folders): the cosine of the guidance direction through TAESD to the one
+Instead of the parts, where real weights are at hand (``--taesd-check MODEL TAESD ENCODER_WEIGHTS``,
+local folders): the cosine of the guidance direction through TAESD to the one
 through the model's own VAE, at every guided step of the unguided trajectory.
 
 Run from the repository root: ``python -m benchmarks.bench_guided_cost`` (``--quick`` for a smoke run;
@@ -339,17 +339,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10, help="demo samples per generate call")
     parser.add_argument("--rounds", type=int, default=2, help="alternating timed rounds (median)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: few samples and steps, one round")
-    parser.add_argument("--part", choices=("demo", "sd", "both", "taesd-check"), default="both",
-                        help="taesd-check: the cheap decoder's guidance direction against the VAE's, with real weights")
+    parser.add_argument("--part", choices=("demo", "sd", "both"), default="both")
     parser.add_argument("--taesd-check", nargs=3, metavar=("MODEL", "TAESD", "ENCODER_WEIGHTS"),
-                        help="local folders of a latent model, its AutoencoderTiny, and the encoder's weights")
+                        help="instead of the parts: with real weights (local folders of a latent model, its "
+                             "AutoencoderTiny and the encoder), TAESD's guidance direction against the VAE's")
     parser.add_argument("--taesd-check-preset", default="sd", help="the model's preset (sd, sdxl, ...)")
     parser.add_argument("--taesd-check-input", type=int, default=224, help="the encoder's input size")
     parser.add_argument("--demo-set", choices=("sweep", "finalists"), default="sweep",
                         help="every lever setting, or the few nearest to the demo target (run those on more samples)")
     args = parser.parse_args()
-    if (args.part == "taesd-check") != (args.taesd_check is not None):
-        parser.error("--part taesd-check and --taesd-check MODEL TAESD ENCODER_WEIGHTS go together")
     if args.quick:
         args.demo_samples, args.demo_steps, args.sd_samples, args.sd_steps, args.rounds = 10, 5, 1, 3, 1
         args.memory_samples = 2
@@ -357,6 +355,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     suffix = "_quick" if args.quick else ""
     record = {"settings": vars(args), "torch": torch.__version__}
+    if args.taesd_check:
+        check = decoder_check_part(args)
+        print(f"wrote {write_json(RESULTS / f'guided_cost_taesd_check_{device}.json', record | {'taesd_check': check})}")
+        return
     if args.part in ("demo", "both"):
         demo = demo_part(args)
         print("\nDemo models (ratios measured side by side in one run):")
@@ -368,9 +370,6 @@ def main() -> None:
         print(f"wrote {write_json(RESULTS / f'guided_cost_{name}_{device}{suffix}.json', record | {'demo': demo})}")
         if args.demo_set == "sweep":
             pareto_plot(demo, RESULTS / f"guided_cost_pareto_{device}{suffix}.png")
-    if args.part == "taesd-check":
-        check = decoder_check_part(args)
-        print(f"wrote {write_json(RESULTS / f'guided_cost_taesd_check_{device}.json', record | {'taesd_check': check})}")
     if args.part in ("sd", "both"):
         with tempfile.TemporaryDirectory() as scratch:
             sd = sd_part(args, Path(scratch))
