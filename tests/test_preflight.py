@@ -116,6 +116,15 @@ def test_what_changes_the_samples_is_another_run(change, write_config, class_une
     assert line.startswith(f"jepa-minority generate: {tmp_path / 'out'} holds another run")
 
 
+def test_a_demo_over_one_made_with_another_config_says_how_to_start_over(write_config, tmp_path, capsys):
+    path, root = write_config(), tmp_path / "demo"
+    (root / "unguided").mkdir(parents=True)
+    feather.write_feather(cpu_manifest(load_config(path)).table, root / "unguided" / MANIFEST_FILE)  # not the demo's arm
+    assert demo_job.main(["--config", path, "--root", str(root), "--dry-run"]) == 2
+    assert capsys.readouterr().err == (f"jepa-minority demo: {root / 'unguided'} holds a demo made with another config; "
+                                       f"delete {root} to start the demo over, or pass --root with a new folder\n")
+
+
 def test_refresh_and_demo_refuse_a_bad_curation_rule_before_generating(write_config, tmp_path, capsys):
     path = write_config()
     assert refresh_job.main([path, "--root", str(tmp_path / "root"), "--keep-fraction", "0"]) == 2

@@ -21,10 +21,10 @@ from pipeline.curate.filter import FilterConfig, check_target, run_filter
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation
-from pipeline.generate.preflight import Plan, preflight_generation
+from pipeline.generate.preflight import OtherRunError, Plan, preflight_generation
 from pipeline.report import contact_sheet, overlaid_histograms
 from pipeline.rows import read_committed
-from pipeline.storage import resolve
+from pipeline.storage import StorageError, resolve
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = 8
@@ -62,7 +62,11 @@ def preflight_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", k
     curation = FilterConfig(input=guided.output.uri, output=f"{root}/rarest", keep_fraction=keep_fraction,
                             per="class_label", storage=guided.storage, tracking=guided.tracking)
     check_target(curation)
-    return DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
+    try:
+        return DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
+    except OtherRunError as error:  # the arms' output.uri is the demo's --root, not a key the user set
+        raise StorageError(f"{error.uri} holds a demo made with another config; delete {root} to start the demo over, "
+                           "or pass --root with a new folder") from error
 
 
 def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,

@@ -85,6 +85,14 @@ def check_files(config: GenerateConfig) -> None:
         raise ConfigError(f"encoder.weights: {error}") from error
 
 
+class OtherRunError(StorageError):
+    """The output already holds the manifest of a run made with another config."""
+
+    def __init__(self, uri: str, message: str):
+        super().__init__(message)
+        self.uri = uri
+
+
 def check_output(output: Location, manifest: Manifest) -> bool:
     """The output can hold this run and holds no other; True when it already holds this config's manifest."""
     check_reachable(output)
@@ -94,7 +102,7 @@ def check_output(output: Location, manifest: Manifest) -> bool:
         return False
     digest = (read_ipc_schema(target).metadata or {}).get(b"config_digest", b"").decode()
     if digest != manifest.digest:
-        raise StorageError(
+        raise OtherRunError(output.uri,
             f"{output.uri} holds another run (manifest digest {digest[:12]}, this config {manifest.digest[:12]}); "
             "choose a new output.uri, or rerun with the config that made it to resume"
         )
