@@ -56,6 +56,7 @@ from guidance.reference import topk_log_volume_exact, topk_log_volume_reference
 from tests import tiny_diffusion
 
 ENCODER = "vit_small_patch14_reg4_dinov2"
+PROMPTS = ["a photo of a dog", "a red car on a bridge", "a bowl of fruit", "a mountain lake at dawn"]
 
 
 def peak_memory_gib(device: str) -> float | None:
@@ -148,7 +149,6 @@ def guided_branch_stage(encoder, device: str, count: int, size: int, path_steps:
 
 
 def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, dtype_label: str) -> list[dict]:
-    prompts = ["a photo of a dog", "a red car on a bridge", "a bowl of fruit", "a mountain lake at dawn"]
     methods = {
         "unguided": GuidanceConfig(),
         "jepa q=2": GuidanceConfig(tau=1.0),
@@ -156,7 +156,7 @@ def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, 
     }
     rows = []
     for batch in batches:
-        items = [WorkItem(seed, prompt=prompts[seed % len(prompts)]) for seed in range(batch)]
+        items = [WorkItem(seed, prompt=PROMPTS[seed % len(PROMPTS)]) for seed in range(batch)]
         for name, guidance in methods.items():
             config = SamplingConfig(method="unguided" if name == "unguided" else "jepa", steps=steps, cfg_scale=7.5,
                                     guidance=guidance)
@@ -173,11 +173,10 @@ def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, 
 
 def cheap_guidance_stage(folder: Path, taesd: Path, encoder, device: str, dtype, batch: int, steps: int) -> dict:
     """Every bench_guided_cost setting at this size: seconds, ratio to unguided, peak memory (one round)."""
-    prompts = ["a photo of a dog", "a red car on a bridge", "a bowl of fruit", "a mountain lake at dawn"]
-    items = [WorkItem(seed, prompt=prompts[seed % len(prompts)]) for seed in range(batch)]
+    items = [WorkItem(seed, prompt=PROMPTS[seed % len(PROMPTS)]) for seed in range(batch)]
     plain = load_model("sd", folder, dtype=dtype, device=device)
     cheap = load_model("sd", folder, dtype=dtype, device=device, guidance_decoder=taesd)
-    settings = sd_settings() | {"default, micro_batch 1": (GuidanceConfig(tau=0.8, micro_batch=1), False)}
+    settings = sd_settings() | {"exact, micro_batch 1": (GuidanceConfig(tau=0.8, micro_batch=1), False)}
     rows = {}
     for name, (guidance, use_taesd) in settings.items():
         model = cheap if use_taesd else plain
