@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 import yaml
 from PIL import Image, ImageDraw
 
+from benchmarks.bench_guided_cost import EXACT
 from benchmarks.paths import ROOT, RESULTS, write_json
 from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
 from pipeline.demo import DEMO_CONFIG
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=20, help="samples per digit in every set")
     parser.add_argument("--etas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3],
                         help="strengths of the demo's guidance (its default's is always added)")
-    parser.add_argument("--exact-eta", type=float, default=0.2,
+    parser.add_argument("--exact-eta", type=float, default=EXACT.eta,
                         help="the strength of the exact-step row (full gradient, pre-step, 2 power iterations)")
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="the rarest share per class (the demo's)")
     args = parser.parse_args()
@@ -109,7 +111,7 @@ def main() -> None:
     settings |= {f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""): guided(eta)
                  for eta in sorted(set(args.etas) | {default.eta})}
     settings[f"JEPA exact step, eta {args.exact_eta:g}"] = SamplingConfig(
-        method="jepa", steps=steps, guidance=GuidanceConfig(eta=args.exact_eta, tau=default.tau, k=default.k))
+        method="jepa", steps=steps, guidance=replace(EXACT, eta=args.exact_eta, k=default.k))
     arms, sheets = [], {}
     for name, sampling in settings.items():
         arm, rows = sample_arm(name, model, encoder, args.per_class, sampling)
