@@ -18,6 +18,7 @@ METHODS = ("unguided", "bns", "jepa", "jepa-reference")
 GUIDANCE_SCHEDULES = ("constant", "variance")
 PLACEMENTS = ("pre-step", "posterior-mean")
 GRADIENTS = ("full", "tweedie")
+DIRECTIONS = ("descend", "ascend", "random")  # the method, and its two controls (docs/method.md, 'Controls')
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
@@ -39,6 +40,7 @@ class GuidanceConfig:
     schedule: str = "constant"  # "constant" or "variance" (scale by the DDPM posterior variance)
     normalize: bool = True  # divide g by its per-sample max |g| (L-inf normalisation)
     tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
+    tau_stop: float = 0.0  # stop guiding once 1 - s/T <= tau_stop, before the lowest noise levels (0 guides to the end)
     interval: int = 1  # guide every interval-th step once deferral allows
     placement: str = "pre-step"  # "pre-step": x_t -= step, then the sampler step; "posterior-mean": mean -= step
     k: int = 9  # top-k singular values in the log-volume
@@ -49,6 +51,7 @@ class GuidanceConfig:
     micro_batch: int | None = None  # rows per encoder-branch chunk (bounds its double-backward memory); None: the batch
     rescale_interval: bool = False  # with interval n, the step is n * eta: guiding every n-th step keeps the total push
     reuse_direction: bool = False  # steps between guided ones apply the last guided direction again (no encoder call)
+    direction: str = "descend"  # "descend" (the method); controls: "ascend" (reversed), "random" (same norm, random direction)
 
     def __post_init__(self):
         _finite_at_least("guidance.eta", self.eta, 0)
@@ -56,6 +59,9 @@ class GuidanceConfig:
         _choice("guidance.placement", self.placement, PLACEMENTS)
         if not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
             raise ValueError(f"guidance.tau must be in [0, 1] (0 never guides, 1 guides from the first step), got {self.tau!r}")
+        if not isinstance(self.tau_stop, (int, float)) or not (self.tau_stop == 0 or 0 < self.tau_stop < self.tau):
+            raise ValueError(f"guidance.tau_stop must be 0 or in (0, tau = {self.tau!r}): guidance runs while "
+                             f"tau_stop < 1 - s/T <= tau, got {self.tau_stop!r}")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"guidance.interval must be an integer >= 1, got {self.interval!r}")
         check_sketch(self.k, self.oversample, self.power_iters)
@@ -63,6 +69,7 @@ class GuidanceConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"guidance.{name} must be true or false, got {getattr(self, name)!r}")
         _choice("guidance.gradient", self.gradient, GRADIENTS)
+        _choice("guidance.direction", self.direction, DIRECTIONS)
         if self.micro_batch is not None and (isinstance(self.micro_batch, bool) or not isinstance(self.micro_batch, int)
                                              or self.micro_batch < 1):
             raise ValueError(f"guidance.micro_batch must be an integer >= 1 or null (the whole batch), got {self.micro_batch!r}")
@@ -70,23 +77,24 @@ class GuidanceConfig:
             raise ValueError("guidance.rescale_interval and guidance.reuse_direction both make up for the skipped steps: "
                              "choose one")
 
-    def guided_steps(self, total: int) -> list[bool]:
-        """Which of ``total`` steps (s = 0 the noisiest) run guidance: deferral, then every interval-th."""
+    def window(self, total: int) -> list[bool]:
+        """Which of ``total`` steps (s = 0 the noisiest) lie in the guidance window tau_stop < 1 - s/T <= tau
+        (docs/method.md, 'Deferral and interval'); none when eta is 0."""
         if self.eta == 0:
             return [False] * total
-        # Exactly, in rationals of tau's decimal: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
-        tau = Fraction(repr(float(self.tau)))
-        eligible = [total - s <= tau * total for s in range(total)]
-        first = eligible.index(True) if True in eligible else total
-        return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(eligible)]
+        # Exactly, in rationals of the decimals: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
+        tau, tau_stop = Fraction(repr(float(self.tau))), Fraction(repr(float(self.tau_stop)))
+        return [tau_stop * total < total - s <= tau * total for s in range(total)]
+
+    def guided_steps(self, total: int) -> list[bool]:
+        """Which steps run guidance: every interval-th step of the window, from its first."""
+        window = self.window(total)
+        first = window.index(True) if True in window else total
+        return [ok and (s - first) % self.interval == 0 for s, ok in enumerate(window)]
 
     def pushed_steps(self, total: int) -> list[bool]:
-        """Which steps move x by a guidance step: the guided ones, and with ``reuse_direction`` every step after the first."""
-        guided = self.guided_steps(total)
-        if not self.reuse_direction or True not in guided:
-            return guided
-        first = guided.index(True)
-        return [s >= first for s in range(total)]
+        """Which steps move x by a guidance step: the guided ones, and with ``reuse_direction`` every step of the window."""
+        return self.window(total) if self.reuse_direction else self.guided_steps(total)
 
 
 @dataclass(frozen=True)

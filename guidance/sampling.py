@@ -89,8 +89,24 @@ def guidance_direction(
         image = guidance.decode(x0_hat).clamp(0, 1).float()  # the encoder branch runs in fp32
         (grad,) = torch.autograd.grad(image, x_t, _log_volume_gradient(guidance, image, memories))
     if config.normalize:
-        grad = grad / grad.abs().flatten(1).amax(1).clamp_min(L_INF_FLOOR).view(-1, *[1] * (grad.ndim - 1))
-    return grad, model_output.detach()
+        grad = grad / _per_row(grad.abs().flatten(1).amax(1).clamp_min(L_INF_FLOOR), grad)
+    return _controlled(guidance, grad), model_output.detach()
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.view(-1, *[1] * (like.ndim - 1))
+
+
+def _controlled(guidance: JepaGuidance, grad: torch.Tensor) -> torch.Tensor:
+    """The direction a control moves along instead of g, at g's L2 norm row by row (docs/method.md, 'Controls'):
+    ``ascend`` is -g; ``random`` a Gaussian direction from the row's sketch stream, rescaled to |g|."""
+    if guidance.config.direction == "ascend":
+        return -grad
+    if guidance.config.direction == "random":
+        noise = randn_tensor(grad.shape, generator=list(guidance.sketch_generators), device=grad.device, dtype=grad.dtype)
+        norms = grad.flatten(1).norm(dim=1) / noise.flatten(1).norm(dim=1).clamp_min(L_INF_FLOOR)
+        return noise * _per_row(norms, grad)
+    return grad
 
 
 def step_size(config: GuidanceConfig, schedule: NoiseSchedule, t: int, t_prev: int) -> float:
