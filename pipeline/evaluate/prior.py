@@ -363,7 +363,7 @@ def check_prior(config: PriorConfig) -> dict:
                **summary, **({"nuisance": nuisance} if nuisance else {})}
     title = summary["verdict"]
     if nuisance:
-        title += "; score change under a nuisance / spread across images: " + ", ".join(
+        title += "; its change under a nuisance / its spread across images: " + ", ".join(
             f"{name} {entry['jepa_score']['ratio']:.2f}x" for name, entry in nuisance["nuisances"].items()
             if entry["jepa_score"]["ratio"] is not None)
     plot = score_against_rarity(rarity, score, summary["binned"], title, space.name)
