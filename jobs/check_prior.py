@@ -5,22 +5,31 @@
 Scores the reference (a folder of images, or Parquet in the generated schema) with the encoder's exact
 JEPA-SCORE and the top-k log-volume guidance descends (at --guidance-k), measures each image's AvgkNN
 among the others in an independent feature space, and says in one line per score whether it falls
-with rarity there (negative Spearman), does not track it, or rises with it. Writes prior_check.png
-and prior_check.json (last) to --output; logs both to MLflow.
+with rarity there (negative Spearman), does not track it, or rises with it. Then, on --nuisance-images
+of them, how far both scores move under small nuisance changes of the same image (brightness,
+contrast, blur, noise, stroke width) against their spread across images: a line for each nuisance
+that guidance will push. Writes prior_check.png and prior_check.json (last) to --output; logs both to
+MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from ast import literal_eval
 from pathlib import Path
 
 from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
                           tracking_config)
 from pipeline.sourcedoc import field_docs
 
-FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "inception_weights", "clip_weights", "clip_arch", "batch_size",
-         "device", "output")  # PriorConfig fields, one flag each
+FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
+         "clip_weights", "clip_arch", "batch_size", "device", "output")  # PriorConfig fields, one flag each
+
+
+def _nuisances(text: str) -> tuple[str, ...]:
+    """A comma-separated list of nuisance names; 'none' for none (PriorConfig checks the names)."""
+    return () if text.strip() == "none" else tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"{doc['guidance_k'].meaning} (default: --config's sampling.guidance.k, else {guidance_k})")
     config_flag(parser, "--max-images", doc["max_images"], type=int)
     config_flag(parser, "--seed", doc["seed"], type=int)
+    parser.add_argument("--nuisances", type=_nuisances, metavar="NAMES",
+                        help=f"{doc['nuisances'].meaning}: comma-separated, or none to skip the measurement "
+                             f"(default: {','.join(literal_eval(doc['nuisances'].default))})")
+    config_flag(parser, "--nuisance-images", doc["nuisance_images"], type=int)
     parser.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception .pth: the inception space")
     parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: the clip space")
     parser.add_argument("--clip-arch", metavar="NAME", help="its open_clip architecture (e.g. ViT-B-32) or config .json")
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     print(summary["verdict"])
     if "topk" in summary:
         print(summary["topk"]["verdict"])
+    for line in summary.get("nuisance", {}).get("verdicts", []):
+        print(line)
     print(f"mlflow:  run {summary['run_id']} in {config.tracking.tracking_uri}")
     if config.output:
         print(f"output:  {config.output}/{PRIOR_CHECK_PLOT}, {config.output}/{PRIOR_CHECK_FILE}")

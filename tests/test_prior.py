@@ -16,7 +16,8 @@ from PIL import Image
 from guidance import jepa_score, jepa_scores, load_encoder
 from jobs import check_prior as check_prior_job
 from pipeline.evaluate.features import FeatureSpace
-from pipeline.evaluate.prior import class_frequency, prior_summary, verdict
+from pipeline.evaluate.nuisance import CHANGES, perturb
+from pipeline.evaluate.prior import class_frequency, prior_summary, robust_spread, verdict
 from pipeline.evaluate.rarity import avg_knn_within
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from tests.conftest import ENCODER_NAME, TINY_SIZE
@@ -71,10 +72,12 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     args = [str(tmp_path / "real"), "--encoder", ENCODER_NAME, "--weights", str(tiny_vit_folder), "--input-size",
             str(TINY_SIZE), "--features", "pixels-8", "--k", "3", "--labels", str(tmp_path / "labels.csv"),
             "--tracking-uri", tracking_uri, "--device", "cpu"]
-    assert check_prior_job.main([*args, "--guidance-k", "4", "--output", str(tmp_path / "check")]) == 0
+    assert check_prior_job.main([*args, "--guidance-k", "4", "--nuisances", "brightness, dilation",
+                                 "--output", str(tmp_path / "check")]) == 0
     printed = capsys.readouterr().out.splitlines()
     summary = json.loads((tmp_path / "check" / "prior_check.json").read_text())
     assert printed[:2] == [summary["verdict"], summary["topk"]["verdict"]]
+    assert printed[2:-2] == summary["nuisance"]["verdicts"] != []
 
     # the score is the exact JEPA-SCORE of `jepa-minority score`, rarity the leave-one-out AvgkNN in pixels-8
     scored = {row.path: row.score for row in score_images(ScoreConfig(
@@ -91,6 +94,15 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     assert summary["topk"]["guidance_k"] == 4 and summary["topk"]["spearman"] == pytest.approx(rho_k, abs=1e-9)
     assert summary["topk"]["verdict"] == verdict(rho_k, 12, p_k, score="The top-4 score")
     assert rho_k != pytest.approx(rho, abs=1e-3)  # a different score, so the check can tell them apart
+    # nuisance sensitivity: every image (12 < 64) changed at its own size, then resized and scored
+    nuisance = summary["nuisance"]
+    assert nuisance["images"] == 12 and list(nuisance["nuisances"]) == ["brightness", "dilation"]
+    images8 = torch.from_numpy(pixels).float().view(-1, 8, 8, 3).permute(0, 3, 1, 2)
+    for name in nuisance["nuisances"]:
+        exact, top = jepa_scores(encoder, encoder.resize(perturb(name, images8, torch.Generator())), 4)
+        for score, values, moved in (("jepa_score", scores, exact), ("topk_score", topk.numpy(), top)):
+            change = np.median(np.abs(moved.numpy() - values))
+            assert nuisance["nuisances"][name][score]["ratio"] == pytest.approx(change / robust_spread(values), rel=1e-3)
     assert summary["feature_space"] == "pixels-8" and summary["independent"] is True
     assert summary["images"] == summary["reference_images"] == 12 and summary["subsample"] is None
     classes = summary["class_frequency"]["classes"]
@@ -99,11 +111,16 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     assert (tmp_path / "check" / "prior_check.png").read_bytes()[:4] == b"\x89PNG"
     run = MlflowClient(tracking_uri=tracking_uri).get_run(summary["run_id"])
     assert run.data.metrics["spearman"] == pytest.approx(rho)
+    assert run.data.metrics["nuisance_dilation"] == pytest.approx(nuisance["nuisances"]["dilation"]["jepa_score"]["ratio"])
+    assert run.data.metrics["nuisance_brightness_topk"] == pytest.approx(
+        nuisance["nuisances"]["brightness"]["topk_score"]["ratio"])
     assert {a.path for a in MlflowClient(tracking_uri=tracking_uri).list_artifacts(summary["run_id"])} == {
         "prior_check.json", "prior_check.png"}
 
-    assert check_prior_job.main([*args, "--max-images", "8", "--seed", "3", "--output", str(tmp_path / "sub")]) == 0
+    assert check_prior_job.main([*args, "--max-images", "8", "--seed", "3", "--nuisance-images", "3",
+                                 "--output", str(tmp_path / "sub")]) == 0
     sub = json.loads((tmp_path / "sub" / "prior_check.json").read_text())
+    assert sub["nuisance"]["images"] == 3 and list(sub["nuisance"]["nuisances"]) == list(CHANGES)  # the default: all
     assert sub["images"] == 8 and sub["reference_images"] == 12 and sub["subsample"]["seed"] == 3
     assert sum(c["images"] for c in sub["class_frequency"]["classes"].values()) == 8
 
@@ -114,8 +131,10 @@ def test_check_prior_on_a_parquet_run_scores_its_images_and_reads_a_label_column
     (tmp_path / "gen.yaml").write_text(f"encoder:\n  name: {ENCODER_NAME}\n  weights: {tiny_vit_folder}\n"
                                        f"  input_size: {TINY_SIZE}\nsampling:\n  guidance:\n    k: 3\n")
     assert check_prior_job.main([str(tmp_path / "run"), "--config", str(tmp_path / "gen.yaml"), "--labels",
-                                 "class_label", "--k", "2", "--device", "cpu", "--tracking-uri", tracking_uri]) == 0
-    assert capsys.readouterr().out.startswith("JEPA-SCORE ")
+                                 "class_label", "--k", "2", "--device", "cpu", "--nuisances", "none",
+                                 "--tracking-uri", tracking_uri]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("JEPA-SCORE ") and "under" not in printed and "No nuisance" not in printed
     encoder = load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=TINY_SIZE)
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(r["bytes"])).convert("RGB")).copy())
                           .permute(2, 0, 1) for r in table.column("image").to_pylist()]).float() / 255
@@ -130,6 +149,7 @@ def test_check_prior_on_a_parquet_run_scores_its_images_and_reads_a_label_column
     assert summary["topk"]["guidance_k"] == 3  # the generation config's guidance k
     assert summary["class_frequency"]["classes"]["0"]["jepa_score"] == pytest.approx(scores[0::2].mean(), abs=1e-5)
     assert summary["class_frequency"]["spearman"] is None  # two classes: no rank correlation
+    assert "nuisance" not in summary  # --nuisances none
 
 
 def test_bad_input_is_refused_in_one_line(tmp_path, tiny_vit_folder, tracking_uri, capsys):
@@ -155,4 +175,7 @@ def test_bad_input_is_refused_in_one_line(tmp_path, tiny_vit_folder, tracking_ur
     assert "feature space inception needs --inception-weights" in refused(str(tmp_path / "real"), "--features",
                                                                           "inception")
     assert "unknown feature space 'pixel-8'" in refused(str(tmp_path / "real"), "--features", "pixel-8")
+    assert "unknown nuisance(s) glare: choose from brightness," in refused(str(tmp_path / "real"), "--nuisances",
+                                                                         "brightness,glare")
+    assert "nuisance_images must be >= 1" in refused(str(tmp_path / "real"), "--nuisance-images", "0")
     assert not (tmp_path / "check" / "prior_check.json").exists()

@@ -27,15 +27,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures, FeatureSpace, \
-    FeatureSpec, check_weights_file
+    FeatureSpec, check_weights_file, decode
 from pipeline.evaluate.metrics import subsample_key
+from pipeline.evaluate.nuisance import CHANGES, perturb
 from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
 from pipeline.evaluate.reference import find_reference
-from guidance import GuidanceConfig
+from guidance import GuidanceConfig, jepa_score, jepa_scores
 from pipeline.generate.config import EncoderConfig
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
 from pipeline.settings import TrackingConfig, flatten, to_dict
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 TRACKS = 0.1  # |Spearman| below this: the score does not track rarity
 SIGNIFICANCE = 0.05  # p-values at or above this are called out in the verdict
 BINS = 10  # AvgkNN quantile bins of the plot's binned means
+MAD_TO_STD = 1.4826  # the median absolute deviation times this is a normal's standard deviation
 
 
 def verdict(rho: float | None, images: int, p_value: float | None = None, space: FeatureSpace | None = None,
@@ -117,6 +120,49 @@ def prior_summary(scores: np.ndarray, features: np.ndarray, space: FeatureSpace,
     return summary, rarity
 
 
+def robust_spread(values: np.ndarray) -> float:
+    """1.4826 x the median absolute deviation: a standard deviation that a few outlying scores cannot inflate."""
+    values = np.asarray(values, np.float64)
+    return float(MAD_TO_STD * np.median(np.abs(values - np.median(values))))
+
+
+def nuisance_summary(scores: dict[str, np.ndarray], base: dict[str, np.ndarray],
+                     moved: dict[str, dict[str, np.ndarray]]) -> dict:
+    """Nuisance sensitivity (docs/method.md, 'Nuisance sensitivity'): for each nuisance and score, the
+    median over the subsample of |score(nuisance(x)) - score(x)| over the score's robust spread across
+    every checked image. ``scores``: score name -> every checked image's score; ``base``: score name ->
+    the subsample's; ``moved``: nuisance -> score name -> the subsample's under that nuisance."""
+    spread = {name: robust_spread(values) for name, values in scores.items()}
+    nuisances = {}
+    for nuisance, by_score in moved.items():
+        nuisances[nuisance] = {"change": CHANGES[nuisance]}
+        for name, values in by_score.items():
+            change = float(np.median(np.abs(np.asarray(values, np.float64) - base[name])))
+            nuisances[nuisance][name] = {"median_change": change,
+                                         "ratio": change / spread[name] if spread[name] > 0 else None}
+    return {"spread": spread, "nuisances": nuisances}
+
+
+def nuisance_verdicts(nuisances: dict, titles: dict[str, str]) -> list[str]:
+    """One line per nuisance that moves a score more than the score varies across images; else one line
+    saying none does. ``titles``: score name -> how a line names it."""
+    lines, measured = [], []
+    for nuisance, entry in nuisances.items():
+        ratios = {name: entry[name]["ratio"] for name in titles if entry[name]["ratio"] is not None}
+        measured += [(ratio, nuisance, name) for name, ratio in ratios.items()]
+        over = [f"{titles[name]} {ratio:.2f}x" for name, ratio in ratios.items() if ratio > 1]
+        if over:
+            lines.append(f"The score moves more under {nuisance} ({entry['change']}) than across images "
+                         f"({', '.join(over)}): guidance will push {nuisance}")
+    if lines:
+        return lines
+    if not measured:
+        return ["Nuisance sensitivity cannot be measured here: the scores are constant over the images"]
+    ratio, nuisance, name = max(measured)
+    return [f"No nuisance moves the score more than it varies across images (the most: {nuisance}, "
+            f"{ratio:.2f}x for {titles[name]})"]
+
+
 @dataclass(frozen=True)
 class PriorConfig:
     """What to check: the reference, the encoder that scores it, the feature space rarity is measured in."""
@@ -129,6 +175,8 @@ class PriorConfig:
     guidance_k: int | None = GuidanceConfig.k  # the top-k score (guidance descends it) is checked at this k; None: not
     max_images: int = 2000  # a uniform subsample (seeded) above this: every image costs D backward passes
     seed: int = 0  # chooses the subsample
+    nuisances: tuple[str, ...] = ("brightness", "contrast", "blur", "noise", "dilation", "erosion")  # measure how far the score moves under these small changes of an image
+    nuisance_images: int = 64  # the nuisance measurement's uniform subsample: each nuisance scores each of them once more
     inception_weights: str | None = None
     clip_weights: str | None = None
     clip_arch: str | None = None
@@ -145,6 +193,12 @@ class PriorConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.guidance_k is not None and self.guidance_k < 1:
             raise ValueError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
+        unknown = [name for name in self.nuisances if name not in CHANGES]
+        if unknown:
+            raise ValueError(f"unknown nuisance(s) {', '.join(unknown)}: choose from {', '.join(CHANGES)}, or none")
+        if self.nuisance_images < 1:
+            raise ValueError(f"nuisance_images must be >= 1, got {self.nuisance_images}; turn the measurement off "
+                             "with no nuisances instead")
         if (self.clip_weights is None) != (self.clip_arch is None):
             raise ValueError("the clip feature space needs both --clip-weights and --clip-arch")
         if self.inception_weights:
@@ -227,6 +281,45 @@ def _batches(config: PriorConfig) -> tuple[list[pa.Table], list[str] | None, int
     return table.to_batches(config.batch_size), labels, len(every)
 
 
+def _scores(encoder, pixels: torch.Tensor, guidance_k: int | None) -> dict[str, np.ndarray]:
+    """The exact JEPA-SCORE and (with a guidance k) the exact top-k score of encoder-sized pixels."""
+    if guidance_k is None:
+        return {"jepa_score": jepa_score(encoder, pixels).cpu().numpy()}
+    exact, topk = jepa_scores(encoder, pixels, guidance_k)
+    return {"jepa_score": exact.cpu().numpy(), "topk_score": topk.cpu().numpy()}
+
+
+def nuisance_check(encoder, images: list[torch.Tensor], ids: list[str], every: dict[str, np.ndarray],
+                   config: PriorConfig) -> dict:
+    """Nuisance sensitivity (docs/method.md, 'Nuisance sensitivity'): ``images`` ((1, 3, H, W) in [0, 1],
+    each at its own size, ``ids`` theirs) scored as they are and under each of ``config.nuisances``
+    (applied before the encoder's resize; noise seeded by ``config.seed`` and the id), against the
+    spread of ``every`` (score name -> every checked image's score)."""
+    def scored(name: str | None) -> dict[str, np.ndarray]:
+        pixels = torch.cat([encoder.resize(image if name is None else perturb(
+            name, image, torch.Generator().manual_seed(subsample_key(config.seed, i)))) for image, i in zip(images, ids)])
+        parts = [_scores(encoder, part, config.guidance_k) for part in pixels.split(config.batch_size)]
+        return {score: np.concatenate([part[score] for part in parts]) for score in every}
+
+    base = scored(None)
+    moved = {name: scored(name) for name in tqdm(config.nuisances, desc=f"JEPA-SCORE under nuisances, {len(ids)} images",
+                                                 unit="nuisance")}
+    measured = nuisance_summary(every, base, moved)
+    titles = {"jepa_score": "JEPA-SCORE", "topk_score": f"the top-{config.guidance_k} score"}
+    return {"images": len(ids), "seed": config.seed,
+            "how": f"median over the images of |score(nuisance(x)) - score(x)| / the score's spread, {MAD_TO_STD} x its "
+                   f"median absolute deviation over all {len(next(iter(every.values()))):,} checked images",
+            **measured, "verdicts": nuisance_verdicts(measured["nuisances"], {s: titles[s] for s in every})}
+
+
+def _probed(config: PriorConfig, batches: list[pa.RecordBatch], ids: list[str]) -> tuple[list[torch.Tensor], list[str]]:
+    """The nuisance measurement's uniform subsample of the checked images, decoded, and their ids."""
+    probed = sorted(sorted(ids, key=lambda i: subsample_key(config.seed, i))[: config.nuisance_images])
+    table = pa.Table.from_batches(batches).filter(pc.field("sample_id").isin(probed)).sort_by("sample_id")
+    return [torch.from_numpy(np.asarray(decode(row), np.float32) / 255).permute(2, 0, 1)[None]
+            for row in table.to_pylist()], probed
+
+
 def check_prior(config: PriorConfig) -> dict:
     """Score the reference, measure its rarity, correlate; returns (and writes) ``prior_check.json``."""
     from pipeline.report import score_against_rarity
@@ -248,9 +341,10 @@ def check_prior(config: PriorConfig) -> dict:
                        clip_features=space.name == "clip", pixels=space.name if space.column == "pixels" else None,
                        topk=config.guidance_k)
     features = EvalFeatures(spec, device=config.device)
-    scores, topk, rows = [], [], []
+    ids, scores, topk, rows = [], [], [], []
     for batch in tqdm(batches, desc=f"JEPA-SCORE and {space.name} features", unit="batch"):
         out = features(pa.Table.from_batches([batch]))
+        ids += out.column("sample_id").to_pylist()
         scores.append(out.column("jepa_score").to_numpy())
         if config.guidance_k is not None:
             topk.append(out.column("topk_score").to_numpy())
@@ -258,11 +352,21 @@ def check_prior(config: PriorConfig) -> dict:
     score = np.concatenate(scores)
     paired_topk = (config.guidance_k, np.concatenate(topk)) if config.guidance_k is not None else None
     summary, rarity = prior_summary(score, np.concatenate(rows), space, config.k, labels, paired_topk)
+    every = {"jepa_score": score} | ({"topk_score": paired_topk[1]} if paired_topk else {})
+    nuisance = None
+    if config.nuisances:
+        images, probed = _probed(config, batches, ids)
+        nuisance = nuisance_check(features.encoder, [image.to(features.device) for image in images], probed, every, config)
     summary = {"reference": config.reference, "encoder": to_dict(config.encoder), "reference_images": total,
                "subsample": None if chosen == total else {"images": chosen, "seed": config.seed,
                                                           "how": "uniform over sample ids (blake2b of seed and id)"},
-               **summary}
-    plot = score_against_rarity(rarity, score, summary["binned"], summary["verdict"], space.name)
+               **summary, **({"nuisance": nuisance} if nuisance else {})}
+    title = summary["verdict"]
+    if nuisance:
+        title += "; its change under a nuisance / its spread across images: " + ", ".join(
+            f"{name} {entry['jepa_score']['ratio']:.2f}x" for name, entry in nuisance["nuisances"].items()
+            if entry["jepa_score"]["ratio"] is not None)
+    plot = score_against_rarity(rarity, score, summary["binned"], title, space.name)
 
     run = RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference})
     status = "FAILED"
@@ -271,6 +375,10 @@ def check_prior(config: PriorConfig) -> dict:
         run.log_metrics({name: summary[name] for name in ("spearman", "p_value", "images") if summary[name] is not None})
         if summary.get("topk", {}).get("spearman") is not None:
             run.log_metrics({"topk_spearman": summary["topk"]["spearman"]})
+        if nuisance:
+            run.log_metrics({f"nuisance_{name}{'' if score_name == 'jepa_score' else '_topk'}": entry[score_name]["ratio"]
+                             for name, entry in nuisance["nuisances"].items() for score_name in every
+                             if entry[score_name]["ratio"] is not None})
         summary["run_id"] = run.run_id
         data = json.dumps(summary, indent=2).encode()
         run.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
