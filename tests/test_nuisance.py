@@ -13,8 +13,8 @@ from torch import nn
 
 from guidance import jepa_scores
 from guidance.encoders import JepaEncoder
-from pipeline.evaluate import nuisance
-from pipeline.evaluate.nuisance import CHANGES, perturb
+from pipeline import nuisance
+from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.prior import PriorConfig, nuisance_check, nuisance_summary, nuisance_verdicts, robust_spread
 
 SIZE = 8
@@ -153,3 +153,18 @@ def test_only_an_encoder_that_reads_brightness_gets_the_brightness_verdict(gain)
     else:
         assert not pushes
     assert all(result["nuisances"][name]["jepa_score"]["median_change"] > 1e-3 for name in CHANGES if name != "brightness")
+
+
+def test_the_demo_encoders_nuisance_views_change_ink_not_at_zero_strength():
+    """pipeline/demo/digits.py nuisance_view: the identity at strength 0; at strength 1, stroke width,
+    brightness and the rest vary from image to image, the same for the same generator seed."""
+    from pipeline.demo.digits import digits, nuisance_view
+
+    images, _ = digits(16, "train")
+    images = images[:64]
+    torch.testing.assert_close(nuisance_view(images, torch.Generator().manual_seed(0), 0.0), images, atol=1e-5, rtol=0)
+    views = nuisance_view(images, torch.Generator().manual_seed(0), 1.0)
+    torch.testing.assert_close(views, nuisance_view(images, torch.Generator().manual_seed(0), 1.0))
+    ink = (views > 0.5).flatten(1).sum(1).float() / (images > 0.5).flatten(1).sum(1).clamp_min(1)
+    assert ink.max() > 1.3 and ink.min() < 0.7  # some strokes thicker, some thinner
+    assert views.min() >= 0 and views.max() <= 1

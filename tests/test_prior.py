@@ -16,7 +16,7 @@ from PIL import Image
 from guidance import jepa_score, jepa_scores, load_encoder
 from jobs import check_prior as check_prior_job
 from pipeline.evaluate.features import FeatureSpace
-from pipeline.evaluate.nuisance import CHANGES, perturb
+from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.prior import class_frequency, prior_summary, robust_spread, verdict
 from pipeline.evaluate.rarity import avg_knn_within
 from pipeline.evaluate.scoring import ScoreConfig, score_images

@@ -14,6 +14,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
+from pipeline.nuisance import blur, dilate, erode
+
 DIGIT_LEVELS = 16.0  # load_digits pixels are integers 0..16
 HELD_OUT = 400  # digits no demo model trains on: the real reference of the demo's evidence and prior check
 SPLIT_SEED = 0
@@ -66,6 +68,30 @@ def augment(images: torch.Tensor, generator: torch.Generator, strength: float = 
     contrast = (1 - uniform(0, 0.3) * strength).view(-1, 1, 1, 1)
     noise = 0.05 * strength * torch.randn(views.shape, generator=generator)
     return (views * contrast + noise).clamp(0, 1)
+
+
+def nuisance_view(images: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """The changes a world prior of digit *shapes* should ignore, drawn per image (pipeline/nuisance.py):
+    stroke width (grey dilation or erosion, each with probability strength / 3), brightness (+-0.15),
+    contrast (0.6..1.2), blur (a random mix with the 3x3 Gaussian blur) and a small elastic warp
+    (a smooth displacement of up to about 4% of the image); ``strength`` scales every range."""
+    batch = images.shape[0]
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return (low + (high - low) * torch.rand(batch, generator=generator)).view(-1, 1, 1, 1)
+
+    stroke = torch.rand(batch, generator=generator).view(-1, 1, 1, 1)
+    views = torch.where(stroke < strength / 3, dilate(images),
+                        torch.where(stroke < 2 * strength / 3, erode(images), images))
+    mix = uniform(0, strength)
+    views = (1 - mix) * views + mix * blur(views)
+    mean = views.mean(dim=(1, 2, 3), keepdim=True)
+    views = mean + (1 + uniform(-0.4, 0.2) * strength) * (views - mean) + uniform(-0.15, 0.15) * strength
+    coarse = 0.04 * strength * torch.randn((batch, 2, 4, 4), generator=generator)
+    identity = torch.eye(2, 3).expand(batch, 2, 3)
+    grid = F.affine_grid(identity, list(views.shape), align_corners=False)
+    grid = grid + F.interpolate(coarse, size=views.shape[-2:], mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    return F.grid_sample(views, grid, mode="bilinear", padding_mode="zeros", align_corners=False).clamp(0, 1)
 
 
 def held_out_images(size: int = 16) -> tuple[list[Image.Image], np.ndarray]:

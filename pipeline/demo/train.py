@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from guidance.encoders import JepaEncoder
-from pipeline.demo.digits import augment, digits
+from pipeline.demo.digits import augment, digits, nuisance_view
 from pipeline.demo.sigreg import POINTS, SLICES, T_MAX, sigreg
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class EncoderTraining:
     batch_size: int = 128
     learning_rate: float = 1e-3
     augment_strength: float = 1.0  # scales every range of the two views' augmentations (pipeline/demo/digits.py)
+    nuisance_strength: float = 0.0  # views also differ in stroke width, brightness, contrast, blur, warp (0: off)
     expander: int = 0  # expander width, both objectives act on its output; 0: on the embedding itself
     objective: str = "sigreg"  # one of ENCODER_OBJECTIVES; chosen by the prior check (models/README.md)
     invariance: float = 25.0  # VICReg weights (lambda, mu, nu of the paper)
@@ -85,6 +86,8 @@ class EncoderTraining:
             raise ValueError(f"expander must be an integer width >= 0 (0: none), got {self.expander!r}")
         if not self.augment_strength > 0:
             raise ValueError(f"augment_strength must be positive, got {self.augment_strength!r}")
+        if not 0 <= self.nuisance_strength <= 1:
+            raise ValueError(f"nuisance_strength must be in [0, 1] (0: off), got {self.nuisance_strength!r}")
         if not self.sigreg_t_max > 0:
             raise ValueError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
 
@@ -158,6 +161,12 @@ def encoder_loss(a: torch.Tensor, b: torch.Tensor, recipe: EncoderTraining, gene
     return vicreg_loss(a, b, recipe)
 
 
+def view(batch: torch.Tensor, recipe: EncoderTraining, generator: torch.Generator) -> torch.Tensor:
+    """One augmented view of each image: geometry and noise, then the nuisances if the recipe asks."""
+    views = augment(batch, generator, recipe.augment_strength)
+    return nuisance_view(views, generator, recipe.nuisance_strength) if recipe.nuisance_strength else views
+
+
 def train_encoder(recipe: EncoderTraining) -> Path:
     torch.manual_seed(recipe.seed)
     images, _ = digits(recipe.size, recipe.data)
@@ -178,8 +187,8 @@ def train_encoder(recipe: EncoderTraining) -> Path:
     generator = torch.Generator().manual_seed(recipe.seed)
     for _ in tqdm(range(recipe.steps), desc="encoder", unit="step"):
         batch = rgb[torch.randint(len(rgb), (recipe.batch_size,), generator=generator)]
-        a = expander(encoder(augment(batch, generator, recipe.augment_strength)))
-        b = expander(encoder(augment(batch, generator, recipe.augment_strength)))
+        a = expander(encoder(view(batch, recipe, generator)))
+        b = expander(encoder(view(batch, recipe, generator)))
         loss = encoder_loss(a, b, recipe, generator)
         optimiser.zero_grad()
         loss.backward()

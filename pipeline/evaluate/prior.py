@@ -34,7 +34,7 @@ from tqdm import tqdm
 from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures, FeatureSpace, \
     FeatureSpec, check_weights_file, decode
 from pipeline.evaluate.metrics import subsample_key
-from pipeline.evaluate.nuisance import CHANGES, perturb
+from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
 from pipeline.evaluate.reference import find_reference
 from guidance import GuidanceConfig, jepa_score, jepa_scores
