@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
-    from pipeline.generate.job import run_generation
+    from pipeline.generate.job import Interrupted, run_generation
     from pipeline.generate.preflight import preflight_generation
     from pipeline.generate.work import WorkError
     from pipeline.settings import ConfigError, ui_command
@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before sampling began or after it ended: nothing is half-done
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(f"output:    {summary.output_uri}")
     print(f"samples:   {summary.committed} of {summary.planned} committed ({summary.generated} by this run), "
           f"{summary.failed} failed")

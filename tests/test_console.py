@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.progress import CommitWatch, status_line
@@ -131,3 +133,38 @@ def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     assert (watch.committed, watch.failed) == (7, 1)
     assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
+
+
+def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_config, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the job's whole process group, once the first batch is in.
+    Batches commit as they finish (not at ``max_rows_per_file``), so some rows are there; the job says so in
+    one line, exits 130, and leaves none of the Ray processes it started."""
+    path = write_config(work={"class_labels": list(range(10)), "samples_per_label": 6},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"max_rows_per_file": 1024})
+    data, log = tmp_path / "out" / DATA_DIR, tmp_path / "console.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", path], stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=subprocess.STDOUT, env=fresh_env(), cwd=ROOT,
+                               start_new_session=True)
+    started = set()
+    deadline = time.monotonic() + 600
+    while not list(data.glob("*.parquet")):
+        assert job.poll() is None, f"the run ended before it could be interrupted: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no batch was committed in time"
+        started |= set(psutil.Process(job.pid).children(recursive=True))
+        time.sleep(0.2)
+    started |= set(psutil.Process(job.pid).children(recursive=True))
+    said = len(log.read_text().splitlines())
+    os.killpg(job.pid, signal.SIGINT)
+    code = job.wait(timeout=120)
+    lines = log.read_text().splitlines()
+    text = "\n".join(lines)
+    committed = pq.ParquetDataset(str(data)).read(columns=["sample_id"]).num_rows
+    assert 0 < committed < 60, text
+    assert code == 130, text
+    assert lines[said:] == [f"interrupted: {committed} of 60 committed; rerun the same command to resume"], text
+    assert not (tmp_path / "out" / "_run.json").exists()
+    time.sleep(2)  # the cluster's processes end as the driver does; give the last ones a moment
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [" ".join(p.cmdline())[:120] for p in left]

@@ -219,6 +219,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
 
 
 SOAK_SAMPLES = 5000
+SOAK_BATCH = 25  # rows per batch, and so per committed file
 SOAK_MEDIAN_GROWTH_MIB = 32  # the sampler actor's median RSS, late in the run against early: flat
 SOAK_PEAK_GROWTH_MIB = 128  # its late 95th-percentile reading against the early median: transient buffers only
 
@@ -231,7 +232,7 @@ def median(values: list[float]) -> float:
 def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster, write_config, tmp_path):
     path = write_config(sampling={"method": "unguided", "steps": 1},
                         work={"class_labels": list(range(10)), "samples_per_label": SOAK_SAMPLES // 10},
-                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 25},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": SOAK_BATCH},
                         output={"max_rows_per_file": 100, "row_group_size": 50})
     out, log = tmp_path / "out", tmp_path / "driver.log"
     driver = start_driver(path, ray_cluster, log)
@@ -249,7 +250,7 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
         time.sleep(0.25)
     assert driver.returncode == 0, log.read_text()[-3000:]
     assert_exactly_once(out)
-    files = SOAK_SAMPLES // 100
+    files = SOAK_SAMPLES // SOAK_BATCH
     early = [rss for done, rss in readings if files * 0.1 <= done < files * 0.3]
     late = [rss for done, rss in readings if done >= files * 0.7]
     assert len(early) >= 5 and len(late) >= 5, f"too few memory readings over the run: {readings}"

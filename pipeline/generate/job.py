@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cluster import WRITERS, connect_ray, logs_folder
+from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
@@ -71,6 +71,13 @@ class GenerationSummary:
     ok: bool  # complete, or failures within output.max_failure_fraction
     run_id: str | None = None
     tracking_uri: str | None = None
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C): its committed files stay, and the same command resumes from them."""
+
+    def __init__(self, committed: int, planned: int):
+        super().__init__(f"interrupted: {committed} of {planned} committed; rerun the same command to resume")
 
 
 def failed_ids(output: Location, committed: pa.Array) -> list[str]:
@@ -114,7 +121,11 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     try:
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
+            try:
+                _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise Interrupted(len(committed_ids(output)), planned) from None
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start,
@@ -164,6 +175,9 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: fl
     try:
         with show_progress(output, planned, already, config.console.status_every):
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+    except KeyboardInterrupt:
+        leave_ray()  # before the job says it stopped: no process of a cluster it started outlives it
+        raise
     except Exception as error:
         cause = _task_cause(error)
         if isinstance(cause, StorageError):
