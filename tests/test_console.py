@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.generate.job import common_error
 from pipeline.progress import CommitWatch, status_line
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
@@ -80,7 +81,8 @@ def test_a_demo_sized_run_on_an_elastic_pool_shows_its_own_progress_and_listens_
     assert status and "20/20 samples committed" in status[-1] and "0 failed" in status[-1]
     assert len(others) <= 15, text
     assert "Traceback" not in text and "Total Progress" not in text and "pid=" not in text, text
-    assert lines[-1] == "status:    complete"
+    assert "status:    complete" in lines and lines[-1].startswith("browse:    mlflow ui ")
+    assert "/#/experiments/" in lines[-1]  # the runs page, not the GenAI overview
     assert any(name == "gcs_server" for name, _, _ in listening), listening  # the watch saw the cluster
     assert not [s for s in listening if not is_loopback(s[1])], listening
     # No dashboard for a batch run unless asked: what Ray still starts then is its API server with no frontend
@@ -168,3 +170,17 @@ def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_co
     time.sleep(2)  # the cluster's processes end as the driver does; give the last ones a moment
     left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not left, [" ".join(p.cmdline())[:120] for p in left]
+
+
+def test_the_common_error_is_named_only_when_most_failures_share_it(tmp_path):
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+
+    def record(sample_id: str, error: str) -> str:
+        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"), json.dumps({"error": error}).encode())
+        return sample_id
+
+    nan = "ValueError: the image is NaN or infinite\n(at step 3)"  # a record's first line is its error
+    most = [record("a", nan), record("b", nan.replace("3", "2")), record("c", nan), record("d", "OSError: disk")]
+    assert common_error(output, most) == ("ValueError: the image is NaN or infinite", 3)
+    assert common_error(output, ["a", "d"]) == (None, 0)  # half is not most
+    assert common_error(output, []) == (None, 0)

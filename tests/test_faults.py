@@ -18,6 +18,7 @@ import pyarrow.feather as feather
 import pyarrow.fs as pafs
 import pytest
 
+from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
@@ -311,14 +312,21 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     assert loaded.num_rows == 4
 
 
-def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray_cluster, write_config, tmp_path):
-    """eta 1e30 without normalisation overflows the guided samples to NaN; unguided they are fine."""
+def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray_cluster, write_config, tmp_path,
+                                                                             capsys):
+    """eta 1e30 without normalisation overflows the guided samples to NaN; unguided they are fine. The summary
+    names the error the failures share and suggests no rerun that would fail the same way."""
     overflow = {"method": "jepa", "steps": 3, "guidance": {"eta": 1e30, "normalize": False, "tau": 1.0, "k": 4}}
     path = write_config(sampling=overflow, work={"class_labels": [0, 3], "samples_per_label": 1})
-    summary = run_generation(load_config(path))
-    assert not summary.complete and summary.failed == 2 and summary.committed == 0
+    assert generate_job.main([path]) == 1
+    lines = capsys.readouterr().out.splitlines()
     records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).glob("*.json")]
     assert len(records) == 2 and all("NaN or infinite" in r["error"] for r in records)
+    error = records[0]["error"].splitlines()[0]
+    assert "samples:   0 of 2 committed (0 by this run), 2 failed" in lines
+    assert f"failures:  2 of 2 failed with: {error} (every record in _failures/)" in lines
+    (status,) = [line for line in lines if line.startswith("status:")]
+    assert "would fail the same way" in status and "rerun the same command" not in status
 
     summary = run_generation(load_config(path, ["output.retry_unguided=true"]))  # the same run, resumed
     assert summary.complete and summary.generated == 2 and summary.failed == 0

@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -71,6 +72,8 @@ class GenerationSummary:
     ok: bool  # complete, or failures within output.max_failure_fraction
     run_id: str | None = None
     tracking_uri: str | None = None
+    common_error: str | None = None  # the error most failed samples share, when one does
+    common_error_count: int = 0  # the failed samples that share it
 
 
 class Interrupted(Exception):
@@ -91,6 +94,16 @@ def failed_ids(output: Location, committed: pa.Array) -> list[str]:
         else:
             failed.append(sample_id)
     return failed
+
+
+def common_error(output: Location, failed: list[str]) -> tuple[str | None, int]:
+    """The error (first line) that more than half of the ``failed`` samples' records share, and how many share
+    it; (None, 0) when no one error does."""
+    folder = output.child(FAILURES_DIR)
+    errors = Counter(json.loads(read_bytes(folder.child(f"{sample_id}.json")))["error"].partition("\n")[0]
+                     for sample_id in failed)
+    error, count = errors.most_common(1)[0] if errors else (None, 0)
+    return (error, count) if 2 * count > len(failed) else (None, 0)
 
 
 def run_generation(config: GenerateConfig) -> GenerationSummary:
@@ -248,7 +261,8 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         tracker.log_artifact_bytes(RUN_FILE, data)
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
     return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
-                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri)
+                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri,
+                             *common_error(output, failed))
 
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:
