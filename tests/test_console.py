@@ -137,6 +137,7 @@ def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_config, tmp_path):
     """Ctrl-C as a terminal sends it: SIGINT to the job's whole process group, once the first batch is in.
     Batches commit as they finish (not at ``max_rows_per_file``), so some rows are there; the job says so in
