@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.evaluate.prior import PriorConfig, check_prior  # torch loads after parsing
     from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
+    from pipeline.settings import ui_command
     from pipeline.storage import StorageError
 
     try:
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"mlflow:  run {summary['run_id']} in {config.tracking.tracking_uri}")
     if config.output:
         print(f"output:  {config.output}/{PRIOR_CHECK_PLOT}, {config.output}/{PRIOR_CHECK_FILE}")
+    print(f"browse:  {ui_command(config.tracking.tracking_uri, summary['run_id'])}")
     return 0
 
 

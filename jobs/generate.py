@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from jobs.options import config_flag, job_parser, run_as_program
 from pipeline.sourcedoc import field_docs
+
+if TYPE_CHECKING:
+    from pipeline.generate.job import GenerationSummary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
-    from pipeline.generate.job import run_generation
+    from pipeline.generate.job import Interrupted, run_generation
     from pipeline.generate.preflight import preflight_generation
     from pipeline.generate.work import WorkError
     from pipeline.settings import ConfigError, ui_command
@@ -54,16 +58,34 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
         return 2
+    except Interrupted as interrupted:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # before sampling began or after it ended: nothing is half-done
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     print(f"output:    {summary.output_uri}")
     print(f"samples:   {summary.committed} of {summary.planned} committed ({summary.generated} by this run), "
           f"{summary.failed} failed")
     if summary.truncated_prompts:
         print(f"prompts:   {summary.truncated_prompts} truncated to work.max_prompt_chars")
+    if summary.common_error:
+        print(f"failures:  {summary.common_error_count} of {summary.failed} failed with: {summary.common_error} "
+              "(every record in _failures/)")
+    print(f"status:    {_status(summary)}")
     if summary.run_id:
         print(f"mlflow:    run {summary.run_id} in {summary.tracking_uri}")
-        print(f"browse:    {ui_command(summary.tracking_uri)}")
-    print(f"status:    {'complete' if summary.complete else 'INCOMPLETE: rerun the same command to resume'}")
+        print(f"browse:    {ui_command(summary.tracking_uri, summary.run_id)}")
     return 0 if summary.ok else 1
+
+
+def _status(summary: GenerationSummary) -> str:
+    """Complete, or what to do: a rerun retries the failed samples, which helps unless most share one error."""
+    if summary.complete:
+        return "complete"
+    if summary.common_error:
+        return "INCOMPLETE: most failures share the error above; a rerun would fail the same way until it is fixed"
+    return "INCOMPLETE: rerun the same command to resume"
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from pipeline.settings import ConfigError
 
@@ -82,6 +83,18 @@ def quiet_ray_data() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, SessionFileHandler):
             handler.setLevel(logging.CRITICAL + 1)
+
+
+def leave_ray() -> None:
+    """Leave Ray at once (after Ctrl-C), a second Ctrl-C ignored meanwhile: a local cluster this process
+    started stops with it, a cluster in RAY_ADDRESS is only left."""
+    import ray
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        ray.shutdown()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def logs_folder() -> str | None:

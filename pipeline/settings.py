@@ -10,6 +10,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 
+UI_ADDRESS = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
+
+
 class ConfigError(ValueError):
     """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
 
@@ -29,12 +32,21 @@ class TrackingConfig:
                               "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
 
 
-def ui_command(tracking_uri: str) -> str:
-    """How a person opens the runs: the exact ``mlflow ui`` command for a sqlite store, else the server's address."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///")).expanduser().resolve()
-        return f"mlflow ui --backend-store-uri sqlite:///{db}"
-    return f"open {tracking_uri} in a browser"
+def ui_command(tracking_uri: str, run_id: str | None = None) -> str:
+    """How a person opens the runs: the exact ``mlflow ui`` command for a sqlite store, else the server's
+    address; given a run, the runs page of its experiment too (``mlflow ui`` alone opens on its GenAI
+    overview, which shows "No data" for these runs)."""
+    local = tracking_uri.startswith("sqlite:///")
+    if local:
+        tracking_uri = f"sqlite:///{Path(tracking_uri.removeprefix('sqlite:///')).expanduser().resolve()}"
+        command = f"mlflow ui --backend-store-uri {tracking_uri}"
+    if run_id is None:
+        return command if local else f"open {tracking_uri} in a browser"
+    from mlflow import MlflowClient  # only here: this module stays light for write workers
+
+    experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    page = f"{UI_ADDRESS if local else tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs"
+    return f"{command}, then open {page}" if local else f"open {page} in a browser"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -4,7 +4,11 @@ Why not ``write_parquet``: it writes straight to the final path, so a killed run
 half-written file that looks like data on a local disk. Here every file is written whole to a
 temporary name and renamed (local) or uploaded in one PUT / multipart completion (S3), so a file
 is committed or absent. A file's name hashes the sample ids it holds: a retried write task rewrites
-the same file rather than adding a duplicate. Resume reads the committed ids back (see generation.py).
+the same file rather than adding a duplicate. Resume reads the committed ids back (see generate/job.py).
+
+Every block is written as it arrives: the sampler makes one block per batch, so each actor's batch commits
+on its own (Ray Data's default, no ``min_rows_per_write``) and an interrupted run keeps all but the batches
+in flight. Files are then as small as a batch; ``max_rows_per_file`` only bounds the large ones.
 """
 
 from __future__ import annotations
@@ -35,10 +39,6 @@ class AtomicParquetSink(Datasink[list[str]]):
         self.storage = storage
         self.max_rows_per_file = max_rows_per_file
         self.row_group_size = row_group_size
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.max_rows_per_file
 
     def write(self, blocks: Iterable[Block], ctx) -> list[str]:
         tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]

@@ -41,8 +41,11 @@ def source_name(source: str) -> str:
 
 
 def run_name(job: str, *parts: str | None) -> str:
-    """A run name that says what ran: ``generate jepa digits-ddpm jepa`` (job, method, model, output)."""
-    return " ".join([job, *(part for part in parts if part)])
+    """A run name that says what ran, what tells runs apart first: the last part (the output folder, by
+    every caller) leads, then the job and the rest: ``jepa: generate jepa digits-ddpm`` (output, job,
+    method, model). MLflow's runs table cuts long names at the end."""
+    given = [part for part in parts if part]
+    return f"{given[-1]}: {' '.join([job, *given[:-1]])}" if given else job
 
 
 def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import psutil
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pipeline.generate.job import common_error
 from pipeline.progress import CommitWatch, status_line
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
@@ -78,7 +81,8 @@ def test_a_demo_sized_run_on_an_elastic_pool_shows_its_own_progress_and_listens_
     assert status and "20/20 samples committed" in status[-1] and "0 failed" in status[-1]
     assert len(others) <= 15, text
     assert "Traceback" not in text and "Total Progress" not in text and "pid=" not in text, text
-    assert lines[-1] == "status:    complete"
+    assert "status:    complete" in lines and lines[-1].startswith("browse:    mlflow ui ")
+    assert "/#/experiments/" in lines[-1]  # the runs page, not the GenAI overview
     assert any(name == "gcs_server" for name, _, _ in listening), listening  # the watch saw the cluster
     assert not [s for s in listening if not is_loopback(s[1])], listening
     # No dashboard for a batch run unless asked: what Ray still starts then is its API server with no frontend
@@ -131,3 +135,53 @@ def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     assert (watch.committed, watch.failed) == (7, 1)
     assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_config, tmp_path):
+    """Ctrl-C as a terminal sends it: SIGINT to the job's whole process group, once the first batch is in.
+    Batches commit as they finish (not at ``max_rows_per_file``), so some rows are there; the job says so in
+    one line, exits 130, and leaves none of the Ray processes it started."""
+    path = write_config(work={"class_labels": list(range(10)), "samples_per_label": 6},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 2},
+                        output={"max_rows_per_file": 1024})
+    data, log = tmp_path / "out" / DATA_DIR, tmp_path / "console.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", path], stdin=subprocess.DEVNULL,
+                               stdout=out, stderr=subprocess.STDOUT, env=fresh_env(), cwd=ROOT,
+                               start_new_session=True)
+    started = set()
+    deadline = time.monotonic() + 600
+    while not list(data.glob("*.parquet")):
+        assert job.poll() is None, f"the run ended before it could be interrupted: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, "no batch was committed in time"
+        started |= set(psutil.Process(job.pid).children(recursive=True))
+        time.sleep(0.2)
+    started |= set(psutil.Process(job.pid).children(recursive=True))
+    said = len(log.read_text().splitlines())
+    os.killpg(job.pid, signal.SIGINT)
+    code = job.wait(timeout=120)
+    lines = log.read_text().splitlines()
+    text = "\n".join(lines)
+    committed = pq.ParquetDataset(str(data)).read(columns=["sample_id"]).num_rows
+    assert 0 < committed < 60, text
+    assert code == 130, text
+    assert lines[said:] == [f"interrupted: {committed} of 60 committed; rerun the same command to resume"], text
+    assert not (tmp_path / "out" / "_run.json").exists()
+    time.sleep(2)  # the cluster's processes end as the driver does; give the last ones a moment
+    left = [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not left, [" ".join(p.cmdline())[:120] for p in left]
+
+
+def test_the_common_error_is_named_only_when_most_failures_share_it(tmp_path):
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+
+    def record(sample_id: str, error: str) -> str:
+        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"), json.dumps({"error": error}).encode())
+        return sample_id
+
+    nan = "ValueError: the image is NaN or infinite\n(at step 3)"  # a record's first line is its error
+    most = [record("a", nan), record("b", nan.replace("3", "2")), record("c", nan), record("d", "OSError: disk")]
+    assert common_error(output, most) == ("ValueError: the image is NaN or infinite", 3)
+    assert common_error(output, ["a", "d"]) == (None, 0)  # half is not most
+    assert common_error(output, []) == (None, 0)

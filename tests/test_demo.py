@@ -99,8 +99,8 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name("jepa-minority-demo")
     runs = client.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == [  # job, method, model, output folder: the arms apart
-        "filter jepa digits-ddpm rarest", "generate jepa digits-ddpm jepa", "generate unguided digits-ddpm unguided"]
+    assert sorted(r.info.run_name for r in runs) == [  # output folder first: the arms apart, then job, method, model
+        "jepa: generate jepa digits-ddpm", "rarest: filter jepa digits-ddpm", "unguided: generate unguided digits-ddpm"]
     assert all(r.info.status == "FINISHED" for r in runs)
     # rarity in the data: each arm against the held-out digits in pixels, recomputed here for the unguided arm
     assert "Rare in the data?" in page and "the 400 held-out real digits" in page

@@ -18,6 +18,7 @@ import pyarrow.feather as feather
 import pyarrow.fs as pafs
 import pytest
 
+from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
@@ -219,6 +220,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
 
 
 SOAK_SAMPLES = 5000
+SOAK_BATCH = 25  # rows per batch, and so per committed file
 SOAK_MEDIAN_GROWTH_MIB = 32  # the sampler actor's median RSS, late in the run against early: flat
 SOAK_PEAK_GROWTH_MIB = 128  # its late 95th-percentile reading against the early median: transient buffers only
 
@@ -231,7 +233,7 @@ def median(values: list[float]) -> float:
 def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster, write_config, tmp_path):
     path = write_config(sampling={"method": "unguided", "steps": 1},
                         work={"class_labels": list(range(10)), "samples_per_label": SOAK_SAMPLES // 10},
-                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": 25},
+                        ray={"actors": 1, "cpus_per_actor": 0.5, "batch_size": SOAK_BATCH},
                         output={"max_rows_per_file": 100, "row_group_size": 50})
     out, log = tmp_path / "out", tmp_path / "driver.log"
     driver = start_driver(path, ray_cluster, log)
@@ -249,7 +251,7 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
         time.sleep(0.25)
     assert driver.returncode == 0, log.read_text()[-3000:]
     assert_exactly_once(out)
-    files = SOAK_SAMPLES // 100
+    files = SOAK_SAMPLES // SOAK_BATCH
     early = [rss for done, rss in readings if files * 0.1 <= done < files * 0.3]
     late = [rss for done, rss in readings if done >= files * 0.7]
     assert len(early) >= 5 and len(late) >= 5, f"too few memory readings over the run: {readings}"
@@ -310,14 +312,21 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     assert loaded.num_rows == 4
 
 
-def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray_cluster, write_config, tmp_path):
-    """eta 1e30 without normalisation overflows the guided samples to NaN; unguided they are fine."""
+def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray_cluster, write_config, tmp_path,
+                                                                             capsys):
+    """eta 1e30 without normalisation overflows the guided samples to NaN; unguided they are fine. The summary
+    names the error the failures share and suggests no rerun that would fail the same way."""
     overflow = {"method": "jepa", "steps": 3, "guidance": {"eta": 1e30, "normalize": False, "tau": 1.0, "k": 4}}
     path = write_config(sampling=overflow, work={"class_labels": [0, 3], "samples_per_label": 1})
-    summary = run_generation(load_config(path))
-    assert not summary.complete and summary.failed == 2 and summary.committed == 0
+    assert generate_job.main([path]) == 1
+    lines = capsys.readouterr().out.splitlines()
     records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).glob("*.json")]
     assert len(records) == 2 and all("NaN or infinite" in r["error"] for r in records)
+    error = records[0]["error"].splitlines()[0]
+    assert "samples:   0 of 2 committed (0 by this run), 2 failed" in lines
+    assert f"failures:  2 of 2 failed with: {error} (every record in _failures/)" in lines
+    (status,) = [line for line in lines if line.startswith("status:")]
+    assert "would fail the same way" in status and "rerun the same command" not in status
 
     summary = run_generation(load_config(path, ["output.retry_unguided=true"]))  # the same run, resumed
     assert summary.complete and summary.generated == 2 and summary.failed == 0

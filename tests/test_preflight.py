@@ -168,7 +168,7 @@ def test_filter_by_hand_logs_beside_its_input_run_and_says_how_to_browse(ray_clu
     assert lines[-1] == f"browse:    mlflow ui --backend-store-uri {store}"
     client = MlflowClient(tracking_uri=store)
     (run,) = client.search_runs([client.get_experiment_by_name("digits-study").experiment_id])
-    assert run.info.run_name == "filter jepa digits-ddpm rarest" and run.info.status == "FINISHED"
+    assert run.info.run_name == "rarest: filter jepa digits-ddpm" and run.info.status == "FINISHED"
     assert not (tmp_path / "mlruns").exists()
     assert filter_job.main(["--input", str(gen), "--output", str(tmp_path / "other"), "--keep", "1",
                             "--experiment", "by-hand"]) == 0  # a flag given wins, in the input's store
@@ -179,4 +179,4 @@ def test_run_names_tell_outputs_and_versions_apart():
     assert folder_name("s3://bucket/digits/versions/2026-11-28/generated/") == "2026-11-28/generated"
     assert folder_name("outputs/demo/rarest") == "rarest"
     assert run_name("generate", "jepa", source_name("models/digits-ddpm"), folder_name("outputs/demo/jepa")) == \
-        "generate jepa digits-ddpm jepa"
+        "jepa: generate jepa digits-ddpm"

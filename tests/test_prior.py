@@ -77,7 +77,8 @@ def test_check_prior_on_a_folder_with_labels_and_a_subsample(tmp_path, tiny_vit_
     printed = capsys.readouterr().out.splitlines()
     summary = json.loads((tmp_path / "check" / "prior_check.json").read_text())
     assert printed[:2] == [summary["verdict"], summary["topk"]["verdict"]]
-    assert printed[2:-2] == summary["nuisance"]["verdicts"] != []
+    assert printed[2:-3] == summary["nuisance"]["verdicts"] != []
+    assert printed[-1].startswith("browse:  mlflow ui ") and "/#/experiments/" in printed[-1]  # the runs page
 
     # the score is the exact JEPA-SCORE of `jepa-minority score`, rarity the leave-one-out AvgkNN in pixels-8
     scored = {row.path: row.score for row in score_images(ScoreConfig(

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 from mlflow import MlflowClient
 
-from pipeline.settings import TrackingConfig
+from pipeline.settings import TrackingConfig, ui_command
 from pipeline.tracking import RunTracker
 
 DIGEST = "0123456789abcdef0123456789abcdef"
@@ -35,3 +35,16 @@ def test_lineage_records_the_manifest_and_the_output_with_digest_source_schema_a
     assert columns == ["sample_id", "seed"]
     assert json.loads(work.profile)["num_rows"] == 3
     assert output.schema is None and output.profile is None  # a folder of files: no table to describe
+
+
+def test_the_browse_line_opens_the_runs_page_of_the_runs_experiment(tmp_path):
+    """``mlflow ui`` alone opens on the GenAI overview; the line names the experiment's runs page too."""
+    tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
+                              artifact_location=str(tmp_path / "artifacts"), experiment="second")
+    MlflowClient(tracking_uri=tracking.tracking_uri).create_experiment("first")  # ids differ from the default's
+    tracker = RunTracker(tracking, "browse", {})
+    experiment_id = MlflowClient(tracking_uri=tracker.tracking_uri).get_experiment_by_name("second").experiment_id
+    assert ui_command(tracking.tracking_uri) == f"mlflow ui --backend-store-uri {tracker.tracking_uri}"
+    assert ui_command(tracking.tracking_uri, tracker.run_id) == (
+        f"mlflow ui --backend-store-uri {tracker.tracking_uri}, then open "
+        f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs")

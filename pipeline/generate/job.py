@@ -28,6 +28,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
@@ -37,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cluster import WRITERS, connect_ray, logs_folder
+from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
@@ -71,6 +72,15 @@ class GenerationSummary:
     ok: bool  # complete, or failures within output.max_failure_fraction
     run_id: str | None = None
     tracking_uri: str | None = None
+    common_error: str | None = None  # the error most failed samples share, when one does
+    common_error_count: int = 0  # the failed samples that share it
+
+
+class Interrupted(Exception):
+    """The run was stopped (Ctrl-C): its committed files stay, and the same command resumes from them."""
+
+    def __init__(self, committed: int, planned: int):
+        super().__init__(f"interrupted: {committed} of {planned} committed; rerun the same command to resume")
 
 
 def failed_ids(output: Location, committed: pa.Array) -> list[str]:
@@ -84,6 +94,16 @@ def failed_ids(output: Location, committed: pa.Array) -> list[str]:
         else:
             failed.append(sample_id)
     return failed
+
+
+def common_error(output: Location, failed: list[str]) -> tuple[str | None, int]:
+    """The error (first line) that more than half of the ``failed`` samples' records share, and how many share
+    it; (None, 0) when no one error does."""
+    folder = output.child(FAILURES_DIR)
+    errors = Counter(json.loads(read_bytes(folder.child(f"{sample_id}.json")))["error"].partition("\n")[0]
+                     for sample_id in failed)
+    error, count = errors.most_common(1)[0] if errors else (None, 0)
+    return (error, count) if 2 * count > len(failed) else (None, 0)
 
 
 def run_generation(config: GenerateConfig) -> GenerationSummary:
@@ -114,7 +134,11 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     try:
         if todo.num_rows:
             log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
-            _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
+            try:
+                _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
+            except KeyboardInterrupt:
+                status = "KILLED"
+                raise Interrupted(len(committed_ids(output)), planned) from None
         committed = committed_ids(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start,
@@ -164,6 +188,9 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: fl
     try:
         with show_progress(output, planned, already, config.console.status_every):
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
+    except KeyboardInterrupt:
+        leave_ray()  # before the job says it stopped: no process of a cluster it started outlives it
+        raise
     except Exception as error:
         cause = _task_cause(error)
         if isinstance(cause, StorageError):
@@ -234,7 +261,8 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         tracker.log_artifact_bytes(RUN_FILE, data)
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
     return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
-                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri)
+                             manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri,
+                             *common_error(output, failed))
 
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:
