@@ -35,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
-    from pipeline.generate.job import run_generation
+    from pipeline.generate.config import load_config  # no torch, diffusers or Ray: they load only for work to do
     from pipeline.generate.preflight import preflight_generation
     from pipeline.generate.work import WorkError
     from pipeline.settings import ConfigError, ui_command
@@ -50,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(f"dry run: {preflight_generation(config).describe()}")
             return 0
+        from pipeline.generate.job import run_generation
+
         summary = run_generation(config)
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
