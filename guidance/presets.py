@@ -28,8 +28,8 @@ FAMILIES = {  # family -> (the diffusers pipeline class that loads it, pipeline 
     "sd": ("StableDiffusionPipeline", ("StableDiffusionPipeline",)),
     "sdxl": ("StableDiffusionXLPipeline", ("StableDiffusionXLPipeline",)),
 }
-CLASS_KEYS = {"pixel-unet": ("unet", "num_class_embeds"), "dit": ("transformer", "num_embeds_ada_norm")}  # family ->
-# (component, config key of its class count)
+# family -> (the component, the key of its config that counts the class labels): class_count reads it
+CLASS_KEYS = {"pixel-unet": ("unet", "num_class_embeds"), "dit": ("transformer", "num_embeds_ada_norm")}
 
 
 @dataclass(frozen=True)
