@@ -8,6 +8,8 @@ table and checks, ``guidance.encoder_specs``) import without torch: configs and 
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 
 _HOMES = {
     "ENCODERS": "guidance.encoder_specs",
@@ -32,6 +34,16 @@ _HOMES = {
     "load_model": "guidance.presets",
 }
 __all__ = sorted(_HOMES)
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        if name in _HOMES and isinstance(value, types.ModuleType):
+            return  # a submodule named like its function (jepa_score, generate): the function keeps the name
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -206,8 +206,8 @@ def identity_changes(before: dict, after: dict) -> list[str]:
         was, now = old[key], new[key]
         if was == now:
             continue
-        if key.endswith(("weights", "files")) and isinstance(was, list) and isinstance(now, list):
-            files = sorted({entry[0] for entry in set(map(tuple, was)) ^ set(map(tuple, now))})
+        if key.endswith(("weights", "files")) and (isinstance(was, list) or isinstance(now, list)):
+            files = sorted({entry[0] for entry in set(map(tuple, was or [])) ^ set(map(tuple, now or []))})
             changes.append(f"{key}: {', '.join(files)} changed (path, size or modification time)")
         else:
             changes.append(f"{key} {json.dumps(was)} -> {json.dumps(now)}")
