@@ -1,18 +1,18 @@
 """Input checks shared by the JEPA-SCORE functions and the weight loaders: bad input fails here, with a
-message that teaches."""
+message that teaches. Light to import: torch loads only when images are checked."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import torch
-
 PIXEL_SLACK = 0.05  # images a little outside [0, 1] (resampling overshoot) pass; 0..255 or [-1, 1] do not
 
 
 def check_images(images: torch.Tensor) -> None:
     """Images must be a non-empty, finite (B, 3, H, W) tensor with values in [0, 1]."""
+    import torch
+
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:

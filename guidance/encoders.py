@@ -2,7 +2,7 @@
 
 The world prior of the paper is a JEPA encoder f. Here f maps images in [0, 1], shape (B, 3, H, W),
 to one embedding per image, shape (B, D), not normalised (docs/method.md, 'The encoder'). Three families:
-  - the DINOv2 table below (the paper's prior): timm names, 224 px unless asked otherwise;
+  - the DINOv2 table (guidance/encoder_specs.py, the paper's prior): timm names, 224 px unless asked otherwise;
   - ``timm:<architecture>``: any timm VisionTransformer, its input size, mean and std from its
     pretrained config (a folder's config.json, or timm's registry);
   - ``open_clip:<architecture>``: an open_clip ViT image tower (e.g. MetaCLIP's) from a local
@@ -15,12 +15,9 @@ produces. Every family runs in fp32 on the math attention path (no fused kernels
 
 from __future__ import annotations
 
-import difflib
-import json
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +27,10 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from guidance.checks import check_weights_readable
+from guidance.encoder_specs import (DEFAULT_INPUT_SIZE, ENCODERS, OPEN_CLIP_POOLS, OUTPUTS, WEIGHT_FILE_SUFFIXES,
+                                    check_encoder, check_encoder_weights, encoder_family, open_clip_name)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """One row of the encoder table: what a name means."""
-
-    hub_tag: str  # timm's pretrained tag for the official DINOv2 weights
-
-
-ENCODERS: dict[str, EncoderSpec] = {
-    "vit_small_patch14_dinov2": EncoderSpec("lvd142m"),
-    "vit_small_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
-    "vit_base_patch14_dinov2": EncoderSpec("lvd142m"),
-    "vit_base_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
-    "vit_large_patch14_dinov2": EncoderSpec("lvd142m"),
-    "vit_large_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
-    "vit_giant_patch14_dinov2": EncoderSpec("lvd142m"),
-    "vit_giant_patch14_reg4_dinov2": EncoderSpec("lvd142m"),
-}
-DEFAULT_INPUT_SIZE = 224  # docs/method.md, 'The encoder': images are resized to 224 x 224 before the encoder
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-TIMM_PREFIX = "timm:"  # timm:<architecture>[.<tag>], any timm VisionTransformer
-OPEN_CLIP_PREFIX = "open_clip:"  # open_clip:<architecture or model config .json>, a ViT image tower
-OUTPUTS = {"cls": "token", "pool": "avg"}  # encoder output -> timm's global_pool
-OPEN_CLIP_POOLS = {"cls": "tok", "pool": "avg"}  # encoder output -> open_clip's pool_type
-NAME_FORMS = (f"a DINOv2 name ({', '.join(sorted(ENCODERS))}), '{TIMM_PREFIX}<ViT architecture>' "
-              f"(e.g. timm:vit_base_patch16_224) or '{OPEN_CLIP_PREFIX}<architecture or config .json>' (e.g. open_clip:ViT-B-32)")
 
 
 class JepaEncoder(nn.Module):
@@ -97,42 +68,6 @@ class JepaEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.resize(images.to(self.mean.dtype))
         return self.backbone((x - self.mean) / self.std)
-
-
-def encoder_family(name: str) -> tuple[str, str]:
-    """(family, architecture) of an encoder name: ("dinov2" | "timm" | "open_clip", the name its library knows)."""
-    if name in ENCODERS:
-        return "dinov2", name
-    for family, prefix in (("timm", TIMM_PREFIX), ("open_clip", OPEN_CLIP_PREFIX)):
-        if name.startswith(prefix) and name[len(prefix):]:
-            return family, name[len(prefix):]
-    raise ValueError(f"unknown encoder {name!r}; give {NAME_FORMS}")
-
-
-def check_encoder(name: str, weights: str, output: str = "cls", input_size: int | None = None) -> None:
-    """Refuse a bad encoder request in one line before anything loads (names, weights kind, output, size)."""
-    family, architecture = encoder_family(name)
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(OUTPUTS)} (CLS token after the final norm, or the "
-                         f"mean of the patch tokens), got {output!r}")
-    if family == "dinov2" and input_size is not None and (input_size <= 0 or input_size % 14):
-        raise ValueError(f"input_size must be a positive multiple of the patch size 14, got {input_size}")
-    if input_size is not None and (isinstance(input_size, bool) or input_size <= 0):
-        raise ValueError(f"input_size must be a positive integer, got {input_size!r}")
-    if family == "timm":
-        vits = timm.list_models(module="vision_transformer")
-        base = timm.models.get_arch_name(architecture)
-        if base not in vits:
-            known = "" if timm.is_model(architecture) else " unknown to timm;"
-            close = difflib.get_close_matches(base, vits, n=3)
-            raise ValueError(f"encoder {name!r}:{known} not a timm VisionTransformer"
-                             + (f" (close: {', '.join(close)})" if close else "")
-                             + "; list them with timm.list_models(module='vision_transformer')")
-    if family == "open_clip":
-        _open_clip_name(architecture)
-        if weights == "hub" or weights.startswith("hub:"):
-            raise ValueError(f"encoder {name!r} loads from a local open_clip checkpoint file: set its weights to that "
-                             "file (nothing is downloaded), or 'random' for an untrained tower")
 
 
 def load_encoder(
@@ -198,49 +133,6 @@ def _timm_output(backbone: nn.Module, name: str, output: str, input_size: int | 
         raise ValueError(f"encoder {name!r} runs at {height}x{width}: input_size must be square and a multiple of "
                          f"its patch size {patch}")
     return input_size or height
-
-
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir loader reads, in its order
-
-
-def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
-    """What ``load_encoder`` will read exists and is readable, without building the model: a file's
-    suffix and header, a timm folder's config.json (its architecture) and weights file. Hub and random
-    weights have nothing local to check."""
-    family, architecture = encoder_family(name)
-    weights = str(weights)
-    if weights == "random" or weights == "hub" or weights.startswith("hub:"):
-        return
-    path = Path(weights).expanduser()
-    if not path.exists() and family == "open_clip":
-        raise FileNotFoundError(f"open_clip weights not found: {path}. Pass the tower's local open_clip checkpoint "
-                                "file (nothing is downloaded), or 'random' for an untrained tower.")
-    if not path.exists():
-        raise FileNotFoundError(
-            f"encoder weights not found: {path}. Pass a .safetensors / .pth file, a timm model folder "
-            "(config.json + model.safetensors), 'hub' to download, or 'random' for an untrained encoder."
-        )
-    if path.is_dir():
-        if family == "open_clip":
-            raise ValueError(f"encoder {name!r} loads from an open_clip checkpoint file, not a folder: {path}")
-        config = path / "config.json"
-        if not config.is_file():
-            raise FileNotFoundError(f"encoder folder {path} has no config.json "
-                                    "(timm's layout: config.json + model.safetensors)")
-        try:
-            found = json.loads(config.read_text()).get("architecture")
-        except (OSError, ValueError, AttributeError) as error:
-            raise ValueError(f"encoder folder {path}: config.json is not a readable JSON object: {error}") from error
-        if found != timm.models.get_arch_name(architecture):
-            raise ValueError(f"encoder folder {path} holds a {found!r}, not the requested {architecture!r}")
-        files = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
-        if not files:
-            raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")
-        check_weights_readable(files[0], "encoder weights")
-        return
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
-        raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
-    check_weights_readable(path, "encoder weights")
 
 
 def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: str | None) -> nn.Module:
@@ -350,24 +242,6 @@ class OpenClipTower(nn.Module):
         return self.visual(pixels)
 
 
-def _open_clip_name(architecture: str) -> str:
-    """The open_clip model name of an architecture name or model config .json (registered here)."""
-    import open_clip
-
-    name = architecture
-    if architecture.endswith(".json"):
-        config = Path(architecture).expanduser()
-        if not config.is_file():
-            raise FileNotFoundError(f"open_clip model config not found: {config}")
-        open_clip.add_model_config(config)
-        name = config.stem
-    if name not in open_clip.list_models():
-        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
-        raise ValueError(f"unknown open_clip architecture {architecture!r}: give an open_clip model name "
-                         f"(e.g. ViT-B-32{', close: ' + ', '.join(close) if close else ''}) or a model config .json file")
-    return name
-
-
 def load_open_clip(architecture: str, weights: str, device: str = "cpu"):
     """(model, preprocess, model name) of an open_clip architecture from a local checkpoint file, weights-only.
 
@@ -376,7 +250,7 @@ def load_open_clip(architecture: str, weights: str, device: str = "cpu"):
     """
     import open_clip
 
-    name = _open_clip_name(architecture)
+    name = open_clip_name(architecture)
     if weights == "random":
         log.warning("open_clip model %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
         pretrained = None

@@ -3,6 +3,7 @@
 Defaults follow the authors' release (docs/method.md, 'Guided step' and the sections after it):
 eta 0.5, constant schedule, L-inf normalisation, tau 0.8, interval 1, pre-step placement, k 9,
 oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'.
+Light to import (no torch): configs are built and checked before anything heavy loads.
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 from guidance.checks import check_sketch
-from guidance.schedules import SAMPLERS
 
 METHODS = ("unguided", "bns", "jepa", "jepa-reference")
+SAMPLERS = ("ddpm", "ddim")  # the update rules (guidance/schedules.py)
 GUIDANCE_SCHEDULES = ("constant", "variance")
 PLACEMENTS = ("pre-step", "posterior-mean")
 GRADIENTS = ("full", "tweedie")

@@ -2,7 +2,8 @@
 
 Every source is a diffusers pipeline folder (``model_index.json`` and one subfolder per component,
 as ``pipeline.save_pretrained`` writes and hub repos hold). A preset names the family and the
-sampling defaults the paper's settings use.
+sampling defaults the paper's settings use. The table and its checks (``check_model``, ``class_count``) read
+only JSON and safetensors headers and import no torch or diffusers; the loaders import them when called.
 """
 
 from __future__ import annotations
@@ -12,30 +13,23 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import safetensors.torch
-import torch
-from diffusers import (
-    AutoencoderTiny,
-    DDPMPipeline,
-    DiTPipeline,
-    DiTTransformer2DModel,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DModel,
-)
-from diffusers.utils import is_accelerate_available
+from typing import TYPE_CHECKING, Any
 
 from guidance.checks import check_weights_readable
-from guidance.models import DiT, DiffusionModel, PixelUNet, StableDiffusion
 
-FAMILIES = {  # family -> (diffusers pipeline class that loads it, pipeline class names it accepts)
-    "pixel-unet": (DDPMPipeline, ("DDPMPipeline", "DDIMPipeline")),
-    "dit": (DiTPipeline, ("DiTPipeline",)),
-    "sd": (StableDiffusionPipeline, ("StableDiffusionPipeline",)),
-    "sdxl": (StableDiffusionXLPipeline, ("StableDiffusionXLPipeline",)),
+if TYPE_CHECKING:
+    import torch
+
+    from guidance.models import DiffusionModel
+
+FAMILIES = {  # family -> (the diffusers pipeline class that loads it, pipeline class names it accepts), by name
+    "pixel-unet": ("DDPMPipeline", ("DDPMPipeline", "DDIMPipeline")),
+    "dit": ("DiTPipeline", ("DiTPipeline",)),
+    "sd": ("StableDiffusionPipeline", ("StableDiffusionPipeline",)),
+    "sdxl": ("StableDiffusionXLPipeline", ("StableDiffusionXLPipeline",)),
 }
+# family -> (the component, the key of its config that counts the class labels): class_count reads it
+CLASS_KEYS = {"pixel-unet": ("unet", "num_class_embeds"), "dit": ("transformer", "num_embeds_ada_norm")}
 
 
 @dataclass(frozen=True)
@@ -73,7 +67,7 @@ def load_model(
     *,
     variant: str | None = None,
     unet_weights: str | os.PathLike | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     compile_network: bool = False,
     guidance_decoder: str | os.PathLike | None = None,
@@ -83,17 +77,24 @@ def load_model(
     source: a local pipeline folder or a hub id (default: the preset's hub id).
     variant: diffusers weight variant, e.g. "fp16".
     unet_weights: a .safetensors / .pth file that replaces the UNet's weights (SDXL-Lightning).
-    dtype: the denoiser's and VAE's dtype (fp32 on CPU; bf16 / fp16 on GPU).
+    dtype: the denoiser's and VAE's dtype (None: fp32; bf16 / fp16 on GPU).
     compile_network: compile the denoising network in place with ``torch.compile``. Its first calls
       compile (tens of seconds for each batch shape and for grad mode on and off), later calls run
       faster: it pays on long runs (README, Performance).
     guidance_decoder: an ``AutoencoderTiny`` folder or hub id (TAESD for SD 1.x / 2.x and DiT, TAESDXL for
       SDXL) that decodes the Tweedie estimate inside guidance only; latent models only.
     """
+    import diffusers
+    import torch
+    from diffusers.utils import is_accelerate_available
+
+    from guidance.models import DiT, PixelUNet, StableDiffusion
+
     check_model(preset, source, unet_weights=unet_weights)
+    dtype = torch.float32 if dtype is None else dtype
     spec = PRESETS[preset]
     source = str(source) if source is not None else spec.hub_id
-    pipeline_class = FAMILIES[spec.family][0]
+    pipeline_class = getattr(diffusers, FAMILIES[spec.family][0])
     # diffusers' own default, said explicitly so it skips its notice to install accelerate: measured on the demo
     # and tiny test models, loading with accelerate was slower (its import), so the project does not add it.
     options: dict[str, Any] = {"dtype": dtype, "variant": variant, "low_cpu_mem_usage": is_accelerate_available()}
@@ -121,9 +122,12 @@ def load_model(
     return model
 
 
-def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, dtype: torch.dtype = torch.float32,
+def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, dtype: torch.dtype | None = None,
                           device: str | torch.device = "cpu") -> torch.nn.Module:
     """An ``AutoencoderTiny`` (TAESD) from a local folder or, when named so, a hub id, frozen, for ``model``'s latents."""
+    import torch
+    from diffusers import AutoencoderTiny
+
     vae = getattr(model, "vae", None)
     if vae is None:
         raise ValueError("model.guidance_decoder: this model samples pixels, so there is no decoder to replace")
@@ -138,7 +142,7 @@ def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, d
     elif not HUB_ID.match(source):
         raise FileNotFoundError(f"model.guidance_decoder: folder not found: {folder} (and it is not a hub id like 'org/name')")
     try:
-        tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype)
+        tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype or torch.float32)
     except Exception as error:
         raise RuntimeError(f"model.guidance_decoder: could not load {source} ({error})") from error
     latents = model.sample_shape[0]
@@ -203,15 +207,21 @@ def class_count(preset: str, source: str | os.PathLike | None = None) -> int | N
     Reads only the model's config, so work can be checked against it before anything loads.
     """
     spec = PRESETS[preset]
-    if spec.family in ("sd", "sdxl"):
+    if spec.family not in CLASS_KEYS:
         return None
-    component, key = ("unet", "num_class_embeds") if spec.family == "pixel-unet" else ("transformer", "num_embeds_ada_norm")
+    component, key = CLASS_KEYS[spec.family]
     location = str(source) if source is not None else spec.hub_id
     folder = Path(location).expanduser()
-    if not folder.exists() and not HUB_ID.match(location):
+    if folder.exists():
+        return _read_json(folder / component / "config.json").get(key)
+    if not HUB_ID.match(location):
         raise FileNotFoundError(f"model folder not found: {folder} (and it is not a hub id like 'org/name')")
-    model_class = UNet2DModel if spec.family == "pixel-unet" else DiTTransformer2DModel
-    return model_class.load_config(location, subfolder=component).get(key)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return _read_json(Path(hf_hub_download(location, "config.json", subfolder=component))).get(key)
+    except Exception as error:  # offline, unknown repo or file: the hub has no config to read
+        raise OSError(f"could not fetch {location}'s {component} config from the hub ({error})") from error
 
 
 def _from_pretrained(pipeline_class, source: str, options: dict[str, Any]):
@@ -228,6 +238,9 @@ def _from_pretrained(pipeline_class, source: str, options: dict[str, Any]):
 
 def _load_unet_weights(unet: torch.nn.Module, path: Path) -> None:
     """Replace every UNet weight from a safetensors or weights-only torch file (strict)."""
+    import safetensors.torch
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             state = safetensors.torch.load_file(path)

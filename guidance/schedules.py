@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-SAMPLERS = ("ddpm", "ddim")
+from guidance.methods import SAMPLERS
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 

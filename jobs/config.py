@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.generate.config_doc import as_markdown, as_text, as_yaml, config_reference  # loads torch
+    from pipeline.generate.config_doc import as_markdown, as_text, as_yaml, config_reference
 
     render = as_yaml if args.defaults else as_markdown if args.markdown else as_text
     print(render(config_reference()), end="")

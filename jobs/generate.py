@@ -39,8 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.generate.config import load_config  # torch, diffusers and Ray load only after parsing
-    from pipeline.generate.job import Interrupted, run_generation
+    from pipeline.generate.config import load_config  # no torch, diffusers or Ray: they load only for work to do
     from pipeline.generate.preflight import preflight_generation
     from pipeline.generate.work import WorkError
     from pipeline.settings import ConfigError, ui_command
@@ -54,15 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(f"dry run: {preflight_generation(config).describe()}")
             return 0
+        from pipeline.generate.job import run_generation
+
         summary = run_generation(config)
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
         return 2
-    except Interrupted as interrupted:
-        print(interrupted, file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # before sampling began or after it ended: nothing is half-done
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupted:  # job.Interrupted says what sampling committed; elsewhere nothing is half-done
+        print(str(interrupted) or "interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     print(f"output:    {summary.output_uri}")
     print(f"samples:   {summary.committed} of {summary.planned} committed ({summary.generated} by this run), "

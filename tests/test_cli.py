@@ -1,21 +1,27 @@
-"""The command itself: it lists every entry of the job table and each name reaches its own job; help at once
-(no torch, diffusers, timm or Ray loaded), every flag explained with its default, a version, and a config
-reference that stays current with the typed configs."""
+"""The command itself: it lists every entry of the job table and each name reaches its own job; help, config
+errors, the config reference, dry runs and the rerun of a complete run at once (no torch, diffusers, timm or
+Ray loaded), every flag explained with its default, a version, and a config reference that stays current with
+the typed configs."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.feather as feather
 import pytest
 import yaml
 
 from jobs import cli
 from pipeline.commands import COMMANDS
+from pipeline.generate.config import load_config
+from pipeline.schema import MANIFEST_FILE, RUN_FILE
+from tests.conftest import cpu_manifest
 
-HEAVY = ("torch", "diffusers", "timm", "ray", "transformers", "mlflow")
+HEAVY = ("torch", "torchvision", "diffusers", "timm", "ray", "transformers", "mlflow")
 ROOT = Path(__file__).parent.parent
 PROBE = f"""
 import json, sys
@@ -24,6 +30,12 @@ try:
     code = cli.main(sys.argv[1:] + ['--help'])
 except SystemExit as stop:
     code = stop.code
+print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
+"""
+ANSWER = f"""
+import json, sys
+from jobs import cli
+code = cli.main(sys.argv[1:])
 print(json.dumps({{'code': code, 'heavy': sorted(m for m in {HEAVY!r} if m in sys.modules)}}))
 """
 
@@ -50,6 +62,26 @@ def test_help_parses_without_loading_the_ml_stack(command):
     result = json.loads(probe.stdout.splitlines()[-1])
     assert result == {"code": 0, "heavy": []}
     assert f"usage: jepa-minority {command}" in probe.stdout
+
+
+@pytest.mark.parametrize("answer", ["config error", "config", "dry run", "no-op rerun"])
+def test_quick_answers_load_no_ml_library(answer, write_config, tmp_path):
+    """Config parsing, the preflight and a complete run's rerun need no torch, diffusers, timm or Ray (issue #26)."""
+    path, out = write_config(model={"dtype": "float32"}), tmp_path / "out"  # the same identity on any machine
+    args, code, said = {
+        "config error": (["generate", path, "--set", "sampling.steps=0"], 2, "sampling: steps must be an integer"),
+        "config": (["config"], 0, "sampling.guidance.k (int, default 9)"),
+        "dry run": (["generate", path, "--dry-run"], 0, "dry run: 12 samples planned"),
+        "no-op rerun": (["generate", path], 0, "status:    complete"),
+    }[answer]
+    if answer == "no-op rerun":
+        out.mkdir()
+        feather.write_feather(cpu_manifest(load_config(path)).table, out / MANIFEST_FILE)
+        (out / RUN_FILE).write_text(json.dumps({"counts": {"committed": 12, "failed": 0}}))
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    probe = subprocess.run([sys.executable, "-c", ANSWER, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert json.loads(probe.stdout.splitlines()[-1]) == {"code": code, "heavy": []}, probe.stderr
+    assert said in probe.stdout + probe.stderr
 
 
 def test_every_flag_of_every_command_has_help_and_the_top_level_help_describes_each(capsys):

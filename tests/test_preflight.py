@@ -49,7 +49,8 @@ def test_dry_run_refuses_each_bad_input_in_one_line_and_writes_nothing(case, wri
         out.mkdir()
         unguided = cpu_manifest(load_config(write_config(), ["sampling.method=unguided"]))
         feather.write_feather(unguided.table, out / MANIFEST_FILE)
-        message = f"jepa-minority generate: {out} holds another run (manifest digest"
+        message = f'jepa-minority generate: {out} holds another run (sampling.method "unguided" -> "jepa")'
+
     elif case == "unreadable encoder weights":
         sections["encoder"], message = broken_weights(tmp_path, tiny_vit_folder)
         message = f"jepa-minority generate: {message}"
@@ -93,8 +94,14 @@ def test_speed_only_levers_resume_the_run(change, write_config, tmp_path, capsys
     assert capsys.readouterr().out.endswith("0 already committed: resumes\n")
 
 
-@pytest.mark.parametrize("change", ["eta", "dtype", "model weights", "encoder weights"])
-def test_what_changes_the_samples_is_another_run(change, write_config, class_unet, tiny_vit_folder, tmp_path, capsys):
+@pytest.mark.parametrize("change,named", [
+    ("eta", "sampling.guidance.eta 0.5 -> 0.25"),
+    ("dtype", 'model.dtype "float32" -> "bfloat16"'),
+    ("model weights", "model.weights: unet/diffusion_pytorch_model.safetensors changed (path, size or modification time)"),
+    ("encoder weights", "encoder.files: model.safetensors changed (path, size or modification time)"),
+])
+def test_what_changes_the_samples_is_another_run_named_by_what_differs(change, named, write_config, class_unet,
+                                                                       tiny_vit_folder, tmp_path, capsys):
     model, encoder = tmp_path / "model", tmp_path / "encoder"
     shutil.copytree(class_unet, model)
     shutil.copytree(tiny_vit_folder, encoder)
@@ -113,7 +120,69 @@ def test_what_changes_the_samples_is_another_run(change, write_config, class_une
         os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     assert generate_job.main([path, "--dry-run", *overrides]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"jepa-minority generate: {tmp_path / 'out'} holds another run")
+    assert line == (f"jepa-minority generate: {tmp_path / 'out'} holds another run ({named}); choose a new "
+                    "output.uri, or rerun with the config that made it to resume")
+
+
+@pytest.mark.parametrize("method,change", [
+    ("unguided", "sampling.guidance.eta=0.1"), ("unguided", "sampling.guidance.oversample=5"),
+    ("unguided", "model.guidance_decoder=madebyollin/taesd"), ("unguided", "sampling.bns.gamma=1.5"),
+    ("bns", "sampling.guidance.tau=0.5"), ("jepa", "sampling.bns.skip=1"),
+])
+def test_settings_the_method_does_not_read_resume_its_run(method, change, write_config, tmp_path, capsys):
+    """The demo's unguided arm stays the same run when only the guided arm's settings change."""
+    path = write_config(sampling={"method": method, "steps": 3, "guidance": {"tau": 1.0, "k": 4}})
+    (tmp_path / "out").mkdir()
+    feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
+    assert generate_job.main([path, "--dry-run", "--set", change]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.endswith("0 already committed: resumes\n")
+
+
+def test_the_stored_top_k_score_keeps_guidance_k_in_every_methods_identity(write_config, tmp_path, capsys):
+    path = write_config(sampling={"method": "unguided"})
+    (tmp_path / "out").mkdir()
+    feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
+    assert generate_job.main([path, "--dry-run", "--set", "sampling.guidance.k=3"]) == 2
+    assert f"holds another run (sampling.guidance.k 4 -> 3)" in capsys.readouterr().err
+
+
+def test_a_run_of_an_earlier_version_is_said_to_be_one(write_config, tmp_path, capsys):
+    path = write_config()
+    table = cpu_manifest(load_config(path)).table
+    (tmp_path / "out").mkdir()
+    feather.write_feather(table.replace_schema_metadata({"config_digest": "0123456789abcdef"}),
+                          tmp_path / "out" / MANIFEST_FILE)
+    assert generate_job.main([path, "--dry-run"]) == 2
+    assert capsys.readouterr().err == (
+        f"jepa-minority generate: {tmp_path / 'out'} holds a run made by an earlier version, which stored only its "
+        "digest (0123456789ab), so the settings that differ cannot be named; resume it with that version, or choose "
+        "a new output.uri\n")
+
+
+def test_other_work_under_the_same_settings_is_another_run(write_config, tmp_path, capsys):
+    path = write_config()
+    (tmp_path / "out").mkdir()
+    feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
+    assert generate_job.main([path, "--dry-run", "--set", "work.class_labels=[0,3,8]"]) == 2
+    assert "holds another run (the same settings over other work rows" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,k,refused", [("jepa", 31, True), ("jepa", 30, False), ("unguided", 33, True),
+                                              ("unguided", 32, False), ("bns", 33, True)])
+def test_guidance_k_is_checked_against_the_encoders_embedding_size(method, k, refused, write_config,
+                                                                    tiny_vit_folder, tmp_path, capsys):
+    """The tiny encoder has D = 32: guided methods sketch k + oversample (2) columns, every method stores the
+    exact top-k score at k."""
+    path = write_config(sampling={"method": method, "steps": 3, "guidance": {"tau": 1.0, "k": k}})
+    assert generate_job.main([path, "--dry-run"]) == (2 if refused else 0)
+    err = capsys.readouterr().err
+    if refused:
+        assert err.startswith(f"jepa-minority generate: guidance.k: encoder vit_small_patch14_reg4_dinov2 "
+                              f"({tiny_vit_folder}) has D = 32 embedding dimensions: k + oversample = {k} + "
+                              f"{2 if method == 'jepa' else 0} exceeds min(D, N) = min(32, 2352) = 32"), err
+        assert ("stores its top-k score at guidance.k" in err) == (method != "jepa")
+    else:
+        assert err == ""
 
 
 def test_a_demo_over_one_made_with_another_config_says_how_to_start_over(write_config, tmp_path, capsys):

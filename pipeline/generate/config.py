@@ -1,7 +1,8 @@
 """The generation job's config: typed dataclasses from YAML, ``--set a.b=value`` overrides, strict checks.
 
 Everything is validated before any model is loaded: unknown keys, wrong types and out-of-range
-values are errors that name the key. Credentials have no field here: they come only from the
+values are errors that name the key. Light to import (no torch, diffusers, timm or Ray): dtypes stay names
+here and become torch dtypes where the models load. Credentials have no field here: they come only from the
 standard AWS environment / profile chain.
 """
 
@@ -15,16 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
-from guidance.encoders import check_encoder, encoder_family
+from guidance.encoder_specs import check_encoder, encoder_family
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
 from pipeline.settings import ConfigError, TrackingConfig
 from pipeline.storage import StorageConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype, besides "auto"
+DTYPES = ("float32", "bfloat16", "float16")  # model.dtype, besides "auto": torch's names
 
 
 def resolve_dtype(name: str, gpu: bool) -> str:
@@ -54,9 +54,11 @@ class ModelConfig:
         if not isinstance(self.compile, bool):
             raise ConfigError(f"model.compile must be true or false, got {self.compile!r}")
 
-    def torch_dtype(self, device: str) -> torch.dtype:
-        """The denoiser / VAE dtype on ``device``: auto is float32 on CPU, bfloat16 on GPU (the encoder stays fp32)."""
-        return DTYPES[resolve_dtype(self.dtype, gpu=device == "cuda")]
+    def torch_dtype(self, device: str):
+        """The denoiser / VAE torch dtype on ``device``: auto is float32 on CPU, bfloat16 on GPU (the encoder stays fp32)."""
+        import torch  # where the models load
+
+        return getattr(torch, resolve_dtype(self.dtype, gpu=device == "cuda"))
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import version
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -44,13 +45,14 @@ from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
 from pipeline.layout import write_card
 from pipeline.progress import show_progress
-from pipeline.report import contact_sheet, score_histogram
 from pipeline.rows import committed_ids, read_committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError, flatten, to_dict
 from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
                               write_ipc)
-from pipeline.tracking import RunTracker, folder_name, run_name, source_name
+
+if TYPE_CHECKING:
+    from pipeline.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
@@ -76,7 +78,7 @@ class GenerationSummary:
     common_error_count: int = 0  # the failed samples that share it
 
 
-class Interrupted(Exception):
+class Interrupted(KeyboardInterrupt):
     """The run was stopped (Ctrl-C): its committed files stay, and the same command resumes from them."""
 
     def __init__(self, committed: int, planned: int):
@@ -118,6 +120,7 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
         log.info("%s is already complete: nothing to do", config.output.uri)
         return GenerationSummary(config.output.uri, planned, 0, counts["committed"], counts["failed"],
                                  manifest.truncated_prompts, True, True)
+    from pipeline.tracking import RunTracker, folder_name, run_name, source_name  # MLflow: only for work to do
 
     start = time.perf_counter()
     before = committed_ids(output)
@@ -223,6 +226,8 @@ def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
 def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,
             committed: pa.Array, failed: list[str], before: int, start: float,
             gpus_per_actor: float) -> GenerationSummary:
+    from pipeline.report import score_histogram
+
     planned = manifest.table.num_rows
     unique = len(pc.unique(committed))
     if unique != len(committed):
@@ -267,6 +272,8 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:
     """The rarest and the most typical samples, reading images only from the files that hold them."""
+    from pipeline.report import contact_sheet
+
     order = pc.sort_indices(scores, sort_keys=[("jepa_score", "ascending"), ("sample_id", "ascending")])
     ranked = scores.take(order)
     picks = {"rarest": ranked.slice(0, SHEET_SIZE), "most typical": ranked.slice(max(0, len(ranked) - SHEET_SIZE))}

@@ -3,22 +3,25 @@ is drawn, in one place. ``run_generation`` runs it first; ``--dry-run`` runs onl
 
 In order: the config's values (checked when it was built), the work against the model's config, the
 prompt files (the manifest is built), the model folder, UNet file and encoder weights (guidance's
-``check_*`` beside each loader: configs and safetensors headers, never the weights), then the output: not
-a file, writable, on S3 the endpoint, bucket and keys, not in the old layout, and not another config's run.
+``check_*`` beside each loader: configs and safetensors headers, never the weights), ``guidance.k`` against
+the encoder's embedding size, then the output: not a file, writable, on S3 the endpoint, bucket and keys, not
+in the old layout, and not another config's run (named by the settings that differ). Light to import: no
+torch, diffusers, timm or Ray unless a cluster must be asked for its GPUs, so a dry run answers at once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import sys
 from dataclasses import dataclass, replace
 
-import torch
-
-from guidance.encoders import check_encoder_weights
+from guidance.checks import check_rank
+from guidance.encoder_specs import check_encoder_weights, encoder_dims
 from guidance.presets import check_model
 from pipeline.generate.config import GenerateConfig, resolve_dtype
-from pipeline.generate.work import Manifest, build_manifest, check_fits_model
+from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable
 from pipeline.rows import committed_ids
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
@@ -52,7 +55,8 @@ class Plan:
 
 def actor_gpus(config: GenerateConfig) -> float:
     """GPUs each sampler actor holds: ray.gpus_per_actor, else 1 when there is a GPU. A cluster in RAY_ADDRESS
-    (or one already joined) is asked; a local one would be started on this machine, whose GPU torch sees."""
+    (or one already joined) is asked; a local one would be started on this machine, whose GPU the CUDA driver
+    reports (``local_cuda``)."""
     if config.ray.gpus_per_actor is not None:
         return config.ray.gpus_per_actor
     ray = sys.modules.get("ray")
@@ -63,7 +67,18 @@ def actor_gpus(config: GenerateConfig) -> float:
         import ray
 
         return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
-    return 1.0 if torch.cuda.is_available() else 0.0
+    return 1.0 if local_cuda() else 0.0
+
+
+def local_cuda() -> bool:
+    """Whether this machine's CUDA driver sees a device (``CUDA_VISIBLE_DEVICES`` honoured): what
+    ``torch.cuda.is_available()`` asks, asked of the driver library itself, without importing torch."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return driver.cuInit(0) == 0 and driver.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def for_device(config: GenerateConfig, gpus_per_actor: float) -> GenerateConfig:
@@ -85,6 +100,24 @@ def check_files(config: GenerateConfig) -> None:
         raise ConfigError(f"encoder.weights: {error}") from error
 
 
+def check_rank_fits(config: GenerateConfig) -> None:
+    """guidance.k against the encoder's embedding size D (and its N input values), before any model loads: every
+    method stores the exact top-k score at k <= min(D, N); guided methods sketch r = k + oversample <= min(D, N)
+    columns (docs/method.md, 'Top-k log-volume'). D unknown without the model (timm hub names,
+    open_clip towers) is checked where the encoder loads (guidance/generate.py)."""
+    encoder, guidance = config.encoder, config.sampling.guidance
+    embed_dim, side = encoder_dims(encoder.name, encoder.weights, encoder.input_size)
+    if embed_dim is None:
+        return
+    oversample = guidance.oversample if config.sampling.objective is not None else 0
+    try:
+        check_rank(guidance.k, oversample, embed_dim, 3 * side**2 if side else embed_dim)
+    except ValueError as error:
+        stored = "" if oversample else f" (method {config.sampling.method} stores its top-k score at guidance.k)"
+        raise ConfigError(f"guidance.k: encoder {encoder.name} ({encoder.weights}) has D = {embed_dim} embedding "
+                          f"dimensions: {error}{stored}") from error
+
+
 class OtherRunError(StorageError):
     """The output already holds the manifest of a run made with another config."""
 
@@ -100,13 +133,18 @@ def check_output(output: Location, manifest: Manifest) -> bool:
     target = output.child(MANIFEST_FILE)
     if not exists(target):
         return False
-    digest = (read_ipc_schema(target).metadata or {}).get(b"config_digest", b"").decode()
-    if digest != manifest.digest:
-        raise OtherRunError(output.uri,
-            f"{output.uri} holds another run (manifest digest {digest[:12]}, this config {manifest.digest[:12]}); "
-            "choose a new output.uri, or rerun with the config that made it to resume"
-        )
-    return True
+    metadata = read_ipc_schema(target).metadata or {}
+    digest = metadata.get(b"config_digest", b"").decode()
+    if digest == manifest.digest:
+        return True
+    if b"run_identity" not in metadata:
+        raise OtherRunError(output.uri, f"{output.uri} holds a run made by an earlier version, which stored only its "
+                            f"digest ({digest[:12]}), so the settings that differ cannot be named; resume it with that "
+                            "version, or choose a new output.uri")
+    changes = identity_changes(json.loads(metadata[b"run_identity"]), manifest.identity)
+    what = "; ".join(changes) or "the same settings over other work rows (prompts or class labels)"
+    raise OtherRunError(output.uri, f"{output.uri} holds another run ({what}); choose a new output.uri, or rerun "
+                                    "with the config that made it to resume")
 
 
 def preflight_generation(config: GenerateConfig) -> Plan:
@@ -117,6 +155,7 @@ def preflight_generation(config: GenerateConfig) -> Plan:
     config = for_device(config, gpus)
     manifest = build_manifest(config)
     check_files(config)
+    check_rank_fits(config)
     started = check_output(output, manifest)
     committed = len(committed_ids(output)) if started else 0
     return Plan(config, output, manifest, gpus, started, committed, started and exists(output.child(RUN_FILE)))

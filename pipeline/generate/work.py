@@ -4,15 +4,19 @@
 distinct across configs. ``seed`` hashes the base seed with the row's index only, so runs that differ
 in method share seeds row by row.
 
-The digest is the run's identity: what changes the samples, and nothing else. In: the model (preset,
-source, variant, UNet file, and the dtype as resolved for the device), the encoder, the sampling
-settings, the work rows and base seed, and every local weights file by path, size and modification
-time (``weights_identity``). Out: speed-only levers whose rows are the same either way: ``model.compile``,
+The digest is the run's identity: what changes the samples, and nothing else, method by method. In: the
+model (preset, source, variant, UNet file, and the dtype as resolved for the device), the encoder (every
+method stores its exact scores and embedding), the sampling settings the method reads (``run_identity``),
+the work rows and base seed, and every local weights file by path, size and modification time
+(``weights_identity``). Out: settings the method does not read (guidance for ``unguided`` and ``bns`` but
+its ``k``, at which every method stores the top-k score; ``model.guidance_decoder``, read only by guidance;
+``bns.*`` for all but ``bns``), and speed-only levers whose rows are the same either way: ``model.compile``,
 ``sampling.guidance.micro_batch`` (rows are independent, so chunking them changes none), ``ray.*``
 (batch size included: every row draws from its own seed) and the output's file sizes, so turning them
 on resumes a run. Weights by path, size and mtime rather than a content hash: reading a 10 GB model
 to hash it would cost more than the run's preflight should, and a safetensors header hash would miss a
 retrained model of the same shapes; the price is that a copied or touched weights folder is a new run.
+The manifest stores the identity beside its digest, so another run's settings can be named key by key.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import pyarrow.parquet as pq
 from guidance.presets import PRESETS, class_count
 from pipeline.generate.config import GenerateConfig, StorageConfig, WorkConfig
 from pipeline.schema import MANIFEST_SCHEMA
-from pipeline.settings import to_dict
+from pipeline.settings import flatten, to_dict
 from pipeline.storage import read_bytes, resolve
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
@@ -44,6 +48,7 @@ class WorkError(ValueError):
 class Manifest:
     table: pa.Table  # MANIFEST_SCHEMA rows
     digest: str  # identifies the config and its work
+    identity: dict  # what the digest covers but the rows themselves (run_identity), and the row count
     truncated_prompts: int  # prompts cut to work.max_prompt_chars
 
 
@@ -118,7 +123,7 @@ def check_fits_model(config: GenerateConfig) -> None:
                         "(e.g. --set model.source=models/digits-ddpm) or start from jobs/configs/demo.yaml")
     try:
         classes = class_count(preset, config.model.source)
-    except OSError as error:  # a missing folder, or a hub id that cannot be fetched
+    except (OSError, ValueError) as error:  # a missing folder or config, or a hub id that cannot be fetched
         raise WorkError(f"model.source: cannot read the model's config: {error}") from error
     text = PRESETS[preset].family in ("sd", "sdxl")
     if work.class_labels is not None:
@@ -153,17 +158,24 @@ def weights_identity(source: str | None) -> list | None:
 
 
 def run_identity(config: GenerateConfig) -> dict:
-    """What the digest covers (module docstring): model.dtype must already be resolved for the device."""
+    """What the digest covers but the rows (module docstring): model.dtype must already be resolved for the device."""
     if config.model.dtype == "auto":
         raise ValueError("model.dtype 'auto' must be resolved for the device before the run's identity is taken "
                          "(pipeline/generate/preflight.py: for_device)")
-    sampling = to_dict(config.sampling)
-    del sampling["guidance"]["micro_batch"]
-    model = {key: value for key, value in to_dict(config.model).items() if key != "compile"}
+    guided = config.sampling.objective is not None
+    sampling = {key: value for key, value in to_dict(config.sampling).items() if key not in ("guidance", "bns")}
+    guidance = to_dict(config.sampling.guidance)
+    del guidance["micro_batch"]
+    sampling["guidance"] = guidance if guided else {"k": guidance["k"]}  # every method stores the top-k score at k
+    if config.sampling.method == "bns":
+        sampling["bns"] = to_dict(config.sampling.bns)
+    model = {key: value for key, value in to_dict(config.model).items() if key not in ("compile", "guidance_decoder")}
+    model |= {"weights": weights_identity(config.model.source), "unet_weights": weights_identity(config.model.unet_weights)}
+    if guided:
+        model |= {"guidance_decoder": config.model.guidance_decoder,
+                  "guidance_decoder_weights": weights_identity(config.model.guidance_decoder)}
     return {
-        "model": model | {"weights": weights_identity(config.model.source),
-                          "unet_weights": weights_identity(config.model.unet_weights),
-                          "guidance_decoder_weights": weights_identity(config.model.guidance_decoder)},
+        "model": model,
         "encoder": to_dict(config.encoder) | {"files": weights_identity(config.encoder.weights)},
         "sampling": sampling, "base_seed": config.work.base_seed,
     }
@@ -172,12 +184,31 @@ def run_identity(config: GenerateConfig) -> dict:
 def build_manifest(config: GenerateConfig) -> Manifest:
     """The work's rows with ids and seeds; ``config.model.dtype`` resolved for the device (for_device)."""
     rows, truncated = work_rows(config.work, config.storage)
-    identity = run_identity(config) | {"rows": rows}
-    digest = _hash(json.dumps(identity, sort_keys=True)).hex()
+    identity = run_identity(config)
+    digest = _hash(json.dumps(identity | {"rows": rows}, sort_keys=True)).hex()
     ids = [_hash(f"{digest}:{i}").hex()[:24] for i in range(len(rows))]
     seeds = [int.from_bytes(_hash(f"seed:{config.work.base_seed}:{i}")[:8], "big") >> 1 for i in range(len(rows))]
+    stored = identity | {"samples": len(rows)}
     table = pa.table(
         {"sample_id": ids, "seed": seeds, "prompt": [p for p, _ in rows], "class_label": [c for _, c in rows]},
-        schema=MANIFEST_SCHEMA.with_metadata({"config_digest": digest}),
+        schema=MANIFEST_SCHEMA.with_metadata({"config_digest": digest, "run_identity": json.dumps(stored, sort_keys=True)}),
     )
-    return Manifest(table, digest, truncated)
+    return Manifest(table, digest, stored, truncated)
+
+
+def identity_changes(before: dict, after: dict) -> list[str]:
+    """What differs between two stored identities, one ``key old -> new`` each (weights: the files that changed).
+    Keys one method reads and the other does not follow from ``sampling.method``, named itself; none differ when
+    only the rows' contents do (the prompts or labels, not their count)."""
+    old, new = flatten(before), flatten(after)
+    changes = []
+    for key in sorted(old.keys() & new.keys()):
+        was, now = old[key], new[key]
+        if was == now:
+            continue
+        if key.endswith(("weights", "files")) and (isinstance(was, list) or isinstance(now, list)):
+            files = sorted({entry[0] for entry in set(map(tuple, was or [])) ^ set(map(tuple, now or []))})
+            changes.append(f"{key}: {', '.join(files)} changed (path, size or modification time)")
+        else:
+            changes.append(f"{key} {json.dumps(was)} -> {json.dumps(now)}")
+    return changes
