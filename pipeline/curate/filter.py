@@ -8,8 +8,8 @@ Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the
      stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
 Before the first data file, ``_curation.json`` claims the folder for this input and rule: a rerun removes only
-the data files of an interrupted attempt that claimed it, and a folder holding a run, another curation or
-files of its own is refused (pipeline/curate/folders.py). The dataset card, then ``_selection.json`` last, as
+the data files of an interrupted attempt that claimed it, and a folder holding a run, a curation of another
+input or rule, or files it did not write is refused (pipeline/curate/folders.py). The dataset card, then ``_selection.json`` last, as
 the completion marker of the curated set (names in pipeline/schema.py). A group whose quota is 0 is refused
 unless ``allow_empty_groups``; a set that keeps nothing is still one Parquet file with the schema and no rows.
 Rows are chosen by score whatever their method; the report counts rows, considered (valid) and kept ones
@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import math
-from fnmatch import fnmatch
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 
 import pyarrow as pa
 import pyarrow.parquet as pq
