@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the score to rank by: the exact JEPA-SCORE (the paper's metric) or the exact top-k "
                              "log-volume at the run's guidance k (default: %(default)s)")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this (in the --by score)")
+    parser.add_argument("--allow-empty-groups", action="store_true",
+                        help=field_docs("pipeline.curate.filter", "FilterConfig")["allow_empty_groups"].meaning)
     add_storage_and_tracking(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input, the rule and the output; write nothing")
@@ -38,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, by=args.by, storage=storage_config(args), tracking=tracking_config(args, args.input),
-            verbose=args.verbose,
+            max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups, storage=storage_config(args),
+            tracking=tracking_config(args, args.input), verbose=args.verbose,
         )
         if args.dry_run:
-            preflight_filter(config)
-            print(f"dry run: the rarest of {config.input} into {config.output}, tracked in experiment "
+            _, _, quotas = preflight_filter(config)
+            print(f"dry run: the rarest of {config.input} (up to {sum(quotas.values())} rows in {len(quotas)} "
+                  f"group{'s' if len(quotas) != 1 else ''}) into {config.output}, tracked in experiment "
                   f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
             return 0
         report = run_filter(config)

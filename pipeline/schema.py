@@ -76,6 +76,9 @@ RUN_FILE = "_run.json"  # written last: the completion marker
 
 # Layout of a curated set: the run's DATA_DIR and CARD_FILE, then this record written last as its completion marker.
 SELECTION_FILE = "_selection.json"
+# Written before a curation's first data file, removed once SELECTION_FILE is there: its input and rule, so that
+# an interrupted curation's files are known as its own (the only files a curation ever deletes).
+CURATION_FILE = "_curation.json"
 
 # Names of the layout before this one, whose manifest and records the readers took for data: a folder
 # holding any of them is refused rather than resumed (pipeline/layout.py).

@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import filter as filter_job
-from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.curate.filter import FilterConfig, claim_folder, run_filter
 from pipeline.curate.selection import rarest_by_group
-from pipeline.schema import DATA_FILE_PREFIX, FAILURES_DIR, OUTPUT_SCHEMA, SELECTION_FILE
-from pipeline.storage import StorageConfig
+from pipeline.schema import CURATION_FILE, DATA_FILE_PREFIX, FAILURES_DIR, OUTPUT_SCHEMA, SELECTION_FILE
+from pipeline.storage import StorageConfig, StorageError, resolve
 
 
 def png(value: int) -> bytes:
@@ -121,12 +121,39 @@ def test_per_prompt_and_deterministic_reruns(ray_cluster, tmp_path, tracking):
 
 
 def test_an_interrupted_filter_starts_over_cleanly(ray_cluster, tmp_path, tracking):
+    """An attempt killed after claiming its folder left its marker and a data file: the rerun removes that file."""
     fake_generation(tmp_path / "gen", [float(i) for i in range(10)])
+    config = FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3, tracking=tracking)
+    claim_folder(config, resolve(config.output, config.storage))
     stale = tmp_path / "cur" / "data"
     stale.mkdir(parents=True)
     pq.write_table(pa.table({"sample_id": ["junk"]}), stale / f"{DATA_FILE_PREFIX}stale.parquet")
-    run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3, tracking=tracking))
+    run_filter(config)
     assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id002"]
+    assert not (tmp_path / "cur" / CURATION_FILE).exists()  # the selection records the same input and rule
+
+
+def test_a_finished_curation_is_not_taken_for_another_rule(ray_cluster, tmp_path, tracking):
+    """A rerun with the same rule finds it done; another rule is refused, naming it, and the set stays as it was."""
+    fake_generation(tmp_path / "gen", [float(i) for i in range(10)])
+    config = dict(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), tracking=tracking)
+    first = run_filter(FilterConfig(keep=3, **config))
+    before = {p: p.read_bytes() for p in (tmp_path / "cur").rglob("*") if p.is_file()}
+    assert run_filter(FilterConfig(keep=3, **config))["filter_run_id"] == first["filter_run_id"]
+    with pytest.raises(StorageError, match=r"holds a curation made with another keep \(keep 3, here 4\)"):
+        run_filter(FilterConfig(keep=4, **config))
+    assert {p: p.read_bytes() for p in (tmp_path / "cur").rglob("*") if p.is_file()} == before
+
+
+def test_a_run_written_before_topk_score_is_curated_by_jepa_score(ray_cluster, tmp_path, tracking):
+    """Only the ranked column is needed: the copy keeps this version's columns, topk_score empty."""
+    fake_generation(tmp_path / "gen", [3.0, 1.0, 2.0], files=1)
+    (data,) = (tmp_path / "gen" / "data").iterdir()
+    pq.write_table(pq.read_table(data).drop_columns(["topk_score"]), data)
+    run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=2, tracking=tracking))
+    kept = kept_rows(tmp_path / "cur")
+    assert sorted((r["sample_id"], r["topk_score"]) for r in kept) == [("id001", None), ("id002", None)]
+    assert pq.read_schema(next((tmp_path / "cur" / "data").iterdir())).names == OUTPUT_SCHEMA.names
 
 
 def test_filter_on_object_storage(ray_cluster, s3, tmp_path, tracking):
@@ -167,20 +194,22 @@ def test_cli_refuses_bad_requests(tmp_path, capsys):
     assert stop.value.code == 2
 
 
-def test_per_group_needs_the_group_column(ray_cluster, tmp_path, tracking):
-    fake_generation(tmp_path / "gen", [1.0, 2.0])
-    with pytest.raises(ValueError, match="some rows have no class_label"):
-        run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=1,
-                                per="class_label", tracking=tracking))
-    assert not (tmp_path / "cur" / SELECTION_FILE).exists()
+def test_nothing_finite_keeps_nothing_only_when_allowed_and_reads_as_an_empty_dataset(ray_cluster, tmp_path, tracking):
+    import datasets
+    import pandas as pd
 
-
-def test_nothing_finite_keeps_nothing(ray_cluster, tmp_path, tracking):
     fake_generation(tmp_path / "gen", [math.nan, None, math.inf])
-    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep_fraction=1.0,
-                                     tracking=tracking))
+    config = dict(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep_fraction=1.0, tracking=tracking)
+    with pytest.raises(ValueError, match="all 0 rows with a finite score of .* would keep nothing"):
+        run_filter(FilterConfig(**config))
+    assert not list((tmp_path / "cur").iterdir())  # refused before its marker: nothing written
+    report = run_filter(FilterConfig(allow_empty_groups=True, **config))
     assert report["rows_kept"] == 0 and report["invalid_scores"] == 3 and report["threshold"] is None
-    assert kept_rows(tmp_path / "cur") == []
+    (empty,) = (tmp_path / "cur" / "data").iterdir()  # one file, the schema and no rows
+    assert pq.read_schema(empty).names == OUTPUT_SCHEMA.names
+    assert pq.read_table(tmp_path / "cur").num_rows == 0 and len(pd.read_parquet(tmp_path / "cur")) == 0
+    streamed = datasets.load_dataset(str(tmp_path / "cur"), split="train", streaming=True)
+    assert list(streamed) == [] and isinstance(streamed.features["image"], datasets.Image)
 
 
 def test_the_filter_driver_never_imports_the_models():

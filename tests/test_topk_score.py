@@ -96,10 +96,11 @@ def test_resuming_a_run_written_before_topk_score_is_refused_in_one_line(write_c
     assert "holds rows written before column topk_score existed" in error and "new output folder" in error
 
 
-def test_filtering_a_run_written_before_topk_score_is_refused(tmp_path, capsys):
+def test_ranking_a_run_written_before_topk_score_by_it_is_refused(tmp_path, capsys):
     old_rows(tmp_path / "gen")
     (tmp_path / "gen" / "_run.json").write_text(json.dumps({"status": "complete"}))
-    assert filter_job.main(["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "cur"), "--keep", "1"]) == 2
+    assert filter_job.main(["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "cur"), "--keep", "1",
+                            "--by", "topk_score"]) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "has no topk_score column (an older version wrote it)" in error
 

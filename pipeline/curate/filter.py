@@ -7,8 +7,11 @@ Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the
      read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
      stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
-The dataset card, then ``_selection.json`` last, as the completion marker of the curated set (names in
-pipeline/schema.py).
+Before the first data file, ``_curation.json`` claims the folder for this input and rule: a rerun removes only
+the data files of an interrupted attempt that claimed it, and a folder holding a run, a curation of another
+input or rule, or files it did not write is refused (pipeline/curate/folders.py). The dataset card, then ``_selection.json`` last, as
+the completion marker of the curated set (names in pipeline/schema.py). A group whose quota is 0 is refused
+unless ``allow_empty_groups``; a set that keeps nothing is still one Parquet file with the schema and no rows.
 Rows are chosen by score whatever their method; the report counts rows, considered (valid) and kept ones
 per method, so rows that ``output.retry_unguided`` committed under ``unguided`` in a guided run are in plain view.
 """
@@ -20,13 +23,18 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from fnmatch import fnmatch
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
+from pipeline.curate.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.layout import check_layout, missing_columns, write_card
-from pipeline.schema import DATA_DIR, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS, SELECTION_FILE
+from pipeline.rows import read_committed
+from pipeline.schema import (CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS,
+                             SELECTION_FILE)
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, delete, exists,
                               list_files, read_bytes, resolve, write_bytes)
@@ -47,6 +55,7 @@ class FilterConfig:
     per: str | None = None  # "class_label" or "prompt": choose within each group
     max_score: float | None = None  # never keep a row scoring above this
     by: str = "jepa_score"  # the score to rank by: jepa_score (exact, the paper's metric) or topk_score
+    allow_empty_groups: bool = False  # curate a group whose quota rounds down to 0 (it keeps nothing) instead of refusing
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     max_rows_per_file: int = 1024  # bounds each output Parquet file
@@ -65,12 +74,50 @@ class FilterConfig:
             raise ValueError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
         if self.max_score is not None and not math.isfinite(self.max_score):
             raise ValueError(f"max_score must be a finite number, got {self.max_score}")
-        if self.input.rstrip("/") == self.output.rstrip("/"):
-            raise ValueError("output must differ from input: the curated set is a new dataset")
+
+    @property
+    def rule(self) -> dict:
+        """What decides the rows kept: recorded in the marker and the selection, compared on a rerun."""
+        return {"keep_fraction": self.keep_fraction, "keep": self.keep, "per": self.per, "max_score": self.max_score,
+                "by": self.by}
 
 
 def _quota(config: FilterConfig, valid: int) -> int:
     return min(valid, config.keep if config.keep is not None else math.floor(config.keep_fraction * valid))
+
+
+def _needed(config: FilterConfig) -> int:
+    """The fewest rows a group needs to keep one: floor(fraction x n) >= 1."""
+    if config.keep is not None:
+        return 1
+    n = max(1, math.floor(1 / config.keep_fraction))
+    return n if _quota(config, n) else n + 1
+
+
+def group_counts(rows: pa.Table, per: str | None) -> dict:
+    """Rows per group (key None: rows without one); one group, None, without ``per``."""
+    if per is None:
+        return {None: rows.num_rows}
+    return {count["values"]: count["counts"] for count in rows.column(per).value_counts().to_pylist()}
+
+
+def check_groups(config: FilterConfig, counts: dict, what: str) -> None:
+    """Every row has its group, and (unless ``allow_empty_groups``) every group's quota keeps at least one of its
+    ``what``: floor(fraction x n) is 0 below the fraction's inverse."""
+    if config.per and None in counts:
+        other = next(column for column in GROUP_COLUMNS if column != config.per)
+        raise ValueError(f"{counts[None]} of the {sum(counts.values())} {what} of {config.input} have no {config.per}: "
+                         f"curate them without --per, or with --per {other}")
+    empty = sorted((key for key, n in counts.items() if not _quota(config, n)), key=str)
+    if not empty or config.allow_empty_groups:
+        return
+    named = [f"{config.per} {key!r} ({counts[key]} {what})" for key in empty[:3]] if config.per else [
+        f"all {counts[None]} {what}"]
+    more = f" and {len(empty) - 3} more groups" if len(empty) > 3 else ""
+    rule = (f"keep_fraction {config.keep_fraction} keeps floor(fraction x n) of a group's n, so each needs "
+            f"{_needed(config)}" if config.keep is None else "each needs at least one")
+    raise ValueError(f"{', '.join(named)}{more} of {config.input} would keep nothing ({rule}): generate more "
+                     "samples, raise the keep fraction, or pass --allow-empty-groups to curate them empty")
 
 
 def _read(files: list[str], source: Location, columns: list[str] | None = None):
@@ -99,8 +146,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
     rows_in = sum(totals["rows_sum"].to_pylist())
     valid = dict(zip(totals["group"].to_pylist(), totals["valid_sum"].to_pylist()))
     counts = {key: n for key, n in valid.items() if n} if config.per else {None: sum(valid.values())}
-    if None in counts and config.per:
-        raise ValueError(f"some rows have no {config.per}; curate without --per {config.per}")
+    check_groups(config, valid if config.per else counts, "rows with a finite score")
     quotas = {key: _quota(config, n) for key, n in counts.items()}
     keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score, "by": config.by}
     schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
@@ -113,46 +159,101 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
     return rarest_by_group(chosen, **keep), rows_in, counts, methods
 
 
-def check_target(config: FilterConfig) -> Location:
-    """The curated set's folder can be written (nothing is written here) and is not in the old layout."""
-    target = resolve(config.output, config.storage)
+def _recorded(target: Location) -> dict | None:
+    """The input and rule of the curation the folder holds: finished (its selection), or begun (its marker)."""
+    for name in (SELECTION_FILE, CURATION_FILE):
+        if exists(target.child(name)):
+            return json.loads(read_bytes(target.child(name)))
+    return None
+
+
+def _own_files(target: Location) -> list[Location]:
+    """The data files a claimed folder's curation wrote: the sink's names (DATA_FILES)."""
+    return [file for file in list_files(target.child(DATA_DIR), ".parquet")
+            if fnmatch(f"{DATA_DIR}/{file.path.rpartition('/')[2]}", DATA_FILES)]
+
+
+def check_same_curation(config: FilterConfig, source: Location, target: Location, recorded: dict,
+                        elsewhere: str) -> None:
+    """Refuse a folder holding a curation of another input or rule, naming what differs."""
+    was, now = {"input": recorded.get("input")} | recorded.get("rule", {}), {"input": config.input} | config.rule
+    differs = [key for key in config.rule if was.get(key, now[key]) != now[key]]
+    former = resolve(str(was["input"]), config.storage)
+    if not (inside(former, source) and inside(source, former)):
+        differs.insert(0, "input")
+    if differs:
+        raise StorageError(f"{target.uri} holds a curation made with another {', '.join(differs)} ("
+                           + "; ".join(f"{key} {was[key]}, here {now[key]}" for key in differs)
+                           + f"); {elsewhere}, or rerun with the rule that made it to finish it")
+
+
+def check_target(config: FilterConfig, elsewhere: str = "choose another --output") -> Location:
+    """The curated set's folder (nothing is written here): apart from the input, reachable, not in the old layout,
+    holding no run, no curation of another input or rule, and, unless finished, only what this curation wrote.
+    ``elsewhere`` says how to choose another folder (a flag of the job that runs the curation)."""
+    source, target = resolve(config.input, config.storage), resolve(config.output, config.storage)
+    check_apart(source, target, elsewhere)
     check_reachable(target)
     check_layout(target)
+    check_holds_no_run(target, elsewhere)
+    recorded = _recorded(target)
+    if recorded is not None:
+        check_same_curation(config, source, target, recorded, elsewhere)
+    if not exists(target.child(SELECTION_FILE)):
+        check_only(target, {DATA_DIR, CURATION_FILE}, "this curation", elsewhere)
+        own = {file.path.rpartition("/")[2] for file in _own_files(target)} if recorded is not None else set()
+        check_only(target.child(DATA_DIR), own, "this curation", elsewhere)
     return target
 
 
-def preflight_filter(config: FilterConfig) -> tuple[Location, Location]:
-    """The filter's checks before Ray starts (its rule was checked when the config was built): the input
-    is a completed run, the output can take the curated set. Returns (input, output) locations."""
+def preflight_filter(config: FilterConfig) -> tuple[Location, Location, dict]:
+    """The filter's checks before Ray starts (its rule was checked when the config was built): the input is a
+    completed run with rows, the columns the rule reads and each group's rows (one column read with pyarrow, or
+    the files' footers), whose quotas keep something; the output can take the curated set. Returns (input,
+    output) locations and each group's quota."""
     source = resolve(config.input, config.storage)
     if not exists(source.child(RUN_FILE)):
         raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
-    return source, check_target(config)
+    target = check_target(config)
+    if not list_files(source.child(DATA_DIR), ".parquet"):
+        failed = len(list_files(source.child(FAILURES_DIR), ".json"))
+        raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
+                           f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
+    read = ["sample_id", "method", config.by, *([config.per] if config.per else [])]
+    missing = [column for column in missing_columns(source) if column in read]
+    if missing:
+        raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
+                           "with that version, or generate it again with this one")
+    counts = group_counts(read_committed(source, [config.per] if config.per else []), config.per)
+    check_groups(config, counts, "rows")
+    return source, target, {key: _quota(config, n) for key, n in counts.items()}
+
+
+def claim_folder(config: FilterConfig, target: Location) -> None:
+    """Before the first data file: the marker names this curation, or, already there (its input and rule were
+    checked), the data files of its interrupted attempt are removed."""
+    marker = target.child(CURATION_FILE)
+    if exists(marker):
+        for stale in _own_files(target):
+            delete(stale)
+    else:
+        write_bytes(marker, json.dumps({"input": config.input, "output": config.output, "rule": config.rule},
+                                       indent=2).encode())
 
 
 def run_filter(config: FilterConfig) -> dict:
     """Curate ``config.input`` into ``config.output``; returns the selection report (_selection.json)."""
     import ray
 
-    from pipeline.sink import AtomicParquetSink
+    from pipeline.sink import AtomicParquetSink, part_name
     from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
-    source, target = preflight_filter(config)
+    source, target, _ = preflight_filter(config)
     check_writable(target)
     if exists(target.child(SELECTION_FILE)):
-        log.info("%s is already curated: nothing to do", config.output)
+        log.info("%s is already curated by this rule: nothing to do", config.output)
         return json.loads(read_bytes(target.child(SELECTION_FILE)))
-    for stale in list_files(target.child(DATA_DIR), ".parquet"):  # left by an interrupted earlier attempt
-        delete(stale)
     files = [f.path for f in list_files(source.child(DATA_DIR), ".parquet")]
-    if not files:
-        failed = len(list_files(source.child(FAILURES_DIR), ".json"))
-        raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
-                           f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
-    missing = missing_columns(source)
-    if missing:  # the curated copy keeps this version's columns
-        raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
-                           "with that version, or generate it again with this one")
     generation = json.loads(read_bytes(source.child(RUN_FILE)))
     connect_ray(dashboard=False, verbose=config.verbose)
 
@@ -171,12 +272,15 @@ def run_filter(config: FilterConfig) -> dict:
     reader_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         chosen, rows_in, counts, methods = choose(config, files, source)
+        claim_folder(config, target)
         ids = chosen.column("sample_id")
         copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
                                                 batch_format="pyarrow")
         sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
         # no more writers than input files: Ray Data warns when the concurrency exceeds its input blocks
         copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
+        if not chosen.num_rows:
+            _write_empty(target.child(DATA_DIR, part_name([])))
         report = _report(config, chosen, rows_in, counts, methods, len(list_files(source.child(FAILURES_DIR), ".json")),
                          generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
@@ -189,11 +293,20 @@ def run_filter(config: FilterConfig) -> dict:
                             | ({"threshold": report["threshold"]} if report["threshold"] is not None else {}))
         tracker.log_artifact_bytes(SELECTION_FILE, data)
         write_bytes(target.child(SELECTION_FILE), data)  # last: the completion marker
+        delete(target.child(CURATION_FILE))  # the selection records the same input and rule
         status = "FINISHED"
         return report
     finally:
         context.use_datasource_v2 = reader_v2
         tracker.end(status)
+
+
+def _write_empty(location: Location) -> None:
+    """A data file with the schema and no row group: still a dataset to the readers. (An empty row group would
+    not be: `datasets` reads a file in batches of its first row group's size, and refuses a size of 0.)"""
+    buffer = pa.BufferOutputStream()
+    pq.ParquetWriter(buffer, OUTPUT_SCHEMA).close()
+    write_bytes(location, buffer.getvalue().to_pybytes())
 
 
 def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, methods: dict, failed: int,
@@ -210,8 +323,7 @@ def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, 
             groups[str(key)] = {"valid": valid, "kept": len(mine), "threshold": max(mine) if mine else None}
     return {
         "input": config.input, "output": config.output,
-        "rule": {"keep_fraction": config.keep_fraction, "keep": config.keep, "per": config.per,
-                 "max_score": config.max_score, "by": config.by},
+        "rule": config.rule,
         "rows_in": rows_in, "failed_in_input": failed, "invalid_scores": rows_in - sum(counts.values()),
         "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups, "methods": methods,
         "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,

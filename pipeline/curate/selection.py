@@ -1,4 +1,4 @@
-"""Selection on Arrow tables, run inside Ray Data tasks: only pyarrow and numpy here, so workers start light."""
+"""Selection on Arrow tables, run inside Ray Data tasks: only pyarrow, numpy and the schema here, so workers start light."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from pipeline.schema import OUTPUT_SCHEMA
 
 
 def has_valid_score(batch: pa.Table, by: str = "jepa_score") -> pa.ChunkedArray:
@@ -59,7 +61,12 @@ def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: f
 
 
 def rows_with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
-    return batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
+    """The rows with these ids, in every column of OUTPUT_SCHEMA: one an older run lacks comes as nulls."""
+    chosen = batch.filter(pc.is_in(batch.column("sample_id"), value_set=ids))
+    for field in OUTPUT_SCHEMA:
+        if field.name not in chosen.column_names:
+            chosen = chosen.append_column(field, pa.nulls(chosen.num_rows, field.type))
+    return chosen
 
 
 def ids_digest(ids: list[str]) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curate.filter import FilterConfig, check_target, run_filter
+from pipeline.curate.filter import FilterConfig, check_groups, check_target, group_counts, run_filter
+from pipeline.curate.folders import check_holds_no_run, check_only
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation
@@ -28,6 +29,8 @@ from pipeline.storage import StorageError, resolve
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = 8
+REPORT_DIR = "report"
+FOLDERS = ("unguided", "jepa", "rarest", REPORT_DIR)  # all the demo writes under its root
 ARMS = ("unguided", "JEPA-guided", "rarest kept")
 Evidence = Callable[[dict[str, pa.Table]], str]  # each arm's rows (ARMS) -> an HTML section measuring their rarity
 
@@ -56,17 +59,24 @@ class DemoPlan:
 
 def preflight_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,
                    overrides: list[str] = ()) -> DemoPlan:
-    """Both arms' generation checks and the curation rule and folder, before either arm samples; writes nothing."""
-    guided = load_config(config_path, [*overrides, f"output.uri={root}/jepa"])
-    unguided = load_config(config_path, [*overrides, f"output.uri={root}/unguided", "sampling.method=unguided"])
-    curation = FilterConfig(input=guided.output.uri, output=f"{root}/rarest", keep_fraction=keep_fraction,
+    """The root (no run, nothing the demo did not write), both arms' generation checks, the curation rule, its
+    folder and each class's quota of the planned samples, before either arm samples; writes nothing."""
+    unguided_arm, guided_arm, rarest, _ = (f"{root}/{folder}" for folder in FOLDERS)
+    guided = load_config(config_path, [*overrides, f"output.uri={guided_arm}"])
+    unguided = load_config(config_path, [*overrides, f"output.uri={unguided_arm}", "sampling.method=unguided"])
+    curation = FilterConfig(input=guided.output.uri, output=rarest, keep_fraction=keep_fraction,
                             per="class_label", storage=guided.storage, tracking=guided.tracking)
-    check_target(curation)
+    start_over = f"delete {root} to start the demo over, or pass --root with a new folder"
+    folder = resolve(root, guided.storage)
+    check_holds_no_run(folder, start_over)
+    check_only(folder, set(FOLDERS), "the demo", start_over)
+    check_target(curation, start_over)
     try:
-        return DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
+        plan = DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
     except OtherRunError as error:  # the arms' output.uri is the demo's --root, not a key the user set
-        raise StorageError(f"{error.uri} holds a demo made with another config; delete {root} to start the demo over, "
-                           "or pass --root with a new folder") from error
+        raise StorageError(f"{error.uri} holds a demo made with another config; {start_over}") from error
+    check_groups(curation, group_counts(plan.guided.manifest.table, curation.per), "samples planned")
+    return plan
 
 
 def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fraction: float = 0.25,
@@ -83,7 +93,7 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
     selection = run_filter(curation)
     log.info("demo 4/4: report")
-    report = write_report(Path(root) / "report", guided, unguided, rarest_uri, evidence)
+    report = write_report(Path(root) / REPORT_DIR, guided, unguided, rarest_uri, evidence)
     return DemoResult(report, unguided_summary, guided_summary, rarest_uri, selection["rows_kept"])
 
 
