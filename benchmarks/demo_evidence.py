@@ -6,7 +6,8 @@ over a sweep of strengths (the demo's default among them), the paper's exact ste
 (what ``make demo`` keeps). Each set is measured against the held-out real digits that no demo model trained on
 (pipeline/demo/digits.py), in raw pixels (16 x 16 grey), by ``pipeline/evaluate/evidence.py``:
 AvgkNN, LOF and Rarity Score, precision / recall, the class accuracy of an SVM on the training
-digits, and the mean exact JEPA-SCORE (the objective, for comparison). Then the prior check itself
+digits, and the mean exact JEPA-SCORE (the objective, for comparison); and each set's minority test
+against unguided, paired by seed (docs/method.md, 'The minority test'). Then the prior check itself
 (``check_prior``, exact and top-k scores) on the held-out digits. A contact sheet shows the sweep.
 
 Run from the repository root: ``python -m benchmarks.demo_evidence`` (``--per-class 2 --etas 0.03``
@@ -46,7 +47,8 @@ def sample_arm(name: str, model, encoder, per_class: int, sampling: SamplingConf
             for row in generate(model, items[first:first + BATCH], sampling, encoder)]
     seconds = (time.perf_counter() - start) / len(items)
     images = [Image.fromarray(row.image) for row in rows]
-    return Arm(name, images, np.array([i.class_label for i in items]), np.array([r.jepa_score for r in rows]), seconds), rows
+    return Arm(name, images, np.array([i.class_label for i in items]), np.array([r.jepa_score for r in rows]), seconds,
+               np.array([i.seed for i in items])), rows
 
 
 def rarest(arm: Arm, fraction: float) -> Arm:
@@ -57,7 +59,7 @@ def rarest(arm: Arm, fraction: float) -> Arm:
         keep += list(index[np.argsort(arm.jepa_scores[index], kind="stable")][: max(1, int(fraction * len(index)))])
     keep = sorted(keep)
     return Arm(f"rarest {fraction:.0%} of {arm.name}", [arm.images[i] for i in keep], arm.labels[keep],
-               arm.jepa_scores[keep], arm.seconds_per_sample)
+               arm.jepa_scores[keep], arm.seconds_per_sample, arm.seeds[keep])
 
 
 def sheet(rows_by_setting: dict[str, list], path: Path, per_row: int = 10) -> None:
@@ -120,7 +122,7 @@ def main() -> None:
         print(f"{name}: {arm.seconds_per_sample:.2f} s/sample", flush=True)
     arms.append(rarest(next(a for a in arms if "(demo default)" in a.name), args.keep_fraction))
     reference, _ = held_out_images()
-    rows = measure(arms, reference, digit_classifier())
+    rows = measure(arms, reference, digit_classifier(), baseline="unguided")
     table = markdown(rows)
     print(table)
     print("\n".join(compared(rows, "unguided")))

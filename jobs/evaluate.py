@@ -2,7 +2,8 @@
 
 Rarity against a reference in a named feature space (AvgkNN, LOF, Rarity Score; never through the
 JEPA-SCORE) and the reference's prior check; the JEPA-SCORE as the guidance objective; Frechet
-distance and precision / recall / density / coverage in the encoder's embedding space; Inception
+distance and precision / recall / density / coverage in the encoder's embedding space; with a
+baseline run, the minority test (closer to the reference's rare part, or only off the data); Inception
 FID / sFID and CLIP score from local weights files.
 """
 
@@ -16,7 +17,7 @@ from jobs.options import (add_storage_and_tracking, config_flag, given, job_pars
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
-         "rarity_features", "rarity_k", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
+         "rarity_features", "rarity_k", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixels at N x N) or encoder (the runs' own embedding: NOT independent of the guidance); "
                              "default inception if its weights are given, else clip if given, else pixels-32")
     config_flag(parser, "--rarity-k", doc["rarity_k"], type=int)
+    parser.add_argument("--baseline", metavar="URI", help="one of the --generated runs (as given): every other run "
+                        "gets the minority test against it (docs/method.md, 'The minority test'), e.g. the unguided run")
+    config_flag(parser, "--minority-quantile", doc["minority_quantile"], type=float)
+    parser.add_argument("--minority-per-class", action="store_true", help=doc["minority_per_class"].meaning)
     config_flag(parser, "--batch-size", doc["batch_size"], type=int)
     config_flag(parser, "--actors", doc["actors"], type=int)
     config_flag(parser, "--cpus-per-actor", doc["cpus_per_actor"], type=float)

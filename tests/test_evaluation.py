@@ -23,6 +23,7 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.evaluate.job import EvaluateConfig, run_evaluation
 from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.evaluate.minority import VERDICTS, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import verdict
 from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_factor
 from pipeline.evaluate.scoring import ScoreConfig, score_images
@@ -128,11 +129,11 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
         config = load_config(path, [f"sampling.method={method}", f"output.uri={tmp_path / method}"])
         assert run_generation(config).ok
         runs[method] = tmp_path / method
-    images = reference_folder(tmp_path / "real")
+    images = reference_folder(tmp_path / "real", count=16)
 
     args = ["--generated", str(runs["unguided"]), "--generated", str(runs["jepa"]), "--reference", str(tmp_path / "real"),
             "--output", str(tmp_path / "eval"), "--nearest-k", "2", "--cpus-per-actor", "0.5",
-            "--tracking-uri", tracking.tracking_uri]
+            "--baseline", str(runs["unguided"]), "--tracking-uri", tracking.tracking_uri]
     assert evaluate_job.main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
@@ -191,6 +192,26 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
         assert row["rarity"]["lof"] == pytest.approx(local_outlier_factor(fake_pixels, real_pixels, 5).mean(), rel=1e-5)
         assert child.data.metrics["rarity_avg_knn"] == pytest.approx(row["rarity"]["avg_knn"])
         assert child.data.tags["rarity_feature_space"] == "pixels-32"
+    # the minority test of the guided run against the unguided one, paired by seed, in the rarity space
+    unguided, jepa = report["rows"]
+    pixels_of = {method: pixel_features([io.BytesIO(r["bytes"]) for r in stored(runs[method]).column("image").to_pylist()], 32)
+                 for method in runs}
+    seeds_of = {method: stored(runs[method]).column("seed").to_numpy() for method in runs}
+    chosen = MinorityReference(real_pixels, MinorityConfig(nearest_k=2))
+    want = minority_test(pixels_of["jepa"], pixels_of["unguided"], chosen, (seeds_of["jepa"], seeds_of["unguided"]), (0, 1))
+    assert jepa["minority"]["verdict"] == want["verdict"] in VERDICTS and jepa["minority"]["paired"]
+    for name in ("fd_minority", "fd_all", "nearest_minority_share", "precision"):
+        assert jepa["minority"][name] == pytest.approx(want[name], rel=1e-4, abs=1e-6)
+    assert jepa["minority"]["intervals"]["fd_minority"] == pytest.approx(want["intervals"]["fd_minority"], rel=1e-3, abs=1e-6)
+    assert jepa["minority"]["baseline"]["fd_minority"] == pytest.approx(unguided["minority"]["fd_minority"])
+    assert unguided["minority"]["verdict"] == "baseline" and report["minority"]["baseline"] == "unguided"
+    cells = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]
+    column = cells(table.splitlines()[0]).index("minority test")
+    assert [cells(line)[column] for line in table.splitlines()[2:4]] == ["baseline", jepa["minority"]["verdict"]]
+    assert "Minority test against unguided (docs/method.md, 'The minority test')" in table
+    child = client.get_run(jepa["evaluation_run_id"])
+    assert child.data.tags["minority_verdict"] == jepa["minority"]["verdict"]
+    assert child.data.metrics["minority_fd_minority"] == pytest.approx(jepa["minority"]["fd_minority"])
     parent = client.get_run(report["evaluation_run_id"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics["prior_check_spearman"] == pytest.approx(rho)
@@ -305,6 +326,10 @@ def test_fid_sfid_and_clip_from_local_weights(ray_cluster, tmp_path, tracking, i
     (dict(rarity_features="pixels-8-gray"), "unknown feature space 'pixels-8-gray'"),
     (dict(rarity_features="inception"), "feature space inception needs --inception-weights"),
     (dict(rarity_features="clip"), "feature space clip needs --clip-weights"),
+    (dict(baseline="b"), "--baseline b is not one of the generated runs"),
+    (dict(generated=("a", "b"), baseline="b", reference=None), "the minority test measures against a reference"),
+    (dict(minority_quantile=0), "minority_quantile must lie strictly between 0 and 1"),
+    (dict(minority_per_class=True), "--minority-per-class chooses the minority test's reference: pass --baseline"),
 ])
 def test_bad_settings_are_refused_before_any_work(tmp_path, change, message):
     settings = dict(generated=("a",), reference="ref") | change

@@ -9,7 +9,9 @@ method (``output.retry_unguided``'s unguided fallback) are a row of their own, n
     below the reference's 10th percentile;
   - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
     (precision, recall, density, coverage; pipeline/evaluate/metrics.py);
-  - with local weights files: Inception FID / sFID, and CLIP score for prompted runs.
+  - with local weights files: Inception FID / sFID, and CLIP score for prompted runs;
+  - with a baseline run, the minority test of every other row in the rarity space, paired by seed
+    (pipeline/evaluate/minority.py): closer to the reference's rare part, or only off the data.
 Generated rows are streamed through Ray Data reading only stored scores and embeddings (images only
 when FID or CLIP need them); nothing stored is recomputed. A reference image folder is embedded and
 scored with the generated runs' own encoder (from ``_run.json``). Means and covariances see every
@@ -37,6 +39,7 @@ from pipeline.curate.selection import valid_scores
 from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
                                        FeatureSpace, FeatureSpec, check_weights_file)
 from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
+from pipeline.evaluate.minority import BASELINE, FIGURES, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import prior_summary
 from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
 from pipeline.evaluate.reference import find_reference
@@ -64,6 +67,9 @@ class EvaluateConfig:
     clip_arch: str | None = None  # the checkpoint's open_clip architecture, or a model config .json
     rarity_features: str | None = None  # a FeatureSpace name; None = the most independent one available
     rarity_k: int = DEFAULT_K  # k of AvgkNN, LOF and Rarity Score
+    baseline: str | None = None  # one of the generated runs: the minority test's baseline (e.g. the unguided run)
+    minority_quantile: float = 0.25  # the rarest share of the reference (leave-one-out AvgkNN) that is its minority
+    minority_per_class: bool = False  # choose that share within each class (a Parquet reference with class_label)
     batch_size: int = 16  # images per actor call (reference images, FID, CLIP)
     actors: int = 1  # actors in the pool that runs the models
     cpus_per_actor: float = 1.0  # fractions keep small machines from stalling
@@ -97,6 +103,15 @@ class EvaluateConfig:
             check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
         if self.reference:
             FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights)
+        if self.baseline is not None and self.baseline not in self.generated:
+            raise ValueError(f"--baseline {self.baseline} is not one of the generated runs ({', '.join(self.generated)}): "
+                             "pass one of the --generated URIs exactly as given")
+        if self.baseline is not None and not self.reference:
+            raise ValueError("the minority test measures against a reference: pass --reference with --baseline")
+        if not 0 < self.minority_quantile < 1:
+            raise ValueError(f"minority_quantile must lie strictly between 0 and 1, got {self.minority_quantile}")
+        if self.minority_per_class and self.baseline is None:
+            raise ValueError("--minority-per-class chooses the minority test's reference: pass --baseline with it")
 
     @property
     def rarity_space(self) -> FeatureSpace | None:
@@ -121,6 +136,8 @@ class SetStats:
     rarity: np.ndarray | None = None  # the subsample's features in the rarity space (the same rows as `sample`)
     rarity_scores: np.ndarray | None = None  # the same rows' JEPA-SCOREs, paired (the reference's prior check)
     topk_scores: np.ndarray | None = None  # the valid rows' stored top-k scores, when the set has them
+    rarity_seeds: np.ndarray | None = None  # the rarity subsample's seeds (generated runs: the minority test pairs by them)
+    rarity_labels: np.ndarray | None = None  # the rarity subsample's class labels (-1: none), when the set has them
 
 
 class Collector:
@@ -133,6 +150,8 @@ class Collector:
         self.rarity_column = rarity_column
         self.rarity = Subsample(max_samples, seed)  # the same keys: the same rows as `subsample`
         self.rarity_scores = Subsample(max_samples, seed, np.float64)
+        self.rarity_seeds = Subsample(max_samples, seed, np.int64)
+        self.rarity_labels = Subsample(max_samples, seed, np.int64)
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
         self.clip: list[np.ndarray] = []
@@ -161,6 +180,9 @@ class Collector:
             column = self.rarity_column
             self.rarity.add(ids, embeddings if column == "embedding" else _matrix(valid.column(column)))
             self.rarity_scores.add(ids, valid.column("jepa_score").to_numpy()[:, None])
+            for name, kept in (("seed", self.rarity_seeds), ("class_label", self.rarity_labels)):
+                if name in valid.column_names:
+                    kept.add(ids, pc.fill_null(valid.column(name), -1).to_numpy()[:, None])
         if "clip_score" in valid.column_names:
             values = valid.column("clip_score").drop_null().to_numpy()
             self.clip.append(values)
@@ -172,10 +194,13 @@ class Collector:
         clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
         gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
         rarity = (self.rarity.features, self.rarity_scores.features[:, 0]) if self.rarity_column else (None, None)
+        seeds, labels = (kept.features[:, 0] if kept.rows is not None else None
+                         for kept in (self.rarity_seeds, self.rarity_labels))
         return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
                         self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
                         float(clip.mean()) if len(clip) else None, len(clip), *rarity,
-                        topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None)
+                        topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None,
+                        rarity_seeds=seeds, rarity_labels=labels)
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:
@@ -281,7 +306,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             child = RunTracker(config.tracking, run_name=run_name("evaluate", run.method, folder_name(run.uri)),
                                tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
                                      "generation_run_id": run.generation_run_id or "",
-                                     "rarity_feature_space": row.get("rarity", {}).get("feature_space", "")})
+                                     "rarity_feature_space": row.get("rarity", {}).get("feature_space", ""),
+                                     "minority_verdict": row.get("minority", {}).get("verdict", "")})
             child.log_metrics(row_metrics(row))
             child.end("FINISHED")
             row["evaluation_run_id"] = child.run_id
@@ -350,7 +376,7 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[Ge
 
     spec = _spec(config, None, clip_score=True)
     topk = [] if "topk_score" in missing_columns(run.location) else ["topk_score"]  # older runs have none
-    columns = ["sample_id", "jepa_score", *topk, "embedding", "encoder", "method"] + (["image", "prompt"] if spec else [])
+    columns = ["sample_id", "seed", "jepa_score", *topk, "embedding", "encoder", "method"] + (["image", "prompt"] if spec else [])
     dataset = ray.data.read_parquet(run.files, filesystem=run.location.filesystem).select_columns(columns)
     by_method: dict[str, Collector] = {}
     for batch in _batches(config, dataset, spec):
@@ -397,7 +423,8 @@ def _reference_image_stats(config: EvaluateConfig, encoder: dict, files: list[Pa
 
 def _reference_columns(config: EvaluateConfig) -> list[str]:
     """What a Parquet reference must hold: its stored scores and embeddings, and images when features need them."""
-    return ["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if _spec(config, None, False) else [])
+    return (["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if _spec(config, None, False) else [])
+            + (["class_label"] if config.minority_per_class else []))
 
 
 def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], images: list[Path]) -> None:
@@ -415,6 +442,14 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
     if count <= config.rarity_k:
         raise ValueError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
                          f"needs more than k: lower --rarity-k to at most {max(count - 1, 0)} or give a larger reference")
+    if config.minority_per_class and not parquet:
+        raise ValueError(f"--minority-per-class needs the reference's class labels: give Parquet with a class_label "
+                         f"column, not the image folder {config.reference}")
+    minority = round(config.minority_quantile * min(count, config.max_samples))
+    if config.baseline and minority <= config.nearest_k:
+        raise ValueError(f"the minority test's reference would hold about {minority} rows ({config.minority_quantile} "
+                         f"of {count}), but k-NN balls of --nearest-k {config.nearest_k} need more: raise "
+                         "--minority-quantile, lower --nearest-k or give a larger reference")
 
 
 def _prior_check(config: EvaluateConfig, reference: SetStats) -> tuple[dict, bytes]:
@@ -465,6 +500,8 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             row["clip_score"] = mine.clip_score
             row["clip_rows"] = mine.clip_rows
         rows.append(row)
+    if config.baseline:
+        _minority_tests(config, runs, stats, reference, rows)
     space = config.rarity_space
     return {
         "encoder": encoder,
@@ -477,12 +514,36 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             "samples": "the k-NN metrics' subsample: every row when a set has at most max_samples, else a uniform "
                        "subsample of max_samples"},
         "prior_check": prior,
+        "minority": None if not config.baseline else {
+            "baseline": next(r["method"] for r in rows if r.get("minority", {}).get("verdict") == BASELINE),
+            "baseline_uri": config.baseline, "quantile": config.minority_quantile,
+            "per_class": config.minority_per_class, "precision_margin": MinorityConfig().precision_margin,
+            "resamples": MinorityConfig().resamples},
         "settings": {"max_samples": config.max_samples, "nearest_k": config.nearest_k, "seed": config.seed,
                      "subsample": "uniform over sample ids (blake2b of seed and id); moments use every row",
                      "inception_weights": config.inception_weights, "clip_arch": config.clip_arch},
         "rows": rows,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
+
+
+def _minority_tests(config: EvaluateConfig, runs: list[GeneratedRun], stats: dict[str, SetStats],
+                    reference: SetStats, rows: list[dict]) -> None:
+    """Each row's minority test against the baseline run's own rows (docs/method.md, 'The minority test')."""
+    space = config.rarity_space
+    base = next(run for run in runs if run.uri == config.baseline)  # the run's own rows come before its fallback's
+    chosen = MinorityReference(reference.rarity, MinorityConfig(config.minority_quantile, config.minority_per_class,
+                                                                config.rarity_k, config.nearest_k, seed=config.seed),
+                               reference.rarity_labels)
+    bounds = (0.0, 1.0) if space.column == "pixels" else None
+    theirs = stats[base.label]
+    for run, row in zip(runs, rows):
+        if run is base:
+            row["minority"] = {"verdict": BASELINE, **chosen.figures(theirs.rarity).whole(), "baseline_run": base.label}
+            continue
+        mine = stats[run.label]
+        row["minority"] = minority_test(mine.rarity, theirs.rarity, chosen, (mine.rarity_seeds, theirs.rarity_seeds),
+                                        bounds) | {"baseline_run": base.label}
 
 
 def row_metrics(row: dict) -> dict[str, float]:
@@ -506,6 +567,10 @@ def row_metrics(row: dict) -> dict[str, float]:
             values["rarity_score"] = rarity["rarity_score"]
     if row.get("clip_score") is not None:
         values["clip_score"] = row["clip_score"]
+    minority = row.get("minority", {})
+    values |= {f"minority_{name}": minority[name] for name in FIGURES if name in minority}
+    for name, (low, high) in minority.get("intervals", {}).items():
+        values |= {f"minority_{name}_diff_low": low, f"minority_{name}_diff_high": high}
     return {key: float(value) for key, value in values.items() if math.isfinite(value)}
 
 
@@ -525,6 +590,9 @@ COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / 
     ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
     ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
     ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
+    ("minority test", lambda r: r["minority"]["verdict"] if "minority" in r else "—"),
+    ("FD to minority ↓", lambda r: _fmt(r.get("minority", {}).get("fd_minority"))),
+    ("nearest is minority ↑", lambda r: _fmt(r.get("minority", {}).get("nearest_minority_share"))),
     ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
 ]
 
@@ -551,6 +619,14 @@ def markdown(report: dict) -> str:
                      f": AvgkNN, LOF and Rarity Score (larger = rarer; uncovered = share outside every reference "
                      f"ball), k = {rarity['k']}, on the k-NN subsample ({rarity['reference_samples']} reference rows).")
         notes.append(f"Prior check of the reference: {report['prior_check']['verdict']}.")
+        if report["minority"]:
+            minority = report["minority"]
+            notes.append(f"Minority test against {minority['baseline']} (docs/method.md, 'The minority test'): the "
+                         f"minority is the reference's rarest {minority['quantile']:.0%} by leave-one-out AvgkNN"
+                         f"{' within each class' if minority['per_class'] else ''} in {rarity['feature_space']}; "
+                         "minority = closer to it by FD than the baseline (bootstrap interval excluding 0) with "
+                         f"precision at most {minority['precision_margin']} below the baseline's; off-data = rarer by "
+                         "AvgkNN but not closer; only minority runs are rarer than the baseline in the data.")
         notes.append(f"Reference: {reference['uri']}, {reference['rows'] - reference['invalid']} samples, JEPA-SCORE "
                      f"{reference['jepa_score']['mean']:.2f} ± {reference['jepa_score']['std']:.2f}, "
                      f"10th percentile {reference['p10']:.2f}.")

@@ -70,6 +70,12 @@ class Moments:
         return self.mean.copy(), (cov + cov.T) / 2
 
 
+def psd_root(sigma: np.ndarray) -> np.ndarray:
+    """The symmetric square root of a symmetric PSD matrix (negative rounding in its eigenvalues clipped to 0)."""
+    values, vectors = np.linalg.eigh(sigma)
+    return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """FD between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
@@ -81,8 +87,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"feature dimensions differ: means {mu1.shape} vs {mu2.shape}, "
                          f"covariances {sigma1.shape} vs {sigma2.shape}")
-    values, vectors = np.linalg.eigh(sigma1)
-    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    root1 = psd_root(sigma1)
     middle = root1 @ sigma2 @ root1
     trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
@@ -145,3 +150,31 @@ class Gaussian:
 
     def distance(self, other: Gaussian) -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov)
+
+
+class FrechetToGaussian:
+    """FD from rows of one set, resampled many times (a bootstrap), to one fixed Gaussian ``target``.
+
+    The same value as ``frechet_distance(target, Gaussian of the rows)``, computed without a d x d
+    eigendecomposition per resample: with ``Y = X S^{1/2}`` (S the target's covariance), the
+    eigenvalues of ``S^{1/2} C S^{1/2}`` (C the rows' covariance) are the squared singular values of
+    the centred ``Y`` over ``n - 1``, so each resample costs one SVD of an (n, d) matrix.
+    """
+
+    def __init__(self, rows: np.ndarray, target: Gaussian):
+        self.rows = np.asarray(rows, np.float64)
+        self.projected = self.rows @ psd_root(target.cov)
+        self.target = target
+        self.target_trace = float(np.trace(target.cov))
+
+    def __call__(self, index: np.ndarray | None = None) -> float:
+        """FD of the rows ``index`` selects (repeats allowed; every row when None)."""
+        rows = self.rows if index is None else self.rows[index]
+        projected = self.projected if index is None else self.projected[index]
+        if len(rows) < 2:
+            raise ValueError(f"a covariance needs at least 2 rows, got {len(rows)}")
+        mean = rows.mean(0)
+        trace = ((rows - mean) ** 2).sum() / (len(rows) - 1)
+        trace_root = np.linalg.svd(projected - projected.mean(0), compute_uv=False).sum() / np.sqrt(len(rows) - 1)
+        diff = mean - self.target.mean
+        return float(diff @ diff + self.target_trace + trace - 2 * trace_root)
