@@ -14,6 +14,7 @@ import pyarrow.feather as feather
 import pytest
 import yaml
 
+from jobs import cli
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
@@ -128,45 +129,60 @@ def cli_refuses(args: list[str], cwd) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
+@pytest.fixture
+def refuses(tmp_path, monkeypatch, capsys, caplog):
+    """``cli_refuses`` in this process, run in ``tmp_path``: the command's main must return 2 without a
+    traceback in its stderr or its logs, its error the last line on stderr."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(args: list[str]) -> str:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err + caplog.text
+        return err.strip().splitlines()[-1]
+
+    return run
+
+
 def test_generate_without_a_config_names_the_missing_model_source(tmp_path):
     line = cli_refuses(["generate", "--dry-run"], tmp_path)
     assert line.startswith("jepa-minority generate: model.source: preset 'pixel-unet' has no default weights")
     assert "--set model.source=" in line
 
 
-def test_submit_checks_the_config_locally_before_the_cluster(tmp_path):
+def test_submit_checks_the_config_locally_before_the_cluster(tmp_path, refuses):
     (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
     dead = f"http://127.0.0.1:{free_port()}"
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "bad.yaml"])
     assert line == ("jepa-minority submit: generate: sampling: steps must be an integer >= 1, got -3 "
                     "(checked locally; nothing was submitted)")
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml", "--dryrun"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "bad.yaml", "--dryrun"])
     assert line.endswith("generate rejects its arguments: jepa-minority generate: error: unrecognized arguments: --dryrun")
 
 
-def test_submit_without_a_cluster_names_the_address(tmp_path):
+def test_submit_without_a_cluster_names_the_address(tmp_path, refuses):
     (tmp_path / "good.yaml").write_text("work:\n  count: 2\n")
     dead = f"http://127.0.0.1:{free_port()}"
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "good.yaml"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "good.yaml"])
     assert line.startswith(f"jepa-minority submit: no Ray cluster answered at {dead}") and "--address" in line
 
 
-def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path):
+def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path, refuses):
     (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
-    assert cli_refuses(["serve", "bad.yaml"], tmp_path) == \
+    assert refuses(["serve", "bad.yaml"]) == \
         "jepa-minority serve: sampling: steps must be an integer >= 1, got -3"
 
 
-def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tmp_path, class_unet, tiny_vit_folder):
+def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tmp_path, refuses, class_unet, tiny_vit_folder):
     """The replicas would load them; a broken file is found first, in one line naming the key."""
     broken = truncated_copy(class_unet, tmp_path / "broken_unet")
     encoder = {"name": "vit_small_patch14_reg4_dinov2", "weights": str(tiny_vit_folder), "input_size": 28}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model": {"source": str(broken)}, "encoder": encoder}))
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    assert cli_refuses(["serve", "model.yaml"], tmp_path).startswith(
+    assert refuses(["serve", "model.yaml"]).startswith(
         f"jepa-minority serve: model: could not read unet weights {weights}: truncated")
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     encoder["weights"] = str(tmp_path / "bad.safetensors")
     (tmp_path / "encoder.yaml").write_text(yaml.safe_dump({"model": {"source": str(class_unet)}, "encoder": encoder}))
-    assert cli_refuses(["serve", "encoder.yaml"], tmp_path).startswith(
+    assert refuses(["serve", "encoder.yaml"]).startswith(
         f"jepa-minority serve: encoder.weights: could not read encoder weights {tmp_path / 'bad.safetensors'}")

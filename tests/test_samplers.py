@@ -387,10 +387,15 @@ def test_bf16_model_keeps_the_encoder_branch_in_fp32(folders, tiny_encoder):
     assert tangent_dtypes == [torch.float32] * 9  # 3 guided steps x (the sketch + 2 power iterations)
 
 
-def test_compiled_network_samples_the_same_images(folders, tiny_encoder):
-    """torch.compile changes speed, not samples: guided and unguided steps (grad on and off) both compile."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_network_samples_the_same_images(folders, tiny_encoder, backend):
+    """torch.compile changes speed, not samples: guided and unguided steps (grad on and off) both compile.
+    aot_eager traces the graphs inductor gets (dynamo, AOT autograd's forward and backward) in seconds;
+    inductor's own code generation (minutes on CPU) runs as the slow case."""
     eager = load_model("pixel-unet", folders["class"])
     compiled = load_model("pixel-unet", folders["class"], compile_network=True)
+    if backend != "inductor":  # the product compiles with the default backend, inductor
+        compiled.network.compile(backend=backend)
     torch.compiler.reset()
     calls = []  # (running under torch.compile, grad mode) of each network call, recorded by a hook inside it
     compiled.network.register_forward_pre_hook(
