@@ -1,7 +1,7 @@
 """Bad input to the main job: each refused with a message that names what is wrong and how to fix
 it, and nothing written that could pass for output. (More cases live in test_generation.py:
-unknown keys, out-of-range class labels, invalid UTF-8, empty prompts, missing bucket, wrong
-credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
+invalid UTF-8, empty prompts, missing bucket, wrong credentials; and in test_encoders.py: truncated
+and pickled encoder weights.)"""
 
 from __future__ import annotations
 
@@ -26,27 +26,45 @@ def run_refused(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change,message", [
-    ("sampling.guidance.eta=.nan", "sampling.guidance.eta must be a finite number, got nan"),
-    ("sampling.guidance.eta=-0.5", "guidance.eta must be a finite number >= 0, got -0.5"),
-    ("sampling.cfg_scale=.inf", "sampling.cfg_scale must be a finite number, got inf"),
-    ("sampling.ddim_eta=1.5", "ddim_eta must be in [0, 1]"),
-    ("sampling.steps=-3", "steps must be an integer >= 1, got -3"),
-    ("sampling.guidance.k=0", "k"),
-    ("work.samples_per_label=0", "work.samples_per_label must be >= 1, got 0"),
-    ("work.class_labels=[-1, 2]", "work.class_labels must be >= 0"),
-    ("work.base_seed=1.5", "work.base_seed must be an integer"),
-    ("ray.actors=0", "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got 0"),
-    ("ray.cpus_per_actor=-1", "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
-    ("output.max_failure_fraction=.nan", "output.max_failure_fraction must be a finite number, got nan"),
-    ("output.max_failure_fraction=2", "output.max_failure_fraction must be in [0, 1], got 2.0"),
-    ("encoder.input_size=-14", "encoder.input_size must be a positive multiple of 14, got -14"),
-    ("sampler.steps=3", "unknown key sampler; valid keys here: model, encoder, sampling"),
-    ("sampling.guidance.etaa=1", "unknown key sampling.guidance.etaa"),
+@pytest.mark.parametrize("changes,message", [
+    (["sampling.guidance.eta=.nan"], "sampling.guidance.eta must be a finite number, got nan"),
+    (["sampling.guidance.eta=-0.5"], "guidance.eta must be a finite number >= 0, got -0.5"),
+    (["sampling.cfg_scale=.inf"], "sampling.cfg_scale must be a finite number, got inf"),
+    (["sampling.ddim_eta=1.5"], "ddim_eta must be in [0, 1]"),
+    (["sampling.steps=-3"], "steps must be an integer >= 1, got -3"),
+    (["sampling.guidance.k=0"], "k"),
+    (["work.samples_per_label=0"], "work.samples_per_label must be >= 1, got 0"),
+    (["work.class_labels=[-1, 2]"], "work.class_labels must be >= 0"),
+    (["work.base_seed=1.5"], "work.base_seed must be an integer"),
+    (["ray.actors=0"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got 0"),
+    (["ray.cpus_per_actor=-1"], "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
+    (["output.max_failure_fraction=.nan"], "output.max_failure_fraction must be a finite number, got nan"),
+    (["output.max_failure_fraction=2"], "output.max_failure_fraction must be in [0, 1], got 2.0"),
+    (["encoder.input_size=-14"], "encoder.input_size must be a positive multiple of 14, got -14"),
+    (["sampler.steps=3"], "unknown key sampler; valid keys here: model, encoder, sampling"),
+    (["sampling.guidance.etaa=1"], "unknown key sampling.guidance.etaa"),
+    (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
+    (["sampling.steps=many"], "sampling.steps must be an integer"),
+    (["model.dtype=fp8"], "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
+    (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
+    (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
+    (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],
+     "file not found: /nowhere/prompts.txt"),
+    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "preset 'pixel-unet' is not a text-to-image"),
+    (["output.uri=ftp://host/x"], "unsupported storage URI"),
+    (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
+    (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
+    (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
+    (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
+    (["ray.actors=[2, 1]"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got [2, 1]"),
+    (["ray.actors=[0, 2]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=[1, 2, 3]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=two"], "ray.actors must be an integer or a list, got 'two'"),
+    (["console.status_every=0"], "console.status_every must be > 0 seconds"),
 ])
 def test_nan_negative_and_unknown_values_are_refused_before_anything_runs(write_config, tmp_path, capsys,
-                                                                           change, message):
-    assert message in run_refused([write_config(), "--set", change], capsys)
+                                                                           changes, message):
+    assert message in run_refused([write_config(), *sum((["--set", c] for c in changes), [])], capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
 
 

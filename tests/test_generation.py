@@ -204,33 +204,6 @@ def test_model_dtype_is_what_the_actor_loads_with(write_config):
     assert (auto.torch_dtype("cpu"), auto.torch_dtype("cuda")) == (torch.float32, torch.bfloat16)
 
 
-@pytest.mark.parametrize("change,message", [
-    (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
-    (["sampling.steps=many"], "sampling.steps must be an integer"),
-    (["model.dtype=fp8"], "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
-    (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
-    (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
-    (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],
-     "file not found: /nowhere/prompts.txt"),
-    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "preset 'pixel-unet' is not a text-to-image"),
-    (["output.uri=ftp://host/x"], "unsupported storage URI"),
-    (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
-    (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
-    (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
-    (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
-    (["ray.actors=[2, 1]"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got [2, 1]"),
-    (["ray.actors=[0, 2]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
-    (["ray.actors=[1, 2, 3]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
-    (["ray.actors=two"], "ray.actors must be an integer or a list, got 'two'"),
-    (["console.status_every=0"], "console.status_every must be > 0 seconds"),
-])
-def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
-    path = write_config()
-    assert generate_job.main([path, *sum((["--set", c] for c in change), [])]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
-
-
 def test_undecodable_prompt_file_names_the_line(write_config, sd_folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_bytes(b"a cat\na \xff dog\n")
