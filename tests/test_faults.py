@@ -309,19 +309,3 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     loaded = datasets.load_dataset("parquet", data_dir=str(data), split="train")
     assert loaded.num_rows == 4
 
-
-def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray_cluster, write_config, tmp_path):
-    """eta 1e30 without normalisation overflows the guided samples to NaN; unguided they are fine."""
-    overflow = {"method": "jepa", "steps": 3, "guidance": {"eta": 1e30, "normalize": False, "tau": 1.0, "k": 4}}
-    path = write_config(sampling=overflow, work={"class_labels": [0, 3], "samples_per_label": 1})
-    summary = run_generation(load_config(path))
-    assert not summary.complete and summary.failed == 2 and summary.committed == 0
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).glob("*.json")]
-    assert len(records) == 2 and all("NaN or infinite" in r["error"] for r in records)
-
-    summary = run_generation(load_config(path, ["output.retry_unguided=true"]))  # the same run, resumed
-    assert summary.complete and summary.generated == 2 and summary.failed == 0
-    rows = read_rows(pafs.LocalFileSystem(), str(tmp_path / "out" / "data"))
-    assert [r["method"] for r in rows] == ["unguided", "unguided"]
-    assert all(np.isfinite(r["jepa_score"]) for r in rows)
-    assert not list((tmp_path / "out" / FAILURES_DIR).glob("*.json"))  # records of committed ids are removed
