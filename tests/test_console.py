@@ -4,9 +4,12 @@ from storage; Ray that cannot start, said in one line."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,7 +20,7 @@ import psutil
 import pyarrow as pa
 import pytest
 
-from pipeline.progress import CommitWatch, status_line
+from pipeline.progress import CommitWatch, show_progress, status_line
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
 from tests.tiny_diffusion import misfit_copy
@@ -131,3 +134,21 @@ def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     assert (watch.committed, watch.failed) == (7, 1)
     assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
+
+
+def test_a_status_line_while_the_work_runs_counts_what_is_committed_so_far(tmp_path, caplog):
+    """A run that commits part of its work shows 0 < committed < planned. Written here by hand, mid-body: the
+    sink commits every output.max_rows_per_file rows, so a real run's mid-run line depends on timing."""
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    counts = lambda: [tuple(map(int, m.groups())) for m in  # noqa: E731
+                      (re.match(r"(\d+)/(\d+) samples committed", r.getMessage()) for r in caplog.records) if m]
+    with show_progress(output, planned=20, already=2, every=0.05, stream=io.StringIO()):
+        write_table(output.child(DATA_DIR).child("part-a.parquet"), pa.table({"sample_id": ["a", "b", "c"]}), 2)
+        deadline = time.monotonic() + 60
+        while (5, 20) not in counts():
+            assert time.monotonic() < deadline, counts()
+            time.sleep(0.05)
+        mid = counts()
+    assert mid[-1] == (5, 20) and all(0 < done < planned for done, planned in mid)  # 2 before + 3 this run
+    assert counts()[-1] == (5, 20)  # and the last line, when the work ends
