@@ -11,6 +11,7 @@ import tempfile
 # folder it has loaded before: every test session gets a fresh one, so no test reads another run's rows.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="hf-datasets-")
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -113,6 +114,19 @@ def feature_energy(encoder, images, k, oversample, power_iters, generator=None, 
     """A guidance objective with a closed-form gradient: 1/2 ||f(x)||^2 per image, so for a
     LinearEncoder f(x) = A x the gradient is A^T A x. Same signature as the top-k objectives."""
     return 0.5 * encoder(images.double()).square().sum(1)
+
+
+# Pinned values, diffusers' golden slices: computed once on CPU with the torch of infra/constraints.txt. fp32
+# noise between CPUs is about 1e-6; the smallest change a pinned test guards moves its slice by 7e-4.
+PINNED_ATOL = 1e-4
+
+
+def assert_pinned(images, expected: list[float]) -> None:
+    """The first image's last channel, bottom-right 3 x 3 pixels, against pinned values. ``images``: NHWC
+    numpy (as the diffusers pipelines return them) or NCHW torch (as generate_images does)."""
+    if isinstance(images, torch.Tensor):
+        images = images.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_allclose(images[0, -3:, -3:, -1].ravel(), expected, atol=PINNED_ATOL, rtol=0)
 
 
 def rand_images(batch: int, shape=(3, 4, 4), seed: int = 0, dtype=torch.float64) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Bad input to the main job: each refused with a message that names what is wrong and how to fix
 it, and nothing written that could pass for output. (More cases live in test_generation.py:
-unknown keys, out-of-range class labels, invalid UTF-8, empty prompts, missing bucket, wrong
-credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
+invalid UTF-8, empty prompts, missing bucket, wrong credentials; and in test_encoders.py: truncated
+and pickled encoder weights.)"""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pyarrow.feather as feather
 import pytest
 import yaml
 
+from jobs import cli
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
@@ -25,27 +26,45 @@ def run_refused(args: list[str], capsys) -> str:
     return capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change,message", [
-    ("sampling.guidance.eta=.nan", "sampling.guidance.eta must be a finite number, got nan"),
-    ("sampling.guidance.eta=-0.5", "guidance.eta must be a finite number >= 0, got -0.5"),
-    ("sampling.cfg_scale=.inf", "sampling.cfg_scale must be a finite number, got inf"),
-    ("sampling.ddim_eta=1.5", "ddim_eta must be in [0, 1]"),
-    ("sampling.steps=-3", "steps must be an integer >= 1, got -3"),
-    ("sampling.guidance.k=0", "k"),
-    ("work.samples_per_label=0", "work.samples_per_label must be >= 1, got 0"),
-    ("work.class_labels=[-1, 2]", "work.class_labels must be >= 0"),
-    ("work.base_seed=1.5", "work.base_seed must be an integer"),
-    ("ray.actors=0", "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got 0"),
-    ("ray.cpus_per_actor=-1", "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
-    ("output.max_failure_fraction=.nan", "output.max_failure_fraction must be a finite number, got nan"),
-    ("output.max_failure_fraction=2", "output.max_failure_fraction must be in [0, 1], got 2.0"),
-    ("encoder.input_size=-14", "encoder.input_size must be a positive multiple of 14, got -14"),
-    ("sampler.steps=3", "unknown key sampler; valid keys here: model, encoder, sampling"),
-    ("sampling.guidance.etaa=1", "unknown key sampling.guidance.etaa"),
+@pytest.mark.parametrize("changes,message", [
+    (["sampling.guidance.eta=.nan"], "sampling.guidance.eta must be a finite number, got nan"),
+    (["sampling.guidance.eta=-0.5"], "guidance.eta must be a finite number >= 0, got -0.5"),
+    (["sampling.cfg_scale=.inf"], "sampling.cfg_scale must be a finite number, got inf"),
+    (["sampling.ddim_eta=1.5"], "ddim_eta must be in [0, 1]"),
+    (["sampling.steps=-3"], "steps must be an integer >= 1, got -3"),
+    (["sampling.guidance.k=0"], "k"),
+    (["work.samples_per_label=0"], "work.samples_per_label must be >= 1, got 0"),
+    (["work.class_labels=[-1, 2]"], "work.class_labels must be >= 0"),
+    (["work.base_seed=1.5"], "work.base_seed must be an integer"),
+    (["ray.actors=0"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got 0"),
+    (["ray.cpus_per_actor=-1"], "ray.cpus_per_actor and ray.gpus_per_actor must be >= 0"),
+    (["output.max_failure_fraction=.nan"], "output.max_failure_fraction must be a finite number, got nan"),
+    (["output.max_failure_fraction=2"], "output.max_failure_fraction must be in [0, 1], got 2.0"),
+    (["encoder.input_size=-14"], "encoder.input_size must be a positive multiple of 14, got -14"),
+    (["sampler.steps=3"], "unknown key sampler; valid keys here: model, encoder, sampling"),
+    (["sampling.guidance.etaa=1"], "unknown key sampling.guidance.etaa"),
+    (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
+    (["sampling.steps=many"], "sampling.steps must be an integer"),
+    (["model.dtype=fp8"], "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
+    (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
+    (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
+    (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],
+     "file not found: /nowhere/prompts.txt"),
+    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "preset 'pixel-unet' is not a text-to-image"),
+    (["output.uri=ftp://host/x"], "unsupported storage URI"),
+    (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
+    (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
+    (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
+    (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
+    (["ray.actors=[2, 1]"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got [2, 1]"),
+    (["ray.actors=[0, 2]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=[1, 2, 3]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
+    (["ray.actors=two"], "ray.actors must be an integer or a list, got 'two'"),
+    (["console.status_every=0"], "console.status_every must be > 0 seconds"),
 ])
 def test_nan_negative_and_unknown_values_are_refused_before_anything_runs(write_config, tmp_path, capsys,
-                                                                           change, message):
-    assert message in run_refused([write_config(), "--set", change], capsys)
+                                                                           changes, message):
+    assert message in run_refused([write_config(), *sum((["--set", c] for c in changes), [])], capsys)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
 
 
@@ -128,45 +147,60 @@ def cli_refuses(args: list[str], cwd) -> str:
     return done.stderr.strip().splitlines()[-1]
 
 
+@pytest.fixture
+def refuses(tmp_path, monkeypatch, capsys, caplog):
+    """``cli_refuses`` in this process, run in ``tmp_path``: the command's main must return 2 without a
+    traceback in its stderr or its logs, its error the last line on stderr."""
+    monkeypatch.chdir(tmp_path)
+
+    def run(args: list[str]) -> str:
+        assert cli.main(args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err + caplog.text
+        return err.strip().splitlines()[-1]
+
+    return run
+
+
 def test_generate_without_a_config_names_the_missing_model_source(tmp_path):
     line = cli_refuses(["generate", "--dry-run"], tmp_path)
     assert line.startswith("jepa-minority generate: model.source: preset 'pixel-unet' has no default weights")
     assert "--set model.source=" in line
 
 
-def test_submit_checks_the_config_locally_before_the_cluster(tmp_path):
+def test_submit_checks_the_config_locally_before_the_cluster(tmp_path, refuses):
     (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
     dead = f"http://127.0.0.1:{free_port()}"
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "bad.yaml"])
     assert line == ("jepa-minority submit: generate: sampling: steps must be an integer >= 1, got -3 "
                     "(checked locally; nothing was submitted)")
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "bad.yaml", "--dryrun"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "bad.yaml", "--dryrun"])
     assert line.endswith("generate rejects its arguments: jepa-minority generate: error: unrecognized arguments: --dryrun")
 
 
-def test_submit_without_a_cluster_names_the_address(tmp_path):
+def test_submit_without_a_cluster_names_the_address(tmp_path, refuses):
     (tmp_path / "good.yaml").write_text("work:\n  count: 2\n")
     dead = f"http://127.0.0.1:{free_port()}"
-    line = cli_refuses(["submit", "--address", dead, "--", "generate", "good.yaml"], tmp_path)
+    line = refuses(["submit", "--address", dead, "--", "generate", "good.yaml"])
     assert line.startswith(f"jepa-minority submit: no Ray cluster answered at {dead}") and "--address" in line
 
 
-def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path):
+def test_serve_refuses_a_bad_config_before_ray_starts(tmp_path, refuses):
     (tmp_path / "bad.yaml").write_text("sampling:\n  steps: -3\n")
-    assert cli_refuses(["serve", "bad.yaml"], tmp_path) == \
+    assert refuses(["serve", "bad.yaml"]) == \
         "jepa-minority serve: sampling: steps must be an integer >= 1, got -3"
 
 
-def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tmp_path, class_unet, tiny_vit_folder):
+def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tmp_path, refuses, class_unet, tiny_vit_folder):
     """The replicas would load them; a broken file is found first, in one line naming the key."""
     broken = truncated_copy(class_unet, tmp_path / "broken_unet")
     encoder = {"name": "vit_small_patch14_reg4_dinov2", "weights": str(tiny_vit_folder), "input_size": 28}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({"model": {"source": str(broken)}, "encoder": encoder}))
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
-    assert cli_refuses(["serve", "model.yaml"], tmp_path).startswith(
+    assert refuses(["serve", "model.yaml"]).startswith(
         f"jepa-minority serve: model: could not read unet weights {weights}: truncated")
     (tmp_path / "bad.safetensors").write_bytes(b"not weights")
     encoder["weights"] = str(tmp_path / "bad.safetensors")
     (tmp_path / "encoder.yaml").write_text(yaml.safe_dump({"model": {"source": str(class_unet)}, "encoder": encoder}))
-    assert cli_refuses(["serve", "encoder.yaml"], tmp_path).startswith(
+    assert refuses(["serve", "encoder.yaml"]).startswith(
         f"jepa-minority serve: encoder.weights: could not read encoder weights {tmp_path / 'bad.safetensors'}")

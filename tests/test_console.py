@@ -4,9 +4,12 @@ from storage; Ray that cannot start, said in one line."""
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.generate.job import common_error
-from pipeline.progress import CommitWatch, status_line
+from pipeline.progress import CommitWatch, show_progress, status_line
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
 from tests.tiny_diffusion import misfit_copy
@@ -185,3 +188,21 @@ def test_the_common_error_is_named_only_when_most_failures_share_it(tmp_path):
     assert common_error(output, most) == ("ValueError: the image is NaN or infinite", 3)
     assert common_error(output, ["a", "d"]) == (None, 0)  # half is not most
     assert common_error(output, []) == (None, 0)
+
+
+def test_a_status_line_while_the_work_runs_counts_what_is_committed_so_far(tmp_path, caplog):
+    """A run that commits part of its work shows 0 < committed < planned. Committed here by hand, mid-body:
+    a real run's mid-run line depends on timing (the Ctrl-C test above sees real mid-run commits)."""
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    caplog.set_level(logging.INFO, logger="pipeline.progress")
+    counts = lambda: [tuple(map(int, m.groups())) for m in  # noqa: E731
+                      (re.match(r"(\d+)/(\d+) samples committed", r.getMessage()) for r in caplog.records) if m]
+    with show_progress(output, planned=20, already=2, every=0.05, stream=io.StringIO()):
+        write_table(output.child(DATA_DIR).child("part-a.parquet"), pa.table({"sample_id": ["a", "b", "c"]}), 2)
+        deadline = time.monotonic() + 60
+        while (5, 20) not in counts():
+            assert time.monotonic() < deadline, counts()
+            time.sleep(0.05)
+        mid = counts()
+    assert mid[-1] == (5, 20) and all(0 < done < planned for done, planned in mid)  # 2 before + 3 this run
+    assert counts()[-1] == (5, 20)  # and the last line, when the work ends

@@ -153,14 +153,11 @@ def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write
     assert {r["class_label"] for r in read_rows(pafs.LocalFileSystem(), str(out / "data"))} == {0}
     assert not (out / "_run.json").exists()  # incomplete: never marked done
 
-
-def test_tolerated_failures_complete_the_run(ray_cluster, write_config, nan_class_unet, tmp_path):
-    path = write_config(model={"source": str(nan_class_unet)},
-                        work={"class_labels": [0, 0, 0, 9], "samples_per_label": 1},
-                        output={"max_failure_fraction": 0.25})
-    assert generate_job.main([path]) == 0
-    run = json.loads((tmp_path / "out" / "_run.json").read_text())
-    assert run["counts"]["failed"] == 1 and run["counts"]["committed"] == 3
+    # Tolerated failures complete the run: resumed with room for them, the class-9 samples are retried and fail
+    # again, 2 of 4 (the bound is inclusive). The stage's failure path itself: tests/test_sampler_stage.py.
+    assert generate_job.main([path, "--set", "output.max_failure_fraction=0.5"]) == 0
+    run = json.loads((out / "_run.json").read_text())
+    assert run["counts"]["failed"] == 2 and run["counts"]["committed"] == 2
 
 
 def test_sample_ids_are_stable_per_config_and_seeds_shared_across_methods(write_config):
@@ -202,33 +199,6 @@ def test_model_dtype_is_what_the_actor_loads_with(write_config):
     auto = load_config(write_config()).model
     assert half.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in encoder.parameters())
     assert (auto.torch_dtype("cpu"), auto.torch_dtype("cuda")) == (torch.float32, torch.bfloat16)
-
-
-@pytest.mark.parametrize("change,message", [
-    (["work.clas_labels=[1]"], "unknown key work.clas_labels"),
-    (["sampling.steps=many"], "sampling.steps must be an integer"),
-    (["model.dtype=fp8"], "model.dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"),
-    (["sampling.guidance.tau=1.5"], "tau must be in [0, 1]"),
-    (["encoder.name=dino"], "encoder.name: unknown encoder 'dino'"),
-    (["model.preset=sd", "work.prompts=/nowhere/prompts.txt", "work.class_labels=null"],
-     "file not found: /nowhere/prompts.txt"),
-    (["work.prompts=/nowhere/prompts.txt", "work.class_labels=null"], "preset 'pixel-unet' is not a text-to-image"),
-    (["output.uri=ftp://host/x"], "unsupported storage URI"),
-    (["work.class_labels=[0, 42]"], "work.class_labels [42] out of range: this model has classes 0..9"),
-    (["work.class_labels=null", "work.count=3"], "work.count: preset 'pixel-unet' needs class_labels"),
-    (["model.source=/nowhere/model"], "model.source: cannot read the model's config"),
-    (["model.compile=fast"], "model.compile must be true or false, got 'fast'"),
-    (["ray.actors=[2, 1]"], "ray.actors must be a pool size >= 1 or a range [min, max] with 1 <= min <= max, got [2, 1]"),
-    (["ray.actors=[0, 2]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
-    (["ray.actors=[1, 2, 3]"], "ray.actors must be a pool size >= 1 or a range [min, max]"),
-    (["ray.actors=two"], "ray.actors must be an integer or a list, got 'two'"),
-    (["console.status_every=0"], "console.status_every must be > 0 seconds"),
-])
-def test_bad_configs_fail_before_anything_runs(write_config, tmp_path, capsys, change, message):
-    path = write_config()
-    assert generate_job.main([path, *sum((["--set", c] for c in change), [])]) == 2
-    assert message in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
 
 
 def test_undecodable_prompt_file_names_the_line(write_config, sd_folder, tmp_path, capsys):

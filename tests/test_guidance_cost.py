@@ -17,6 +17,7 @@ from guidance.presets import load_model
 from guidance.sampling import JepaGuidance, guidance_direction, step_size
 from guidance.schedules import noise_schedule, posterior_variance, predict_clean
 from tests import tiny_diffusion
+from tests.conftest import assert_pinned
 
 ITEMS = [WorkItem(1, 3), WorkItem(2, 7), WorkItem(3, 0), WorkItem(4, 5)]
 
@@ -167,7 +168,8 @@ def test_a_cheap_decoder_decodes_inside_guidance_only(sd_with_taesd, tiny_encode
         guided = SamplingConfig(method="jepa", steps=3, cfg_scale=7.5, guidance=GuidanceConfig(tau=1.0))
         with_cheap, steps = generate_images(cheap, PROMPTED, guided, tiny_encoder)
         assert len(calls) == steps == 3  # one cheap decode per guided step
-        assert not torch.allclose(with_cheap, generate_images(plain, PROMPTED, guided, tiny_encoder)[0], atol=1e-4)
+        assert_pinned(with_cheap,  # guided through the model's own VAE it would move by 0.049
+                      [0.471431, 0.438439, 0.378501, 0.434746, 0.384044, 0.426604, 0.462413, 0.548906, 0.570991])
     finally:
         hook.remove()
 
