@@ -61,7 +61,7 @@ class Settings:
     eta: float = 0.2  # strength of the JEPA step and its controls (the exact step's demo strength)
     tau: float = 0.8  # deferral: guide the last 80% of the steps
     oversample: int = 2  # sketch columns beyond k
-    diffusion_steps: int = 900  # DDPM training steps (~0.2 s each on an idle core; minutes under load)
+    diffusion_steps: int = 900  # DDPM training steps (18 minutes on 2 cores shared by eight people, measured)
     diffusion_batch: int = 64
     diffusion_learning_rate: float = 2e-3
     diffusion_channels: tuple = (16, 32)  # UNet2DModel block widths
