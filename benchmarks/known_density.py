@@ -77,13 +77,25 @@ class World:
             kept = np.concatenate([kept, z[(np.abs(z) <= self.box).all(1)]])
         return kept[:n]
 
-    def render(self, z: np.ndarray) -> torch.Tensor:
-        """The bump at each latent: (n, 3, size, size) in [0, 1], one grey image repeated to RGB."""
-        centre = (self.size - 1) / 2 + z * self.reach * self.size / self.box  # (n, 2): column, row in pixels
+    @property
+    def pixels_per_unit(self) -> float:
+        """How far the bump's centre moves, in pixels, per unit of latent."""
+        return self.reach * self.size / self.box
+
+    def centre(self, z: np.ndarray) -> np.ndarray:
+        """The bump's centre of each latent, (n, 2): column, row in pixels."""
+        return (self.size - 1) / 2 + z * self.pixels_per_unit
+
+    def bump(self, centre: np.ndarray) -> np.ndarray:
+        """The grey image of a bump at each centre, (n, size, size) float64 in [0, 1]."""
         grid = np.arange(self.size)
         dx = grid[None, None, :] - centre[:, 0, None, None]
         dy = grid[None, :, None] - centre[:, 1, None, None]
-        grey = np.exp(-(dx ** 2 + dy ** 2) / (2 * self.width ** 2))
+        return np.exp(-(dx ** 2 + dy ** 2) / (2 * self.width ** 2))
+
+    def render(self, z: np.ndarray) -> torch.Tensor:
+        """The bump at each latent: (n, 3, size, size) in [0, 1], one grey image repeated to RGB."""
+        grey = self.bump(self.centre(z))
         return torch.from_numpy(grey).float()[:, None].expand(-1, 3, -1, -1).contiguous()
 
 
