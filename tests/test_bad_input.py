@@ -5,6 +5,7 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +15,12 @@ import pyarrow.feather as feather
 import pytest
 import yaml
 
+from jobs import evaluate as evaluate_job
+from jobs import filter as filter_job
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.services import free_port
+from tests.test_curation import fake_generation
 from tests.tiny_diffusion import misfit_copy, truncated_copy
 
 
@@ -170,3 +174,28 @@ def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tm
     (tmp_path / "encoder.yaml").write_text(yaml.safe_dump({"model": {"source": str(class_unet)}, "encoder": encoder}))
     assert cli_refuses(["serve", "encoder.yaml"], tmp_path).startswith(
         f"jepa-minority serve: encoder.weights: could not read encoder weights {tmp_path / 'bad.safetensors'}")
+
+
+def corrupt_run(folder) -> Path:
+    """A completed generation run whose second data file is not Parquet; returns that file."""
+    fake_generation(folder, [1.0, 2.0, 3.0], files=2)
+    (folder / "_run.json").write_text(json.dumps({"config": {"encoder": {}, "sampling": {"method": "jepa"}}}))
+    broken = sorted((folder / "data").glob("*.parquet"))[1]
+    broken.write_bytes(b"PAR1 cut short by a full disk")
+    return broken
+
+
+@pytest.mark.parametrize("job", ["filter", "evaluate", "generate"])
+def test_a_corrupt_data_file_is_named_with_the_fix_before_ray_starts(job, write_config, tmp_path, capsys):
+    broken = corrupt_run(tmp_path / "run")
+    main, args = {
+        "filter": (filter_job.main, ["--input", str(tmp_path / "run"), "--output", str(tmp_path / "cur"), "--keep", "1"]),
+        "evaluate": (evaluate_job.main, ["--generated", str(tmp_path / "run")]),
+        "generate": (generate_job.main, [write_config(output={"uri": str(tmp_path / "run")})]),
+    }[job]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"jepa-minority {job}: {broken} is not a readable Parquet file (Parquet magic bytes not found in "
+                    "footer. Either the file is corrupted or this is not a parquet file.): remove it, or restore it "
+                    "from a copy")
+    assert not (tmp_path / "mlruns").exists() and not [p for p in tmp_path.glob("cur/**/*") if p.is_file()]
