@@ -5,16 +5,21 @@ credentials; and in test_encoders.py: truncated and pickled encoder weights.)"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pyarrow.feather as feather
 import pytest
 import yaml
+from PIL import Image
 
+from jobs import check_prior as check_prior_job
 from jobs import evaluate as evaluate_job
 from jobs import filter as filter_job
 from jobs import generate as generate_job
@@ -199,3 +204,31 @@ def test_a_corrupt_data_file_is_named_with_the_fix_before_ray_starts(job, write_
                     "footer. Either the file is corrupted or this is not a parquet file.): remove it, or restore it "
                     "from a copy")
     assert not (tmp_path / "mlruns").exists() and not [p for p in tmp_path.glob("cur/**/*") if p.is_file()]
+
+
+def png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels (what a decompression bomb looks like unopened)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its CRC
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("job", ["evaluate", "check-prior"])
+@pytest.mark.parametrize("side", [10_000, 20_000])  # past PIL's warning limit; past its error limit
+def test_a_decompression_bomb_in_a_reference_folder_is_named_in_one_line(job, side, tmp_path, capsys):
+    fake_generation(tmp_path / "run", [1.0, 2.0, 3.0])
+    (tmp_path / "run" / "_run.json").write_text(json.dumps({"config": {"encoder": {}, "sampling": {"method": "jepa"}}}))
+    (tmp_path / "real").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / "real" / f"img{i}.png")
+    bomb = tmp_path / "real" / "img1.png"
+    png_claiming(bomb, side, side)
+    main, args = {"evaluate": (evaluate_job.main, ["--generated", str(tmp_path / "run"), "--reference", str(tmp_path / "real")]),
+                  "check-prior": (check_prior_job.main, [str(tmp_path / "real"), "--weights", "random"])}[job]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"jepa-minority {job}: reference image {bomb} is too large to decode safely (")
+    assert line.endswith(f"shrink it below {Image.MAX_IMAGE_PIXELS} pixels or remove it")
