@@ -16,6 +16,7 @@ from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.checks import check_sketch
 from guidance.encoders import check_encoder
 from pipeline.images import find_images, read_image
+from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve
 
 SCORE_METHODS = ("exact", "topk")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -56,8 +57,20 @@ class ScoreConfig:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.method == "topk":
             check_sketch(self.k, self.oversample, self.power_iters)
-        if self.output is not None and Path(self.output).suffix not in OUTPUT_SUFFIXES:
-            raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {self.output}")
+        if self.output is not None:
+            check_output(Path(self.output))
+
+
+def check_output(output: Path) -> None:
+    """The scores' table can be written there: checked before any image is scored, writing nothing."""
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder: give a file name ending in {' or '.join(OUTPUT_SUFFIXES)}")
+    try:
+        check_reachable(resolve(str(output.parent), StorageConfig()))
+    except StorageError as error:
+        raise ValueError(f"output {output}: {error}") from error
 
 
 @dataclass(frozen=True)
