@@ -4,9 +4,11 @@ message that teaches."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 PIXEL_SLACK = 0.05  # images a little outside [0, 1] (resampling overshoot) pass; 0..255 or [-1, 1] do not
 
@@ -81,3 +83,19 @@ def check_weights_readable(path: Path, what: str) -> None:
     if described != size:
         raise ValueError(f"could not read {what} {path}: truncated or corrupted (its header describes "
                          f"{described} bytes, the file holds {size})")
+
+
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Every floating-point tensor is finite: a checkpoint holding NaN or inf (saved after training diverged)
+    would make every embedding, and so every score, NaN."""
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ValueError(f"{what} hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the checkpoint is broken; use another one")
+
+
+def safetensors_items(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of a ``.safetensors`` file one at a time, memory-mapped (a large file is never held whole)."""
+    with safe_open(path, framework="pt") as tensors:
+        for name in tensors.keys():
+            yield name, tensors.get_tensor(name)

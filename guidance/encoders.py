@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from guidance.checks import check_weights_readable
+from guidance.checks import check_finite_tensors, check_weights_readable, safetensors_items
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +180,7 @@ def load_encoder(
         _use_math_attention(backbone)
         config = resolve_model_data_config(backbone)
         mean, std = tuple(config["mean"]), tuple(config["std"])
+    check_finite_tensors(backbone.state_dict().items(), f"encoder weights {weights}")
     backbone.float().eval().requires_grad_(False)
     encoder = JepaEncoder(backbone, name, input_size, mean, std, antialias)
     return encoder.eval().requires_grad_(False)
@@ -205,8 +206,8 @@ FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local
 
 def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
     """What ``load_encoder`` will read exists and is readable, without building the model: a file's
-    suffix and header, a timm folder's config.json (its architecture) and weights file. Hub and random
-    weights have nothing local to check."""
+    suffix and header, a timm folder's config.json (its architecture) and weights file, a safetensors
+    file's tensors finite (streamed). Hub and random weights have nothing local to check."""
     family, architecture = encoder_family(name)
     weights = str(weights)
     if weights == "random" or weights == "hub" or weights.startswith("hub:"):
@@ -236,11 +237,12 @@ def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
         files = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
         if not files:
             raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")
-        check_weights_readable(files[0], "encoder weights")
-        return
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        path = files[0]
+    elif path.suffix not in WEIGHT_FILE_SUFFIXES:
         raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
     check_weights_readable(path, "encoder weights")
+    if path.suffix == ".safetensors":  # torch files are checked once loaded (load_encoder)
+        check_finite_tensors(safetensors_items(path), f"encoder weights {path}")
 
 
 def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: str | None) -> nn.Module:

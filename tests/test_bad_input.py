@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pyarrow.feather as feather
 import pytest
+import safetensors.torch
 import yaml
 from PIL import Image
 
@@ -24,6 +25,7 @@ from jobs import evaluate as evaluate_job
 from jobs import filter as filter_job
 from jobs import generate as generate_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
+from tests.conftest import build_tiny_vit
 from tests.services import free_port
 from tests.test_curation import fake_generation
 from tests.tiny_diffusion import misfit_copy, truncated_copy
@@ -232,3 +234,16 @@ def test_a_decompression_bomb_in_a_reference_folder_is_named_in_one_line(job, si
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"jepa-minority {job}: reference image {bomb} is too large to decode safely (")
     assert line.endswith(f"shrink it below {Image.MAX_IMAGE_PIXELS} pixels or remove it")
+
+
+def test_encoder_weights_holding_nan_are_refused_before_anything_is_written(write_config, tmp_path, capsys):
+    """Every sample would fail with a NaN score; the preflight reads the tensors and says so instead."""
+    state = build_tiny_vit().state_dict()
+    state["norm.weight"][0] = float("nan")
+    weights = tmp_path / "diverged.safetensors"
+    safetensors.torch.save_file(state, weights)
+    path = write_config(encoder={"weights": str(weights)})
+    (line,) = run_refused([path], capsys).strip().splitlines()
+    assert line == (f"jepa-minority generate: encoder.weights: encoder weights {weights} hold NaN or infinite values "
+                    "in 1 tensor(s) (norm.weight): the checkpoint is broken; use another one")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
