@@ -24,6 +24,7 @@ from jobs import check_prior as check_prior_job
 from jobs import evaluate as evaluate_job
 from jobs import filter as filter_job
 from jobs import generate as generate_job
+from jobs import submit as submit_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
 from tests.conftest import build_tiny_vit
 from tests.services import free_port
@@ -247,3 +248,11 @@ def test_encoder_weights_holding_nan_are_refused_before_anything_is_written(writ
     assert line == (f"jepa-minority generate: encoder.weights: encoder weights {weights} hold NaN or infinite values "
                     "in 1 tensor(s) (norm.weight): the checkpoint is broken; use another one")
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8265", "ftp://head:8265", "http://", "not a url"])
+def test_submit_refuses_an_address_that_is_not_a_url_before_any_check(address, capsys):
+    assert submit_job.main(["--address", address, "--", "generate", "missing.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        f"jepa-minority submit: address {address!r} is not the URL of a Ray cluster's job API: give "
+        "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS\n")
