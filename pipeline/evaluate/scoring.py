@@ -40,7 +40,7 @@ class ScoreConfig:
     input_size: int | None = None  # the encoder's input resolution (unset: 224 for DINOv2, else its pretrained config's)
     batch_size: int = 4  # images per encoder call
     max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
     output: str | None = None  # optional .csv or .parquet table of the scores
 
     def __post_init__(self):
