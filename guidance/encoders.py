@@ -151,7 +151,7 @@ def load_encoder(
       - a local folder in timm's layout (``config.json`` + ``model.safetensors``), for timm families;
       - ``"hub"`` or ``"hub:TAG"`` to fetch timm's pretrained weights (needs the internet), timm families only;
       - ``"random"`` for an untrained encoder, only when asked for explicitly.
-    input_size: None for the encoder's own (224 for DINOv2, the pretrained config's otherwise).
+    input_size: None for the encoder's own (a folder's config.json, else 224 for DINOv2; the pretrained config's otherwise).
     output: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens).
     model_args: architecture overrides passed to timm (e.g. a smaller ``depth``), for checkpoints
       of a non-standard size; a folder's ``config.json`` supplies its own.
@@ -171,7 +171,7 @@ def load_encoder(
     else:
         kwargs = dict(model_args or {}) | dict(num_classes=0)
         if family == "dinov2":
-            input_size = input_size or DEFAULT_INPUT_SIZE
+            input_size = input_size or _folder_input_size(weights) or DEFAULT_INPUT_SIZE
             kwargs |= dict(global_pool="token")
         if input_size is not None:
             kwargs |= dict(img_size=input_size)
@@ -199,6 +199,15 @@ def _timm_output(backbone: nn.Module, name: str, output: str, input_size: int | 
         raise ValueError(f"encoder {name!r} runs at {height}x{width}: input_size must be square and a multiple of "
                          f"its patch size {patch}")
     return input_size or height
+
+
+def _folder_input_size(weights: str) -> int | None:
+    """The input size a timm model folder's config.json states (the demo encoder's 56), else None."""
+    config = Path(weights).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    size = json.loads(config.read_text()).get("pretrained_cfg", {}).get("input_size")
+    return int(size[-1]) if size else None
 
 
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # what timm's local-dir loader reads, in its order

@@ -200,3 +200,9 @@ def test_weights_holding_nan_or_inf_are_refused_at_load(tmp_path, suffix, value)
         with pytest.raises(ValueError) as light:
             check_encoder_weights(ENCODER_NAME, path)
         assert str(light.value) == message
+
+
+def test_a_folder_that_states_its_input_size_runs_at_it_unless_told_otherwise(tiny_vit_folder):
+    """`jepa-minority score --weights models/digits-sigreg-vit` needs no --input-size: the folder says 56."""
+    assert load_encoder(ENCODER_NAME, tiny_vit_folder).input_size == TINY_SIZE
+    assert load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=2 * TINY_SIZE).input_size == 2 * TINY_SIZE

@@ -37,7 +37,7 @@ class ScoreConfig:
     oversample: int = 2  # extra sketch columns for method "topk"
     power_iters: int = 2  # subspace iterations for method "topk"
     seed: int = 0  # seeds each image's sketch for method "topk"
-    input_size: int | None = None  # the encoder's input resolution (unset: 224 for DINOv2, else its pretrained config's)
+    input_size: int | None = None  # the encoder's input resolution (unset: what a model folder states, else 224 for DINOv2, else its pretrained config's)
     batch_size: int = 4  # images per encoder call
     max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
