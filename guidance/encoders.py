@@ -151,7 +151,7 @@ def load_encoder(
       - a local folder in timm's layout (``config.json`` + ``model.safetensors``), for timm families;
       - ``"hub"`` or ``"hub:TAG"`` to fetch timm's pretrained weights (needs the internet), timm families only;
       - ``"random"`` for an untrained encoder, only when asked for explicitly.
-    input_size: None for the encoder's own (a folder's config.json, else 224 for DINOv2; the pretrained config's otherwise).
+    input_size: None for the encoder's own (a folder's config.json, else 224 for DINOv2; else the pretrained config's).
     output: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens).
     model_args: architecture overrides passed to timm (e.g. a smaller ``depth``), for checkpoints
       of a non-standard size; a folder's ``config.json`` supplies its own.

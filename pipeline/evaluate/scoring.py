@@ -37,10 +37,11 @@ class ScoreConfig:
     oversample: int = 2  # extra sketch columns for method "topk"
     power_iters: int = 2  # subspace iterations for method "topk"
     seed: int = 0  # seeds each image's sketch for method "topk"
-    input_size: int | None = None  # the encoder's input resolution (unset: what a model folder states, else 224 for DINOv2, else its pretrained config's)
+    input_size: int | None = None  # the encoder's input size (unset: a model folder's, else 224 for DINOv2, else timm's)
     batch_size: int = 4  # images per encoder call
     max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
     output: str | None = None  # optional .csv or .parquet table of the scores
 
     def __post_init__(self):
