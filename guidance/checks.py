@@ -4,7 +4,15 @@ message that teaches. Light to import: torch loads only when images are checked.
 from __future__ import annotations
 
 import json
+import struct
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 PIXEL_SLACK = 0.05  # images a little outside [0, 1] (resampling overshoot) pass; 0..255 or [-1, 1] do not
 
@@ -81,3 +89,41 @@ def check_weights_readable(path: Path, what: str) -> None:
     if described != size:
         raise ValueError(f"could not read {what} {path}: truncated or corrupted (its header describes "
                          f"{described} bytes, the file holds {size})")
+
+
+def check_finite_tensors(tensors: Iterable[tuple[str, torch.Tensor]], what: str) -> None:
+    """Every floating-point tensor of a loaded model is finite (torch files are checked here, once loaded)."""
+    _refuse_nonfinite([name for name, tensor in tensors if tensor.is_floating_point() and not tensor.isfinite().all()],
+                      what)
+
+
+NONFINITE_EXPONENT = {"F64": (np.uint64, 0x7FF0000000000000), "F32": (np.uint32, 0x7F800000),
+                      "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80)}  # IEEE: all exponent bits set
+
+
+def check_finite_safetensors(path: Path, what: str) -> None:
+    """Every floating-point tensor of a ``.safetensors`` file is finite, read from its raw bytes memory-mapped
+    (no torch, never the whole file in memory): NaN and inf are the values whose exponent bits are all set."""
+    with open(path, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    if Path(path).stat().st_size == 8 + length:
+        return  # no tensor data at all
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
+    bad = []
+    for name, entry in header.items():
+        if name == "__metadata__" or entry.get("dtype") not in NONFINITE_EXPONENT:
+            continue
+        kind, mask = NONFINITE_EXPONENT[entry["dtype"]]
+        start, end = entry["data_offsets"]
+        if ((data[start:end].view(kind) & kind(mask)) == kind(mask)).any():
+            bad.append(name)
+    _refuse_nonfinite(bad, what)
+
+
+def _refuse_nonfinite(bad: list[str], what: str) -> None:
+    """A checkpoint holding NaN or inf (saved after training diverged) would make every embedding, and so every
+    score, NaN: refused, naming the first tensors."""
+    if bad:
+        raise ValueError(f"{what} hold NaN or infinite values in {len(bad)} tensor(s) ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the checkpoint is broken; use another one")

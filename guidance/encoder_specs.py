@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from guidance.checks import check_weights_readable
+from guidance.checks import check_finite_safetensors, check_weights_readable
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def check_encoder(name: str, weights: str, output: str = "cls", input_size: int 
 
 def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
     """What ``load_encoder`` will read exists and is readable, without building the model: a file's
-    suffix and header, a timm folder's config.json (its architecture) and weights file. Hub and random
-    weights have nothing local to check."""
+    suffix and header, a timm folder's config.json (its architecture) and weights file, a safetensors
+    file's tensors finite. Hub and random weights have nothing local to check."""
     family, architecture = encoder_family(name)
     weights = str(weights)
     if weights == "random" or weights == "hub" or weights.startswith("hub:"):
@@ -110,11 +110,12 @@ def check_encoder_weights(name: str, weights: str | os.PathLike) -> None:
         files = [path / file for file in FOLDER_WEIGHTS if (path / file).is_file()]
         if not files:
             raise FileNotFoundError(f"encoder folder {path} has no weights file ({' or '.join(FOLDER_WEIGHTS)})")
-        check_weights_readable(files[0], "encoder weights")
-        return
-    if path.suffix not in WEIGHT_FILE_SUFFIXES:
+        path = files[0]
+    elif path.suffix not in WEIGHT_FILE_SUFFIXES:
         raise ValueError(f"encoder weights {path} must end in one of {', '.join(WEIGHT_FILE_SUFFIXES)}")
     check_weights_readable(path, "encoder weights")
+    if path.suffix == ".safetensors":  # torch files are checked once loaded (load_encoder)
+        check_finite_safetensors(path, f"encoder weights {path}")
 
 
 def folder_config(path: Path) -> dict:
@@ -133,14 +134,14 @@ def folder_config(path: Path) -> dict:
 
 def encoder_dims(name: str, weights: str | os.PathLike, input_size: int | None = None) -> tuple[int | None, int | None]:
     """(D, input side) of an encoder without building it: a timm folder's config.json (``num_features``, its
-    pretrained input size), else the DINOv2 table (224 px unless ``input_size``); None where only the built
+    pretrained input size, the demo encoder's 56), else the DINOv2 table (224 px unless ``input_size``); None where only the built
     model knows (timm hub names, open_clip towers). Run ``check_encoder_weights`` first."""
     family, _ = encoder_family(name)
     path = Path(str(weights)).expanduser()
     if family != "open_clip" and path.is_dir():
         config = folder_config(path)
         side = (config.get("pretrained_cfg") or {}).get("input_size", [None])[-1]
-        return config.get("num_features"), input_size or (DEFAULT_INPUT_SIZE if family == "dinov2" else side)
+        return config.get("num_features"), input_size or side or (DEFAULT_INPUT_SIZE if family == "dinov2" else None)
     if family == "dinov2":
         return ENCODERS[name].embed_dim, input_size or DEFAULT_INPUT_SIZE
     return None, input_size

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from guidance.encoder_specs import (DEFAULT_INPUT_SIZE, ENCODERS, OPEN_CLIP_POOLS, OUTPUTS, WEIGHT_FILE_SUFFIXES,
-                                    check_encoder, check_encoder_weights, encoder_family, open_clip_name)
+from guidance.checks import check_finite_tensors
+from guidance.encoder_specs import (ENCODERS, OPEN_CLIP_POOLS, OUTPUTS, WEIGHT_FILE_SUFFIXES,
+                                    check_encoder, check_encoder_weights, encoder_dims, encoder_family, open_clip_name)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def load_encoder(
       - a local folder in timm's layout (``config.json`` + ``model.safetensors``), for timm families;
       - ``"hub"`` or ``"hub:TAG"`` to fetch timm's pretrained weights (needs the internet), timm families only;
       - ``"random"`` for an untrained encoder, only when asked for explicitly.
-    input_size: None for the encoder's own (224 for DINOv2, the pretrained config's otherwise).
+    input_size: None for the encoder's own (a folder's config.json, else 224 for DINOv2; else the pretrained config's).
     output: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens).
     model_args: architecture overrides passed to timm (e.g. a smaller ``depth``), for checkpoints
       of a non-standard size; a folder's ``config.json`` supplies its own.
@@ -106,7 +107,7 @@ def load_encoder(
     else:
         kwargs = dict(model_args or {}) | dict(num_classes=0)
         if family == "dinov2":
-            input_size = input_size or DEFAULT_INPUT_SIZE
+            input_size = encoder_dims(name, weights, input_size)[1]  # a folder's own size, else 224
             kwargs |= dict(global_pool="token")
         if input_size is not None:
             kwargs |= dict(img_size=input_size)
@@ -115,6 +116,7 @@ def load_encoder(
         _use_math_attention(backbone)
         config = resolve_model_data_config(backbone)
         mean, std = tuple(config["mean"]), tuple(config["std"])
+    check_finite_tensors(backbone.state_dict().items(), f"encoder weights {weights}")
     backbone.float().eval().requires_grad_(False)
     encoder = JepaEncoder(backbone, name, input_size, mean, std, antialias)
     return encoder.eval().requires_grad_(False)

@@ -115,7 +115,7 @@ class BoostSkipConfig:
 class SamplingConfig:
     """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
 
-    method: str = "jepa"  # one of METHODS
+    method: str = "jepa"  # unguided, bns, jepa or jepa-reference
     sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
     steps: int = 50  # sampling steps
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)

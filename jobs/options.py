@@ -37,7 +37,8 @@ def config_flag(parser: argparse.ArgumentParser, flag: str, doc: FieldDoc, **kwa
     """A flag for one config field, its help the field's comment and default as written there. The flag's
     own default is None: leave it out of the config, which then applies its default (one home for it)."""
     text = kwargs.pop("help", doc.meaning)
-    parser.add_argument(flag, help=f"{text} (default: {doc.default})".replace("%", "%%"), **kwargs)
+    shown = text if "(default" in text else f"{text} (default: {doc.default})"  # a comment may word its default
+    parser.add_argument(flag, help=shown.replace("%", "%%"), **kwargs)
 
 
 def given(args: argparse.Namespace, *names: str) -> dict:

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, kind in (("k", int), ("oversample", int), ("power_iters", int), ("seed", int), ("input_size", int),
                        ("batch_size", int), ("max_pixels", int)):
         config_flag(parser, f"--{name.replace('_', '-')}", doc[name], type=kind)
-    config_flag(parser, "--device", doc["device"], help="torch device")
+    config_flag(parser, "--device", doc["device"])
     config_flag(parser, "--output", doc["output"], help="also write the table to this .csv or .parquet file")
     return parser
 

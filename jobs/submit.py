@@ -55,8 +55,8 @@ def check_locally(submission: Submission) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
     try:
+        submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
         check_locally(submission)
     except ValueError as error:
         print(f"jepa-minority submit: {error}", file=sys.stderr)

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pyarrow.parquet as pq
 import yaml
 
-from pipeline.rows import read_committed
-from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
-from pipeline.storage import Location, StorageError, clear_errors, exists, list_files, write_bytes
+from pipeline.rows import committed_footers, read_committed
+from pipeline.schema import CARD_FILE, DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
+from pipeline.storage import Location, StorageError, exists, write_bytes
 
 
 def check_layout(folder: Location) -> None:
@@ -35,13 +34,10 @@ def check_resumable(folder: Location) -> None:
 
 
 def missing_columns(folder: Location) -> list[str]:
-    """Columns of OUTPUT_SCHEMA that the folder's committed rows lack (one file read: a run is uniform)."""
-    files = list_files(folder.child(DATA_DIR), ".parquet")
-    if not files:
-        return []
-    with clear_errors("read", files[0]):
-        names = pq.read_schema(files[0].path, filesystem=folder.filesystem).names
-    return [name for name in OUTPUT_SCHEMA.names if name not in names]
+    """Columns of OUTPUT_SCHEMA that some committed data file of the folder lacks. Every file's footer is
+    read, so a corrupt file is named here, before any job reads rows from it."""
+    names = [set(footer.schema.to_arrow_schema().names) for footer in committed_footers(folder)]
+    return [name for name in OUTPUT_SCHEMA.names if not all(name in have for have in names)]
 
 
 def _tally(values: list) -> str:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA
-from pipeline.storage import Location, clear_errors, list_files
+from pipeline.storage import Location, StorageError, clear_errors, list_files
+
+FOOTER_READERS = 16  # footers read at once: one small ranged read each, so S3's latency overlaps
 
 
 def read_committed(output: Location, columns: list[str]) -> pa.Table:
@@ -25,3 +30,21 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
 def committed_ids(output: Location) -> pa.Array:
     """Sample ids of every committed data file."""
     return read_committed(output, ["sample_id"]).column("sample_id").combine_chunks()
+
+
+def read_footer(file: Location) -> pq.FileMetaData:
+    """A Parquet file's footer (schema, row count); a file that is not whole Parquet is named, with the fix."""
+    with clear_errors("read", file):
+        try:
+            return pq.read_metadata(file.path, filesystem=file.filesystem)
+        except pa.ArrowInvalid as error:
+            raise StorageError(f"{file.uri} is not a readable Parquet file ({str(error).splitlines()[0]}): remove it, "
+                               "or restore it from a copy") from error
+
+
+def committed_footers(output: Location) -> list[pq.FileMetaData]:
+    """The footer of every committed data file, read before any job reads the rows: a corrupt file is named
+    here, in one line, not deep inside a Ray worker."""
+    files = list_files(output.child(DATA_DIR), ".parquet")
+    with ThreadPoolExecutor(FOOTER_READERS) as pool:
+        return list(pool.map(read_footer, files))

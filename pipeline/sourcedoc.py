@@ -47,6 +47,7 @@ def field_docs(module: str, class_name: str) -> dict[str, FieldDoc]:
     node = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name), None)
     if node is None:
         raise ValueError(f"module {module} defines no class {class_name}")
+    constants = _constants(module)
     docs: dict[str, FieldDoc] = {}
     for statement in node.body:
         if not (isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)):
@@ -54,7 +55,8 @@ def field_docs(module: str, class_name: str) -> dict[str, FieldDoc]:
         docs[statement.target.id] = FieldDoc(
             name=statement.target.id,
             annotation=ast.unparse(statement.annotation),
-            default=None if statement.value is None else _default_text(statement.value),
+            default=None if statement.value is None else _default_text(constants.get(ast.unparse(statement.value),
+                                                                                     statement.value)),
             meaning=comments.get(statement.end_lineno, ""),
         )
     return docs
@@ -70,3 +72,28 @@ def _default_text(value: ast.expr) -> str:
                 factory = keyword.value
                 return ast.unparse(factory.body) if isinstance(factory, ast.Lambda) else f"{ast.unparse(factory)}()"
     return ast.unparse(value)
+
+
+@cache
+def _constants(module: str) -> dict[str, ast.expr]:
+    """The module's literal constants (``DEFAULT_K = 5``), its own and those it imports by name from a module of
+    this project, so that a default written as a constant shows its value."""
+    constants: dict[str, ast.expr] = {}
+    for statement in ast.parse(_source(module)).body:
+        if isinstance(statement, ast.ImportFrom) and statement.module and statement.level == 0 \
+                and statement.module.split(".")[0] in ("guidance", "pipeline"):
+            imported = _constants(statement.module)
+            constants |= {alias.asname or alias.name: imported[alias.name] for alias in statement.names
+                          if alias.name in imported}
+        elif isinstance(statement, ast.Assign) and _is_literal(statement.value):
+            constants |= {target.id: statement.value for target in statement.targets if isinstance(target, ast.Name)}
+    return constants
+
+
+def _is_literal(value: ast.expr) -> bool:
+    """A module constant whose value the help can show (``DEFAULT_K = 5``), as opposed to a computed one."""
+    try:
+        ast.literal_eval(value)
+    except ValueError:
+        return False
+    return True

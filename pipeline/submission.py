@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlparse
 
 from pipeline.commands import COMMANDS, SUBMITTABLE
 
@@ -34,6 +35,10 @@ class Submission:
     def __post_init__(self):
         if self.job not in SUBMITTABLE:
             raise ValueError(f"unknown job {self.job!r}; choose one of {', '.join(SUBMITTABLE)}")
+        address = urlparse(self.address)
+        if address.scheme not in ("http", "https") or not address.hostname:
+            raise ValueError(f"address {self.address!r} is not the URL of a Ray cluster's job API: give "
+                             "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS")
 
     @property
     def entrypoint(self) -> str:

@@ -5,19 +5,31 @@ and pickled encoder weights.)"""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pyarrow.feather as feather
 import pytest
+import safetensors.torch
 import yaml
+from PIL import Image
 
+from jobs import check_prior as check_prior_job
 from jobs import cli
+from jobs import evaluate as evaluate_job
+from jobs import filter as filter_job
 from jobs import generate as generate_job
+from jobs import submit as submit_job
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE
+from tests.conftest import build_tiny_vit
 from tests.services import free_port
+from tests.test_curation import fake_generation
 from tests.tiny_diffusion import misfit_copy, truncated_copy
 
 
@@ -204,3 +216,77 @@ def test_serve_refuses_unreadable_model_and_encoder_weights_before_ray_starts(tm
     (tmp_path / "encoder.yaml").write_text(yaml.safe_dump({"model": {"source": str(class_unet)}, "encoder": encoder}))
     assert refuses(["serve", "encoder.yaml"]).startswith(
         f"jepa-minority serve: encoder.weights: could not read encoder weights {tmp_path / 'bad.safetensors'}")
+
+
+def corrupt_run(folder) -> Path:
+    """A completed generation run whose second data file is not Parquet; returns that file."""
+    fake_generation(folder, [1.0, 2.0, 3.0], files=2)
+    (folder / "_run.json").write_text(json.dumps({"config": {"encoder": {}, "sampling": {"method": "jepa"}}}))
+    broken = sorted((folder / "data").glob("*.parquet"))[1]
+    broken.write_bytes(b"PAR1 cut short by a full disk")
+    return broken
+
+
+@pytest.mark.parametrize("job", ["filter", "evaluate", "generate"])
+def test_a_corrupt_data_file_is_named_with_the_fix_before_ray_starts(job, write_config, tmp_path, capsys):
+    broken = corrupt_run(tmp_path / "run")
+    main, args = {
+        "filter": (filter_job.main, ["--input", str(tmp_path / "run"), "--output", str(tmp_path / "cur"), "--keep", "1"]),
+        "evaluate": (evaluate_job.main, ["--generated", str(tmp_path / "run")]),
+        "generate": (generate_job.main, [write_config(output={"uri": str(tmp_path / "run")})]),
+    }[job]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"jepa-minority {job}: {broken} is not a readable Parquet file (Parquet magic bytes not found in "
+                    "footer. Either the file is corrupted or this is not a parquet file.): remove it, or restore it "
+                    "from a copy")
+    assert not (tmp_path / "mlruns").exists() and not [p for p in tmp_path.glob("cur/**/*") if p.is_file()]
+
+
+def png_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny PNG whose header claims width x height pixels (what a decompression bomb looks like unopened)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # and its CRC
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("job", ["evaluate", "check-prior"])
+@pytest.mark.parametrize("side", [10_000, 20_000])  # past PIL's warning limit; past its error limit
+def test_a_decompression_bomb_in_a_reference_folder_is_named_in_one_line(job, side, tmp_path, capsys):
+    fake_generation(tmp_path / "run", [1.0, 2.0, 3.0])
+    (tmp_path / "run" / "_run.json").write_text(json.dumps({"config": {"encoder": {}, "sampling": {"method": "jepa"}}}))
+    (tmp_path / "real").mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(tmp_path / "real" / f"img{i}.png")
+    bomb = tmp_path / "real" / "img1.png"
+    png_claiming(bomb, side, side)
+    main, args = {"evaluate": (evaluate_job.main, ["--generated", str(tmp_path / "run"), "--reference", str(tmp_path / "real")]),
+                  "check-prior": (check_prior_job.main, [str(tmp_path / "real"), "--weights", "random"])}[job]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"jepa-minority {job}: reference image {bomb} is too large to decode safely (")
+    assert line.endswith(f"shrink it below {Image.MAX_IMAGE_PIXELS} pixels or remove it")
+
+
+def test_encoder_weights_holding_nan_are_refused_before_anything_is_written(write_config, tmp_path, capsys):
+    """Every sample would fail with a NaN score; the preflight reads the tensors and says so instead."""
+    state = build_tiny_vit().state_dict()
+    state["norm.weight"][0] = float("nan")
+    weights = tmp_path / "diverged.safetensors"
+    safetensors.torch.save_file(state, weights)
+    path = write_config(encoder={"weights": str(weights)})
+    (line,) = run_refused([path], capsys).strip().splitlines()
+    assert line == (f"jepa-minority generate: encoder.weights: encoder weights {weights} hold NaN or infinite values "
+                    "in 1 tensor(s) (norm.weight): the checkpoint is broken; use another one")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:8265", "ftp://head:8265", "http://", "not a url"])
+def test_submit_refuses_an_address_that_is_not_a_url_before_any_check(address, capsys):
+    assert submit_job.main(["--address", address, "--", "generate", "missing.yaml"]) == 2
+    assert capsys.readouterr().err == (
+        f"jepa-minority submit: address {address!r} is not the URL of a Ray cluster's job API: give "
+        "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS\n")

@@ -139,3 +139,23 @@ def test_the_defaults_printed_as_yaml_load_back_as_the_defaults(tmp_path, capsys
     path.write_text(capsys.readouterr().out)
     assert yaml.safe_load(path.read_text())["work"]["count"] == 8
     assert load_config(path) == GenerateConfig()
+
+
+def test_help_shows_values_and_words_never_python_source(capsys):
+    """A default written as a module constant shows its value; a comment never names a Python object."""
+    from guidance.methods import METHODS
+    from guidance.presets import PRESETS
+    from pipeline.evaluate.rarity import DEFAULT_K
+    from pipeline.generate.config_doc import as_text, config_reference
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+    text = " ".join((capsys.readouterr().out + as_text(config_reference())).split())
+    for source in ("DEFAULT_K", "METHODS", "PRESETS", "torch.cuda", "default_factory", "lambda"):
+        assert source not in text
+    assert f"k of AvgkNN, LOF and Rarity Score (default: {DEFAULT_K})" in text
+    assert "torch device (default: cuda when available, else cpu)" in text
+    assert f"sampling.method (str, default jepa): {', '.join(METHODS[:-1])} or {METHODS[-1]}" in text
+    listed = text.split("model.preset (str, default pixel-unet): a model preset: ", 1)[1].split(" ...", 1)[0]
+    assert set(listed.split(", ")) <= set(PRESETS)

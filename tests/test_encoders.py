@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from guidance import ENCODERS, load_encoder
+from guidance.encoders import check_encoder_weights
 from tests.conftest import ENCODER_NAME, TINY_ARGS, TINY_SIZE, build_tiny_vit
 
 
@@ -180,3 +181,28 @@ def test_encoder_on_cuda_matches_cpu(tiny_vit_folder):
     images = torch.rand(2, 3, TINY_SIZE, TINY_SIZE)
     with torch.no_grad():
         torch.testing.assert_close(gpu(images.cuda()).cpu(), cpu(images), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_weights_holding_nan_or_inf_are_refused_at_load(tmp_path, suffix, value):
+    """Every embedding, and so every score, would be NaN: refused before any image is scored."""
+    state = build_tiny_vit().state_dict()
+    state["blocks.1.mlp.fc1.weight"][3, 2] = value
+    path = tmp_path / f"diverged{suffix}"
+    safetensors.torch.save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    message = (f"encoder weights {path} hold NaN or infinite values in 1 tensor(s) (blocks.1.mlp.fc1.weight): "
+               "the checkpoint is broken; use another one")
+    with pytest.raises(ValueError) as refused:
+        load_encoder(ENCODER_NAME, path, input_size=TINY_SIZE, model_args=TINY_ARGS)
+    assert str(refused.value) == message
+    if suffix == ".safetensors":  # the light check (generate's preflight) reads the tensors too, building nothing
+        with pytest.raises(ValueError) as light:
+            check_encoder_weights(ENCODER_NAME, path)
+        assert str(light.value) == message
+
+
+def test_a_folder_that_states_its_input_size_runs_at_it_unless_told_otherwise(tiny_vit_folder):
+    """`jepa-minority score --weights models/digits-sigreg-vit` needs no --input-size: the folder says 56."""
+    assert load_encoder(ENCODER_NAME, tiny_vit_folder).input_size == TINY_SIZE
+    assert load_encoder(ENCODER_NAME, tiny_vit_folder, input_size=2 * TINY_SIZE).input_size == 2 * TINY_SIZE

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 
 from guidance import jepa_score
-from guidance.jepa_score import SIGMA_FLOOR, encoder_jacobian
+from guidance.jepa_score import SIGMA_FLOOR, encoder_jacobian, encoder_singular_values
 from guidance.reference import jepa_score_naive
 from tests.conftest import TINY_SIZE, LinearEncoder, rand_images
 
@@ -80,3 +81,29 @@ def test_cuda_scores_match_cpu(tiny_encoder):
     gpu = jepa_score(tiny_encoder.cuda(), images.cuda()).cpu()
     tiny_encoder.cpu()
     assert ((cpu - gpu).abs() / cpu.abs()).max() < 1e-3
+
+
+def authors_singular_values(encoder, images: torch.Tensor) -> torch.Tensor:
+    """The singular values behind the authors' JEPA-SCORE: the Jacobian with respect to z = (x - mean) / std."""
+    z = (encoder.resize(images) - encoder.mean) / encoder.std
+    return torch.stack([torch.linalg.svdvals(torch.autograd.functional.jacobian(
+        lambda v: encoder.backbone(v[None])[0], one).flatten(1)) for one in z])
+
+
+def test_our_score_exceeds_the_authors_by_the_normalisations_log_volume(tiny_encoder64):
+    """docs/method.md, 'JEPA-SCORE': r log(1 / std) when every channel shares one std; with ImageNet's three
+    stds, between r log(1 / max std) and r log(1 / min std); r counts the singular values above the floor."""
+    encoder = copy.deepcopy(tiny_encoder64)
+    images = rand_images(2, (3, TINY_SIZE, TINY_SIZE), seed=3)
+    for std in (None, 0.25):  # ImageNet's stds, then one std for every channel
+        if std is not None:
+            encoder.std.fill_(std)
+        theirs = authors_singular_values(encoder, images)
+        r = (theirs > SIGMA_FLOOR).sum(-1).double()
+        assert (r == (encoder_singular_values(encoder, images) > SIGMA_FLOOR).sum(-1)).all()
+        offset = jepa_score(encoder, images) - theirs.clamp_min(SIGMA_FLOOR).log().sum(-1)
+        if std is None:
+            low, high = r * math.log(1 / encoder.std.max().item()), r * math.log(1 / encoder.std.min().item())
+            assert (offset > low + 1e-3).all() and (offset < high - 1e-3).all(), (offset, low, high)
+        else:
+            torch.testing.assert_close(offset, r * math.log(1 / std), rtol=0, atol=1e-6)

@@ -62,12 +62,23 @@ def test_rarity_score_takes_the_smallest_containing_ball():
     assert scores == pytest.approx([2.0, 0.125, 0.125], abs=1e-12)
 
 
-def test_a_point_on_a_ball_boundary_is_inside():
+def test_a_point_on_a_ball_boundary_is_outside_as_in_han_et_al():
     # k = 2 on the lattice: 9's second neighbour is 7, so its ball has radius 2 and 11 lies on its sphere
-    # (8's ball has radius 1 and is 3 away). 11.5 is outside every ball.
-    scores = rarity_score(on_a_line(11, 11.5), LATTICE, k=2)
-    assert scores[0] == pytest.approx(2.0)
-    assert math.isnan(scores[1])
+    # (8's ball has radius 1 and is 3 away): outside, by the paper's strict |x - y| < r. 10.75 is inside 9's ball.
+    scores = rarity_score(on_a_line(11, 10.75, 11.5), LATTICE, k=2)
+    assert math.isnan(scores[0]) and scores[1] == pytest.approx(2.0) and math.isnan(scores[2])
+
+
+def test_rarity_score_is_translation_invariant():
+    """Moving both point sets far from the origin changes no score: the ball test never compares squares of
+    numbers a million times larger than the distances."""
+    rng = np.random.default_rng(0)
+    reference, samples = rng.normal(size=(200, 8)), rng.normal(scale=1.5, size=(100, 8))
+    offset = np.full(8, 1e6)
+    scores, moved = rarity_score(samples, reference, k=5), rarity_score(samples + offset, reference + offset, k=5)
+    assert 10 < np.isnan(scores).sum() < 90  # some samples outside every ball, most inside
+    np.testing.assert_array_equal(np.isnan(moved), np.isnan(scores))
+    np.testing.assert_allclose(moved, scores, rtol=1e-6)
 
 
 def test_summary_reports_every_field():

@@ -146,3 +146,19 @@ def test_bad_paths_and_weights_are_one_line_exit_2(tmp_path, args, message):
 def test_bad_flags_exit_2_with_the_reason(image_folder, flags, message, capsys):
     assert cli.main(["score", str(image_folder), "--weights", "random", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where,message", [
+    ("file.txt/scores.csv", "output {tmp}/file.txt/scores.csv: {tmp}/file.txt is a file, not a folder: choose a "
+                            "folder for the output"),
+    ("folder.csv", "output {tmp}/folder.csv is a folder: give a file name ending in .csv or .parquet"),
+])
+def test_an_unwritable_output_is_refused_before_any_image_is_scored(image_folder, tiny_vit_folder, tmp_path, capsys,
+                                                                    where, message):
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "folder.csv").mkdir()
+    assert cli.main(["score", str(image_folder), "--weights", str(tiny_vit_folder), "--encoder", ENCODER_NAME,
+                     "--input-size", str(TINY_SIZE), "--output", str(tmp_path / where)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == f"jepa-minority score: {message.format(tmp=tmp_path)}"
+    assert captured.out == ""  # no table: nothing was scored

@@ -21,13 +21,14 @@ from PIL import Image
 
 from guidance import jepa_scores, load_encoder
 from guidance.generate import generate
+from guidance.methods import SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
 from pipeline.generate.config import load_config
 from pipeline.images import png_bytes
 from pipeline.rows import read_committed
 from pipeline.schema import MANIFEST_FILE
-from pipeline.serve.inputs import ServeLimits
+from pipeline.serve.inputs import RequestError, ServeLimits, parse_generate
 from pipeline.storage import StorageConfig, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
 from tests.services import free_port
@@ -353,3 +354,11 @@ def test_page_pages_the_rarest_samples_and_scores_an_image_a_person_drops_in(ser
     browser.execute_script(drop, "notes.png", "not really a picture", "image/png")
     wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#result .error"))
     assert "cannot decode the body as a PNG or JPEG image" in browser.find_element(By.CSS_SELECTOR, "#result .error").text
+
+
+@pytest.mark.parametrize("label", [-1, 2**62 + 1, "3", 2.0])
+def test_a_bad_class_label_is_refused_in_words_not_in_machine_bounds(label):
+    with pytest.raises(RequestError) as refused:
+        parse_generate({"class_label": label}, SamplingConfig(), ServeLimits())
+    assert refused.value.status == 422
+    assert str(refused.value) == f"class_label must be a class of the model, an integer >= 0, got {label!r}"

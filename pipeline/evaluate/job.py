@@ -44,6 +44,7 @@ from pipeline.evaluate.prior import prior_summary
 from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
 from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
+from pipeline.rows import committed_footers
 from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, PRIOR_CHECK_PLOT, RUN_FILE
 from pipeline.settings import TrackingConfig, flatten, to_dict
 from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
@@ -237,7 +238,7 @@ def open_generated(uri: str, storage: StorageConfig) -> GeneratedRun:
     files = [f.path for f in list_files(location.child(DATA_DIR), ".parquet")]
     if not files:
         raise ValueError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
-    rows = pads.dataset(files, filesystem=location.filesystem, format="parquet").count_rows()  # file footers only
+    rows = sum(footer.num_rows for footer in committed_footers(location))  # footers only; a corrupt file named
     if rows < 2:
         raise ValueError(f"{uri} holds fewer than 2 rows ({rows} committed): nothing to evaluate")
     return GeneratedRun(uri, location, files, config["sampling"]["method"], config["encoder"], run.get("last_run_id"),

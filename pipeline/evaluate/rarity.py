@@ -23,7 +23,6 @@ from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 
 DEFAULT_K = 5
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
-BOUNDARY = 1e-9  # relative slack on |y - x|^2 <= r^2, for the rounding of the expanded square: a point on a sphere is inside
 
 
 class RarityInputError(ValueError):
@@ -76,8 +75,15 @@ def local_outlier_factor(samples: np.ndarray, reference: np.ndarray, k: int = DE
 
 
 def rarity_score(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
-    """Han et al.'s Rarity Score of each sample: the smallest r_k among reference balls containing it, NaN if none."""
+    """Han et al.'s Rarity Score of each sample: the smallest r_k among reference balls that hold it strictly
+    (|x - y| < r_k, as in the paper; a point on a sphere is outside), NaN if none.
+
+    Both sets are first centred on the reference mean: the expanded square |x|^2 + |y|^2 - 2 x.y then rounds
+    alike wherever the point set lies, so the scores are translation invariant, as the metric is.
+    """
     samples, reference = _check(samples, reference, k)
+    centre = reference.mean(axis=0)
+    samples, reference = samples - centre, reference - centre
     radii = _within(reference, k)[:, -1]  # r_k of each reference ball
     order = np.argsort(radii)  # the first containing ball in this order is the smallest
     sorted_radii, sorted_reference = radii[order], reference[order]
@@ -86,7 +92,7 @@ def rarity_score(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K)
     for start in range(0, len(samples), 1024):  # bounded memory: 1024 x N distances at a time
         block = samples[start:start + 1024]
         squared = (block ** 2).sum(1)[:, None] + squared_norms[None, :] - 2 * block @ sorted_reference.T
-        inside = squared <= squared_radii[None, :] + BOUNDARY * (squared_radii[None, :] + squared_norms[None, :])
+        inside = squared < squared_radii[None, :]
         covered = inside.any(axis=1)
         scores[start:start + len(block)][covered] = sorted_radii[inside[covered].argmax(axis=1)]
     return scores

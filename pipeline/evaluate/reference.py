@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -32,8 +33,13 @@ def find_reference(uri: str, storage: StorageConfig) -> tuple[list[str], list[Pa
                          "images: an empty reference cannot be compared against") from error
     for file in images:  # here, so that a broken file is named plainly instead of inside a Ray worker's trace
         try:
-            with Image.open(file) as image:
-                image.verify()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)  # past PIL's limit: refused, not warned
+                with Image.open(file) as image:
+                    image.verify()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(f"reference image {file} is too large to decode safely ({error}): shrink it below "
+                             f"{Image.MAX_IMAGE_PIXELS} pixels or remove it") from error
         except (UnidentifiedImageError, OSError, SyntaxError) as error:
             raise ValueError(f"reference image {file} cannot be decoded ({error}): fix or remove it") from error
     return [], images

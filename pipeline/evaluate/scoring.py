@@ -16,6 +16,7 @@ from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.checks import check_sketch
 from guidance.encoders import check_encoder
 from pipeline.images import find_images, read_image
+from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve
 
 SCORE_METHODS = ("exact", "topk")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -36,10 +37,11 @@ class ScoreConfig:
     oversample: int = 2  # extra sketch columns for method "topk"
     power_iters: int = 2  # subspace iterations for method "topk"
     seed: int = 0  # seeds each image's sketch for method "topk"
-    input_size: int | None = None  # the encoder's input resolution (unset: 224 for DINOv2, else its pretrained config's)
+    input_size: int | None = None  # the encoder's input size (unset: a model folder's, else 224 for DINOv2, else timm's)
     batch_size: int = 4  # images per encoder call
     max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
-    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    device: str = field(
+        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
     output: str | None = None  # optional .csv or .parquet table of the scores
 
     def __post_init__(self):
@@ -56,8 +58,20 @@ class ScoreConfig:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.method == "topk":
             check_sketch(self.k, self.oversample, self.power_iters)
-        if self.output is not None and Path(self.output).suffix not in OUTPUT_SUFFIXES:
-            raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {self.output}")
+        if self.output is not None:
+            check_output(Path(self.output))
+
+
+def check_output(output: Path) -> None:
+    """The scores' table can be written there: checked before any image is scored, writing nothing."""
+    if output.suffix not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+    if output.is_dir():
+        raise ValueError(f"output {output} is a folder: give a file name ending in {' or '.join(OUTPUT_SUFFIXES)}")
+    try:
+        check_reachable(resolve(str(output.parent), StorageConfig()))
+    except StorageError as error:
+        raise ValueError(f"output {output}: {error}") from error
 
 
 @dataclass(frozen=True)

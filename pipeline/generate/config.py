@@ -38,7 +38,7 @@ def resolve_dtype(name: str, gpu: bool) -> str:
 class ModelConfig:
     """Which diffusion model, and where its weights are."""
 
-    preset: str = "pixel-unet"  # a name from guidance.PRESETS
+    preset: str = "pixel-unet"  # a model preset: pixel-unet, dit, sd, sdxl-base ... (the table: guidance/presets.py)
     source: str | None = None  # a local diffusers pipeline folder or a hub id (default: the preset's)
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     unet_weights: str | None = None  # a separate UNet weights file (SDXL-Lightning)

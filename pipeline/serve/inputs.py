@@ -89,7 +89,7 @@ def parse_generate(payload: Any, base: SamplingConfig, limits: ServeLimits) -> G
     seed = _integer(payload, "seed", 0, 0, 2**63 - n)  # seeds seed .. seed + n - 1 are torch seeds
     label = payload.get("class_label")
     if label is not None:
-        label = _integer(payload, "class_label", None, 0, 2**62)
+        label = _integer(payload, "class_label", None, 0, 2**62, "a class of the model, an integer >= 0")
     prompt = payload.get("prompt")
     if prompt is not None:
         if not isinstance(prompt, str) or not prompt.strip():
@@ -110,10 +110,11 @@ def parse_generate(payload: Any, base: SamplingConfig, limits: ServeLimits) -> G
     return GenerateRequest(items, sampling)
 
 
-def _integer(payload: dict, key: str, default: int | None, least: int, most: int) -> int:
+def _integer(payload: dict, key: str, default: int | None, least: int, most: int, expected: str | None = None) -> int:
+    """The integer ``key`` in [least, most]; ``expected`` says what is wanted where the bound means nothing to people."""
     value = payload.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= most:
-        raise RequestError(422, f"{key} must be an integer in [{least}, {most}], got {value!r}")
+        raise RequestError(422, f"{key} must be {expected or f'an integer in [{least}, {most}]'}, got {value!r}")
     return value
 
 
