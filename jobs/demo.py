@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data:    {result.unguided.output_uri} (unguided), {result.guided.output_uri} (JEPA-guided), "
           f"{result.rarest_uri} (rarest {result.rows_kept})")
     print(f"mlflow:  {result.guided.tracking_uri} (runs {result.unguided.run_id}, {result.guided.run_id})")
-    print(f"browse:  {ui_command(result.guided.tracking_uri)}")
+    print(f"browse:  {ui_command(result.guided.tracking_uri, result.guided.run_id)}")
     return 0 if result.unguided.ok and result.guided.ok else 1
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"threshold: {report['threshold']} ({config.by})")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     print(f"mlflow:    run {report['filter_run_id']} in experiment {config.tracking.experiment!r}")
-    print(f"browse:    {ui_command(config.tracking.tracking_uri)}")
+    print(f"browse:    {ui_command(config.tracking.tracking_uri, report['filter_run_id'])}")
     return 0
 
 

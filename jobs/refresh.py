@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.deleted_versions:
         print(f"deleted old versions: {', '.join(result.deleted_versions)}")
     if result.tracking_uri:
-        print(f"browse: {ui_command(result.tracking_uri)}")
+        print(f"browse: {ui_command(result.tracking_uri, result.run_id)}")
     return 0 if result.complete else 1
 
 

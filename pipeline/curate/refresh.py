@@ -68,6 +68,7 @@ class RefreshResult:
     deleted_versions: tuple[str, ...]
     tracking_uri: str | None = None  # the MLflow store of its runs
     rows_kept: int | None = None  # rows its curated set kept (None when incomplete)
+    run_id: str | None = None  # its last MLflow run: the curation's, else the generation's
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def run_refresh(refresh: RefreshConfig) -> RefreshResult:
     summary = run_generation(config)
     if not summary.complete:
         log.warning("version %s is incomplete (%d failed); LATEST.json stays as it was", version, summary.failed)
-        return RefreshResult(version, False, False, summary.generated, (), summary.tracking_uri)
+        return RefreshResult(version, False, False, summary.generated, (), summary.tracking_uri, run_id=summary.run_id)
     selection = run_filter(plan.curation)
     kept = selection["rows_kept"]
     latest = root.child(LATEST_FILE)
@@ -133,7 +134,8 @@ def run_refresh(refresh: RefreshConfig) -> RefreshResult:
                     published.get("rows_kept", "some"))
     named = version if newest == version and not emptied else current
     deleted = _prune(root, refresh.keep_versions, protected={version, named})
-    return RefreshResult(version, True, named == version, summary.generated, deleted, summary.tracking_uri, kept)
+    return RefreshResult(version, True, named == version, summary.generated, deleted, summary.tracking_uri, kept,
+                         selection["filter_run_id"])
 
 
 def _oldest_first(versions: list[str]) -> list[str]:
