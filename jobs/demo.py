@@ -30,16 +30,17 @@ def measures_digits(args: argparse.Namespace) -> bool:
             and not any(o.startswith(("model.", "encoder.")) for o in args.overrides))
 
 
-def digit_evidence(arms: dict) -> str:
+def digit_evidence(arms: dict) -> tuple[list[str], str]:
     """The report's rarity section: each arm against the held-out real digits, in pixels, and the minority
     test of the guided arms against the unguided one (paired by seed)."""
     from pipeline.demo.digits import digit_classifier, held_out_images
-    from pipeline.evaluate.evidence import from_rows, measure, report_section
+    from pipeline.evaluate.evidence import from_rows, measure, report_section, verdicts
 
     reference, _ = held_out_images()
     rows = measure([from_rows(name, table) for name, table in arms.items()], reference, digit_classifier(),
                    baseline="unguided")
-    return report_section(rows, f"the {len(reference)} held-out real digits that no demo model trained on", "unguided")
+    return verdicts(rows, "unguided"), report_section(
+        rows, f"the {len(reference)} held-out real digits that no demo model trained on", "unguided")
 
 
 def main(argv: list[str] | None = None) -> int:

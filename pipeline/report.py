@@ -33,7 +33,9 @@ def contact_sheet(rows: list[tuple[str, list[bytes], list[float]]], cell: int = 
     """A PNG grid: one labelled row of images per (label, PNG bytes, scores) entry."""
     columns = max(1, *(len(images) for _, images, _ in rows))
     label_height = 16
-    sheet = Image.new("RGB", (columns * cell, len(rows) * (cell + 2 * label_height)), "white")
+    labels = max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label) for label, _, _ in rows)
+    width = max(columns * cell, int(labels) + 8)  # a row of two images still shows its whole label
+    sheet = Image.new("RGB", (width, len(rows) * (cell + 2 * label_height)), "white")
     draw = ImageDraw.Draw(sheet)
     for r, (label, images, scores) in enumerate(rows):
         top = r * (cell + 2 * label_height)

@@ -4,6 +4,8 @@ digits; a short demo run writes the data, the MLflow runs and the report."""
 from __future__ import annotations
 
 import io
+import re
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -110,4 +112,13 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
     samples = np.stack([space.pixels(Image.open(io.BytesIO(png["bytes"]))) for png in unguided.column("image").to_pylist()])
     reference = np.stack([space.pixels(image) for image in held_out_images()[0]])
     assert f"<td>unguided</td><td>{avg_knn(samples, reference).mean():.3f}</td>" in page
-    assert out.strip().splitlines()[-1] == f"browse:  mlflow ui --backend-store-uri {tracking}"
+    guided_run = next(r for r in runs if r.info.run_name.startswith("jepa:")).info
+    assert out.strip().splitlines()[-1] == (f"browse:  mlflow ui --backend-store-uri {tracking}, then open "
+                                            f"http://127.0.0.1:5000/#/experiments/{guided_run.experiment_id}/runs")
+    # the report opens with a verdict per arm and its cost, then what made it
+    top = page[:page.index("Class-conditional")]
+    assert "<h2>Verdict</h2>" in top and "<li>unguided: the baseline (precision " in top
+    assert re.search(r"<li>JEPA-guided: (minority|inconclusive|off-data|typical) by the minority test against unguided "
+                     r"\(precision \d\.\d\d, \d+% outside every real k-NN ball, class accuracy \d\.\d\d\)</li>", top)
+    assert f"JEPA-guided {guided_run.run_id}" in top and f"jepa-minority {version('jepa-minority')}" in top
+    assert re.search(r"took \d+ s; .*; \d{4}-\d\d-\d\d \d\d:\d\d UTC", top)

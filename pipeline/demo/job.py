@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import html
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +28,7 @@ from pipeline.generate.job import GenerationSummary, run_generation
 from pipeline.generate.preflight import OtherRunError, Plan, preflight_generation
 from pipeline.report import contact_sheet, overlaid_histograms
 from pipeline.rows import read_committed
+from pipeline.settings import ui_command
 from pipeline.storage import StorageError, resolve
 
 log = logging.getLogger(__name__)
@@ -32,7 +36,9 @@ SHEET_COLUMNS = 8
 REPORT_DIR = "report"
 FOLDERS = ("unguided", "jepa", "rarest", REPORT_DIR)  # all the demo writes under its root
 ARMS = ("unguided", "JEPA-guided", "rarest kept")
-Evidence = Callable[[dict[str, pa.Table]], str]  # each arm's rows (ARMS) -> an HTML section measuring their rarity
+Evidence = Callable[[dict[str, pa.Table]], tuple[list[str], str]]  # each arm's rows (ARMS) -> (a verdict line per
+# arm, with its cost, for the top of the report; an HTML section measuring their rarity)
+PACKAGES = ("jepa-minority", "torch", "diffusers", "timm", "ray", "mlflow")  # the versions a report names
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
              overrides: list[str] = (), evidence: Evidence | None = None) -> DemoResult:
     """Unguided and guided generation, the rarest guided samples per class, and the report (with
     ``evidence``'s section on the arms' rarity)."""
+    start = time.perf_counter()
     plan = preflight_demo(config_path, root, keep_fraction, overrides)
     unguided, guided, curation = plan.unguided.config, plan.guided.config, plan.curation
     log.info("demo 1/4: unguided samples -> %s", unguided.output.uri)
@@ -93,8 +100,21 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
     selection = run_filter(curation)
     log.info("demo 4/4: report")
-    report = write_report(Path(root) / REPORT_DIR, guided, unguided, rarest_uri, evidence)
+    runs = {"unguided": unguided_summary.run_id, "JEPA-guided": guided_summary.run_id,
+            "rarest kept": selection["filter_run_id"]}
+    report = write_report(Path(root) / REPORT_DIR, guided, unguided, rarest_uri, evidence,
+                          provenance(runs, guided.tracking.tracking_uri, time.perf_counter() - start))
     return DemoResult(report, unguided_summary, guided_summary, rarest_uri, selection["rows_kept"])
+
+
+def provenance(runs: dict[str, str | None], tracking_uri: str, seconds: float) -> list[str]:
+    """What made the report: its MLflow runs and how to open them, the time taken, package versions, the date."""
+    ids = ", ".join(f"{arm} {run}" for arm, run in runs.items() if run)
+    last = next((run for run in reversed(runs.values()) if run), None)
+    return [f"MLflow runs: {ids or 'none (every arm was already complete)'}",
+            f"browse: {ui_command(tracking_uri, last)}",
+            f"took {seconds:.0f} s; {', '.join(f'{name} {version(name)}' for name in PACKAGES)}; "
+            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"]
 
 
 def guidance_settings(guidance) -> str:
@@ -115,11 +135,17 @@ def _class_mean(table: pa.Table, label: int) -> str:
 
 
 def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig, rarest_uri: str,
-                 evidence: Evidence | None = None) -> Path:
+                 evidence: Evidence | None = None, made: list[str] = ()) -> Path:
+    """The report opens with a verdict per arm and its cost (with ``evidence``) and what made it (``made``)."""
     folder.mkdir(parents=True, exist_ok=True)
     with_guidance, without = _rows(guided.output.uri, guided), _rows(unguided.output.uri, unguided)
     rarest = _rows(rarest_uri, guided).sort_by([("class_label", "ascending"), ("jepa_score", "ascending")])
-    measured = evidence(dict(zip(ARMS, (without, with_guidance, rarest)))) if evidence else ""
+    said, measured = evidence(dict(zip(ARMS, (without, with_guidance, rarest)))) if evidence else ([], "")
+    verdict = "".join(f"<li>{html.escape(line)}</li>" for line in said)
+    verdict = (f"<h2>Verdict</h2><ul>{verdict}</ul>" if said else
+               "<p>This model is not the demo's own: no real digits to measure rarity against "
+               "(run <code>jepa-minority evaluate</code> with a reference).</p>")
+    about = "".join(f"<li>{html.escape(line)}</li>" for line in made)
     labels = sorted(set(with_guidance.column("class_label").to_pylist()))
 
     def by_class(table: pa.Table, label: int) -> tuple[list[bytes], list[float]]:
@@ -147,6 +173,8 @@ def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig,
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:right}}</style>
 </head><body>
 <h1>JEPA-guided minority sampling: demo</h1>
+{verdict}
+<ul>{about}</ul>
 <p>Class-conditional digits from the demo diffusion model, generated twice at the same seeds: unguided,
 then with JEPA guidance ({html.escape(guidance_settings(guided.sampling.guidance))})
 against the demo world prior ({html.escape(guided.encoder.name)}, weights {html.escape(guided.encoder.weights)}).

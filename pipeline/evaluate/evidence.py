@@ -173,6 +173,20 @@ def _interval(bounds: list[float]) -> str:
     return f"[{bounds[0]:+.2f}, {bounds[1]:+.2f}]"
 
 
+def verdicts(rows: list[ArmEvidence], baseline: str) -> list[str]:
+    """One line per arm for the top of a report: the minority test's verdict against ``baseline`` and the
+    cost, precision (the share inside the real data's k-NN balls), the share outside every one, class accuracy."""
+    lines = []
+    for r in rows:
+        verdict = "the baseline" if r.name == baseline else (
+            f"{r.minority['verdict']} by the minority test against {baseline}" if r.minority else "too few samples to test")
+        cost = [] if r.precision is None else [f"precision {r.precision:.2f}",
+                                               f"{1 - r.precision:.0%} outside every real k-NN ball"]
+        cost += [] if r.class_accuracy is None else [f"class accuracy {r.class_accuracy:.2f}"]
+        lines.append(f"{r.name}: {verdict}" + (f" ({', '.join(cost)})" if cost else ""))
+    return lines
+
+
 def report_section(rows: list[ArmEvidence], reference: str, baseline: str) -> str:
     """The HTML section of a report: the table, what it is measured against, and the plain comparison."""
     space = FeatureSpace.parse(rows[0].feature_space)
