@@ -46,6 +46,7 @@ from guidance.generate import generate_images
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
+from pipeline.evaluate.minority import MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.rarity import avg_knn
 
 SGMS = "sgms"  # the sampler row kept empty until SGMS exists (another issue)
@@ -274,6 +275,24 @@ def minority_test_inputs(run: Run) -> dict:
             "minority_reference": world[run.world_log_density <= run.threshold], "reference": world}
 
 
+def minority_verdicts(run: Run) -> dict:
+    """Each sampler's minority test against unguided, with the test's minority reference chosen from the world's
+    own draws as on real data (the top quarter by leave-one-out AvgkNN), and how truly rare that choice is."""
+    inputs = minority_test_inputs(run)
+    reference = MinorityReference(inputs["reference"], MinorityConfig())
+    truly_rare = run.world_log_density <= run.threshold
+    baseline, baseline_seeds = inputs["samplers"]["unguided"]
+    tests = {}
+    for name, (samples, seeds) in inputs["samplers"].items():
+        if name == "unguided":
+            continue
+        test = minority_test(samples, baseline, reference, (seeds, baseline_seeds), bounds=(0.0, 1.0))
+        tests[name] = {key: test[key] for key in ("verdict", "fd_minority", "fd_all", "nearest_minority_share",
+                                                   "precision_all", "avg_knn")} | {"intervals": test["intervals"]}
+    return {"samplers": tests, "minority_rows": int(reference.mask.sum()),
+            "truly_rare_share_of_chosen_minority": float(truly_rare[reference.mask].mean())}
+
+
 def run(settings: Settings, world: World = World(), model_folder: Path | None = None) -> Run:
     started = time.perf_counter()
     truth, truth_z = build_truth(world, settings)
@@ -303,22 +322,30 @@ def run(settings: Settings, world: World = World(), model_folder: Path | None = 
                       "seconds": round(seconds, 1), "mean_exact_topk_score": float(topk.mean())} \
             | truth.measure(grey_pixels(images[name]))
         print(name, json.dumps(rows[name]), flush=True)
+    world_images = world.render(truth_z)
+    result = Run({}, images, seeds, world_images, world.log_density(truth_z), truth.threshold)
+    minority = minority_verdicts(result)
+    for name, test in minority.pop("samplers").items():
+        rows[name]["minority_test"] = test
+        print(name, "minority test:", test["verdict"], flush=True)
     record = {
         "note": "Per sampler, the same seeds. valid_share: images within valid_tolerance (max abs pixel error) of the "
                 "renderer's image at the read-back latent. rarest_decile_share_of_valid: of the valid samples, the "
                 "share whose true log-density is below the 10% quantile of the world's own draws (the world itself: "
                 "0.10). mean_exact_topk_score: the guidance objective (lower = rarer to the encoder), not evidence. "
-                "avg_knn_mean: pixel AvgkNN against the world's reference draws (larger = rarer). The minority "
-                "test's verdict column is added by minority_test_inputs' caller once pipeline/evaluate/minority.py "
-                f"exists; the '{SGMS}' row waits for SGMS.",
+                "avg_knn_mean: pixel AvgkNN against the world's reference draws (larger = rarer). minority_test: "
+                "the minority test (pipeline/evaluate/minority.py) against unguided, its minority chosen from the "
+                "world's draws by leave-one-out AvgkNN as on real data; minority_test_reference says how much of "
+                f"that chosen minority is truly in the rarest decile (chance 0.10). The '{SGMS}' row waits for SGMS.",
+        "minority_test_reference": minority,
         "world": asdict(world), "settings": asdict(settings), "truth_threshold_log_density": truth.threshold,
         "readback_on_rendered_images": readback, "world_own_draws": world_row, "diffusion": diffusion,
         "guidance_encoder": encoder_record, "guidance_step": "the library's exact step (guidance.GuidanceConfig "
         f"defaults: full gradient, pre-step placement, fresh sketch, q=2) at eta {settings.eta:g}, tau {settings.tau:g}, "
         f"k {k}", "samplers": rows, "seconds": round(time.perf_counter() - started, 1),
     }
-    world_images = world.render(truth_z)
-    return Run(record, images, seeds, world_images, world.log_density(truth_z), truth.threshold)
+    result.record = record
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:
