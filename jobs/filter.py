@@ -27,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this (in the --by score)")
     parser.add_argument("--allow-empty-groups", action="store_true",
                         help=field_docs("pipeline.curate.filter", "FilterConfig")["allow_empty_groups"].meaning)
+    fields = field_docs("pipeline.curate.filter", "FilterConfig")
+    parser.add_argument("--gate-reference", help=fields["gate_reference"].meaning + ", before the rarest are taken: "
+                        "the quotas count only the rows that pass")
+    parser.add_argument("--gate-space", default=FilterConfig.gate_space, help=fields["gate_space"].meaning)
+    parser.add_argument("--gate-k", type=int, default=FilterConfig.gate_k, help=fields["gate_k"].meaning)
     add_storage_and_tracking(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input, the rule and the output; write nothing")
@@ -40,14 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = FilterConfig(
             input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups, storage=storage_config(args),
+            max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups,
+            gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k, storage=storage_config(args),
             tracking=tracking_config(args, args.input), verbose=args.verbose,
         )
         if args.dry_run:
-            _, _, quotas = preflight_filter(config)
+            _, _, quotas, gate = preflight_filter(config)
             print(f"dry run: the rarest of {config.input} (up to {sum(quotas.values())} rows in {len(quotas)} "
                   f"group{'s' if len(quotas) != 1 else ''}) into {config.output}, tracked in experiment "
                   f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
+            if gate:
+                print(f"gate: only rows inside the {config.gate_k}-NN balls of {len(gate.reference)} reference images "
+                      f"in {config.gate_space}")
             return 0
         report = run_filter(config)
     except (ValueError, StorageError) as error:
@@ -55,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
+    gate = report["gate"]
+    if gate:
+        groups = "".join(f"; {config.per} {key}: {n}" for key, n in gate["groups"].items())
+        print(f"gate:      dropped {gate['dropped']} rows outside every {gate['k']}-NN ball of {gate['reference']} "
+              f"in {gate['space']} (before the rarest were taken{groups})")
     print(f"threshold: {report['threshold']} ({config.by})")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     print(f"mlflow:    run {report['filter_run_id']} in experiment {config.tracking.experiment!r}")

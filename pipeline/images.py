@@ -1,14 +1,18 @@
-"""Image files in, tensors out: finding PNG / JPEG files and decoding them to [0, 1] RGB tensors; PNG bytes out."""
+"""Image files in, tensors out: finding PNG / JPEG files and decoding them to [0, 1] RGB tensors; PNG bytes out.
+Finding files stays light (torch loads only to decode), so the filter's driver and read tasks can use it."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -37,6 +41,8 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
 def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
     """Decode one image file to a float32 RGB tensor (3, H, W) in [0, 1]; larger than ``max_pixels`` is refused
     from the header, before decoding."""
+    import torch
+
     try:
         with Image.open(path) as image:
             width, height = image.size

@@ -34,12 +34,13 @@ def png(value: int) -> bytes:
     return buffer.getvalue()
 
 
-def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None, topk=None):
-    """A completed generation output in the real schema, with the given scores (and each row's method)."""
+def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None, topk=None,
+                    images=None):
+    """A completed generation output in the real schema, with the given scores (and each row's method and PNG)."""
     now = datetime.now(timezone.utc)
     rows = [{
         "sample_id": f"id{i:03d}", "seed": i, "prompt": prompts[i] if prompts else None,
-        "class_label": labels[i] if labels else None, "image": {"bytes": png(i % 256), "path": f"id{i:03d}.png"},
+        "class_label": labels[i] if labels else None, "image": {"bytes": images[i] if images else png(i % 256), "path": f"id{i:03d}.png"},
         "width": 4, "height": 4, "jepa_score": score,
         "topk_score": topk[i] if topk else None, "embedding": [0.0, 1.0],
         "method": methods[i] if methods else "jepa",
@@ -282,3 +283,96 @@ def test_a_local_filter_runs_light_a_shuffle_free_plan_without_the_dashboard(tmp
     other = json.loads(in_a_fresh_process(DASHBOARD + "from pipeline.cluster import connect_ray\nconnect_ray()\n"
                                           "print(json.dumps(dashboard()))").stdout.strip().splitlines()[-1])
     assert other["head"] and not any("--disable-frontend" in line for line in other["head"])  # other jobs keep it
+
+
+def noise_png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (4, 4, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def grey_folder(folder, values) -> None:
+    """Real images: uniform greys (8 x 8), so a generated grey of the same value lies at distance 0."""
+    folder.mkdir()
+    for value in values:
+        Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(folder / f"grey{value:03d}.png")
+
+
+def gated_generation(folder) -> None:
+    """8 greys on the reference (scores 5..12, classes 0 and 1 alternating) and 5 noise images far from it with the
+    lowest scores (one of them without a finite score): 3 in class 0, 2 in class 1."""
+    scores = [float(s) for s in range(5, 13)] + [0.0, 1.0, 2.0, 3.0, float("nan")]
+    labels = [0, 1] * 4 + [0, 0, 0, 1, 1]
+    images = [png(10 + i) for i in range(8)] + [noise_png(i) for i in range(5)]
+    fake_generation(folder, scores, labels=labels, images=images)
+
+
+def test_the_gate_keeps_none_of_the_far_rows_and_counts_them_per_group(ray_cluster, tmp_path, tracking, capsys):
+    """Without the gate the noise (the lowest scores) is kept; with it none is, and the quotas count only the rows
+    that passed: floor(0.5 x 4) = 2 per class instead of floor(0.5 x 7) = 3 and floor(0.5 x 5) = 2."""
+    gated_generation(tmp_path / "gen")
+    grey_folder(tmp_path / "real", range(0, 41))
+    rule = dict(input=str(tmp_path / "gen"), keep_fraction=0.5, per="class_label", tracking=tracking)
+    plain = run_filter(FilterConfig(output=str(tmp_path / "plain"), **rule))
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "plain")) == ["id001", "id008", "id009", "id010", "id011"]
+    assert plain["gate"] is None and plain["rule"]["gate"] is None
+    args = ["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "gated"), "--keep-fraction", "0.5",
+            "--per", "class_label", "--gate-reference", str(tmp_path / "real"), "--gate-k", "5",
+            "--tracking-uri", tracking.tracking_uri, "--experiment", tracking.experiment]
+    assert filter_job.main(args) == 0
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "gated")) == ["id000", "id001", "id002", "id003"]
+    report = json.loads((tmp_path / "gated" / SELECTION_FILE).read_text())
+    assert report["gate"] == {"reference": str(tmp_path / "real"), "space": "pixels-16-grey", "k": 5, "dropped": 4,
+                              "groups": {"0": 3, "1": 1}}
+    assert report["invalid_scores"] == 1 and report["rows_kept"] == 4
+    assert report["groups"] == {"0": {"valid": 4, "kept": 2, "threshold": 7.0}, "1": {"valid": 4, "kept": 2, "threshold": 8.0}}
+    assert "gate:      dropped 4 rows outside every 5-NN ball" in capsys.readouterr().out
+    run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(report["filter_run_id"])
+    assert run.data.metrics["gate_dropped"] == 4 and run.data.params["gate_space"] == "pixels-16-grey"
+
+
+def test_the_gate_reads_a_generated_run_as_its_reference(ray_cluster, tmp_path, tracking):
+    """A generated-schema run as the reference (its data/*.parquet images); the balls shrink with k: at k 1 the
+    greys 0, 2, 4, ... have radius 2 and the odd greys between them pass, the even ones too (distance 0)."""
+    gated_generation(tmp_path / "gen")
+    fake_generation(tmp_path / "real", [0.0] * 21, images=[png(2 * i) for i in range(21)])
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=3,
+                                     gate_reference=str(tmp_path / "real"), gate_k=1, tracking=tracking))
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id002"]
+    assert report["gate"]["dropped"] == 4 and report["gate"]["groups"] == {}
+
+
+def test_a_bad_gate_reference_is_refused_before_ray_starts(tmp_path, capsys, monkeypatch):
+    """Missing, empty, unreadable, too small for k, or measured in a space the gate lacks: one line, exit 2,
+    nothing written, Ray never reached."""
+    import pipeline.curate.filter as filter_module
+
+    monkeypatch.setattr(filter_module, "connect_ray", lambda **_: pytest.fail("Ray started"))
+    gated_generation(tmp_path / "gen")
+    (tmp_path / "empty").mkdir()
+    grey_folder(tmp_path / "broken", range(10))
+    (tmp_path / "broken" / "grey999.png").write_bytes(b"not a png")
+    grey_folder(tmp_path / "few", range(5))
+    grey_folder(tmp_path / "real", range(10))
+    cases = {
+        tmp_path / "missing": ("--gate-reference", str(tmp_path / "missing")),
+        tmp_path / "empty": ("--gate-reference", str(tmp_path / "empty")),
+        tmp_path / "broken": ("--gate-reference", str(tmp_path / "broken")),
+        tmp_path / "few": ("--gate-reference", str(tmp_path / "few")),
+        "space": ("--gate-reference", str(tmp_path / "real"), "--gate-space", "inception"),
+    }
+    lines = []
+    for extra in cases.values():
+        for dry in ([], ["--dry-run"]):
+            args = ["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "cur"), "--keep", "2", *extra, *dry,
+                    "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"]
+            assert filter_job.main(args) == 2
+            (line,) = capsys.readouterr().err.strip().splitlines()
+            lines.append(line)
+    assert lines[0] == f"jepa-minority filter: gate reference {tmp_path / 'missing'} not found: give a folder of real images or a generated run"
+    assert f"gate reference {tmp_path / 'empty'} holds no Parquet files and no" in lines[2]
+    assert f"gate reference image {tmp_path / 'broken' / 'grey999.png'} cannot be decoded" in lines[4]
+    assert f"gate reference {tmp_path / 'few'} holds 5 images: k-NN balls with --gate-k 5 need more than 5" in lines[6]
+    assert "the gate measures in pixel spaces only, got 'inception'" in lines[8]
+    assert lines[0::2] == lines[1::2]  # the dry run refuses the same
+    assert not (tmp_path / "cur").exists() and not (tmp_path / "mlruns").exists()

@@ -1,9 +1,14 @@
 """Keep the rarest samples of a generated dataset: lowest score first (the exact JEPA-SCORE, or with
 ``by: topk_score`` the exact top-k log-volume), ties by sample_id.
 
+With a fidelity gate (``gate_reference``, pipeline/curate/gate.py), a row is valid only when it also lies inside
+at least one real sample's k-NN ball in a pixel space: the gate applies BEFORE the rarest are taken, so the quotas
+are computed on the rows that passed it, and the rows it dropped are counted (in total and per group).
+
 Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the input size:
-  1. choose from the id / score / method / group columns only (images are never read to choose): count
-     the rows and the valid ones (a finite score) per group, which sets each group's quota; then each
+  1. choose from the id / score / method / group columns only (without a gate images are never read to choose;
+     with one, each read task also decodes its images into an ``inside`` flag and drops them): count
+     the rows and the valid ones (a finite score, through the gate) per group, which sets each group's quota; then each
      read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
      stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
@@ -29,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
+from pipeline.curate.gate import DEFAULT_SPACE, Gate, PixelSpace, load_gate, mark_inside
 from pipeline.curate.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.layout import check_layout, missing_columns, write_card
@@ -56,6 +62,9 @@ class FilterConfig:
     max_score: float | None = None  # never keep a row scoring above this
     by: str = "jepa_score"  # the score to rank by: jepa_score (exact, the paper's metric) or topk_score
     allow_empty_groups: bool = False  # curate a group whose quota rounds down to 0 (it keeps nothing) instead of refusing
+    gate_reference: str | None = None  # real images (a local folder, or a generated-schema run): keep only rows inside one's k-NN ball
+    gate_space: str = DEFAULT_SPACE  # the gate's feature space: pixels-N or pixels-N-grey
+    gate_k: int = 5  # the gate's balls: each real sample's distance to its k-th nearest real neighbour
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     max_rows_per_file: int = 1024  # bounds each output Parquet file
@@ -74,12 +83,16 @@ class FilterConfig:
             raise ValueError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
         if self.max_score is not None and not math.isfinite(self.max_score):
             raise ValueError(f"max_score must be a finite number, got {self.max_score}")
+        PixelSpace.parse(self.gate_space)
+        if self.gate_k < 1:
+            raise ValueError(f"gate_k must be >= 1, got {self.gate_k}")
 
     @property
     def rule(self) -> dict:
         """What decides the rows kept: recorded in the marker and the selection, compared on a rerun."""
+        gate = {"reference": self.gate_reference, "space": self.gate_space, "k": self.gate_k} if self.gate_reference else None
         return {"keep_fraction": self.keep_fraction, "keep": self.keep, "per": self.per, "max_score": self.max_score,
-                "by": self.by}
+                "by": self.by, "gate": gate}
 
 
 def _quota(config: FilterConfig, valid: int) -> int:
@@ -129,11 +142,14 @@ def _read(files: list[str], source: Location, columns: list[str] | None = None):
                                  override_num_blocks=len(files))
 
 
-def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa.Table, int, dict, dict]:
-    """Pass 1 on Ray Data: (chosen id / score / method / group rows, rows in, valid rows per group,
-    rows and valid rows per method)."""
+def choose(config: FilterConfig, files: list[str], source: Location,
+           gate: Gate | None) -> tuple[pa.Table, int, dict, dict, dict]:
+    """Pass 1 on Ray Data: (chosen id / score / method / group rows, rows in, valid rows per group (through the
+    gate), rows and valid rows per method, rows the gate dropped per group)."""
     columns = ["sample_id", config.by, "method", *([config.per] if config.per else [])]
-    scores = _read(files, source, columns)
+    scores = _read(files, source, [*columns, "image"] if gate else columns)
+    if gate:
+        scores = scores.map_batches(mark_inside, fn_kwargs={"gate": gate}, batch_format="pyarrow")
     tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": config.per, "by": config.by},
                                                   batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow"))
     by_method = tallies.group_by("method").aggregate([("valid", "sum"), ("rows", "sum")])
@@ -142,11 +158,16 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
     if len(methods) > 1:
         log.warning("%s mixes methods %s (output.retry_unguided commits fallback rows as unguided): all are "
                     "chosen by score, counted per method in %s", config.input, sorted(methods), SELECTION_FILE)
-    totals = tallies.group_by("group").aggregate([("valid", "sum"), ("rows", "sum")])
+    totals = tallies.group_by("group").aggregate([("valid", "sum"), ("dropped", "sum"), ("rows", "sum")])
     rows_in = sum(totals["rows_sum"].to_pylist())
     valid = dict(zip(totals["group"].to_pylist(), totals["valid_sum"].to_pylist()))
+    dropped = dict(zip(totals["group"].to_pylist(), totals["dropped_sum"].to_pylist()))
+    if gate:
+        log.info("the gate dropped %d rows outside every %s k-NN ball of %s", sum(dropped.values()), config.gate_space,
+                 config.gate_reference)
     counts = {key: n for key, n in valid.items() if n} if config.per else {None: sum(valid.values())}
-    check_groups(config, valid if config.per else counts, "rows with a finite score")
+    check_groups(config, valid if config.per else counts,
+                 "rows with a finite score" + (" inside the gate's reference balls" if gate else ""))
     quotas = {key: _quota(config, n) for key, n in counts.items()}
     keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score, "by": config.by}
     schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
@@ -156,7 +177,7 @@ def choose(config: FilterConfig, files: list[str], source: Location) -> tuple[pa
         chosen = pa.concat_tables([chosen, block.cast(schema)])
         if chosen.num_rows > 2 * sum(quotas.values()):
             chosen = rarest_by_group(chosen, **keep)
-    return rarest_by_group(chosen, **keep), rows_in, counts, methods
+    return rarest_by_group(chosen, **keep), rows_in, counts, methods, dropped
 
 
 def _recorded(target: Location) -> dict | None:
@@ -206,11 +227,12 @@ def check_target(config: FilterConfig, elsewhere: str = "choose another --output
     return target
 
 
-def preflight_filter(config: FilterConfig) -> tuple[Location, Location, dict]:
+def preflight_filter(config: FilterConfig) -> tuple[Location, Location, dict, Gate | None]:
     """The filter's checks before Ray starts (its rule was checked when the config was built): the input is a
     completed run with rows, the columns the rule reads and each group's rows (one column read with pyarrow, or
-    the files' footers), whose quotas keep something; the output can take the curated set. Returns (input,
-    output) locations and each group's quota."""
+    the files' footers), whose quotas keep something (before the gate); the output can take the curated set; the
+    gate's reference is read into its features and radii. Returns (input, output) locations, each group's quota
+    and the gate (None without one)."""
     source = resolve(config.input, config.storage)
     if not exists(source.child(RUN_FILE)):
         raise StorageError(f"{config.input} is not a completed generation run (no {RUN_FILE}); finish it first")
@@ -219,14 +241,15 @@ def preflight_filter(config: FilterConfig) -> tuple[Location, Location, dict]:
         failed = len(list_files(source.child(FAILURES_DIR), ".json"))
         raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
                            f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
-    read = ["sample_id", "method", config.by, *([config.per] if config.per else [])]
+    read = ["sample_id", "method", config.by, *([config.per] if config.per else []), *(["image"] if config.gate_reference else [])]
     missing = [column for column in missing_columns(source) if column in read]
     if missing:
         raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
                            "with that version, or generate it again with this one")
     counts = group_counts(read_committed(source, [config.per] if config.per else []), config.per)
     check_groups(config, counts, "rows")
-    return source, target, {key: _quota(config, n) for key, n in counts.items()}
+    gate = load_gate(config.gate_reference, config.gate_space, config.gate_k, config.storage) if config.gate_reference else None
+    return source, target, {key: _quota(config, n) for key, n in counts.items()}, gate
 
 
 def claim_folder(config: FilterConfig, target: Location) -> None:
@@ -248,7 +271,7 @@ def run_filter(config: FilterConfig) -> dict:
     from pipeline.sink import AtomicParquetSink, part_name
     from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
-    source, target, _ = preflight_filter(config)
+    source, target, _, gate = preflight_filter(config)
     check_writable(target)
     if exists(target.child(SELECTION_FILE)):
         log.info("%s is already curated by this rule: nothing to do", config.output)
@@ -271,7 +294,7 @@ def run_filter(config: FilterConfig) -> dict:
     # budget (benchmarks/bench_filter_scale.py). Restored afterwards: other readers are untouched.
     reader_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        chosen, rows_in, counts, methods = choose(config, files, source)
+        chosen, rows_in, counts, methods, dropped = choose(config, files, source, gate)
         claim_folder(config, target)
         ids = chosen.column("sample_id")
         copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
@@ -281,8 +304,8 @@ def run_filter(config: FilterConfig) -> dict:
         copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
         if not chosen.num_rows:
             _write_empty(target.child(DATA_DIR, part_name([])))
-        report = _report(config, chosen, rows_in, counts, methods, len(list_files(source.child(FAILURES_DIR), ".json")),
-                         generation.get("last_run_id"), tracker.run_id)
+        report = _report(config, chosen, rows_in, counts, dropped, methods,
+                         len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
         data = json.dumps(report, indent=2).encode()
         write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
                    [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
@@ -290,7 +313,8 @@ def run_filter(config: FilterConfig) -> dict:
         tracker.log_params(flatten(to_dict(config)))
         tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
                              "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
-                            | ({"threshold": report["threshold"]} if report["threshold"] is not None else {}))
+                            | ({"threshold": report["threshold"]} if report["threshold"] is not None else {})
+                            | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {}))
         tracker.log_artifact_bytes(SELECTION_FILE, data)
         write_bytes(target.child(SELECTION_FILE), data)  # last: the completion marker
         delete(target.child(CURATION_FILE))  # the selection records the same input and rule
@@ -309,8 +333,8 @@ def _write_empty(location: Location) -> None:
     write_bytes(location, buffer.getvalue().to_pybytes())
 
 
-def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, methods: dict, failed: int,
-            generation_run: str | None, filter_run: str) -> dict:
+def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, dropped: dict, methods: dict,
+            failed: int, generation_run: str | None, filter_run: str) -> dict:
     ids = chosen.column("sample_id").to_pylist()
     scores = chosen.column(config.by).to_pylist()
     kept = chosen.column("method").to_pylist()
@@ -321,10 +345,14 @@ def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, 
         for key, valid in sorted(counts.items(), key=lambda item: str(item[0])):
             mine = [s for k, s in zip(keys, scores) if k == key]
             groups[str(key)] = {"valid": valid, "kept": len(mine), "threshold": max(mine) if mine else None}
+    gate = config.rule["gate"] and config.rule["gate"] | {
+        "dropped": sum(dropped.values()),
+        "groups": {str(key): n for key, n in sorted(dropped.items(), key=lambda item: str(item[0]))} if config.per else {}}
     return {
         "input": config.input, "output": config.output,
         "rule": config.rule,
-        "rows_in": rows_in, "failed_in_input": failed, "invalid_scores": rows_in - sum(counts.values()),
+        "rows_in": rows_in, "failed_in_input": failed,
+        "invalid_scores": rows_in - sum(counts.values()) - sum(dropped.values()), "gate": gate,
         "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups, "methods": methods,
         "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,
         "finished_at": datetime.now(timezone.utc).isoformat(),

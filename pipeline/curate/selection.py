@@ -30,24 +30,36 @@ def rarest(table: pa.Table, count: int, max_score: float | None, by: str = "jepa
     return chosen
 
 
+def passes(batch: pa.Table, by: str = "jepa_score") -> pa.ChunkedArray:
+    """True where a row may be chosen: a valid score and, when the fidelity gate marked the rows (an ``inside``
+    column, pipeline/curate/gate.py), inside the reference's k-NN balls."""
+    valid = has_valid_score(batch, by)
+    return pc.and_(valid, batch.column("inside")) if "inside" in batch.column_names else valid
+
+
 def tally(batch: pa.Table, per: str | None, by: str = "jepa_score") -> pa.Table:
-    """A block's rows and valid rows (present, finite score) by group and method: the quotas come from these,
-    and the per-method counts tell the ``output.retry_unguided`` fallback's rows apart."""
-    valid = has_valid_score(batch, by).cast(pa.int64())
+    """A block's rows, valid rows (present, finite score, through the gate if any) and rows the gate dropped (a
+    finite score, outside every ball) by group and method: the quotas come from the valid rows, and the per-method
+    counts tell the ``output.retry_unguided`` fallback's rows apart."""
+    valid = passes(batch, by)
     counted = pa.table({"group": batch.column(per) if per else pa.nulls(batch.num_rows),
-                        "method": batch.column("method"), "valid": valid})
-    by_key = counted.group_by(["group", "method"]).aggregate([("valid", "sum"), ([], "count_all")])
+                        "method": batch.column("method"), "valid": valid.cast(pa.int64()),
+                        "dropped": pc.xor(has_valid_score(batch, by), valid).cast(pa.int64())})
+    by_key = counted.group_by(["group", "method"]).aggregate([("valid", "sum"), ("dropped", "sum"), ([], "count_all")])
     return pa.table({"group": by_key["group"], "method": by_key["method"], "valid": by_key["valid_sum"],
-                     "rows": by_key["count_all"]})
+                     "dropped": by_key["dropped_sum"], "rows": by_key["count_all"]})
 
 
 def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: float | None,
                     by: str = "jepa_score") -> pa.Table:
-    """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group.
+    """The rows a block, or the merge of several, can still contribute: its rarest ``quotas[group]`` by group,
+    among the rows that pass (``passes``), without the gate's ``inside`` column.
 
     Sorted by (group, score, id), a row's rank in its group is its position minus the group's first.
     """
-    batch = valid_scores(batch, by)
+    batch = batch.filter(passes(batch, by))
+    if "inside" in batch.column_names:
+        batch = batch.drop_columns(["inside"])
     if max_score is not None:
         batch = batch.filter(pc.less_equal(batch.column(by), max_score))
     if per is None:
