@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.curate.gate import DEFAULT_SPACE, Gate, PixelSpace, load_gate, mark_inside
+from pipeline.curate.gate import DEFAULT_SPACE, Gate, load_gate, mark_inside, pixel_space
 from pipeline.curate.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.layout import check_layout, missing_columns, write_card
@@ -83,7 +83,7 @@ class FilterConfig:
             raise ValueError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
         if self.max_score is not None and not math.isfinite(self.max_score):
             raise ValueError(f"max_score must be a finite number, got {self.max_score}")
-        PixelSpace.parse(self.gate_space)
+        pixel_space(self.gate_space)
         if self.gate_k < 1:
             raise ValueError(f"gate_k must be >= 1, got {self.gate_k}")
 

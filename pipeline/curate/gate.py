@@ -20,36 +20,21 @@ import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.images import IMAGE_SUFFIXES, find_images
+from pipeline.pixels import PIXEL_SIZES, PixelSpace
 from pipeline.schema import DATA_DIR
 from pipeline.storage import StorageConfig, exists, list_files, resolve
 
-PIXEL_SIZES = range(2, 257)  # pixels-N: N x N, as the evaluation's pixel spaces
 DEFAULT_SPACE = "pixels-16-grey"
 CHUNK = 256  # rows of a distance matrix computed at once
 
 
-@dataclass(frozen=True)
-class PixelSpace:
-    """A pixel space by name: ``pixels-N`` (RGB) or ``pixels-N-grey``, images resized to N x N, values in [0, 1]."""
-
-    name: str
-    size: int
-    mode: str  # "RGB" or "L" (greyscale)
-
-    @classmethod
-    def parse(cls, name: str) -> PixelSpace:
-        parts = name.split("-")
-        if (parts[0] == "pixels" and len(parts) in (2, 3) and parts[1].isdigit() and int(parts[1]) in PIXEL_SIZES
-                and parts[2:] in ([], ["grey"])):
-            return cls(name, int(parts[1]), "L" if parts[2:] else "RGB")
+def pixel_space(name: str) -> PixelSpace:
+    """The gate's space by name: a pixel space, any other name refused."""
+    space = PixelSpace.parse(name)
+    if space is None:
         raise ValueError(f"the gate measures in pixel spaces only, got {name!r}: choose pixels-N or pixels-N-grey "
                          f"(N in {PIXEL_SIZES.start}..{PIXEL_SIZES.stop - 1}, e.g. {DEFAULT_SPACE})")
-
-    def vector(self, image: Image.Image) -> np.ndarray:
-        """An image as this space's flat vector (decoded to RGB first, then Pillow's bilinear resize, as the
-        evaluation's pixel features)."""
-        small = image.convert("RGB").convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return np.asarray(small, dtype=np.float32).reshape(-1) / 255
+    return space
 
 
 def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -145,7 +130,7 @@ def _image_vectors(uri: str, folder: Path, space: PixelSpace) -> list[np.ndarray
 def load_gate(uri: str, space_name: str, k: int, storage: StorageConfig) -> Gate:
     """The gate of a reference: a local folder of images, or Parquet in the generated schema (local or on S3).
     A missing, empty or unreadable reference, or one of k samples or fewer, is refused in one line."""
-    space = PixelSpace.parse(space_name)
+    space = pixel_space(space_name)
     location = resolve(uri, storage)
     if location.is_local and not Path(location.path).exists():
         raise ValueError(f"gate reference {uri} not found: give a folder of real images or a generated run")

@@ -27,11 +27,11 @@ from PIL import Image, UnidentifiedImageError
 
 from guidance import jepa_score, jepa_scores, load_encoder
 from guidance.encoders import load_open_clip
+from pipeline.pixels import PIXEL_SIZES, PixelSpace
 
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
 INCEPTION_SUFFIXES = (".pth", ".pt")
 CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-PIXEL_SIZES = range(2, 257)  # pixels-N: N x N, small enough for k-NN on raw values
 DEFAULT_PIXELS = "pixels-32"
 
 
@@ -57,10 +57,9 @@ class FeatureSpace:
             return cls(name, "clip_image", True)
         if name == "encoder":
             return cls(name, "embedding", False)
-        parts = name.split("-")
-        if (parts[0] == "pixels" and len(parts) in (2, 3) and parts[1].isdigit() and int(parts[1]) in PIXEL_SIZES
-                and parts[2:] in ([], ["grey"])):
-            return cls(name, "pixels", True, int(parts[1]), "L" if parts[2:] else "RGB")
+        pixels = PixelSpace.parse(name)
+        if pixels is not None:
+            return cls(name, "pixels", True, pixels.size, pixels.mode)
         raise ValueError(f"unknown feature space {name!r}: choose inception, clip, encoder or pixels-N[-grey] "
                          f"(N in {PIXEL_SIZES.start}..{PIXEL_SIZES.stop - 1}, e.g. {DEFAULT_PIXELS} or pixels-8-grey)")
 
@@ -86,8 +85,7 @@ class FeatureSpace:
 
     def pixels(self, image: Image.Image) -> np.ndarray:
         """An image as this space's flat pixel vector in [0, 1] (Pillow's bilinear filter, antialiased when shrinking)."""
-        small = image.convert(self.mode).resize((self.size, self.size), Image.Resampling.BILINEAR)
-        return np.asarray(small, dtype=np.float32).reshape(-1) / 255
+        return PixelSpace(self.name, self.size, self.mode).vector(image)
 
 
 @dataclass(frozen=True)
