@@ -221,7 +221,7 @@ def test_refresh_and_demo_dry_runs_check_every_arm_and_write_nothing(write_confi
 
 def test_filter_by_hand_logs_beside_its_input_run_and_says_how_to_browse(ray_cluster, tmp_path, monkeypatch, capsys):
     """Without --experiment / --tracking-uri, the filter's run lands where the input's _run.json says the
-    generation was tracked; its name says what ran; the last line is the exact `mlflow ui` command."""
+    generation was tracked; its name says what ran; the last line is the exact `mlflow ui` command and its runs page."""
     store = f"sqlite:///{tmp_path}/store/mlflow.db"
     gen = tmp_path / "digits-run"
     fake_generation(gen, [3.0, 1.0, 2.0, 4.0])
@@ -234,9 +234,11 @@ def test_filter_by_hand_logs_beside_its_input_run_and_says_how_to_browse(ray_clu
     monkeypatch.chdir(tmp_path)  # the default store would be ./mlruns here: it must stay unused
     assert filter_job.main(["--input", str(gen), "--output", str(tmp_path / "rarest"), "--keep", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1] == f"browse:    mlflow ui --backend-store-uri {store}"
     client = MlflowClient(tracking_uri=store)
-    (run,) = client.search_runs([client.get_experiment_by_name("digits-study").experiment_id])
+    experiment = client.get_experiment_by_name("digits-study").experiment_id
+    assert lines[-1] == (f"browse:    mlflow ui --backend-store-uri {store}, then open "
+                         f"http://127.0.0.1:5000/#/experiments/{experiment}/runs")
+    (run,) = client.search_runs([experiment])
     assert run.info.run_name == "rarest: filter jepa digits-ddpm" and run.info.status == "FINISHED"
     assert not (tmp_path / "mlruns").exists()
     assert filter_job.main(["--input", str(gen), "--output", str(tmp_path / "other"), "--keep", "1",
