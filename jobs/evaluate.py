@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(markdown(report))
     print(f"mlflow:  run {report['evaluation_run_id']} in {config.tracking.tracking_uri}")
-    print(f"browse:  {ui_command(config.tracking.tracking_uri, report['evaluation_run_id'])}")
     if config.output:
         print(f"output:  {config.output}/{EVALUATION_TABLE_FILE}, {config.output}/{EVALUATION_FILE}")
+    print(f"browse:  {ui_command(config.tracking.tracking_uri, report['evaluation_run_id'])}")
     return 0
 
 
