@@ -3,15 +3,19 @@
 At the same seeds: unguided, boost-and-skip, JEPA guidance as the demo configures it (its cheap step)
 over a sweep of strengths (the demo's default among them), the paper's exact step at ``--exact-eta``
 (the demo's default before the cheap step), and the rarest quarter per class of the default's samples
-(what ``make demo`` keeps). Each set is measured against the held-out real digits that no demo model trained on
+(what ``make demo`` keeps). Beside every guided setting run its two controls at the same settings
+(docs/method.md, 'Controls'): the reversed step (direction ascend) and a random direction of the same
+norm; a setting's gain counts only as far as it beats them. The levers (``--tau-stop``, ``--encoder``)
+change every guided setting at once; a lever run writes its own ``--output``. Each set is measured against the held-out real digits that no demo model trained on
 (pipeline/demo/digits.py), in raw pixels (16 x 16 grey), by ``pipeline/evaluate/evidence.py``:
 AvgkNN, LOF and Rarity Score, precision / recall, the class accuracy of an SVM on the training
 digits, and the mean exact JEPA-SCORE (the objective, for comparison); and each set's minority test
-against unguided, paired by seed (docs/method.md, 'The minority test'). Then the prior check itself
-(``check_prior``, exact and top-k scores) on the held-out digits. A contact sheet shows the sweep.
+against unguided, paired by seed (docs/method.md, 'The minority test'), with its fidelity at equal
+rarity (unguided plus the noise that makes it as rare). Then the prior check itself (``check_prior``,
+exact and top-k scores, nuisance ratios) on the held-out digits. A contact sheet shows the sweep.
 
-Run from the repository root: ``python -m benchmarks.demo_evidence`` (``--per-class 2 --etas 0.03``
-for a smoke run).
+Run from the repository root: ``python -m benchmarks.demo_evidence`` (``--per-class 2 --etas 0.03
+--exact-eta 0`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ from benchmarks.paths import ROOT, RESULTS, write_json
 from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
 from pipeline.demo import DEMO_CONFIG
 from pipeline.demo.digits import digit_classifier, held_out_images
-from pipeline.evaluate.evidence import Arm, as_dicts, compared, markdown, measure
+from pipeline.evaluate.evidence import Arm, ArmEvidence, as_dicts, compared, markdown, measure
+from pipeline.evaluate.minority import BASELINE
 from pipeline.evaluate.prior import PriorConfig, check_prior
 from pipeline.generate.config import EncoderConfig
 from pipeline.settings import TrackingConfig
 
 BATCH = 20
+CONTROLS = {"reversed": "ascend", "random direction": "random"}  # control name -> guidance.direction
 
 
 def sample_arm(name: str, model, encoder, per_class: int, sampling: SamplingConfig) -> tuple[Arm, list]:
@@ -49,6 +55,49 @@ def sample_arm(name: str, model, encoder, per_class: int, sampling: SamplingConf
     images = [Image.fromarray(row.image) for row in rows]
     return Arm(name, images, np.array([i.class_label for i in items]), np.array([r.jepa_score for r in rows]), seconds,
                np.array([i.seed for i in items])), rows
+
+
+def with_controls(name: str, sampling: SamplingConfig) -> dict[str, SamplingConfig]:
+    """The guided setting and, at the same settings, each control (docs/method.md, 'Controls')."""
+    return {name: sampling} | {f"{name}: {control}": replace(sampling, guidance=replace(sampling.guidance, direction=direction))
+                               for control, direction in CONTROLS.items()}
+
+
+def control_table(rows: list[ArmEvidence]) -> str:
+    """The minority test's figures of every arm against the baseline, controls beside their setting."""
+    head = ("setting", "minority test", "FD to minority ↓ (Δ vs unguided, 95% interval)", "nearest is minority ↑",
+            "precision", "recall", "class accuracy", "s / sample", "equal rarity: noise sigma, its precision / the arm's")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in rows:
+        test = r.minority
+        if test["verdict"] == BASELINE:
+            fd, noise = f"{test['fd_minority']:.2f}", "—"
+        else:
+            low, high = test["intervals"]["fd_minority"]
+            fd = f"{test['fd_minority']:.2f} ({test['fd_minority'] - test[BASELINE]['fd_minority']:+.2f}, [{low:+.2f}, {high:+.2f}])"
+            matched = test["equal_rarity"]
+            noise = ("unreachable" if matched["noisy"] is None else
+                     f"{matched['sigma']:.3f}: {matched['noisy']['precision']:.2f} / {matched['run']['precision']:.2f}")
+        lines.append("| " + " | ".join((r.name, test["verdict"], fd, f"{test['nearest_minority_share']:.2f}",
+                                         f"{r.precision:.2f}", f"{r.recall:.2f}", f"{r.class_accuracy:.2f}",
+                                         f"{r.seconds_per_sample:.2f}", noise)) + " |")
+    return "\n".join(lines)
+
+
+def against_controls(rows: list[ArmEvidence]) -> list[str]:
+    """One sentence per guided setting: its verdict and FD to the minority beside its controls' (point estimates)."""
+    by_name = {r.name: r for r in rows}
+    sentences = []
+    for name, r in by_name.items():
+        controls = [by_name[f"{name}: {control}"] for control in CONTROLS if f"{name}: {control}" in by_name]
+        if not controls:
+            continue
+        fds = ", ".join(f"{c.name.removeprefix(name + ': ')} {c.minority['fd_minority']:.2f} ({c.minority['verdict']})"
+                        for c in controls)
+        beats = r.minority["fd_minority"] < min(c.minority["fd_minority"] for c in controls)
+        sentences.append(f"{name}: {r.minority['verdict']}, FD to minority {r.minority['fd_minority']:.2f} vs controls "
+                         f"{fds}: {'closer than' if beats else 'not closer than'} both controls.")
+    return sentences
 
 
 def rarest(arm: Arm, fraction: float) -> Arm:
@@ -84,7 +133,10 @@ def prior_on_held_out(encoder: dict, guidance_k: int, folder: Path) -> dict:
                          labels=str(folder / "labels.csv"), guidance_k=guidance_k, device="cpu",
                          tracking=TrackingConfig(tracking_uri=f"sqlite:///{folder}/mlflow.db"))
     summary = check_prior(config)
-    return {key: summary[key] for key in ("images", "feature_space", "k", "spearman", "p_value", "verdict", "topk")}
+    ratios = {name: {score: entry[score]["ratio"] for score in ("jepa_score", "topk_score")}
+              for name, entry in summary["nuisance"]["nuisances"].items()}
+    return {key: summary[key] for key in ("images", "feature_space", "k", "spearman", "p_value", "verdict", "topk")} | {
+        "nuisance_ratios": ratios}
 
 
 def main() -> None:
@@ -93,27 +145,37 @@ def main() -> None:
     parser.add_argument("--etas", type=float, nargs="+", default=[0.03, 0.1, 0.2, 0.3],
                         help="strengths of the demo's guidance (its default's is always added)")
     parser.add_argument("--exact-eta", type=float, default=EXACT.eta,
-                        help="the strength of the exact-step row (full gradient, pre-step, 2 power iterations)")
+                        help="the strength of the exact-step row (full gradient, pre-step, 2 power iterations); 0: none")
+    parser.add_argument("--tau-stop", type=float, default=None,
+                        help="lever: every guided setting stops guiding at this noise level (default: the demo's)")
+    parser.add_argument("--encoder", default=None,
+                        help="lever: the encoder weights folder every guided setting uses (default: the demo's)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "demo_evidence.json",
+                        help="the results JSON; the contact sheet goes beside it (NAME_sheet.png)")
+    parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the prior check on the held-out digits (--no-prior: skip it, the encoder unchanged)")
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="the rarest share per class (the demo's)")
     args = parser.parse_args()
     torch.manual_seed(0)
     demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())  # the demo's models and sampling settings
-    encoder_config = demo["encoder"]
+    encoder_config = demo["encoder"] | ({"weights": args.encoder} if args.encoder else {})
     model = load_model(demo["model"]["preset"], str(ROOT / demo["model"]["source"]))
     weights = str(ROOT / encoder_config["weights"])
     encoder = load_encoder(encoder_config["name"], weights, input_size=encoder_config["input_size"])
     base = demo["sampling"]
+    lever = {} if args.tau_stop is None else {"tau_stop": args.tau_stop}
     steps, default = base["steps"], GuidanceConfig(**base["guidance"])
 
     def guided(eta: float) -> SamplingConfig:
-        return SamplingConfig(method="jepa", steps=steps, guidance=GuidanceConfig(**(base["guidance"] | {"eta": eta})))
+        return SamplingConfig(method="jepa", steps=steps, guidance=GuidanceConfig(**(base["guidance"] | lever | {"eta": eta})))
 
     settings = {"unguided": SamplingConfig(method="unguided", steps=steps),
                 "boost-and-skip": SamplingConfig(method="bns", steps=steps, bns=BoostSkipConfig())}
-    settings |= {f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""): guided(eta)
-                 for eta in sorted(set(args.etas) | {default.eta})}
-    settings[f"JEPA exact step, eta {args.exact_eta:g}"] = SamplingConfig(
-        method="jepa", steps=steps, guidance=replace(EXACT, eta=args.exact_eta, k=default.k))
+    for eta in sorted(set(args.etas) | {default.eta}):
+        settings |= with_controls(f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""), guided(eta))
+    if args.exact_eta:
+        settings |= with_controls(f"JEPA exact step, eta {args.exact_eta:g}", SamplingConfig(
+            method="jepa", steps=steps, guidance=replace(EXACT, eta=args.exact_eta, k=default.k, **lever)))
     arms, sheets = [], {}
     for name, sampling in settings.items():
         arm, rows = sample_arm(name, model, encoder, args.per_class, sampling)
@@ -123,20 +185,23 @@ def main() -> None:
     arms.append(rarest(next(a for a in arms if "(demo default)" in a.name), args.keep_fraction))
     reference, _ = held_out_images()
     rows = measure(arms, reference, digit_classifier(), baseline="unguided")
-    table = markdown(rows)
-    print(table)
-    print("\n".join(compared(rows, "unguided")))
-    with tempfile.TemporaryDirectory() as folder:
-        prior = prior_on_held_out({**encoder_config, "weights": weights}, default.k, Path(folder))
-    print(prior["verdict"], "|", prior["topk"]["verdict"])
-    write_json(RESULTS / "demo_evidence.json", {
-        "settings": vars(args) | {"steps": steps, "tau": default.tau, "k": default.k, "reference": "held-out digits",
-                                  "reference_images": len(reference), "encoder": encoder_config["weights"],
-                                  "demo_guidance": base["guidance"]},
-        "arms": as_dicts(rows), "compared_with_unguided": compared(rows, "unguided"), "prior_check": prior,
-        "markdown": table})
-    sheet(sheets, RESULTS / "demo_strength_sheet.png")
-    print(f"wrote {RESULTS / 'demo_evidence.json'} and demo_strength_sheet.png")
+    table, controls = markdown(rows), control_table(rows)
+    print(table, controls, *compared(rows, "unguided"), *against_controls(rows), sep="\n")
+    prior = None
+    if args.prior:
+        with tempfile.TemporaryDirectory() as folder:
+            prior = prior_on_held_out({**encoder_config, "weights": weights}, default.k, Path(folder))
+        print(prior["verdict"], "|", prior["topk"]["verdict"])
+    contact = args.output.with_name(f"{args.output.stem}_sheet.png")
+    write_json(args.output, {
+        "settings": vars(args) | {"output": str(args.output), "steps": steps, "tau": default.tau,
+                                  "k": default.k, "reference": "held-out digits", "reference_images": len(reference),
+                                  "encoder": encoder_config["weights"], "demo_guidance": base["guidance"] | lever},
+        "arms": as_dicts(rows), "compared_with_unguided": compared(rows, "unguided"),
+        "against_controls": against_controls(rows), "prior_check": prior, "markdown": table,
+        "markdown_controls": controls})
+    sheet(sheets, contact)
+    print(f"wrote {args.output} and {contact.name}")
 
 
 if __name__ == "__main__":
