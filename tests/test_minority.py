@@ -158,3 +158,15 @@ def test_real_digits_rare_training_digits_are_minority_noise_is_off_data_a_copy_
     assert noisy["verdict"] == "off-data"
     assert noisy["equal_rarity"]["noisy"]["precision"] == pytest.approx(noisy["precision_all"], abs=0.05)
     assert minority_test(baseline.copy(), baseline, chosen, bounds=(0, 1))["verdict"] == "typical"
+
+
+def test_a_subset_of_the_baselines_seeds_is_resampled_on_its_own():
+    """A curated subset (10 of 200 seeds) paired by seed could draw seeds holding none of its rows; it is
+    tested unpaired, and its intervals exist."""
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((300, 4))
+    baseline, seeds = rng.standard_normal((200, 4)), np.arange(200)
+    chosen = MinorityReference(reference, MinorityConfig(resamples=50))
+    subset = minority_test(baseline[:10] * 1.5, baseline, chosen, (seeds[:10], seeds))
+    assert not subset["paired"] and all(np.isfinite(subset["intervals"]["fd_minority"]))
+    assert minority_test(baseline * 1.5, baseline, chosen, (seeds, seeds))["paired"]

@@ -165,8 +165,10 @@ def resamples(count: int, sizes: tuple[int, int], seeds: tuple[np.ndarray | None
 
 
 def paired(seeds: tuple[np.ndarray | None, np.ndarray | None]) -> bool:
-    """Both runs carry seeds and share at least one."""
-    return seeds[0] is not None and seeds[1] is not None and bool(np.intersect1d(*seeds).size)
+    """Both runs carry seeds, and the same ones: a run that holds only some of the baseline's seeds (a curated
+    subset) is resampled on its own, since a drawn seed could leave it fewer than the 2 rows an FD needs."""
+    return (seeds[0] is not None and seeds[1] is not None
+            and np.array_equal(np.unique(seeds[0]), np.unique(seeds[1])))
 
 
 @dataclass(frozen=True)
