@@ -143,7 +143,7 @@ def test_the_stored_top_k_score_keeps_guidance_k_in_every_methods_identity(write
     (tmp_path / "out").mkdir()
     feather.write_feather(cpu_manifest(load_config(path)).table, tmp_path / "out" / MANIFEST_FILE)
     assert generate_job.main([path, "--dry-run", "--set", "sampling.guidance.k=3"]) == 2
-    assert f"holds another run (sampling.guidance.k 4 -> 3)" in capsys.readouterr().err
+    assert "holds another run (sampling.guidance.k 4 -> 3)" in capsys.readouterr().err
 
 
 def test_a_run_of_an_earlier_version_is_said_to_be_one(write_config, tmp_path, capsys):
