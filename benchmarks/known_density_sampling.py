@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -46,6 +45,7 @@ from guidance.generate import generate_images
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
+from pipeline.demo.train import ddpm_step
 from pipeline.evaluate.minority import MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.rarity import avg_knn
 
@@ -194,18 +194,11 @@ def train_diffusion(world: World, settings: Settings, folder: Path) -> dict:
     started = time.perf_counter()
     for _ in range(settings.diffusion_steps):
         x0 = world.render(world.sample(settings.diffusion_batch, rng))[:, :1] * 2 - 1
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        ema.step(unet.parameters())
+        loss = ddpm_step(unet, scheduler, (optimiser, schedule, ema), x0, generator)
     ema.copy_to(unet.parameters())
     DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(folder)
     return {"parameters": sum(p.numel() for p in unet.parameters()), "steps": settings.diffusion_steps,
-            "last_loss": loss.item(), "train_seconds": round(time.perf_counter() - started, 1)}
+            "last_loss": loss, "train_seconds": round(time.perf_counter() - started, 1)}
 
 
 def choose_encoder(world: World, settings: Settings) -> tuple[GuidanceEncoder, int, dict]:

@@ -92,6 +92,22 @@ class EncoderTraining:
             raise ValueError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
 
 
+def ddpm_step(unet: UNet2DModel, scheduler: DDPMScheduler, optimisation: tuple, x0: torch.Tensor,
+              generator: torch.Generator, class_labels: torch.Tensor | None = None) -> float:
+    """One DDPM epsilon-prediction step (Ho et al., 2020) on clean images ``x0`` in [-1, 1]: noise at a uniform
+    timestep, MSE to the noise, then the (optimiser, LR schedule, EMA) of ``optimisation``; returns the loss."""
+    optimiser, schedule, ema = optimisation
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
+    loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=class_labels).sample, noise)
+    optimiser.zero_grad()
+    loss.backward()
+    optimiser.step()
+    schedule.step()
+    ema.step(unet.parameters())
+    return loss.item()
+
+
 def train_diffusion(recipe: DiffusionTraining) -> Path:
     """DDPM training: eps-MSE at uniformly drawn t, class embeddings for the 10 digits."""
     torch.manual_seed(recipe.seed)
@@ -110,17 +126,10 @@ def train_diffusion(recipe: DiffusionTraining) -> Path:
     for _ in tqdm(range(recipe.steps), desc="diffusion", unit="step"):
         index = torch.randint(len(data), (recipe.batch_size,), generator=generator)
         x0, y = data[index], labels[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(x0),), generator=generator)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t, class_labels=y).sample, noise)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-        ema.step(unet.parameters())
+        loss = ddpm_step(unet, scheduler, (optimiser, schedule, ema), x0, generator, class_labels=y)
     ema.copy_to(unet.parameters())
     DDPMPipeline(unet=unet.eval(), scheduler=scheduler).save_pretrained(recipe.output)
-    log.info("saved the diffusion model to %s (last loss %.4f)", recipe.output, loss.item())
+    log.info("saved the diffusion model to %s (last loss %.4f)", recipe.output, loss)
     return Path(recipe.output)
 
 
@@ -195,5 +204,5 @@ def train_encoder(recipe: EncoderTraining) -> Path:
         optimiser.step()
         schedule.step()
     timm.models.save_for_hf(backbone.eval(), recipe.output, safe_serialization=True)
-    log.info("saved the encoder to %s (last loss %.4f)", recipe.output, loss.item())
+    log.info("saved the encoder to %s (last loss %.4f)", recipe.output, loss)
     return Path(recipe.output)
