@@ -142,7 +142,7 @@ def load_guidance_decoder(source: str | os.PathLike, model: DiffusionModel, *, d
     elif not HUB_ID.match(source):
         raise FileNotFoundError(f"model.guidance_decoder: folder not found: {folder} (and it is not a hub id like 'org/name')")
     try:
-        tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=dtype or torch.float32)
+        tiny = AutoencoderTiny.from_pretrained(source, dtype=dtype or torch.float32)
     except Exception as error:
         raise RuntimeError(f"model.guidance_decoder: could not load {source} ({error})") from error
     latents = model.sample_shape[0]
