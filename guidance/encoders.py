@@ -214,7 +214,7 @@ class MathMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def like(cls, attention: nn.MultiheadAttention) -> MathMultiheadAttention:
-        if not attention._qkv_same_embed_dim:
+        if attention.kdim != attention.embed_dim or attention.vdim != attention.embed_dim:
             raise ValueError("attention with separate key / value sizes is not supported on the math path")
         math = cls(attention.embed_dim, attention.num_heads, dropout=attention.dropout,
                    bias=attention.in_proj_bias is not None, add_bias_kv=attention.bias_k is not None,
