@@ -15,25 +15,6 @@ MANIFEST_SCHEMA = pa.schema([
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
-# Hugging Face `datasets` reads this schema metadata and loads `image` as an Image feature.
-_HF_FEATURES = {
-    "sample_id": {"dtype": "string", "_type": "Value"},
-    "seed": {"dtype": "int64", "_type": "Value"},
-    "prompt": {"dtype": "string", "_type": "Value"},
-    "class_label": {"dtype": "int64", "_type": "Value"},
-    "image": {"_type": "Image"},
-    "width": {"dtype": "int32", "_type": "Value"},
-    "height": {"dtype": "int32", "_type": "Value"},
-    "jepa_score": {"dtype": "float64", "_type": "Value"},
-    "topk_score": {"dtype": "float64", "_type": "Value"},
-    "embedding": {"feature": {"dtype": "float32", "_type": "Value"}, "_type": "List"},
-    "method": {"dtype": "string", "_type": "Value"},
-    "model": {"dtype": "string", "_type": "Value"},
-    "encoder": {"dtype": "string", "_type": "Value"},
-    "run_id": {"dtype": "string", "_type": "Value"},
-    "created_at": {"dtype": "timestamp[us, tz=UTC]", "_type": "Value"},
-}
-
 # All fields are nullable in the Arrow sense because `datasets` only honours the feature metadata for
 # nullable fields; the sampler stage writes nulls only in prompt and class_label.
 OUTPUT_SCHEMA = pa.schema(
@@ -54,8 +35,25 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("run_id", pa.string()),  # the MLflow run that generated the row
         pa.field("created_at", pa.timestamp("us", tz="UTC")),
     ],
-    metadata={"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})},
 )
+
+
+_ARROW_FLOAT_NAMES = {"halffloat": "float16", "float": "float32", "double": "float64"}  # Arrow's names, datasets'
+
+
+def _hf_feature(arrow_type: pa.DataType) -> dict:
+    """The Hugging Face `datasets` feature of an Arrow type: the image struct as an Image, lists as List."""
+    if arrow_type == IMAGE_TYPE:
+        return {"_type": "Image"}
+    if pa.types.is_list(arrow_type):
+        return {"feature": _hf_feature(arrow_type.value_type), "_type": "List"}
+    name = str(arrow_type)
+    return {"dtype": _ARROW_FLOAT_NAMES.get(name, name), "_type": "Value"}
+
+
+# Hugging Face `datasets` reads this schema metadata and loads `image` as an Image feature.
+OUTPUT_SCHEMA = OUTPUT_SCHEMA.with_metadata({"huggingface": json.dumps(
+    {"info": {"features": {field.name: _hf_feature(field.type) for field in OUTPUT_SCHEMA}}})})
 
 SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (lower is rarer)
 

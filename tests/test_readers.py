@@ -221,3 +221,15 @@ def test_a_curated_set_in_the_old_layout_is_refused_in_one_line(folders, tmp_pat
     with pytest.raises(StorageError, match="old layout"):
         run_filter(FilterConfig(input=str(folders["run"]), output=str(tmp_path / "cur"), keep=1))
     assert not (tmp_path / "cur" / SELECTION_FILE).exists() and not (tmp_path / "cur" / CARD_FILE).exists()
+
+
+def test_the_datasets_features_are_the_arrow_schema_with_images():
+    """The features `datasets` reads from the schema's metadata describe exactly the Arrow columns, image as Image."""
+    import datasets
+
+    from pipeline.schema import OUTPUT_SCHEMA
+
+    features = datasets.Features.from_dict(json.loads(OUTPUT_SCHEMA.metadata[b"huggingface"])["info"]["features"])
+    assert features.arrow_schema.remove_metadata().equals(OUTPUT_SCHEMA.remove_metadata())
+    assert isinstance(features["image"], datasets.Image)
+    assert features["jepa_score"] == datasets.Value("float64") and features["embedding"].feature == datasets.Value("float32")
