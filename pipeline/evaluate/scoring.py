@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import os
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ from guidance import jepa_score, load_encoder, topk_log_volume
 from guidance.checks import check_sketch
 from guidance.encoders import check_encoder
 from pipeline.images import find_images, read_image
-from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve
+from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve, write_bytes
 
 SCORE_METHODS = ("exact", "topk")
 OUTPUT_SUFFIXES = (".csv", ".parquet")
@@ -124,20 +124,21 @@ def _score(encoder, images: torch.Tensor, config: ScoreConfig) -> torch.Tensor:
 def write_scores(rows: list[ScoredImage], output: str | Path, method: str) -> None:
     """Write ``path, score, method`` rows to a .csv or .parquet file (by its suffix), atomically."""
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial")
     if output.suffix == ".csv":
-        with partial.open("w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["path", "score", "method"])
-            writer.writerows((row.path, repr(row.score), method) for row in rows)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["path", "score", "method"])
+        writer.writerows((row.path, repr(row.score), method) for row in rows)
+        data = text.getvalue().encode()
     elif output.suffix == ".parquet":
         table = pa.table({
             "path": pa.array([row.path for row in rows], pa.string()),
             "score": pa.array([row.score for row in rows], pa.float64()),
             "method": pa.array([method] * len(rows), pa.string()),
         })
-        pq.write_table(table, partial)
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        data = buffer.getvalue()
     else:
         raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
-    os.replace(partial, output)
+    write_bytes(resolve(str(output), StorageConfig()), data)
