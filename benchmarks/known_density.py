@@ -38,7 +38,7 @@ from torch import nn
 from benchmarks.paths import RESULTS, write_json
 from guidance.jepa_score import encoder_jacobian, log_singular_volume
 from guidance.log_volume import LOG_FLOOR
-from pipeline.demo.sigreg import sigreg
+from guidance.sigreg import sigreg
 from pipeline.demo.train import EncoderTraining, encoder_loss
 from pipeline.evaluate.rarity import avg_knn, local_outlier_factor, rarity_score
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.demo.sigreg import epps_pulley, expected_under_gaussian, sigreg
+from guidance.sigreg import epps_pulley, expected_under_gaussian, sigreg
 from pipeline.demo.train import EncoderTraining, encoder_loss, train_encoder, vicreg_loss
 
 

@@ -5,7 +5,7 @@
 (b) A joint-embedding encoder of the JEPA family: two augmented views through a small timm
     DINOv2-architecture ViT and an expander over its CLS token, trained with one of two objectives:
     VICReg (Bardes et al., 2022; invariance + variance + covariance) or LeJEPA's (Balestriero & LeCun,
-    2025; invariance + SIGReg, ``pipeline/demo/sigreg.py``). Saved in timm's folder layout
+    2025; invariance + SIGReg, ``guidance/sigreg.py``). Saved in timm's folder layout
     (config.json + model.safetensors).
 Both are reproducible from their seed.
 """
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from guidance.encoders import JepaEncoder
 from pipeline.demo.digits import augment, digits, nuisance_view
-from pipeline.demo.sigreg import POINTS, SLICES, T_MAX, sigreg
+from guidance.sigreg import POINTS, SLICES, T_MAX, sigreg
 
 log = logging.getLogger(__name__)
 ENCODER_OBJECTIVES = ("vicreg", "sigreg")
