@@ -1,4 +1,4 @@
-"""The ``jepa-minority`` command: one subcommand per entry of the job table (pipeline/commands.py)."""
+"""The ``jepa-minority`` command: one subcommand per entry of the job table (jobs/commands.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from jobs.options import configure_logging
-from pipeline.commands import COMMANDS
+from jobs.commands import COMMANDS
 
 
 def usage() -> str:

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from jobs.options import job_parser, run_as_program
-from pipeline.commands import COMMANDS, SUBMITTABLE
-from pipeline.submission import DuplicateSubmission, Submission, submit, wait
+from jobs.commands import COMMANDS, SUBMITTABLE
+from jobs.submission import DuplicateSubmission, Submission, submit, wait
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from jobs import cli
-from pipeline.commands import COMMANDS
+from jobs.commands import COMMANDS
 from pipeline.generate.config import load_config
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from tests.conftest import cpu_manifest

@@ -31,7 +31,7 @@ from mlflow.cli import server as mlflow_server
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from pipeline.commands import COMMANDS
+from jobs.commands import COMMANDS
 from pipeline.generate.config import load_config
 from pipeline.generate.preflight import preflight_generation
 
@@ -140,7 +140,7 @@ def parse_entrypoint(entrypoint: str, monkeypatch) -> tuple[str, argparse.Namesp
     module = words[2]
     modules = sorted(command.module for command in COMMANDS.values())
     if module not in modules or importlib.util.find_spec(module) is None:
-        raise EntrypointError(f"{entrypoint!r}: {module} is not a job module (pipeline/commands.py: {modules})")
+        raise EntrypointError(f"{entrypoint!r}: {module} is not a job module (jobs/commands.py: {modules})")
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(parser, args=None, namespace=None):

@@ -74,7 +74,7 @@ def test_ray_job_head_still_says_no_available_agent():
 
     assert "No available agent" in inspect.getsource(job_head), (
         f"ray {ray.__version__}: the job head no longer answers 'No available agent' while its agent starts; "
-        "pipeline/submission.py submit retries on that text")
+        "jobs/submission.py submit retries on that text")
 
 
 def test_torch_still_has_its_jvp_decompositions_module():

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from jobs import submit as submit_job
-from pipeline.commands import COMMANDS
-from pipeline.submission import Submission
+from jobs.commands import COMMANDS
+from jobs.submission import Submission
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pipeline.commands import COMMANDS, SUBMITTABLE
+from jobs.commands import COMMANDS, SUBMITTABLE
 
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -27,7 +27,7 @@ class DuplicateSubmission(RuntimeError):
 
 @dataclass(frozen=True)
 class Submission:
-    job: str  # a command name from pipeline.commands.SUBMITTABLE
+    job: str  # a command name from jobs.commands.SUBMITTABLE
     args: tuple[str, ...]
     address: str  # the cluster's dashboard / job API, e.g. http://127.0.0.1:8265
     working_dir: str = "."

@@ -1,7 +1,7 @@
 """The job table: every ``jepa-minority`` command, the module that runs it, its one line, and whether it is a job.
 
 Light to import (the CLI reads it before any job's dependencies load). The CLI dispatches on it and lists its
-one-liners; ``pipeline.submission`` submits the commands that are jobs.
+one-liners; ``jobs.submission`` submits the commands that are jobs.
 """
 
 from __future__ import annotations
