@@ -63,8 +63,8 @@ from pipeline.evaluate.evidence import Arm, measure  # noqa: E402
 ENCODER = "vit_small_patch14_reg4_dinov2"
 DEMO = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())["sampling"]
 DEMO_GUIDANCE = GuidanceConfig(**DEMO["guidance"])  # the demo config's guidance: the cheap setting chosen here
-# The baseline every lever is measured against: the paper's full guided step at the strength README
-# "Evidence" chose (the demo's default before issue 17).
+# The baseline every lever is measured against: the paper's full guided step at the strength docs/results.md
+# "Evidence on the demo models" chose (the demo's default before issue 17).
 EXACT = GuidanceConfig(eta=0.2, tau=DEMO_GUIDANCE.tau)
 EXACT_NAME = f"exact (full, pre-step, q=2, eta={EXACT.eta:g})"
 

@@ -1,4 +1,4 @@
-"""Citations of the method document resolve: each section a file cites is a "## " heading of docs/method.md."""
+"""Documentation that points elsewhere points at something: method.md sections, results.md JSON sources."""
 
 from __future__ import annotations
 
@@ -56,3 +56,18 @@ def test_no_file_cites_the_shared_notes_outside_the_repository():
         if OLD_NAME.search(line)
     ]
     assert not stale, f"cite docs/method.md and a section name instead: {stale}"
+
+
+RESULTS_DOC = ROOT / "docs" / "results.md"
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+CITED_RESULT = re.compile(r"benchmarks/results/([\w./-]+\.json)")
+
+
+def test_every_json_cited_by_the_results_doc_exists_and_every_result_is_cited():
+    cited = set(CITED_RESULT.findall(RESULTS_DOC.read_text()))
+    stored = {str(path.relative_to(RESULTS_DIR)) for path in RESULTS_DIR.rglob("*.json")}
+    assert len(cited) >= 10  # the scan finds the real citations
+    missing = sorted(cited - stored)
+    assert not missing, f"docs/results.md cites JSON that benchmarks/results/ lacks: {missing}"
+    uncited = sorted(stored - cited)
+    assert not uncited, f"results in benchmarks/results/ that docs/results.md never names (as benchmarks/results/NAME): {uncited}"

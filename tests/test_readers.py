@@ -182,7 +182,7 @@ def test_the_readme_snippets_run_as_written(folders, on_s3, s3, kind):
     local, remote = readme_snippets()
     ids = committed(folders[kind])
     names: dict = {}
-    exec(substituted(local, "runs/digits", str(folders[kind])), names)
+    exec(substituted(local, "outputs/digits", str(folders[kind])), names)
     assert sorted(names["table"].column("sample_id").to_pylist()) == ids
     assert sorted(names["frame"]["sample_id"]) == ids and names["counted"] == len(ids)
     assert sorted(names["lazy"].collect()["sample_id"]) == ids and sorted(names["dataset"]["sample_id"]) == ids
