@@ -80,7 +80,7 @@ def load_model(
     dtype: the denoiser's and VAE's dtype (None: fp32; bf16 / fp16 on GPU).
     compile_network: compile the denoising network in place with ``torch.compile``. Its first calls
       compile (tens of seconds for each batch shape and for grad mode on and off), later calls run
-      faster: it pays on long runs (README, Performance).
+      faster: it pays on long runs (docs/results.md, Performance).
     guidance_decoder: an ``AutoencoderTiny`` folder or hub id (TAESD for SD 1.x / 2.x and DiT, TAESDXL for
       SDXL) that decodes the Tweedie estimate inside guidance only; latent models only.
     """

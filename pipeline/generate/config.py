@@ -43,7 +43,7 @@ class ModelConfig:
     variant: str | None = None  # diffusers weight variant, e.g. "fp16"
     unet_weights: str | None = None  # a separate UNet weights file (SDXL-Lightning)
     dtype: str = "auto"  # denoiser / VAE dtype: auto = float32 on CPU, bfloat16 on GPU
-    compile: bool = False  # torch.compile the denoising network: pays on long unguided runs (README, Performance)
+    compile: bool = False  # torch.compile the denoising network: pays on long unguided runs (docs/results.md, Performance)
     guidance_decoder: str | None = None  # an AutoencoderTiny (TAESD) folder or hub id: decodes inside guidance only
 
     def __post_init__(self):
