@@ -3,7 +3,8 @@
 At the same seeds: unguided, boost-and-skip, JEPA guidance as the demo configures it (its cheap step)
 over a sweep of strengths (the demo's default among them), the paper's exact step at ``--exact-eta``
 (the demo's default before the cheap step), and the rarest quarter per class of the default's samples
-(what ``make demo`` keeps). Beside every guided setting run its two controls at the same settings
+(what ``make demo`` keeps), and the same after the filter's fidelity gate against the held-out digits
+(pipeline/curate/gate.py: only samples inside a real k-NN ball, before the rarest are taken). Beside every guided setting run its two controls at the same settings
 (docs/method.md, 'Controls'): the reversed step (direction ascend) and a random direction of the same
 norm; a setting's gain counts only as far as it beats them. The levers (``--tau-stop``, ``--encoder``)
 change every guided setting at once; a lever run writes its own ``--output``. Each set is measured against the held-out real digits that no demo model trained on
@@ -21,6 +22,7 @@ Run from the repository root: ``python -m benchmarks.demo_evidence`` (``--per-cl
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -36,6 +38,8 @@ from benchmarks.paths import ROOT, RESULTS, write_json
 from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
 from pipeline.demo import DEMO_CONFIG
 from pipeline.demo.digits import digit_classifier, held_out_images
+from pipeline.curate.filter import FilterConfig
+from pipeline.curate.gate import Gate, pixel_space
 from pipeline.evaluate.evidence import Arm, ArmEvidence, as_dicts, compared, markdown, measure
 from pipeline.evaluate.minority import BASELINE
 from pipeline.evaluate.prior import PriorConfig, check_prior
@@ -57,8 +61,10 @@ def sample_arm(name: str, model, encoder, per_class: int, sampling: SamplingConf
                np.array([i.seed for i in items])), rows
 
 
-def with_controls(name: str, sampling: SamplingConfig) -> dict[str, SamplingConfig]:
-    """The guided setting and, at the same settings, each control (docs/method.md, 'Controls')."""
+def with_controls(name: str, sampling: SamplingConfig, controls: bool = True) -> dict[str, SamplingConfig]:
+    """The guided setting and, at the same settings, each control (docs/method.md, 'Controls'), unless not asked."""
+    if not controls:
+        return {name: sampling}
     return {name: sampling} | {f"{name}: {control}": replace(sampling, guidance=replace(sampling.guidance, direction=direction))
                                for control, direction in CONTROLS.items()}
 
@@ -111,6 +117,14 @@ def rarest(arm: Arm, fraction: float) -> Arm:
                arm.jepa_scores[keep], arm.seconds_per_sample, arm.seeds[keep])
 
 
+def gated(arm: Arm, gate: Gate) -> tuple[Arm, int]:
+    """The samples inside the filter's fidelity gate, and how many it dropped."""
+    inside = gate.inside(np.stack([gate.space.vector(image) for image in arm.images]))
+    keep = np.flatnonzero(inside)
+    return Arm(f"{arm.name}, gated", [arm.images[i] for i in keep], arm.labels[keep], arm.jepa_scores[keep],
+               arm.seconds_per_sample, arm.seeds[keep]), int((~inside).sum())
+
+
 def sheet(rows_by_setting: dict[str, list], path: Path, per_row: int = 10) -> None:
     cell, label = 48, 150
     canvas = Image.new("RGB", (label + per_row * cell, len(rows_by_setting) * cell), "white")
@@ -155,6 +169,8 @@ def main() -> None:
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="run the prior check on the held-out digits (--no-prior: skip it, the encoder unchanged)")
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="the rarest share per class (the demo's)")
+    parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
+                        help="run the controls beside every guided setting (--no-controls: the settings alone)")
     args = parser.parse_args()
     torch.manual_seed(0)
     demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())  # the demo's models and sampling settings
@@ -172,18 +188,23 @@ def main() -> None:
     settings = {"unguided": SamplingConfig(method="unguided", steps=steps),
                 "boost-and-skip": SamplingConfig(method="bns", steps=steps, bns=BoostSkipConfig())}
     for eta in sorted(set(args.etas) | {default.eta}):
-        settings |= with_controls(f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""), guided(eta))
+        settings |= with_controls(f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""), guided(eta),
+                                  args.controls)
     if args.exact_eta:
         settings |= with_controls(f"JEPA exact step, eta {args.exact_eta:g}", SamplingConfig(
-            method="jepa", steps=steps, guidance=replace(EXACT, eta=args.exact_eta, k=default.k, **lever)))
+            method="jepa", steps=steps, guidance=replace(EXACT, eta=args.exact_eta, k=default.k, **lever)), args.controls)
     arms, sheets = [], {}
     for name, sampling in settings.items():
         arm, rows = sample_arm(name, model, encoder, args.per_class, sampling)
         arms.append(arm)
         sheets[name] = rows
         print(f"{name}: {arm.seconds_per_sample:.2f} s/sample", flush=True)
-    arms.append(rarest(next(a for a in arms if "(demo default)" in a.name), args.keep_fraction))
     reference, _ = held_out_images()
+    demo_arm = next(a for a in arms if "(demo default)" in a.name)
+    gate_space = pixel_space(FilterConfig.gate_space)
+    gate = Gate.build(gate_space, np.stack([gate_space.vector(image) for image in reference]), FilterConfig.gate_k)
+    passed, dropped = gated(demo_arm, gate)
+    arms += [rarest(demo_arm, args.keep_fraction), rarest(passed, args.keep_fraction)]
     rows = measure(arms, reference, digit_classifier(), baseline="unguided")
     table, controls = markdown(rows), control_table(rows)
     print(table, controls, *compared(rows, "unguided"), *against_controls(rows), sep="\n")
@@ -194,6 +215,9 @@ def main() -> None:
         print(prior["verdict"], "|", prior["topk"]["verdict"])
     contact = args.output.with_name(f"{args.output.stem}_sheet.png")
     write_json(args.output, {
+        "command": " ".join(["python -m benchmarks.demo_evidence", *sys.argv[1:]]),
+        "gate": {"reference": "held-out digits", "space": FilterConfig.gate_space, "k": FilterConfig.gate_k,
+                 "of": demo_arm.name, "samples": len(demo_arm.images), "dropped": dropped},
         "settings": vars(args) | {"output": str(args.output), "steps": steps, "tau": default.tau,
                                   "k": default.k, "reference": "held-out digits", "reference_images": len(reference),
                                   "encoder": encoder_config["weights"], "demo_guidance": base["guidance"] | lever},
