@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 from ast import literal_eval
-from pathlib import Path
 
 from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
                           tracking_config)
@@ -67,14 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _from_config(args: argparse.Namespace) -> dict:
     """The generation config given by --config, as YAML (empty without one)."""
-    import yaml
+    from pipeline.generate.config import read_config_file
 
-    if not args.config:
-        return {}
-    path = Path(args.config).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"config not found: {path}")
-    return yaml.safe_load(path.read_text()) or {}
+    return read_config_file(args.config) if args.config else {}
 
 
 def _encoder(args: argparse.Namespace, section: dict):

@@ -39,6 +39,9 @@ class Submission:
         if address.scheme not in ("http", "https") or not address.hostname:
             raise ValueError(f"address {self.address!r} is not the URL of a Ray cluster's job API: give "
                              "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS")
+        if not Path(self.working_dir).is_dir():
+            raise ValueError(f"working directory {self.working_dir!r} is not a folder: give the folder to upload as the "
+                             "job's working directory with --working-dir (default: the current one)")
 
     @property
     def entrypoint(self) -> str:

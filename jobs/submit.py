@@ -56,6 +56,8 @@ def check_locally(submission: Submission) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.wait is not None and not args.wait > 0:
+            raise ValueError(f"--wait must be a number of seconds > 0, got {args.wait}; leave it out to return once submitted")
         submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
         check_locally(submission)
     except ValueError as error:

@@ -41,6 +41,10 @@ class StorageConfig:
             raise StorageError("storage.endpoint_url carries credentials (user:secret@host), which would be logged "
                                "with the config: give only http(s)://host:port and put the keys in "
                                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or an AWS profile")
+        endpoint = urlparse(self.endpoint_url) if self.endpoint_url else None
+        if endpoint and (endpoint.scheme not in ("http", "https") or not endpoint.hostname):
+            raise StorageError(f"storage.endpoint_url {self.endpoint_url!r} is not an http(s) URL: give "
+                               "http(s)://host:port, e.g. http://127.0.0.1:9000, or leave it out for AWS")
 
 
 class StorageError(RuntimeError):

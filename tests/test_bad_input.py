@@ -20,6 +20,7 @@ import safetensors.torch
 import yaml
 from PIL import Image
 
+from benchmarks.bad_input_table import CASES, Scene, build_assets, run_case
 from jobs import check_prior as check_prior_job
 from jobs import cli
 from jobs import evaluate as evaluate_job
@@ -290,3 +291,20 @@ def test_submit_refuses_an_address_that_is_not_a_url_before_any_check(address, c
     assert capsys.readouterr().err == (
         f"jepa-minority submit: address {address!r} is not the URL of a Ray cluster's job API: give "
         "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS\n")
+
+
+@pytest.fixture(scope="module")
+def bad_input_assets(tmp_path_factory) -> Path:
+    assets = tmp_path_factory.mktemp("bad_input_assets")
+    build_assets(assets)
+    return assets
+
+
+@pytest.mark.parametrize("case", [case for case in CASES if not case.known], ids=lambda case: case.id)
+def test_each_case_of_the_bad_input_table_is_refused_in_one_line(case, bad_input_assets, tmp_path, request):
+    """Every row of the bad-input table (benchmarks/bad_input_table.py, RELIABILITY.md): the CLI's main refuses it
+    with exit 2 and one line of its own that says what is wrong, before Ray starts, writing and changing nothing."""
+    endpoint = request.getfixturevalue("s3").endpoint if case.s3 else None
+    result = run_case(case, Scene(bad_input_assets, endpoint), tmp_path / "case")
+    assert result["outcome"] == "refused", result
+    assert case.expect in result["line"], result["line"]

@@ -188,6 +188,21 @@ def _list_column(rows: np.ndarray) -> pa.Array:
     return pa.array(list(rows.astype(np.float32)), pa.list_(pa.float32()))
 
 
+def check_device(device: str | None) -> None:
+    """``device`` is a torch device this machine has (None: cuda when available, else cpu); checked before any
+    model loads."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a torch device: give cpu, cuda or cuda:N, or leave --device out "
+                         "(cuda when available, else cpu)") from error
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s): give cpu, or "
+                         "leave --device out (cuda when available, else cpu)")
+
+
 class EvalFeatures:
     """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
 

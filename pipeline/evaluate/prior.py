@@ -32,7 +32,7 @@ from scipy.stats import spearmanr
 from tqdm import tqdm
 
 from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures, FeatureSpace, \
-    FeatureSpec, check_weights_file, decode
+    FeatureSpec, check_device, check_weights_file, decode
 from pipeline.evaluate.metrics import subsample_key
 from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
@@ -181,7 +181,7 @@ class PriorConfig:
     clip_weights: str | None = None
     clip_arch: str | None = None
     batch_size: int = 16  # images per encoder call
-    device: str | None = None  # None: cuda when available
+    device: str | None = None  # torch device (default: cuda when available, else cpu)
     output: str | None = None  # where prior_check.png and prior_check.json (last) go
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -191,6 +191,7 @@ class PriorConfig:
             raise ValueError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_device(self.device)
         if self.guidance_k is not None and self.guidance_k < 1:
             raise ValueError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
         unknown = [name for name in self.nuisances if name not in CHANGES]

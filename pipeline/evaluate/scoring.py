@@ -13,8 +13,9 @@ import torch
 from tqdm import tqdm
 
 from guidance import jepa_score, load_encoder, topk_log_volume
-from guidance.checks import check_sketch
+from guidance.checks import check_rank, check_sketch
 from guidance.encoders import check_encoder
+from pipeline.evaluate.features import check_device
 from pipeline.images import find_images, read_image
 from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve, write_bytes
 
@@ -50,6 +51,7 @@ class ScoreConfig:
         if not self.weights:
             raise ValueError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
         check_encoder(self.encoder, self.weights, self.encoder_output, self.input_size)
+        check_device(self.device)
         if self.method not in SCORE_METHODS:
             raise ValueError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
         if self.batch_size < 1:
@@ -94,6 +96,8 @@ def score_images(config: ScoreConfig) -> ScoreResult:
                                output=config.encoder_output).to(config.device)
     except (ValueError, OSError, RuntimeError) as error:  # missing, truncated, mismatched or unfetchable weights
         raise ValueError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
+    if config.method == "topk":  # before any image is sketched
+        check_rank(config.k, config.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
     scored: list[ScoredImage] = []
     skipped: list[tuple[str, str]] = []
     batches = [files[i : i + config.batch_size] for i in range(0, len(files), config.batch_size)]

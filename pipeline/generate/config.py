@@ -185,20 +185,34 @@ class GenerateConfig:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> GenerateConfig:
     """Read a YAML config (or start from the defaults), apply ``a.b=value`` overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML: {error}") from error
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    data = {} if path is None else read_config_file(path)
     for override in overrides:
         _apply_override(data, override)
     return build(GenerateConfig, data, "")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file's sections as YAML mappings, or a ConfigError in one line naming the file and the fix."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {error.start}): give a YAML file") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(error)}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: its problem and where (its own text spans lines and quotes the file)."""
+    problem, mark = getattr(error, "problem", None), getattr(error, "problem_mark", None)
+    if problem and mark:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

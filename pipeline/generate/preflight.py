@@ -5,7 +5,7 @@ In order: the config's values (checked when it was built), the work against the 
 prompt files (the manifest is built), the model folder, UNet file and encoder weights (guidance's
 ``check_*`` beside each loader: configs and safetensors headers, never the weights), ``guidance.k`` against
 the encoder's embedding size, then the output: not a file, writable, on S3 the endpoint, bucket and keys, not
-in the old layout, and not another config's run (named by the settings that differ). Light to import: no
+in the old layout, not another config's run (named by the settings that differ), nor other files. Light to import: no
 torch, diffusers, timm or Ray unless a cluster must be asked for its GPUs, so a dry run answers at once.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from guidance.checks import check_rank
 from guidance.encoder_specs import check_encoder_weights, encoder_dims
 from guidance.presets import check_model
+from pipeline.curate.folders import check_only
 from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable
@@ -131,7 +132,8 @@ def check_output(output: Location, manifest: Manifest) -> bool:
     check_reachable(output)
     check_resumable(output)
     target = output.child(MANIFEST_FILE)
-    if not exists(target):
+    if not exists(target):  # the manifest is a run's first file: anything else there is another job's
+        check_only(output, set(), "this run", "choose an empty or new output.uri")
         return False
     metadata = read_ipc_schema(target).metadata or {}
     digest = metadata.get(b"config_digest", b"").decode()

@@ -224,7 +224,10 @@ def check_service(service: ServeConfig) -> GenerateConfig:
     config = load_config(service.config, list(service.overrides))
     check_files(config)
     if service.dataset:
-        DatasetBrowser(service.dataset, config.storage)  # a bad URI fails here, not in a replica
+        try:  # a bad URI, or a folder holding no finished dataset, fails here, not on the page
+            DatasetBrowser(service.dataset, config.storage).latest()
+        except DatasetError as error:
+            raise ValueError(f"--dataset: {error}") from error
     return config
 
 
