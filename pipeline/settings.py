@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 
 UI_ADDRESS = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
+# MLflow's own tracking stores by URI scheme (a database's "+driver" suffix aside); plugins add theirs through
+# the "mlflow.tracking_store" entry points, read without importing MLflow.
+MLFLOW_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
 
 
 class ConfigError(ValueError):
@@ -30,6 +34,11 @@ class TrackingConfig:
             raise ConfigError("tracking.tracking_uri carries credentials (user:secret@host), which would be logged "
                               "with the config: give the bare URI and put them in MLFLOW_TRACKING_USERNAME / "
                               "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        scheme = urlparse(self.tracking_uri).scheme.split("+")[0]
+        if scheme not in MLFLOW_SCHEMES and scheme not in {ep.name for ep in entry_points(group="mlflow.tracking_store")}:
+            raise ConfigError(f"tracking.tracking_uri {self.tracking_uri!r}: {scheme}:// is not an MLflow tracking store; "
+                              "give sqlite:///PATH (a local store), http(s)://HOST:PORT (a server), or a database or "
+                              "plugin scheme MLflow knows")
 
 
 def ui_command(tracking_uri: str, run_id: str | None = None) -> str:
