@@ -26,4 +26,4 @@ browser:
 SLOW := $(if $(filter true,$(CI)),,-m "not slow")
 test: $(VENV)/.installed browser
 	@echo "make test: $(if $(SLOW),skipping the tests marked slow (CI=true runs them all),running every test (CI=true))"
-	$(VENV)/bin/python -m pytest $(SLOW)
+	$(VENV)/bin/python -m pytest $(SLOW) --durations=25

@@ -38,6 +38,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def migrated_mlflow_stores(tmp_path_factory):
+    """Every new MLflow store of a test starts as a copy of one store migrated once (tests/private_apis.py)."""
+    from tests.private_apis import migrate_new_mlflow_stores_once
+
+    undo = migrate_new_mlflow_stores_once(tmp_path_factory.mktemp("mlflow_schema"))
+    yield
+    undo()
+
+
 def build_tiny_vit(name: str = ENCODER_NAME, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     args = TINY_ARGS | overrides

@@ -7,6 +7,7 @@ what to fix. All are cheap: nothing is compiled by inductor, no Ray is started.
 from __future__ import annotations
 
 import torch
+from mlflow import MlflowClient
 from torch import nn
 
 from benchmarks.bench_compile import graphs_compiled
@@ -83,3 +84,19 @@ def test_torch_still_has_its_jvp_decompositions_module():
     assert importlib.util.find_spec("torch._decomp.decompositions_for_jvp") is not None, (
         f"torch {torch.__version__}: torch._decomp.decompositions_for_jvp is gone; guidance/log_volume.py imports it "
         "early to keep its torch.jit.script warning quiet")
+
+
+def test_a_new_mlflow_store_is_still_built_by_the_private_initialize_tables(tmp_path, monkeypatch):
+    """The session's stores start as copies of one migrated store (tests/private_apis.py): MLflow must still
+    build a new store's tables through the function the copy replaces, and accept the copy's schema."""
+    import mlflow
+    from mlflow.store.db import utils
+
+    calls = []
+    builds = utils._initialize_tables
+    monkeypatch.setattr(utils, "_initialize_tables", lambda engine: calls.append(engine) or builds(engine))
+    experiments = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").search_experiments()  # the schema is checked here
+    assert len(calls) == 1, (
+        f"mlflow {mlflow.__version__}: a new sqlite store no longer calls the private "
+        "mlflow.store.db.utils._initialize_tables that tests/private_apis.py migrate_new_mlflow_stores_once replaces")
+    assert [experiment.name for experiment in experiments] == ["Default"]

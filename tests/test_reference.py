@@ -43,8 +43,10 @@ def test_reduced_precision_autocast_changes_the_reference_sketch(tiny_encoder):
     full = topk_log_volume_reference(tiny_encoder, images, power_iters=0, generator=seeded())
     low = topk_log_volume_reference(tiny_encoder, images, power_iters=0, generator=seeded(),
                                     autocast_dtype=torch.bfloat16)
-    assert torch.isfinite(low).all()
-    assert not torch.allclose(full, low, rtol=1e-3, atol=1e-3)
+    # Pinned: bfloat16 rounding differs a little between CPUs' kernels, far less than the 2.1 by which
+    # float32 differs.
+    torch.testing.assert_close(full, torch.tensor([13.398404, 17.403055], dtype=full.dtype), atol=1e-4, rtol=0)
+    torch.testing.assert_close(low, torch.tensor([10.886602, 15.268881], dtype=low.dtype), atol=0.05, rtol=0)
 
 
 def test_reference_refuses_bad_settings():

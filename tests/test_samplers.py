@@ -202,7 +202,8 @@ def test_sdxl_lightning_loads_its_unet_file_and_samples_four_trailing_steps(fold
                               timestep_spacing=preset.timestep_spacing)
     assert schedule.timesteps == (999, 749, 499, 249)
     config = dict(method="unguided", steps=preset.steps, cfg_scale=preset.cfg_scale, timestep_spacing="trailing")
-    assert not np.allclose(ours(lightning, TEXT_ITEMS, **config), ours(base, TEXT_ITEMS, **config))
+    assert_pinned(ours(lightning, TEXT_ITEMS, **config),  # the base UNet's weights would move it by 0.028
+                  [0.459727, 0.302663, 0.40487, 0.420834, 0.57234, 0.475225, 0.569403, 0.514243, 0.50327])
 
 
 def test_timesteps_come_from_the_models_scheduler_config(models):
