@@ -21,7 +21,7 @@ FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_w
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = field_docs("pipeline.evaluate.job", "EvaluateConfig")
+    doc = field_docs("pipeline.evaluate.config", "EvaluateConfig")
     parser = job_parser("evaluate", __doc__)
     parser.add_argument("--generated", action="append", required=True, metavar="URI",
                         help="a completed generation output (local path, file:// or s3://); repeat for one row per run")
@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.evaluate.job import EvaluateConfig, markdown, run_evaluation  # torch and Ray load after parsing
+    from pipeline.evaluate.config import EvaluateConfig  # torch and Ray load after parsing
+    from pipeline.evaluate.job import run_evaluation
+    from pipeline.evaluate.table import markdown
     from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
     from pipeline.settings import ui_command
     from pipeline.storage import StorageError

@@ -21,7 +21,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
-from pipeline.evaluate.job import EvaluateConfig, run_evaluation
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.job import run_evaluation
 from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
 from pipeline.evaluate.minority import VERDICTS, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import verdict

@@ -106,7 +106,9 @@ def test_ranking_a_run_written_before_topk_score_by_it_is_refused(tmp_path, caps
 
 
 def test_evaluate_summarises_both_scores(ray_cluster, tmp_path, tracking):
-    from pipeline.evaluate.job import EvaluateConfig, markdown, row_metrics, run_evaluation
+    from pipeline.evaluate.config import EvaluateConfig
+    from pipeline.evaluate.job import run_evaluation
+    from pipeline.evaluate.table import markdown, row_metrics
     from tests.test_evaluation import fake_run
 
     table = fake_run(tmp_path / "gen", "gen", 0)

@@ -18,255 +18,50 @@ scored with the generated runs' own encoder (from ``_run.json``). Means and cova
 row; the k-NN metrics and rarity use one uniform subsample of at most ``max_samples`` per set (fixed seed).
 ``evaluation.md`` then ``evaluation.json`` (the completion marker) go to the output folder; the table
 is logged to MLflow as a parent run with one child per generation run.
+
+This module orchestrates; its parts live beside it: the config (``config.py``), the runs read
+(``runs.py``), what a set contributes (``collect.py``) and the table (``table.py``).
 """
+
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
+from pipeline.evaluate.collect import Collector, SetStats
+from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.runs import GeneratedRun, check_reference_run, labelled_runs, same_encoder, open_generated
+from pipeline.evaluate.table import markdown, row_metrics
 from pipeline.cluster import connect_ray
-from pipeline.curate.selection import valid_scores
-from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures,
-                                       FeatureSpace, FeatureSpec, check_weights_file)
-from pipeline.evaluate.metrics import REFERENCE_QUANTILE, Gaussian, Moments, Subsample, manifold_metrics, score_summary, share_below
-from pipeline.evaluate.minority import BASELINE, FIGURES, MinorityConfig, MinorityReference, minority_test
+from pipeline.evaluate.features import EvalFeatures, FeatureSpec
+from pipeline.evaluate.metrics import REFERENCE_QUANTILE, manifold_metrics, score_summary, share_below
+from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import prior_summary
-from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
+from pipeline.evaluate.rarity import RaritySummary
 from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
-from pipeline.rows import committed_footers
-from pipeline.schema import DATA_DIR, EVALUATION_FILE, EVALUATION_TABLE_FILE, FAILURES_DIR, PRIOR_CHECK_PLOT, RUN_FILE
-from pipeline.settings import TrackingConfig, flatten, to_dict
-from pipeline.storage import Location, StorageConfig, StorageError, check_writable, delete, exists, list_files, read_bytes, resolve, write_bytes
+from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE, PRIOR_CHECK_PLOT, RUN_FILE
+from pipeline.settings import flatten, to_dict
+from pipeline.storage import check_writable, delete, exists, resolve, write_bytes
 
 log = logging.getLogger(__name__)
 READ_BATCH = 4096  # rows per driver-side batch when no model runs
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """What to evaluate against what, and which metrics (the weights-file ones only when given)."""
-
-    generated: tuple[str, ...]  # completed generation outputs (each holds _run.json), one table row each
-    reference: str | None = None  # a folder of real images, or Parquet with jepa_score / embedding / encoder
-    output: str | None = None  # where evaluation.md and evaluation.json go
-    max_samples: int = 10_000  # per set, for the k-NN metrics (a uniform subsample with `seed`)
-    nearest_k: int = 5  # k of the k-NN balls (Naeem et al. 2020 use 5)
-    seed: int = 0  # chooses the k-NN subsample
-    inception_weights: str | None = None  # torch-fidelity Inception .pth: FID and sFID
-    clip_weights: str | None = None  # an open_clip checkpoint: CLIP score of prompted runs
-    clip_arch: str | None = None  # the checkpoint's open_clip architecture, or a model config .json
-    rarity_features: str | None = None  # a FeatureSpace name; None = the most independent one available
-    rarity_k: int = DEFAULT_K  # k of AvgkNN, LOF and Rarity Score
-    baseline: str | None = None  # one of the generated runs: the minority test's baseline (e.g. the unguided run)
-    minority_quantile: float = 0.25  # the rarest share of the reference (leave-one-out AvgkNN) that is its minority
-    minority_per_class: bool = False  # choose that share within each class (a Parquet reference with class_label)
-    batch_size: int = 16  # images per actor call (reference images, FID, CLIP)
-    actors: int = 1  # actors in the pool that runs the models
-    cpus_per_actor: float = 1.0  # fractions keep small machines from stalling
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
-
-    def __post_init__(self):
-        if not self.generated:
-            raise ValueError("give at least one generated run (--generated URI)")
-        if len(set(self.generated)) != len(self.generated):
-            raise ValueError(f"a generated run is listed twice: {', '.join(self.generated)}")
-        if self.nearest_k < 1:
-            raise ValueError(f"nearest_k must be >= 1, got {self.nearest_k}")
-        if self.max_samples <= max(self.nearest_k, self.rarity_k):
-            raise ValueError(f"max_samples must exceed nearest_k ({self.nearest_k}) and rarity_k ({self.rarity_k}), "
-                             f"got {self.max_samples}")
-        if self.rarity_k < 1:
-            raise ValueError(f"rarity_k must be >= 1, got {self.rarity_k}")
-        if self.rarity_features and not self.reference:
-            raise ValueError("rarity is measured against a reference: pass --reference with --rarity-features")
-        if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor < 0:
-            raise ValueError("batch_size and actors must be >= 1, cpus_per_actor >= 0")
-        if (self.clip_weights is None) != (self.clip_arch is None):
-            raise ValueError("CLIP score needs both --clip-weights and --clip-arch")
-        if self.inception_weights and not self.reference:
-            raise ValueError("FID / sFID compare against a reference: pass --reference with --inception-weights")
-        if self.inception_weights:
-            check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
-        if self.clip_weights:
-            check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
-        if self.reference:
-            FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights)
-        if self.baseline is not None and self.baseline not in self.generated:
-            raise ValueError(f"--baseline {self.baseline} is not one of the generated runs ({', '.join(self.generated)}): "
-                             "pass one of the --generated URIs exactly as given")
-        if self.baseline is not None and not self.reference:
-            raise ValueError("the minority test measures against a reference: pass --reference with --baseline")
-        if not 0 < self.minority_quantile < 1:
-            raise ValueError(f"minority_quantile must lie strictly between 0 and 1, got {self.minority_quantile}")
-        if self.minority_per_class and self.baseline is None:
-            raise ValueError("--minority-per-class chooses the minority test's reference: pass --baseline with it")
-
-    @property
-    def rarity_space(self) -> FeatureSpace | None:
-        """Where rarity is measured: the named space, else the most independent one given; None without a reference."""
-        return FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights) if self.reference else None
-
-
-@dataclass
-class SetStats:
-    """What one set (a generated run or the reference) contributes to the table."""
-
-    rows: int  # rows read
-    invalid: int  # rows without a finite score or an embedding (counted, left out)
-    scores: np.ndarray  # every valid row's JEPA-SCORE
-    embedding: Gaussian  # of the CLS embeddings
-    sample: np.ndarray  # uniform subsample of the embeddings, for the k-NN metrics
-    encoders: set[str]  # the `encoder` column's values
-    pool: Gaussian | None = None  # Inception pool3
-    spatial: Gaussian | None = None  # Inception mixed_6/conv[:7]
-    clip_score: float | None = None  # mean over prompted rows
-    clip_rows: int = 0
-    rarity: np.ndarray | None = None  # the subsample's features in the rarity space (the same rows as `sample`)
-    rarity_scores: np.ndarray | None = None  # the same rows' JEPA-SCOREs, paired (the reference's prior check)
-    topk_scores: np.ndarray | None = None  # the valid rows' stored top-k scores, when the set has them
-    rarity_seeds: np.ndarray | None = None  # the rarity subsample's seeds (generated runs: the minority test pairs by them)
-    rarity_labels: np.ndarray | None = None  # the rarity subsample's class labels (-1: none), when the set has them
-
-
-class Collector:
-    """Consumes Arrow batches of one set; memory stays bounded by the subsample and the moments."""
-
-    def __init__(self, max_samples: int, seed: int, rarity_column: str | None = None):
-        self.rows = self.invalid = 0
-        self.scores: list[np.ndarray] = []
-        self.subsample = Subsample(max_samples, seed)
-        self.rarity_column = rarity_column
-        self.rarity = Subsample(max_samples, seed)  # the same keys: the same rows as `subsample`
-        self.rarity_scores = Subsample(max_samples, seed, np.float64)
-        self.rarity_seeds = Subsample(max_samples, seed, np.int64)
-        self.rarity_labels = Subsample(max_samples, seed, np.int64)
-        self.moments: dict[str, Moments] = {}
-        self.encoders: set[str] = set()
-        self.clip: list[np.ndarray] = []
-        self.topk: list[np.ndarray] = []
-
-    def add(self, batch: pa.Table) -> None:
-        self.rows += batch.num_rows
-        valid = valid_scores(batch)
-        valid = valid.filter(pc.is_valid(valid.column("embedding")))
-        self.invalid += batch.num_rows - valid.num_rows
-        if not valid.num_rows:
-            return
-        self.scores.append(valid.column("jepa_score").to_numpy())
-        if "topk_score" in valid.column_names:
-            self.topk.append(valid_scores(valid, "topk_score").column("topk_score").to_numpy())
-        if "encoder" in valid.column_names:
-            self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
-        ids = valid.column("sample_id").to_pylist()
-        embeddings = _matrix(valid.column("embedding"))
-        self.subsample.add(ids, embeddings)
-        for name in ("embedding", "pool", "spatial"):
-            if name in valid.column_names:
-                features = embeddings if name == "embedding" else _matrix(valid.column(name))
-                self.moments.setdefault(name, Moments(features.shape[1])).add(features)
-        if self.rarity_column:
-            column = self.rarity_column
-            self.rarity.add(ids, embeddings if column == "embedding" else _matrix(valid.column(column)))
-            self.rarity_scores.add(ids, valid.column("jepa_score").to_numpy()[:, None])
-            for name, kept in (("seed", self.rarity_seeds), ("class_label", self.rarity_labels)):
-                if name in valid.column_names:
-                    kept.add(ids, pc.fill_null(valid.column(name), -1).to_numpy()[:, None])
-        if "clip_score" in valid.column_names:
-            values = valid.column("clip_score").drop_null().to_numpy()
-            self.clip.append(values)
-
-    def result(self, what: str) -> SetStats:
-        if "embedding" not in self.moments or self.moments["embedding"].count < 2:
-            raise ValueError(f"{what} holds fewer than 2 rows with a finite JEPA-SCORE and an embedding "
-                             f"({self.rows} rows read, {self.invalid} without): nothing to evaluate")
-        clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
-        gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
-        rarity = (self.rarity.features, self.rarity_scores.features[:, 0]) if self.rarity_column else (None, None)
-        seeds, labels = (kept.features[:, 0] if kept.rows is not None else None
-                         for kept in (self.rarity_seeds, self.rarity_labels))
-        return SetStats(self.rows, self.invalid, np.concatenate(self.scores), gaussian["embedding"],
-                        self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
-                        float(clip.mean()) if len(clip) else None, len(clip), *rarity,
-                        topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None,
-                        rarity_seeds=seeds, rarity_labels=labels)
-
-
-def _matrix(column: pa.ChunkedArray) -> np.ndarray:
-    """A list<float> column of equal-length rows as an (N, D) float64 array."""
-    array = column.combine_chunks()
-    lengths = pc.list_value_length(array)
-    if pc.min(lengths).as_py() != pc.max(lengths).as_py():
-        raise ValueError(f"feature rows of different lengths ({pc.min(lengths)} to {pc.max(lengths)}) in one set")
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(len(array), -1).astype(np.float64)
-
-
-@dataclass(frozen=True)
-class GeneratedRun:
-    """A completed generation output and what its _run.json says."""
-
-    uri: str
-    location: Location
-    files: list[str]
-    method: str
-    encoder: dict
-    generation_run_id: str | None
-    failed: int
-    label: str = ""
-
-
-def open_generated(uri: str, storage: StorageConfig) -> GeneratedRun:
-    location = resolve(uri, storage)
-    if not exists(location.child(RUN_FILE)):
-        raise StorageError(f"{uri} is not a completed generation run (no {RUN_FILE}); finish it first")
-    run = json.loads(read_bytes(location.child(RUN_FILE)))
-    config = run.get("config", {})
-    if "encoder" not in config or "sampling" not in config:
-        raise ValueError(f"{uri}/{RUN_FILE} has no encoder / sampling config: was it written by jepa-minority generate?")
-    files = [f.path for f in list_files(location.child(DATA_DIR), ".parquet")]
-    if not files:
-        raise ValueError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
-    rows = sum(footer.num_rows for footer in committed_footers(location))  # footers only; a corrupt file named
-    if rows < 2:
-        raise ValueError(f"{uri} holds fewer than 2 rows ({rows} committed): nothing to evaluate")
-    return GeneratedRun(uri, location, files, config["sampling"]["method"], config["encoder"], run.get("last_run_id"),
-                        len(list_files(location.child(FAILURES_DIR), ".json")))
-
-
-def _labelled(runs: list[GeneratedRun]) -> list[GeneratedRun]:
-    """Rows are named by method; runs sharing a method are told apart by their folder names."""
-    methods = [run.method for run in runs]
-    return [replace(run, label=run.method if methods.count(run.method) == 1
-                    else f"{run.method} ({run.uri.rstrip('/').rsplit('/', 1)[-1]})") for run in runs]
-
-
-def _same_encoder(runs: list[GeneratedRun]) -> dict:
-    first = runs[0].encoder
-    for run in runs[1:]:
-        if run.encoder != first:
-            raise ValueError(f"{runs[0].uri} and {run.uri} were scored by different encoders ({first} vs {run.encoder}): "
-                             "their JEPA-SCOREs and embeddings are not comparable; evaluate them separately")
-    return first
 
 
 def run_evaluation(config: EvaluateConfig) -> dict:
     """Evaluate every generated run against the reference; returns the report (evaluation.json)."""
     from pipeline.tracking import RunTracker, folder_name, run_name
 
-    runs = _labelled([open_generated(uri, config.storage) for uri in config.generated])
-    encoder = _same_encoder(runs)
+    runs = labelled_runs([open_generated(uri, config.storage) for uri in config.generated])
+    encoder = same_encoder(runs)
     target = resolve(config.output, config.storage) if config.output else None
     if target:
         check_writable(target)
@@ -438,7 +233,7 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
         if missing:
             raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
                              "the generated schema (pipeline/schema.py) or a folder of images to embed here")
-        _check_reference_run(location, config.reference, encoder)
+        check_reference_run(location, config.reference, encoder)
         count = dataset.count_rows()
     if count <= config.rarity_k:
         raise ValueError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
@@ -461,15 +256,6 @@ def _prior_check(config: EvaluateConfig, reference: SetStats) -> tuple[dict, byt
     summary, within = prior_summary(reference.rarity_scores, reference.rarity, space, config.rarity_k)
     return summary, score_against_rarity(within, reference.rarity_scores, summary["binned"], summary["verdict"], space.name)
 
-
-def _check_reference_run(location: Location, uri: str, encoder: dict) -> None:
-    """A reference that is itself a generation run must have been scored at the same input size."""
-    if location.path.endswith(".parquet") or not exists(location.child(RUN_FILE)):
-        return
-    theirs = json.loads(read_bytes(location.child(RUN_FILE))).get("config", {}).get("encoder", {})
-    if theirs.get("input_size") != encoder["input_size"]:
-        raise ValueError(f"reference {uri} was scored at input size {theirs.get('input_size')}, the generated runs at "
-                         f"{encoder['input_size']}: their JEPA-SCOREs are not comparable")
 
 
 def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], stats: dict[str, SetStats],
@@ -545,94 +331,3 @@ def _minority_tests(config: EvaluateConfig, runs: list[GeneratedRun], stats: dic
         mine = stats[run.label]
         row["minority"] = minority_test(mine.rarity, theirs.rarity, chosen, (mine.rarity_seeds, theirs.rarity_seeds),
                                         bounds) | {"baseline_run": base.label}
-
-
-def row_metrics(row: dict) -> dict[str, float]:
-    """A table row as flat MLflow metrics (values that exist and are finite)."""
-    values = {"rows": row["rows"], "invalid": row["invalid"], "failed_in_input": row["failed_in_input"]}
-    score = row["jepa_score"]
-    values |= {"jepa_score_mean": score["mean"], "jepa_score_std": score["std"]}
-    values |= {f"jepa_score_{name}": value for name, value in score["quantiles"].items()}
-    if "rarer_than_reference_p10" in score:
-        values["rarer_than_reference_p10"] = score["rarer_than_reference_p10"]
-    if "topk_score" in row:
-        values |= {"topk_score_mean": row["topk_score"]["mean"], "topk_score_std": row["topk_score"]["std"]}
-    values |= {f"embedding_{name}": value for name, value in row.get("embedding", {}).items()}
-    values |= row.get("inception", {})
-    rarity = row.get("rarity")
-    if rarity:
-        values |= {"rarity_avg_knn": rarity["avg_knn"], "rarity_lof": rarity["lof"],
-                   "rarity_score_uncovered": rarity["rarity_score_uncovered"], "rarity_samples": rarity["samples"]}
-        values |= {f"rarity_avg_knn_{name}": value for name, value in rarity["avg_knn_quantiles"].items()}
-        if rarity["rarity_score"] is not None:
-            values["rarity_score"] = rarity["rarity_score"]
-    if row.get("clip_score") is not None:
-        values["clip_score"] = row["clip_score"]
-    minority = row.get("minority", {})
-    values |= {f"minority_{name}": minority[name] for name in FIGURES if name in minority}
-    for name, (low, high) in minority.get("intervals", {}).items():
-        values |= {f"minority_{name}_diff_low": low, f"minority_{name}_diff_high": high}
-    return {key: float(value) for key, value in values.items() if math.isfinite(value)}
-
-
-COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / higher is better as marked
-    ("samples", lambda r: f"{r['rows'] - r['invalid']}"),
-    ("AvgkNN ↑", lambda r: _fmt(r.get("rarity", {}).get("avg_knn"))),
-    ("LOF ↑", lambda r: _fmt(r.get("rarity", {}).get("lof"))),
-    ("Rarity Score ↑", lambda r: _fmt(r.get("rarity", {}).get("rarity_score"))),
-    ("uncovered", lambda r: _fmt(r.get("rarity", {}).get("rarity_score_uncovered"))),
-    ("JEPA-SCORE (objective) ↓", lambda r: f"{r['jepa_score']['mean']:.2f} ± {r['jepa_score']['std']:.2f}"),
-    ("below ref. p10 (objective) ↑", lambda r: _fmt(r["jepa_score"].get("rarer_than_reference_p10"))),
-    ("FD (encoder) ↓", lambda r: _fmt(r.get("embedding", {}).get("fd"))),
-    ("precision ↑", lambda r: _fmt(r.get("embedding", {}).get("precision"))),
-    ("recall ↑", lambda r: _fmt(r.get("embedding", {}).get("recall"))),
-    ("density ↑", lambda r: _fmt(r.get("embedding", {}).get("density"))),
-    ("coverage ↑", lambda r: _fmt(r.get("embedding", {}).get("coverage"))),
-    ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
-    ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
-    ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
-    ("minority test", lambda r: r["minority"]["verdict"] if "minority" in r else "—"),
-    ("FD to minority ↓", lambda r: _fmt(r.get("minority", {}).get("fd_minority"))),
-    ("nearest is minority ↑", lambda r: _fmt(r.get("minority", {}).get("nearest_minority_share"))),
-    ("top-k score ↓", lambda r: f"{r['topk_score']['mean']:.2f} ± {r['topk_score']['std']:.2f}" if "topk_score" in r else "—"),
-]
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
-
-
-def markdown(report: dict) -> str:
-    """The table (columns without any value left out), then what it was measured against."""
-    rows = report["rows"]
-    columns = [(name, cell) for name, cell in COLUMNS if any(cell(r) != "—" for r in rows)]
-    lines = ["| method | " + " | ".join(name for name, _ in columns) + " |",
-             "| --- | " + " | ".join("---" for _ in columns) + " |"]
-    lines += [f"| {r['method']} | " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
-    encoder = report["encoder"]
-    notes = [f"Encoder: {encoder['name']} ({encoder['weights']}, input {encoder['input_size']}). "
-             "JEPA-SCORE: mean ± std of the exact score, lower is rarer; top-k score: of the exact top-k "
-             "log-volume at each run's guidance k; both are the guidance objective, not independent measures of rarity."]
-    reference = report["reference"]
-    if reference:
-        settings, rarity = report["settings"], report["rarity"]
-        notes.append(f"Rarity against the reference in feature space {rarity['feature_space']} ({rarity['description']})"
-                     f": AvgkNN, LOF and Rarity Score (larger = rarer; uncovered = share outside every reference "
-                     f"ball), k = {rarity['k']}, on the k-NN subsample ({rarity['reference_samples']} reference rows).")
-        notes.append(f"Prior check of the reference: {report['prior_check']['verdict']}.")
-        if report["minority"]:
-            minority = report["minority"]
-            notes.append(f"Minority test against {minority['baseline']} (docs/method.md, 'The minority test'): the "
-                         f"minority is the reference's rarest {minority['quantile']:.0%} by leave-one-out AvgkNN"
-                         f"{' within each class' if minority['per_class'] else ''} in {rarity['feature_space']}; "
-                         "minority = closer to it by FD than the baseline (bootstrap interval excluding 0) with "
-                         f"precision at most {minority['precision_margin']} below the baseline's; off-data = rarer by "
-                         "AvgkNN but not closer; only minority runs are rarer than the baseline in the data.")
-        notes.append(f"Reference: {reference['uri']}, {reference['rows'] - reference['invalid']} samples, JEPA-SCORE "
-                     f"{reference['jepa_score']['mean']:.2f} ± {reference['jepa_score']['std']:.2f}, "
-                     f"10th percentile {reference['p10']:.2f}.")
-        notes.append(f"FD uses every sample; precision / recall / density / coverage use k = {settings['nearest_k']} "
-                     f"on at most {settings['max_samples']} samples per set (uniform, seed {settings['seed']}).")
-    else:
-        notes.append("No reference given: rarity only.")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
