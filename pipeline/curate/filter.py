@@ -14,7 +14,7 @@ Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
 Before the first data file, ``_curation.json`` claims the folder for this input and rule: a rerun removes only
 the data files of an interrupted attempt that claimed it, and a folder holding a run, a curation of another
-input or rule, or files it did not write is refused (pipeline/curate/folders.py). The dataset card, then ``_selection.json`` last, as
+input or rule, or files it did not write is refused (pipeline/folders.py). The dataset card, then ``_selection.json`` last, as
 the completion marker of the curated set (names in pipeline/schema.py). A group whose quota is 0 is refused
 unless ``allow_empty_groups``; a set that keeps nothing is still one Parquet file with the schema and no rows.
 Rows are chosen by score whatever their method; the report counts rows, considered (valid) and kept ones
@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.gate import DEFAULT_SPACE, Gate, load_gate, mark_inside, pixel_space
-from pipeline.curate.folders import check_apart, check_holds_no_run, check_only, inside
+from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.layout import check_layout, missing_columns, write_card
 from pipeline.rows import read_committed

@@ -10,7 +10,7 @@ sort by date), in one place (``_oldest_first``): LATEST.json names the newest co
 rerunning an older one completes it without publishing it, and the oldest versions beyond
 ``keep_versions`` are deleted, never the one LATEST.json names nor the one just run, nor a folder under
 versions/ that holds anything but a version's two folders. A version that keeps no rows never replaces a
-LATEST.json whose version kept some. The root holds only LATEST.json and versions/ (pipeline/curate/folders.py).
+LATEST.json whose version kept some. The root holds only LATEST.json and versions/ (pipeline/folders.py).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import pyarrow.fs as pafs
 
 from pipeline.curate.filter import FilterConfig, check_groups, check_target, group_counts, run_filter
-from pipeline.curate.folders import check_holds_no_run, check_only, entries
+from pipeline.folders import check_holds_no_run, check_only, entries
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import Plan, preflight_generation

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curate.filter import FilterConfig, check_groups, check_target, group_counts, run_filter
-from pipeline.curate.folders import check_holds_no_run, check_only
+from pipeline.folders import check_holds_no_run, check_only
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from guidance.checks import check_rank
 from guidance.encoder_specs import check_encoder_weights, encoder_dims
 from guidance.presets import check_model
-from pipeline.curate.folders import check_only
+from pipeline.folders import check_only
 from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable

@@ -1,5 +1,5 @@
-"""The folders a curation, a refresh or the demo writes into: apart from their input, holding no generation run,
-and nothing they did not write. Checks only: they read listings and never write.
+"""The folders a job writes into (a generation run, a curation, a refresh root, the demo's): apart from their input,
+holding no other run, and nothing they did not write. Checks only: they read listings and never write.
 
 Readers pointed at a folder read every data file below it (tests/test_readers.py), so a curated set inside its
 input, or an input inside it, would be counted twice; and a folder holding another job's files is never taken
