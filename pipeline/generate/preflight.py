@@ -23,7 +23,7 @@ from guidance.presets import check_model
 from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable
-from pipeline.rows import committed_ids
+from pipeline.rows import Committed, committed_samples
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError
 from pipeline.storage import Location, StorageError, check_reachable, exists, read_ipc_schema, resolve
@@ -38,18 +38,18 @@ class Plan:
     manifest: Manifest
     gpus_per_actor: float
     started: bool  # the output already holds this config's manifest
-    committed: int  # samples already committed there
+    committed: Committed  # samples already committed there, read from the data files' footers
     complete: bool  # its _run.json is there
 
     @property
     def planned(self) -> int:
-        return self.manifest.table.num_rows
+        return self.manifest.planned
 
     def describe(self) -> str:
         """One line: ``N samples planned into URI, M already committed: resumes`` (or starts, or complete)."""
         what = "already complete" if self.complete else "resumes" if self.started else "starts"
         truncated = self.manifest.truncated_prompts
-        return (f"{self.planned} samples planned into {self.output.uri}, {self.committed} already committed: {what}"
+        return (f"{self.planned} samples planned into {self.output.uri}, {self.committed.count} already committed: {what}"
                 + (f" ({truncated} prompts truncated)" if truncated else ""))
 
 
@@ -157,5 +157,5 @@ def preflight_generation(config: GenerateConfig) -> Plan:
     check_files(config)
     check_rank_fits(config)
     started = check_output(output, manifest)
-    committed = len(committed_ids(output)) if started else 0
+    committed = committed_samples(output) if started else Committed.nothing()
     return Plan(config, output, manifest, gpus, started, committed, started and exists(output.child(RUN_FILE)))
