@@ -32,7 +32,8 @@ def part_name(sample_ids: list[str]) -> str:
 
 
 class AtomicParquetSink(Datasink[list[str]]):
-    """Writes SAMPLER_SCHEMA rows (as OUTPUT_SCHEMA, the sample indices in the footer) under ``<uri>/<DATA_DIR>/`` in files of at most ``max_rows_per_file``.
+    """Writes a generation's SAMPLER_SCHEMA rows (as OUTPUT_SCHEMA, their sample indices in the footer) or a
+    curation's OUTPUT_SCHEMA rows under ``<uri>/<DATA_DIR>/`` in files of at most ``max_rows_per_file``.
 
     Holds plain settings only, so write workers import pyarrow and Ray, not the models.
     """
@@ -48,13 +49,17 @@ class AtomicParquetSink(Datasink[list[str]]):
         tables = [table for table in tables if table.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables([t.select(SAMPLER_SCHEMA.names).cast(SAMPLER_SCHEMA) for t in tables])
+        indexed = SAMPLE_INDEX in tables[0].column_names  # a generation's rows; a curation's have no index
+        schema = SAMPLER_SCHEMA if indexed else OUTPUT_SCHEMA
+        table = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
         folder = resolve(self.uri, self.storage).child(DATA_DIR)
         names = []
         for offset in range(0, table.num_rows, self.max_rows_per_file):
             chunk = table.slice(offset, self.max_rows_per_file)
-            record = {SAMPLE_RANGES_KEY: sample_ranges(chunk.column(SAMPLE_INDEX).to_numpy())}
-            rows = chunk.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA.with_metadata(OUTPUT_SCHEMA.metadata | record))
+            rows = chunk.select(OUTPUT_SCHEMA.names)
+            if indexed:
+                record = {SAMPLE_RANGES_KEY: sample_ranges(chunk.column(SAMPLE_INDEX).to_numpy())}
+                rows = rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | record)
             name = part_name(rows.column("sample_id").to_pylist())
             write_table(folder.child(name), rows, self.row_group_size)
             names.append(name)
