@@ -10,16 +10,18 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.feather as feather
 import pyarrow.parquet as pq
 import pytest
 
+from jobs import generate as generate_job
 from pipeline.generate import work
 from pipeline.generate.config import load_config
 from pipeline.generate.job import MAX_BLOCKS, missing_pieces
-from pipeline.generate.work import Manifest, build_manifest, work_digest
 from pipeline.generate.preflight import for_device
+from pipeline.generate.work import Manifest, build_manifest, work_digest
 from pipeline.rows import Committed, committed_samples, sample_ranges
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, SAMPLE_RANGES_KEY
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE, SAMPLE_RANGES_KEY
 from pipeline.storage import StorageConfig, StorageError, resolve
 from tests.conftest import cpu_manifest
 
@@ -117,3 +119,19 @@ def test_committed_samples_read_the_footers_and_refuse_a_file_without_its_record
     with pytest.raises(StorageError, match="did not record its samples' indices") as error:
         committed_samples(output)
     assert "\n" not in str(error.value) and f"{DATA_FILE_PREFIX}3.parquet" in str(error.value)
+
+
+def test_a_run_an_earlier_version_left_is_refused_in_one_line_and_one_it_finished_stays_complete(
+        write_config, tmp_path, capsys):
+    """The reader-compatibility note: the same digest and ids, but data files without the footer record."""
+    path, out = write_config(), tmp_path / "out"
+    earlier = cpu_manifest(load_config(path)).table.drop_columns(["sample_index"])  # one row per sample, as it stored
+    (out / DATA_DIR).mkdir(parents=True)
+    feather.write_feather(earlier, out / MANIFEST_FILE)
+    rows = pa.Table.from_pylist(earlier.select(["sample_id"]).to_pylist(), schema=OUTPUT_SCHEMA)
+    pq.write_table(rows, out / DATA_DIR / f"{DATA_FILE_PREFIX}0.parquet")
+    assert generate_job.main([path, "--dry-run"]) == 2
+    assert "did not record its samples' indices: finish this run with that version" in capsys.readouterr().err
+    (out / RUN_FILE).write_text(json.dumps({"counts": {"planned": 12, "committed": 12, "failed": 0}}))
+    assert generate_job.main([path, "--dry-run"]) == 0
+    assert capsys.readouterr().out == f"dry run: 12 samples planned into {out}, 12 already committed: already complete\n"

@@ -135,8 +135,8 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     from pipeline.tracking import RunTracker, folder_name, run_name, source_name  # MLflow: only for work to do
 
     start = time.perf_counter()
-    before = plan.committed.count
-    missing = plan.committed.missing(planned)
+    before = plan.done.count
+    missing = plan.done.missing(planned)
     todo_count = int((missing[:, 1] - missing[:, 0]).sum())
     tracker = RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
                                                             source_name(config.model.source or config.model.preset),

@@ -26,7 +26,7 @@ from pipeline.layout import check_resumable
 from pipeline.rows import Committed, committed_samples
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError
-from pipeline.storage import Location, StorageError, check_reachable, exists, read_ipc_schema, resolve
+from pipeline.storage import Location, StorageError, check_reachable, exists, read_bytes, read_ipc_schema, resolve
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,8 @@ class Plan:
     manifest: Manifest
     gpus_per_actor: float
     started: bool  # the output already holds this config's manifest
-    committed: Committed  # samples already committed there, read from the data files' footers
+    committed: int  # samples already committed there
+    done: Committed  # which, from the data files' footers (none read when complete: its _run.json counts them)
     complete: bool  # its _run.json is there
 
     @property
@@ -49,7 +50,7 @@ class Plan:
         """One line: ``N samples planned into URI, M already committed: resumes`` (or starts, or complete)."""
         what = "already complete" if self.complete else "resumes" if self.started else "starts"
         truncated = self.manifest.truncated_prompts
-        return (f"{self.planned} samples planned into {self.output.uri}, {self.committed.count} already committed: {what}"
+        return (f"{self.planned} samples planned into {self.output.uri}, {self.committed} already committed: {what}"
                 + (f" ({truncated} prompts truncated)" if truncated else ""))
 
 
@@ -157,5 +158,7 @@ def preflight_generation(config: GenerateConfig) -> Plan:
     check_files(config)
     check_rank_fits(config)
     started = check_output(output, manifest)
-    committed = committed_samples(output) if started else Committed.nothing()
-    return Plan(config, output, manifest, gpus, started, committed, started and exists(output.child(RUN_FILE)))
+    complete = started and exists(output.child(RUN_FILE))
+    done = committed_samples(output) if started and not complete else Committed.nothing()
+    committed = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]["committed"] if complete else done.count
+    return Plan(config, output, manifest, gpus, started, committed, done, complete)
