@@ -82,7 +82,7 @@ SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (low
 # any other non-Parquet file, duckdb reads every *.parquet below the folder whatever its name, polars
 # needs `<folder>/**/*.parquet`, and Hugging Face datasets reads CARD_FILE or, without one, the files
 # named like a split. So only data files end in .parquet, and every other name starts with `_` or `.`.
-MANIFEST_FILE = "_manifest.arrow"  # the work entries (an Arrow IPC file, not .parquet), written before generation starts
+MANIFEST_FILE = "_manifest.arrow"  # the work entries (Arrow IPC, not .parquet), written before generation starts
 DATA_DIR = "data"  # committed output rows
 DATA_FILE_PREFIX = "train-"  # DATA_DIR/train-<hash>.parquet: the name datasets' default split patterns pick
 DATA_FILES = f"{DATA_DIR}/{DATA_FILE_PREFIX}*.parquet"  # the glob of every committed data file

@@ -109,10 +109,9 @@ def test_committed_samples_read_the_footers_and_refuse_a_file_without_its_record
     data = tmp_path / "out" / DATA_DIR
     data.mkdir(parents=True)
     rows = pa.Table.from_pylist([{"sample_id": "a"}, {"sample_id": "b"}], schema=OUTPUT_SCHEMA)
-    pq.write_table(rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | {SAMPLE_RANGES_KEY: sample_ranges(np.array([4, 6]))}),
-                   data / f"{DATA_FILE_PREFIX}1.parquet")
-    pq.write_table(rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | {SAMPLE_RANGES_KEY: sample_ranges(np.array([0, 1]))}),
-                   data / f"{DATA_FILE_PREFIX}2.parquet")
+    for name, indices in (("1", [4, 6]), ("2", [0, 1])):  # as the sink records them
+        record = {SAMPLE_RANGES_KEY: sample_ranges(np.array(indices))}
+        pq.write_table(rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | record), data / f"{DATA_FILE_PREFIX}{name}.parquet")
     output = resolve(str(tmp_path / "out"), StorageConfig())
     assert committed_samples(output).ranges.tolist() == [[0, 2], [4, 5], [6, 7]]
     pq.write_table(rows, data / f"{DATA_FILE_PREFIX}3.parquet")  # as an earlier version wrote it

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 RAY_RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts")  # how Ray Data's note begins
-MAX_BLOCKS = 10_000  # index ranges handed to Ray Data at most (and one per missing range): small blocks keep every actor busy
+MAX_BLOCKS = 10_000  # index ranges handed to Ray Data (one more per gap): small blocks keep every actor busy
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,8 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
         if todo_count:
             log.info("generating %d of %d samples (%d already committed)", todo_count, planned, before)
             try:
-                _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id, plan.gpus_per_actor, output, before)
+                _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id,
+                               plan.gpus_per_actor, output, before)
             except KeyboardInterrupt:
                 status = "KILLED"
                 raise Interrupted(committed_samples(output).count, planned) from None
