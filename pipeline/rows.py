@@ -14,7 +14,6 @@ from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA, SAMPLE_RANGES_KEY
@@ -31,6 +30,8 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
     files = list_files(output.child(DATA_DIR), ".parquet")
     if not files:
         return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
+    import pyarrow.dataset as pads  # here, not above: it imports pandas, seconds a dry run need not wait
+
     with clear_errors("read", output.child(DATA_DIR)):
         dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
         return dataset.to_table(columns=columns)

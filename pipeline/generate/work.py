@@ -246,10 +246,15 @@ def work_digest(identity: dict, entries: list[tuple[str | None, int | None, int]
     digest = hashlib.sha256(head.encode() + b"[")
     separator = b""
     for prompt, label, samples in entries:
+        if not samples:
+            continue
         item = json.dumps([prompt, label]).encode()
-        for done in range(0, samples, DIGEST_CHUNK):
-            digest.update(separator + item + (b", " + item) * (min(DIGEST_CHUNK, samples - done) - 1))
-            separator = b", "
+        digest.update(separator + item)
+        separator, rest = b", ", samples - 1
+        block = (b", " + item) * min(DIGEST_CHUNK, rest)  # the same bytes for every whole chunk: built once
+        for _ in range(rest // DIGEST_CHUNK):
+            digest.update(block)
+        digest.update(block[: (rest % DIGEST_CHUNK) * (len(item) + 2)])
     digest.update(b"]" + tail.encode())
     return digest.hexdigest()
 
