@@ -61,7 +61,7 @@ class Manifest:
 
     @classmethod
     def read(cls, work: pa.Table) -> Manifest:
-        """A manifest from its stored table (``_manifest.arrow``)."""
+        """A manifest from its stored table (``_manifest.arrow``); how many prompts were truncated is not stored (0)."""
         metadata = work.schema.metadata
         return cls(work, metadata[b"config_digest"].decode(), json.loads(metadata[b"run_identity"]), 0)
 
