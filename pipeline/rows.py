@@ -1,14 +1,22 @@
-"""A run's committed rows, read back with pyarrow alone (light: the page and the filter's driver use it)."""
+"""A run's committed rows, read back with pyarrow alone (light: the page and the filter's driver use it).
+
+Which samples a run has committed is read from the data files' footers, never from their rows: each file
+records the sample indices it holds as [start, stop) ranges (``sample_ranges``), so resume and the final
+count cost one small ranged read per file and memory in the number of ranges, not of samples.
+"""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import cached_property
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA
+from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA, SAMPLE_RANGES_KEY
 from pipeline.storage import Location, StorageError, clear_errors, list_files
 
 FOOTER_READERS = 16  # footers read at once: one small ranged read each, so S3's latency overlaps
@@ -22,6 +30,8 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
     files = list_files(output.child(DATA_DIR), ".parquet")
     if not files:
         return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
+    import pyarrow.dataset as pads  # here, not above: it imports pandas, seconds a dry run need not wait
+
     with clear_errors("read", output.child(DATA_DIR)):
         dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
         return dataset.to_table(columns=columns)
@@ -30,6 +40,73 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
 def committed_ids(output: Location) -> pa.Array:
     """Sample ids of every committed data file."""
     return read_committed(output, ["sample_id"]).column("sample_id").combine_chunks()
+
+
+def sample_ranges(indices: np.ndarray) -> bytes:
+    """A data file's record of the sample indices it holds: [start, stop) ranges of consecutive indices, JSON."""
+    ordered = np.sort(np.asarray(indices, dtype=np.int64))
+    breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+    starts, stops = ordered[np.r_[0, breaks]], ordered[np.r_[breaks - 1, len(ordered) - 1]] + 1
+    return json.dumps(np.stack([starts, stops], axis=1).tolist()).encode()
+
+
+@dataclass(frozen=True)
+class Committed:
+    """The sample indices a run's data files hold, as [start, stop) ranges, one or more per file."""
+
+    ranges: np.ndarray  # int64 [K, 2], sorted by start; ranges of different files may overlap only by a bug
+
+    @classmethod
+    def nothing(cls) -> Committed:
+        return cls(np.empty((0, 2), dtype=np.int64))
+
+    @property
+    def count(self) -> int:
+        """Samples committed, a duplicate counted each time it was committed."""
+        return int((self.ranges[:, 1] - self.ranges[:, 0]).sum())
+
+    @cached_property
+    def union(self) -> np.ndarray:
+        """The union of the ranges, as sorted disjoint [start, stop) ranges."""
+        if not len(self.ranges):
+            return self.ranges
+        starts, stops = self.ranges[:, 0], np.maximum.accumulate(self.ranges[:, 1])
+        first = np.r_[True, starts[1:] > stops[:-1]]  # a range that begins past every earlier one's end
+        last = np.r_[first[1:], True]
+        return np.stack([starts[first], stops[last]], axis=1)
+
+    @property
+    def duplicates(self) -> int:
+        """Samples committed more than once (each extra time counted)."""
+        union = self.union
+        return self.count - int((union[:, 1] - union[:, 0]).sum())
+
+    def missing(self, planned: int) -> np.ndarray:
+        """The [start, stop) ranges of 0 .. planned - 1 not committed."""
+        union = self.union
+        starts, stops = np.r_[0, union[:, 1]], np.r_[union[:, 0], planned]
+        keep = stops > starts
+        return np.stack([starts[keep], stops[keep]], axis=1)
+
+    def holds(self, index: int) -> bool:
+        union = self.union
+        at = np.searchsorted(union[:, 0], index, side="right") - 1
+        return bool(at >= 0 and index < union[at, 1])
+
+
+def committed_samples(output: Location) -> Committed:
+    """The sample indices every committed data file records in its footer; a file without the record (written
+    by an earlier version) is refused in one line."""
+    files = list_files(output.child(DATA_DIR), ".parquet")
+    ranges = []
+    for file, footer in zip(files, _footers(files)):
+        record = (footer.metadata or {}).get(SAMPLE_RANGES_KEY)
+        if record is None:
+            raise StorageError(f"{file.uri} was committed by an earlier version, which did not record its samples' "
+                               "indices: finish this run with that version, or choose a new output.uri")
+        ranges += json.loads(record)
+    table = np.array(ranges, dtype=np.int64).reshape(-1, 2)
+    return Committed(table[np.argsort(table[:, 0], kind="stable")])
 
 
 def read_footer(file: Location) -> pq.FileMetaData:
@@ -45,6 +122,9 @@ def read_footer(file: Location) -> pq.FileMetaData:
 def committed_footers(output: Location) -> list[pq.FileMetaData]:
     """The footer of every committed data file, read before any job reads the rows: a corrupt file is named
     here, in one line, not deep inside a Ray worker."""
-    files = list_files(output.child(DATA_DIR), ".parquet")
+    return _footers(list_files(output.child(DATA_DIR), ".parquet"))
+
+
+def _footers(files: list[Location]) -> list[pq.FileMetaData]:
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
         return list(pool.map(read_footer, files))

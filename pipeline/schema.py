@@ -6,12 +6,26 @@ import json
 
 import pyarrow as pa
 
+# The manifest: one row per work entry (a prompt, a class label, or the unconditioned count), never one per
+# sample; its samples follow in order, entry by entry (pipeline/generate/work.py).
 MANIFEST_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string()),  # deterministic: config digest + row index
-    pa.field("seed", pa.int64()),  # the row's generator seed
-    pa.field("prompt", pa.string()),  # text-to-image rows
-    pa.field("class_label", pa.int64()),  # class-conditional rows
+    pa.field("prompt", pa.string()),  # text-to-image entries
+    pa.field("class_label", pa.int64()),  # class-conditional entries
+    pa.field("samples", pa.int64()),  # how many samples the entry makes
 ])
+
+# A sample, as the driver's index ranges expand into rows for the samplers (never stored as a table).
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("sample_index", pa.int64()),  # the sample's place in the work: 0 .. planned - 1
+    pa.field("sample_id", pa.string()),  # deterministic: config digest + sample index
+    pa.field("seed", pa.int64()),  # the sample's generator seed: base seed + sample index
+    pa.field("prompt", pa.string()),
+    pa.field("class_label", pa.int64()),
+])
+SAMPLE_INDEX = "sample_index"
+# Each data file's footer records the sample indices it holds, as [start, stop) ranges (JSON), under this key:
+# resume and the final count read footers, never the ids.
+SAMPLE_RANGES_KEY = b"jepa_minority.sample_ranges"
 
 IMAGE_TYPE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
@@ -55,6 +69,10 @@ def _hf_feature(arrow_type: pa.DataType) -> dict:
 OUTPUT_SCHEMA = OUTPUT_SCHEMA.with_metadata({"huggingface": json.dumps(
     {"info": {"features": {field.name: _hf_feature(field.type) for field in OUTPUT_SCHEMA}}})})
 
+# What the samplers hand the sink: the output rows and each one's sample index, which the sink records in the
+# data file's footer (SAMPLE_RANGES_KEY) rather than as data.
+SAMPLER_SCHEMA = OUTPUT_SCHEMA.append(pa.field(SAMPLE_INDEX, pa.int64()))
+
 SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (lower is rarer)
 
 # Layout of a run's output folder and of a curated set. The usual readers pointed at the folder itself
@@ -62,7 +80,7 @@ SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (low
 # any other non-Parquet file, duckdb reads every *.parquet below the folder whatever its name, polars
 # needs `<folder>/**/*.parquet`, and Hugging Face datasets reads CARD_FILE or, without one, the files
 # named like a split. So only data files end in .parquet, and every other name starts with `_` or `.`.
-MANIFEST_FILE = "_manifest.arrow"  # the work (an Arrow IPC file, not .parquet), written before generation starts
+MANIFEST_FILE = "_manifest.arrow"  # the work entries (Arrow IPC, not .parquet), written before generation starts
 DATA_DIR = "data"  # committed output rows
 DATA_FILE_PREFIX = "train-"  # DATA_DIR/train-<hash>.parquet: the name datasets' default split patterns pick
 DATA_FILES = f"{DATA_DIR}/{DATA_FILE_PREFIX}*.parquet"  # the glob of every committed data file

@@ -4,7 +4,9 @@ Why not ``write_parquet``: it writes straight to the final path, so a killed run
 half-written file that looks like data on a local disk. Here every file is written whole to a
 temporary name and renamed (local) or uploaded in one PUT / multipart completion (S3), so a file
 is committed or absent. A file's name hashes the sample ids it holds: a retried write task rewrites
-the same file rather than adding a duplicate. Resume reads the committed ids back (see generate/job.py).
+the same file rather than adding a duplicate. Its footer records the sample indices it holds as ranges
+(pipeline/rows.py, ``sample_ranges``), the samplers' ``sample_index`` column, which is not written as data:
+resume reads the footers back (see generate/job.py).
 
 Every block is written as it arrives: the sampler makes one block per batch, so each actor's batch commits
 on its own (Ray Data's default, no ``min_rows_per_write``) and an interrupted run keeps all but the batches
@@ -20,7 +22,8 @@ import pyarrow as pa
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import Datasink
 
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA
+from pipeline.rows import sample_ranges
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, SAMPLE_INDEX, SAMPLE_RANGES_KEY, SAMPLER_SCHEMA
 from pipeline.storage import StorageConfig, resolve, write_table
 
 
@@ -29,7 +32,8 @@ def part_name(sample_ids: list[str]) -> str:
 
 
 class AtomicParquetSink(Datasink[list[str]]):
-    """Writes OUTPUT_SCHEMA rows under ``<uri>/<DATA_DIR>/`` in files of at most ``max_rows_per_file``.
+    """Writes a generation's SAMPLER_SCHEMA rows (as OUTPUT_SCHEMA, their sample indices in the footer) or a
+    curation's OUTPUT_SCHEMA rows under ``<uri>/<DATA_DIR>/`` in files of at most ``max_rows_per_file``.
 
     Holds plain settings only, so write workers import pyarrow and Ray, not the models.
     """
@@ -45,12 +49,18 @@ class AtomicParquetSink(Datasink[list[str]]):
         tables = [table for table in tables if table.num_rows]
         if not tables:
             return []
-        table = pa.concat_tables([t.select(OUTPUT_SCHEMA.names).cast(OUTPUT_SCHEMA) for t in tables])
+        indexed = SAMPLE_INDEX in tables[0].column_names  # a generation's rows; a curation's have no index
+        schema = SAMPLER_SCHEMA if indexed else OUTPUT_SCHEMA
+        table = pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
         folder = resolve(self.uri, self.storage).child(DATA_DIR)
         names = []
         for offset in range(0, table.num_rows, self.max_rows_per_file):
             chunk = table.slice(offset, self.max_rows_per_file)
-            name = part_name(chunk.column("sample_id").to_pylist())
-            write_table(folder.child(name), chunk, self.row_group_size)
+            rows = chunk.select(OUTPUT_SCHEMA.names)
+            if indexed:
+                record = {SAMPLE_RANGES_KEY: sample_ranges(chunk.column(SAMPLE_INDEX).to_numpy())}
+                rows = rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | record)
+            name = part_name(rows.column("sample_id").to_pylist())
+            write_table(folder.child(name), rows, self.row_group_size)
             names.append(name)
         return names

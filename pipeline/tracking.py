@@ -7,6 +7,7 @@ The default store is a local sqlite file; an ``http://`` tracking server works t
 
 from __future__ import annotations
 
+import json
 import tempfile
 import warnings
 from pathlib import Path
@@ -15,7 +16,6 @@ from urllib.parse import urlparse
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.data import from_pandas
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -61,12 +61,13 @@ def _local_tracking_paths(tracking: TrackingConfig) -> tuple[str, str | None]:
     return uri, artifacts
 
 
-def dataset_record(dataset: Dataset) -> DatasetRecord:
-    """What a run logs for a dataset, built from its public ``to_dict()`` (name, digest, source, schema, profile)."""
+def dataset_record(dataset: Dataset, profile: dict | None = None) -> DatasetRecord:
+    """What a run logs for a dataset, built from its public ``to_dict()`` (name, digest, source, schema, profile);
+    ``profile`` given here replaces the dataset's own."""
     fields = dataset.to_dict()
     return DatasetRecord(
         name=fields["name"], digest=fields["digest"], source_type=fields["source_type"], source=fields["source"],
-        schema=fields.get("schema"), profile=fields.get("profile"),
+        schema=fields.get("schema"), profile=json.dumps(profile) if profile is not None else fields.get("profile"),
     )
 
 
@@ -102,16 +103,17 @@ class RunTracker:
             path.write_bytes(data)
             self.client.log_artifact(self.run_id, str(path))
 
-    def log_lineage(self, manifest: pd.DataFrame, manifest_uri: str, digest: str, data_uri: str) -> None:
-        """The manifest as the run's input and the data folder as its output, with digests."""
-        with warnings.catch_warnings():  # mlflow's hint about integer columns concerns model signatures
+    def log_lineage(self, manifest_uri: str, digest: str, counts: dict[str, int], data_uri: str) -> None:
+        """The manifest as the run's input and the data folder as its output, each by its URI and digest; the
+        manifest's counts as its profile. A summary, never the manifest's rows: its cost does not grow with the run."""
+        with warnings.catch_warnings():  # a local path resolves to two source kinds, and mlflow says so
             warnings.simplefilter("ignore", UserWarning)
-            work = from_pandas(manifest, source=manifest_uri, name="manifest", digest=digest[:16])
+            work = MetaDataset(resolve_dataset_source(manifest_uri), name="manifest", digest=digest[:16])
             output = MetaDataset(resolve_dataset_source(data_uri), name="generated", digest=digest[:16])
-            self.client.log_inputs(self.run_id, datasets=[
-                DatasetInput(dataset_record(work), tags=[InputTag("mlflow.data.context", "work")]),
-                DatasetInput(dataset_record(output), tags=[InputTag("mlflow.data.context", "output")]),
-            ])
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(dataset_record(work, profile=counts), tags=[InputTag("mlflow.data.context", "work")]),
+            DatasetInput(dataset_record(output), tags=[InputTag("mlflow.data.context", "output")]),
+        ])
 
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)

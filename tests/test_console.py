@@ -22,8 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.generate.job import common_error
+from pipeline.generate.job import common_error, failed_ids
 from pipeline.progress import CommitWatch, show_progress, status_line
+from pipeline.rows import Committed
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import StorageConfig, resolve, write_bytes, write_table
 from tests.tiny_diffusion import misfit_copy
@@ -179,15 +180,15 @@ def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_co
 def test_the_common_error_is_named_only_when_most_failures_share_it(tmp_path):
     output = resolve(str(tmp_path / "out"), StorageConfig())
 
-    def record(sample_id: str, error: str) -> str:
-        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"), json.dumps({"error": error}).encode())
-        return sample_id
-
     nan = "ValueError: the image is NaN or infinite\n(at step 3)"  # a record's first line is its error
-    most = [record("a", nan), record("b", nan.replace("3", "2")), record("c", nan), record("d", "OSError: disk")]
-    assert common_error(output, most) == ("ValueError: the image is NaN or infinite", 3)
-    assert common_error(output, ["a", "d"]) == (None, 0)  # half is not most
-    assert common_error(output, []) == (None, 0)
+    errors = {"a": nan, "b": nan.replace("3", "2"), "c": nan, "d": "OSError: disk"}
+    for index, (sample_id, error) in enumerate(errors.items()):
+        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"),
+                    json.dumps({"sample_index": index, "error": error}).encode())
+    failed = failed_ids(output, Committed.nothing())
+    assert common_error(failed) == ("ValueError: the image is NaN or infinite", 3)
+    assert common_error({key: failed[key] for key in ("a", "d")}) == (None, 0)  # half is not most
+    assert common_error({}) == (None, 0)
 
 
 def test_a_status_line_while_the_work_runs_counts_what_is_committed_so_far(tmp_path, caplog):

@@ -21,9 +21,10 @@ import pytest
 from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.generate.work import Manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
 from pipeline.storage import TEMP_PREFIX
-from tests.test_generation import read_rows
+from tests.test_generation import planned_ids, read_rows
 
 
 def sampler_pids(root: int) -> set[int]:
@@ -67,7 +68,7 @@ def finish(driver: subprocess.Popen, log: Path, timeout: float = 600) -> int:
 
 def assert_exactly_once(out: Path) -> None:
     """Every manifest id in the data once, nothing else, and the run marked complete."""
-    manifest = feather.read_table(out / MANIFEST_FILE).column("sample_id").to_pylist()
+    manifest = planned_ids(out)
     ids = [row["sample_id"] for row in read_rows(pafs.LocalFileSystem(), str(out / "data"))]
     assert len(ids) == len(set(ids)), "a sample_id was committed twice"
     assert sorted(ids) == sorted(manifest), "committed ids differ from the manifest"
@@ -148,8 +149,8 @@ def s3_keys(s3, bucket: str, prefix: str) -> set[str]:
 def assert_exactly_once_on_s3(s3, bucket: str, prefix: str) -> None:
     import io
 
-    manifest = feather.read_table(io.BytesIO(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST_FILE}")
-                                        ["Body"].read())).column("sample_id").to_pylist()
+    stored = s3.client().get_object(Bucket=bucket, Key=f"{prefix}/{MANIFEST_FILE}")["Body"].read()
+    manifest = Manifest.read(feather.read_table(io.BytesIO(stored))).table.column("sample_id").to_pylist()
     ids = [row["sample_id"] for row in s3_rows(s3, bucket, prefix)]
     assert len(ids) == len(set(ids)) and sorted(ids) == sorted(manifest)
     run = json.loads(s3.client().get_object(Bucket=bucket, Key=f"{prefix}/_run.json")["Body"].read())

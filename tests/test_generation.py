@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,7 @@ from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.sampler_stage import load_models
+from pipeline.generate.work import Manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from tests.conftest import cpu_manifest
 from tests.private_apis import compiled_in_place
@@ -36,6 +38,11 @@ def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
     files = [info.path for info in filesystem.get_file_info(pafs.FileSelector(data_dir))
              if info.base_name.startswith(DATA_FILE_PREFIX)]
     return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().to_pylist()
+
+
+def planned_ids(out: Path) -> list[str]:
+    """Every sample id a run's stored manifest plans."""
+    return Manifest.read(feather.read_table(out / MANIFEST_FILE)).table.column("sample_id").to_pylist()
 
 
 def check_output(rows: list[dict], manifest_ids: list[str], encoder) -> None:
@@ -60,10 +67,10 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     assert "12 of 12 committed (12 by this run), 0 failed" in capsys.readouterr().out  # 3 labels x 4
     config = load_config(path)
     out = tmp_path / "out"
-    manifest = feather.read_table(out / MANIFEST_FILE)
-    assert manifest.num_rows == 12
+    manifest = Manifest.read(feather.read_table(out / MANIFEST_FILE))
+    assert manifest.planned == 12 and manifest.work.num_rows == 3  # one row per work entry, not per sample
     rows = read_rows(pafs.LocalFileSystem(), str(out / "data"))
-    check_output(rows, manifest.column("sample_id").to_pylist(), tiny_encoder)
+    check_output(rows, manifest.table.column("sample_id").to_pylist(), tiny_encoder)
     assert {row["class_label"] for row in rows} == {0, 3, 7}
     assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
     assert not list((out / "data").glob("_*"))
@@ -137,7 +144,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
 
     summary = run_generation(load_config(path))
     assert summary.complete and summary.generated == 24 - partial
-    manifest = feather.read_table(tmp_path / "out" / MANIFEST_FILE).column("sample_id").to_pylist()
+    manifest = planned_ids(tmp_path / "out")
     check_output(read_rows(pafs.LocalFileSystem(), str(data)), manifest, tiny_encoder)
 
 

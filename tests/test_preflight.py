@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.feather as feather
 import pyarrow.parquet as pq
@@ -19,7 +20,8 @@ from jobs import filter as filter_job
 from jobs import generate as generate_job
 from jobs import refresh as refresh_job
 from pipeline.generate.config import load_config
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE
+from pipeline.rows import sample_ranges
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE, SAMPLE_RANGES_KEY
 from pipeline.tracking import folder_name, run_name, source_name
 from tests.services import free_port
 from tests.test_bad_input import cli_refuses
@@ -76,8 +78,9 @@ def test_dry_run_says_what_a_run_would_do(write_config, tmp_path, capsys):
     feather.write_feather(manifest, out / MANIFEST_FILE)
     rows = [{"sample_id": sample_id} for sample_id in manifest.column("sample_id").to_pylist()[:5]]
     (out / DATA_DIR).mkdir()
-    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA),  # this version's columns, nulls but the id
-                   out / DATA_DIR / f"{DATA_FILE_PREFIX}a.parquet")
+    record = {SAMPLE_RANGES_KEY: sample_ranges(np.arange(5))}  # the sink's footer record of samples 0..4
+    pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA.with_metadata(OUTPUT_SCHEMA.metadata | record)),
+                   out / DATA_DIR / f"{DATA_FILE_PREFIX}a.parquet")  # this version's columns, nulls but the id
     assert generate_job.main([path, "--dry-run"]) == 0
     assert capsys.readouterr().out == f"dry run: 12 samples planned into {out}, 5 already committed: resumes\n"
     assert sorted(p.name for p in out.rglob("*")) == sorted([MANIFEST_FILE, DATA_DIR, f"{DATA_FILE_PREFIX}a.parquet"])

@@ -12,6 +12,7 @@ import pytest
 
 from jobs import refresh as refresh_job
 from pipeline.curate.refresh import RefreshConfig, run_refresh
+from pipeline.generate.work import Manifest
 from pipeline.schema import MANIFEST_FILE, SELECTION_FILE
 from pipeline.storage import StorageError
 from tests.test_generation import read_rows
@@ -20,7 +21,7 @@ from tests.test_generation import read_rows
 def version_run(root, version: str) -> tuple[list[dict], dict[str, int]]:
     """A version's manifest rows, and the seed of each committed row by sample_id."""
     generated = root / "versions" / version / "generated"
-    manifest = feather.read_table(generated / MANIFEST_FILE).to_pylist()
+    manifest = Manifest.read(feather.read_table(generated / MANIFEST_FILE)).table.to_pylist()
     rows = read_rows(pafs.LocalFileSystem(), str(generated / "data"))
     return manifest, {row["sample_id"]: row["seed"] for row in rows}
 

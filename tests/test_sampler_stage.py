@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline.generate.config import load_config
 from pipeline.generate.job import failed_ids
 from pipeline.generate.sampler_stage import SampleGenerator
-from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
+from pipeline.rows import Committed
+from pipeline.schema import FAILURES_DIR, SAMPLER_SCHEMA
 from pipeline.settings import ConfigError
 from pipeline.storage import StorageConfig, resolve, write_bytes
 from tests.conftest import cpu_manifest
@@ -30,7 +30,7 @@ def run_stage(path: str, overrides: list[str] = ()) -> tuple[list[dict], dict[st
     """The config's manifest as one batch through the stage: its output rows and the failure records by id."""
     config = load_config(path, list(overrides))
     table = SampleGenerator(config, run_id="run-1")(cpu_manifest(config).table)
-    assert table.schema.equals(OUTPUT_SCHEMA)
+    assert table.schema.equals(SAMPLER_SCHEMA)
     failures = Path(config.output.uri) / FAILURES_DIR
     records = {p.stem: json.loads(p.read_text()) for p in failures.glob("*.json")}
     return table.to_pylist(), records
@@ -74,7 +74,9 @@ def test_models_that_do_not_load_fail_the_first_batch_in_one_line(write_config, 
 
 def test_records_of_ids_committed_since_are_removed_and_the_rest_counted(tmp_path):
     output = resolve(str(tmp_path / "out"), StorageConfig())
-    for sample_id in ("a", "b", "c"):
-        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"), b"{}")
-    assert sorted(failed_ids(output, pa.array(["b", "z"]))) == ["a", "c"]
+    for index, sample_id in enumerate(("a", "b", "c")):
+        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"),
+                    json.dumps({"sample_index": index, "error": f"E{index}\nmore"}).encode())
+    committed = Committed(np.array([[1, 2], [5, 6]]))  # b committed since; sample 5 never failed
+    assert failed_ids(output, committed) == {"a": "E0", "c": "E2"}
     assert sorted(p.name for p in (tmp_path / "out" / FAILURES_DIR).iterdir()) == ["a.json", "c.json"]

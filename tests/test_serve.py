@@ -25,6 +25,7 @@ from guidance.methods import SamplingConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
 from pipeline.generate.config import load_config
+from pipeline.generate.work import Manifest
 from pipeline.images import png_bytes
 from pipeline.rows import read_committed
 from pipeline.schema import MANIFEST_FILE
@@ -165,7 +166,7 @@ def test_concurrent_scores_are_batched_and_kept_apart(service, dataset_root, enc
 
 
 def test_generate_returns_what_the_batch_job_made_for_the_same_seed(service, dataset_root, served_config):
-    manifest = feather.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / MANIFEST_FILE).to_pylist()
+    manifest = Manifest.read(feather.read_table(dataset_root / "versions" / "2026-11-28" / "generated" / MANIFEST_FILE)).table.to_pylist()
     row = rarest_rows(dataset_root)[0]
     seed, label = row["seed"], row["class_label"]
     assert {"seed": seed, "class_label": label} in [{"seed": m["seed"], "class_label": m["class_label"]} for m in manifest]

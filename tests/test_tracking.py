@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.settings import TrackingConfig, ui_command
@@ -13,13 +12,12 @@ from pipeline.tracking import RunTracker
 DIGEST = "0123456789abcdef0123456789abcdef"
 
 
-def test_lineage_records_the_manifest_and_the_output_with_digest_source_schema_and_profile(tmp_path):
+def test_lineage_records_the_manifest_as_a_summary_and_the_output_with_digest_and_source(tmp_path):
     tracking = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db",
                               artifact_location=str(tmp_path / "artifacts"))
     tracker = RunTracker(tracking, "lineage", {})
-    manifest = pd.DataFrame({"sample_id": ["a", "b", "c"], "seed": [1, 2, 3]})
-    manifest_uri, data_uri = str(tmp_path / "out" / "manifest.parquet"), str(tmp_path / "out" / "data")
-    tracker.log_lineage(manifest, manifest_uri, DIGEST, data_uri)
+    manifest_uri, data_uri = str(tmp_path / "out" / "_manifest.arrow"), str(tmp_path / "out" / "data")
+    tracker.log_lineage(manifest_uri, DIGEST, {"samples": 100_000_000, "work_entries": 3}, data_uri)
     tracker.end("FINISHED")
 
     run = MlflowClient(tracking_uri=tracker.tracking_uri).get_run(tracker.run_id)
@@ -31,10 +29,8 @@ def test_lineage_records_the_manifest_and_the_output_with_digest_source_schema_a
     assert (output.name, output.digest) == ("generated", DIGEST[:16])
     assert work.source_type == output.source_type == "local"
     assert manifest_uri in json.loads(work.source)["uri"] and data_uri in json.loads(output.source)["uri"]
-    columns = [column["name"] for column in json.loads(work.schema)["mlflow_colspec"]]
-    assert columns == ["sample_id", "seed"]
-    assert json.loads(work.profile)["num_rows"] == 3
-    assert output.schema is None and output.profile is None  # a folder of files: no table to describe
+    assert json.loads(work.profile) == {"samples": 100_000_000, "work_entries": 3}  # counts, not rows
+    assert work.schema is None and output.schema is None and output.profile is None
 
 
 def test_the_browse_line_opens_the_runs_page_of_the_runs_experiment(tmp_path):

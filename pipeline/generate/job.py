@@ -13,10 +13,13 @@ Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpo
   so "which ids are done" could not be read back from a finished run.
 Here the data files alone are the record:
   0. every check that can run before sampling runs first (pipeline/generate/preflight.py);
-  1. the manifest (one row per sample, deterministic ids) is written before any sampling;
-  2. data files are committed atomically (pipeline/sink.py), each holding whole rows;
-  3. a run reads the committed ids back and samples only the rest; a crash loses only uncommitted
-     work, and no id can be committed twice because the next run skips every committed id;
+  1. the manifest (the work entries; samples are a pure function of their index, deterministic ids) is
+     written before any sampling;
+  2. data files are committed atomically (pipeline/sink.py), each holding whole rows and, in its footer,
+     the sample indices it holds;
+  3. a run reads the committed indices back from the footers (pipeline/rows.py) and hands Ray Data only
+     the missing index ranges, which expand into sample rows on the workers; a crash loses only
+     uncommitted work, and no id can be committed twice because the next run skips every committed index;
   4. the dataset card, then ``_run.json`` last, only when every sample is committed or recorded as failed.
 The folder's names are pipeline/schema.py's.
 """
@@ -42,11 +45,11 @@ import pyarrow.parquet as pq
 from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import preflight_generation
-from pipeline.generate.work import Manifest
+from pipeline.generate.work import Manifest, expand_ranges
 from pipeline.layout import write_card
 from pipeline.progress import show_progress
-from pipeline.rows import committed_ids, read_committed
-from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from pipeline.rows import Committed, committed_samples, read_committed
+from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
 from pipeline.settings import ConfigError, flatten, to_dict
 from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
                               write_ipc)
@@ -58,6 +61,7 @@ log = logging.getLogger(__name__)
 SHEET_SIZE = 8  # samples per contact-sheet row
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 RAY_RETRY_NOTE = re.compile(r"\nFailed to .+ after \d+/\d+ attempts")  # how Ray Data's note begins
+MAX_BLOCKS = 10_000  # index ranges handed to Ray Data (one more per gap): small blocks keep every actor busy
 
 
 @dataclass(frozen=True)
@@ -85,27 +89,35 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted: {committed} of {planned} committed; rerun the same command to resume")
 
 
-def failed_ids(output: Location, committed: pa.Array) -> list[str]:
-    """Ids recorded as failed and still not committed; records of since-committed ids are removed."""
-    done = set(committed.to_pylist())
-    failed = []
+def failed_ids(output: Location, committed: Committed) -> dict[str, str]:
+    """The first error line of each sample recorded as failed and still not committed, by id; records of
+    since-committed samples (by their sample index) are removed."""
+    failed = {}
     for record in list_files(output.child(FAILURES_DIR), ".json"):
-        sample_id = record.path.rsplit("/", 1)[1].removesuffix(".json")
-        if sample_id in done:
+        fields = json.loads(read_bytes(record))
+        if committed.holds(fields[SAMPLE_INDEX]):
             delete(record)
         else:
-            failed.append(sample_id)
+            failed[record.path.rsplit("/", 1)[1].removesuffix(".json")] = fields["error"].partition("\n")[0]
     return failed
 
 
-def common_error(output: Location, failed: list[str]) -> tuple[str | None, int]:
-    """The error (first line) that more than half of the ``failed`` samples' records share, and how many share
-    it; (None, 0) when no one error does."""
-    folder = output.child(FAILURES_DIR)
-    errors = Counter(json.loads(read_bytes(folder.child(f"{sample_id}.json")))["error"].partition("\n")[0]
-                     for sample_id in failed)
-    error, count = errors.most_common(1)[0] if errors else (None, 0)
+def common_error(failed: dict[str, str]) -> tuple[str | None, int]:
+    """The error (first line) that more than half of the ``failed`` samples share, and how many share it;
+    (None, 0) when no one error does."""
+    error, count = Counter(failed.values()).most_common(1)[0] if failed else (None, 0)
     return (error, count) if 2 * count > len(failed) else (None, 0)
+
+
+def missing_pieces(missing: np.ndarray, batch_size: int) -> pa.Table:
+    """The missing [start, stop) index ranges cut into pieces (``start``, ``stop`` columns) of at most
+    ``batch_size`` samples, or larger so that there are about MAX_BLOCKS of them."""
+    lengths = missing[:, 1] - missing[:, 0]
+    size = max(batch_size, math.ceil(int(lengths.sum()) / MAX_BLOCKS))
+    counts = -(-lengths // size)
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    starts = np.repeat(missing[:, 0], counts) + size * within
+    return pa.table({"start": starts, "stop": np.minimum(starts + size, np.repeat(missing[:, 1], counts))})
 
 
 def run_generation(config: GenerateConfig) -> GenerationSummary:
@@ -114,7 +126,7 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     config, output, manifest, planned = plan.config, plan.output, plan.manifest, plan.planned
     check_writable(output)
     if not plan.started:
-        write_ipc(output.child(MANIFEST_FILE), manifest.table)
+        write_ipc(output.child(MANIFEST_FILE), manifest.work)
     if plan.complete:
         counts = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]
         log.info("%s is already complete: nothing to do", config.output.uri)
@@ -123,38 +135,41 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     from pipeline.tracking import RunTracker, folder_name, run_name, source_name  # MLflow: only for work to do
 
     start = time.perf_counter()
-    before = committed_ids(output)
-    todo = manifest.table.filter(pc.invert(pc.is_in(manifest.table.column("sample_id"), value_set=before)))
+    before = plan.done.count
+    missing = plan.done.missing(planned)
+    todo_count = int((missing[:, 1] - missing[:, 0]).sum())
     tracker = RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
                                                             source_name(config.model.source or config.model.preset),
                                                             folder_name(config.output.uri)),
                          tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
-                               "resumed": str(len(before) > 0).lower()})
+                               "resumed": str(before > 0).lower()})
     tracker.log_params(flatten(to_dict(config)))
-    tracker.log_lineage(manifest.table.to_pandas(), output.child(MANIFEST_FILE).uri, manifest.digest,
-                        output.child(DATA_DIR).uri)
+    tracker.log_lineage(output.child(MANIFEST_FILE).uri, manifest.digest,
+                        {"samples": planned, "work_entries": manifest.work.num_rows}, output.child(DATA_DIR).uri)
     status = "FAILED"
     try:
-        if todo.num_rows:
-            log.info("generating %d of %d samples (%d already committed)", todo.num_rows, planned, len(before))
+        if todo_count:
+            log.info("generating %d of %d samples (%d already committed)", todo_count, planned, before)
             try:
-                _sample_on_ray(config, todo, tracker.run_id, plan.gpus_per_actor, output, planned, len(before))
+                _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id,
+                               plan.gpus_per_actor, output, before)
             except KeyboardInterrupt:
                 status = "KILLED"
-                raise Interrupted(len(committed_ids(output)), planned) from None
-        committed = committed_ids(output)
+                raise Interrupted(committed_samples(output).count, planned) from None
+        committed = committed_samples(output)
         failed = failed_ids(output, committed)
-        summary = _finish(config, output, manifest, tracker, committed, failed, len(before), start,
-                          plan.gpus_per_actor if todo.num_rows else 0.0)
+        summary = _finish(config, output, manifest, tracker, committed, failed, before, start,
+                          plan.gpus_per_actor if todo_count else 0.0)
         status = "FINISHED" if summary.ok else "FAILED"
         return summary
     finally:
         tracker.end(status)
 
 
-def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: float, output: Location, planned: int,
-                   already: int) -> None:
-    """Sample ``todo`` on the actor pool, ``gpus`` GPUs each, into committed files, showing progress."""
+def _sample_on_ray(config: GenerateConfig, manifest: Manifest, todo: pa.Table, run_id: str, gpus: float,
+                   output: Location, already: int) -> None:
+    """Sample the ``todo`` index ranges on the actor pool, ``gpus`` GPUs each, into committed files, showing
+    progress: each range expands into its sample rows in a light task first (``expand_ranges``)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -173,8 +188,9 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: fl
         log.warning("ray.actors (at most) x ray.cpus_per_actor = %.1f CPUs takes all %.1f CPUs of the cluster: reading and "
                     "writing need some too, so unless the cluster scales up this run will stall; lower "
                     "ray.cpus_per_actor (fractions are fine)", reserved, resources.get("CPU", 0))
-    blocks = min(10_000, math.ceil(todo.num_rows / config.ray.batch_size))  # small blocks keep every actor busy
-    dataset = ray.data.from_arrow(todo).repartition(blocks)
+    dataset = ray.data.from_arrow(todo).repartition(todo.num_rows)
+    dataset = dataset.map_batches(expand_ranges, fn_kwargs={"manifest": manifest}, batch_size=None,
+                                  batch_format="pyarrow", num_cpus=0.1)
     dataset = dataset.map_batches(
         SampleGenerator,
         fn_constructor_kwargs={"config": config, "run_id": run_id, "threads": max(1, int(config.ray.cpus_per_actor))},
@@ -189,7 +205,7 @@ def _sample_on_ray(config: GenerateConfig, todo: pa.Table, run_id: str, gpus: fl
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
     try:
-        with show_progress(output, planned, already, config.console.status_every):
+        with show_progress(output, manifest.planned, already, config.console.status_every):
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
     except KeyboardInterrupt:
         leave_ray()  # before the job says it stopped: no process of a cluster it started outlives it
@@ -224,21 +240,20 @@ def _task_cause(error: BaseException) -> StorageError | ConfigError | None:
 
 
 def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracker: RunTracker,
-            committed: pa.Array, failed: list[str], before: int, start: float,
+            committed: Committed, failed: dict[str, str], before: int, start: float,
             gpus_per_actor: float) -> GenerationSummary:
     from pipeline.report import score_histogram
 
-    planned = manifest.table.num_rows
-    unique = len(pc.unique(committed))
-    if unique != len(committed):
-        raise RuntimeError(f"{output.child(DATA_DIR).uri} holds {len(committed) - unique} duplicate sample ids: report this bug")
+    planned = manifest.planned
+    if committed.duplicates:
+        raise RuntimeError(f"{output.child(DATA_DIR).uri} holds {committed.duplicates} duplicate samples: report this bug")
     seconds = time.perf_counter() - start
-    generated = len(committed) - before
-    accounted = len(committed) + len(failed) == planned
+    generated = committed.count - before
+    accounted = committed.count + len(failed) == planned
     ok = accounted and len(failed) <= config.output.max_failure_fraction * planned
     scores = read_committed(output, ["sample_id", "jepa_score", "__filename"])
     metrics = {
-        "planned": planned, "generated": generated, "committed": len(committed), "failed": len(failed),
+        "planned": planned, "generated": generated, "committed": committed.count, "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
         "accelerator_seconds": seconds * config.ray.pool[1] * gpus_per_actor,  # GPU-seconds held (at most, for a range)
         "truncated_prompts": manifest.truncated_prompts,
@@ -255,19 +270,19 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
             "status": "complete", "finished_at": datetime.now(timezone.utc).isoformat(),
             "config": to_dict(config), "manifest_digest": manifest.digest, "last_run_id": tracker.run_id,
             "tracking": to_dict(tracker.tracking),  # absolute paths: jobs run by hand on this output log beside it
-            "counts": {"planned": planned, "committed": len(committed), "failed": len(failed),
+            "counts": {"planned": planned, "committed": committed.count, "failed": len(failed),
                        "truncated_prompts": manifest.truncated_prompts},
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
         }
         data = json.dumps(run, indent=2).encode()
         write_card(output, "jepa-minority generation run",
-                   [f"{len(committed)} of {planned} planned samples committed, {len(failed)} failed "
+                   [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
                     f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
         tracker.log_artifact_bytes(RUN_FILE, data)
         write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
-    return GenerationSummary(config.output.uri, planned, generated, len(committed), len(failed),
+    return GenerationSummary(config.output.uri, planned, generated, committed.count, len(failed),
                              manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri,
-                             *common_error(output, failed))
+                             *common_error(failed))
 
 
 def _sheet(output: Location, scores: pa.Table) -> bytes:

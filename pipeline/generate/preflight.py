@@ -24,10 +24,10 @@ from pipeline.folders import check_only
 from pipeline.generate.config import GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable
-from pipeline.rows import committed_ids
+from pipeline.rows import Committed, committed_samples
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError
-from pipeline.storage import Location, StorageError, check_reachable, exists, read_ipc_schema, resolve
+from pipeline.storage import Location, StorageError, check_reachable, exists, read_bytes, read_ipc_schema, resolve
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,12 @@ class Plan:
     gpus_per_actor: float
     started: bool  # the output already holds this config's manifest
     committed: int  # samples already committed there
+    done: Committed  # which, from the data files' footers (none read when complete: its _run.json counts them)
     complete: bool  # its _run.json is there
 
     @property
     def planned(self) -> int:
-        return self.manifest.table.num_rows
+        return self.manifest.planned
 
     def describe(self) -> str:
         """One line: ``N samples planned into URI, M already committed: resumes`` (or starts, or complete)."""
@@ -159,5 +160,7 @@ def preflight_generation(config: GenerateConfig) -> Plan:
     check_files(config)
     check_rank_fits(config)
     started = check_output(output, manifest)
-    committed = len(committed_ids(output)) if started else 0
-    return Plan(config, output, manifest, gpus, started, committed, started and exists(output.child(RUN_FILE)))
+    complete = started and exists(output.child(RUN_FILE))
+    done = committed_samples(output) if started and not complete else Committed.nothing()
+    committed = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]["committed"] if complete else done.count
+    return Plan(config, output, manifest, gpus, started, committed, done, complete)

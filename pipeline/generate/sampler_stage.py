@@ -1,6 +1,7 @@
 """The GPU stage: a callable class that Ray Data runs on an actor pool.
 
-Models load once in ``__init__``; ``__call__`` maps a batch of manifest rows to output rows with
+Models load once in ``__init__``; ``__call__`` maps a batch of sample rows (the manifest's index ranges
+expanded, pipeline/generate/work.py) to output rows, each with its sample index for the sink, with
 the images already PNG-encoded, so raw arrays never travel through the object store. A sample that
 fails (an exception, a non-finite image or score) is recorded under ``_failures/`` with its error
 and left out of the output; it is retried on the next run of the same config. With
@@ -27,7 +28,7 @@ from guidance.generate import GeneratedSample
 from guidance.methods import SamplingConfig
 from pipeline.generate.config import GenerateConfig
 from pipeline.images import png_bytes
-from pipeline.schema import FAILURES_DIR, OUTPUT_SCHEMA
+from pipeline.schema import FAILURES_DIR, SAMPLE_INDEX, SAMPLER_SCHEMA
 from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes
 
@@ -47,7 +48,7 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
 
 
 class SampleGenerator:
-    """Manifest rows (pyarrow) -> output rows (pyarrow, OUTPUT_SCHEMA)."""
+    """Sample rows (pyarrow, SAMPLE_SCHEMA) -> output rows (pyarrow, SAMPLER_SCHEMA)."""
 
     def __init__(self, config: GenerateConfig, run_id: str, threads: int = 1):
         torch.set_num_threads(max(1, threads))
@@ -92,7 +93,7 @@ class SampleGenerator:
                 self._record_failure(row, problem, created)
                 continue
             kept.append(self._output_row(row, outcome, created, method))
-        return pa.Table.from_pylist(kept, schema=OUTPUT_SCHEMA)
+        return pa.Table.from_pylist(kept, schema=SAMPLER_SCHEMA)
 
     def _one(self, item: WorkItem, sampling: SamplingConfig) -> GeneratedSample | str:
         try:
@@ -109,7 +110,7 @@ class SampleGenerator:
             "width": width, "height": height, "jepa_score": sample.jepa_score,
             "topk_score": sample.topk_score, "embedding": sample.embedding.tolist(), "method": method,
             "model": self.config.model.preset, "encoder": self.config.encoder.name,
-            "run_id": self.run_id, "created_at": created,
+            "run_id": self.run_id, "created_at": created, SAMPLE_INDEX: row[SAMPLE_INDEX],
         }
 
     def _record_failure(self, row: dict, error: str, created: datetime) -> None:

@@ -1,8 +1,11 @@
-"""Expand the configured work into the manifest: one row per sample, with a deterministic id and seed.
+"""The configured work as a manifest of work entries, and its samples as a pure function of their index.
 
-``sample_id`` hashes the config digest with the row's index: stable across re-runs of the same config,
-distinct across configs. ``seed`` hashes the base seed with the row's index only, so runs that differ
-in method share seeds row by row.
+The manifest holds one row per work entry (a prompt, a class label, the unconditioned count) and how many
+samples it makes, never one row per sample: sample ``i`` is the ``i``-th in entry order, and a range of
+indices expands into sample rows where they are sampled (``Manifest.rows``), so a plan of 100M samples
+costs the driver no more than one of 100. ``sample_id`` hashes the config digest with the sample's index:
+stable across re-runs of the same config, distinct across configs. ``seed`` hashes the base seed with the
+index only, so runs that differ in method share seeds sample by sample.
 
 The digest is the run's identity: what changes the samples, and nothing else, method by method. In: the
 model (preset, source, variant, UNet file, and the dtype as resolved for the device), the encoder (every
@@ -17,6 +20,8 @@ on resumes a run. Weights by path, size and mtime rather than a content hash: re
 to hash it would cost more than the run's preflight should, and a safetensors header hash would miss a
 retrained model of the same shapes; the price is that a copied or touched weights folder is a new run.
 The manifest stores the identity beside its digest, so another run's settings can be named key by key.
+The digest hashes the same JSON text as when the manifest held one row per sample (streamed, entry by entry),
+so ids, seeds and digests are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -26,18 +31,21 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from guidance.presets import PRESETS, class_count
 from pipeline.generate.config import GenerateConfig, StorageConfig, WorkConfig
-from pipeline.schema import MANIFEST_SCHEMA
+from pipeline.schema import MANIFEST_SCHEMA, SAMPLE_SCHEMA
 from pipeline.settings import flatten, to_dict
 from pipeline.storage import read_bytes, resolve
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
+DIGEST_CHUNK = 1 << 20  # samples' JSON hashed at once: bounded memory however many samples an entry makes
 
 
 class WorkError(ValueError):
@@ -46,10 +54,45 @@ class WorkError(ValueError):
 
 @dataclass(frozen=True)
 class Manifest:
-    table: pa.Table  # MANIFEST_SCHEMA rows
+    work: pa.Table  # MANIFEST_SCHEMA entries, with the digest and the identity in its schema metadata
     digest: str  # identifies the config and its work
-    identity: dict  # what the digest covers but the rows themselves (run_identity), and the row count
+    identity: dict  # what the digest covers but the work entries (run_identity), and the sample count
     truncated_prompts: int  # prompts cut to work.max_prompt_chars
+
+    @classmethod
+    def read(cls, work: pa.Table) -> Manifest:
+        """A manifest from its stored table (``_manifest.arrow``); how many prompts were truncated is not stored (0)."""
+        metadata = work.schema.metadata
+        return cls(work, metadata[b"config_digest"].decode(), json.loads(metadata[b"run_identity"]), 0)
+
+    @property
+    def planned(self) -> int:
+        return self.identity["samples"]
+
+    @cached_property
+    def _ends(self) -> np.ndarray:
+        return np.cumsum(self.work.column("samples").to_numpy())
+
+    def rows(self, start: int, stop: int) -> pa.Table:
+        """Samples ``start`` .. ``stop - 1`` as SAMPLE_SCHEMA rows: each one's entry, id and seed from its index."""
+        index = np.arange(start, stop, dtype=np.int64)
+        entry = pa.array(np.searchsorted(self._ends, index, side="right"))
+        base_seed = self.identity["base_seed"]
+        ids = [_hash(f"{self.digest}:{i}").hex()[:24] for i in range(start, stop)]
+        seeds = [int.from_bytes(_hash(f"seed:{base_seed}:{i}")[:8], "big") >> 1 for i in range(start, stop)]
+        return pa.table([index, ids, seeds, self.work.column("prompt").take(entry),
+                         self.work.column("class_label").take(entry)], schema=SAMPLE_SCHEMA)
+
+    @property
+    def table(self) -> pa.Table:
+        """Every sample row, with the manifest's metadata: memory grows with the run (small runs and tests only)."""
+        return self.rows(0, self.planned).replace_schema_metadata(self.work.schema.metadata)
+
+
+def expand_ranges(ranges: pa.Table, manifest: Manifest) -> pa.Table:
+    """Index ranges (``start``, ``stop`` columns) to their sample rows: the Ray Data stage before the samplers."""
+    starts, stops = ranges.column("start").to_pylist(), ranges.column("stop").to_pylist()
+    return pa.concat_tables([manifest.rows(start, stop) for start, stop in zip(starts, stops)])
 
 
 def read_prompts(uri: str, storage: StorageConfig) -> list[str]:
@@ -104,15 +147,15 @@ def _checked(uri: str, numbered: list[tuple[int, object]], unit: str) -> list[st
     return prompts
 
 
-def work_rows(work: WorkConfig, storage: StorageConfig) -> tuple[list[tuple[str | None, int | None]], int]:
-    """(prompt, class_label) per sample in a fixed order, and how many prompts were truncated."""
+def work_entries(work: WorkConfig, storage: StorageConfig) -> tuple[list[tuple[str | None, int | None, int]], int]:
+    """(prompt, class_label, samples) per work entry in a fixed order, and how many prompts were truncated."""
     if work.prompts is not None:
         prompts = read_prompts(work.prompts, storage)
         truncated = sum(len(p) > work.max_prompt_chars for p in prompts)
-        return [(p[: work.max_prompt_chars], None) for p in prompts for _ in range(work.repeats)], truncated
+        return [(p[: work.max_prompt_chars], None, work.repeats) for p in prompts], truncated
     if work.class_labels is not None:
-        return [(None, label) for label in work.class_labels for _ in range(work.samples_per_label)], 0
-    return [(None, None)] * work.count, 0
+        return [(None, label, work.samples_per_label) for label in work.class_labels], 0
+    return [(None, None, work.count)], 0
 
 
 def check_fits_model(config: GenerateConfig) -> None:
@@ -182,18 +225,38 @@ def run_identity(config: GenerateConfig) -> dict:
 
 
 def build_manifest(config: GenerateConfig) -> Manifest:
-    """The work's rows with ids and seeds; ``config.model.dtype`` resolved for the device (for_device)."""
-    rows, truncated = work_rows(config.work, config.storage)
+    """The work's entries, digest and identity; ``config.model.dtype`` resolved for the device (for_device)."""
+    entries, truncated = work_entries(config.work, config.storage)
     identity = run_identity(config)
-    digest = _hash(json.dumps(identity | {"rows": rows}, sort_keys=True)).hex()
-    ids = [_hash(f"{digest}:{i}").hex()[:24] for i in range(len(rows))]
-    seeds = [int.from_bytes(_hash(f"seed:{config.work.base_seed}:{i}")[:8], "big") >> 1 for i in range(len(rows))]
-    stored = identity | {"samples": len(rows)}
+    digest = work_digest(identity, entries)
+    stored = identity | {"samples": sum(samples for _, _, samples in entries)}
+    prompts, labels, samples = zip(*entries)
     table = pa.table(
-        {"sample_id": ids, "seed": seeds, "prompt": [p for p, _ in rows], "class_label": [c for _, c in rows]},
+        {"prompt": list(prompts), "class_label": list(labels), "samples": list(samples)},
         schema=MANIFEST_SCHEMA.with_metadata({"config_digest": digest, "run_identity": json.dumps(stored, sort_keys=True)}),
     )
     return Manifest(table, digest, stored, truncated)
+
+
+def work_digest(identity: dict, entries: list[tuple[str | None, int | None, int]]) -> str:
+    """sha256 of ``json.dumps(identity | {"rows": [[prompt, class_label] per sample]}, sort_keys=True)``, the
+    text streamed entry by entry (a sample's JSON repeated), never held whole."""
+    marker = "\ue000rows"  # stands in for the rows' text, found again by its JSON
+    head, tail = json.dumps(identity | {"rows": marker}, sort_keys=True).split(json.dumps(marker))
+    digest = hashlib.sha256(head.encode() + b"[")
+    separator = b""
+    for prompt, label, samples in entries:
+        if not samples:
+            continue
+        item = json.dumps([prompt, label]).encode()
+        digest.update(separator + item)
+        separator, rest = b", ", samples - 1
+        block = (b", " + item) * min(DIGEST_CHUNK, rest)  # the same bytes for every whole chunk: built once
+        for _ in range(rest // DIGEST_CHUNK):
+            digest.update(block)
+        digest.update(block[: (rest % DIGEST_CHUNK) * (len(item) + 2)])
+    digest.update(b"]" + tail.encode())
+    return digest.hexdigest()
 
 
 def identity_changes(before: dict, after: dict) -> list[str]:
