@@ -1,4 +1,5 @@
-"""Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance.
+"""Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance, self-guided
+minority sampling.
 
 ``METHODS`` is the one method table: each row a light ``MethodSpec`` naming the ``sampling.Method``
 class that runs it (imported on first use by ``method_class``) and the facts the config checks and
@@ -7,7 +8,8 @@ config section, when it has knobs); the sampling loop, the checks and the Ray ac
 
 Defaults follow the authors' release (docs/method.md, 'Guided step' and the sections after it):
 eta 0.5, constant schedule, L-inf normalisation, tau 0.8, interval 1, pre-step placement, k 9,
-oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'.
+oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'; SGMS: 'Self-guided minority
+sampling'.
 Light to import (no torch): configs are built and checked before anything heavy loads.
 """
 
@@ -27,6 +29,7 @@ PLACEMENTS = ("pre-step", "posterior-mean")
 GRADIENTS = ("full", "tweedie")
 DIRECTIONS = ("descend", "ascend", "random")  # the method, and its two controls (docs/method.md, 'Controls')
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SGMS_DISTANCES = ("pixels",)  # the minority score's distance (guidance/sgms.py)
 
 
 def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -> None:
@@ -122,10 +125,34 @@ class BoostSkipConfig:
 
 
 @dataclass(frozen=True)
+class SgmsConfig:
+    """Self-guided minority sampling (SGMS): push the posterior mean up the gradient of a minority score."""
+
+    strength: float = 0.4  # the push is strength * beta-tilde_t * g (g L-inf normalised); 0 never guides
+    renoise: float = 0.8  # the fixed re-noise level as a fraction of the model's training timesteps (the paper's 0.8 T)
+    distance: str = "pixels"  # "pixels": mean squared difference of the decoded images (the only one so far)
+    tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
+
+    def __post_init__(self):
+        _finite_at_least("sgms.strength", self.strength, 0)
+        if isinstance(self.renoise, bool) or not isinstance(self.renoise, (int, float)) or not 0 < self.renoise <= 1:
+            raise ValueError(f"sgms.renoise must be in (0, 1] (a fraction of the training timesteps), "
+                             f"got {self.renoise!r}")
+        _choice("sgms.distance", self.distance, SGMS_DISTANCES)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
+            raise ValueError(f"sgms.tau must be in [0, 1] (0 never guides, 1 guides from the first step), "
+                             f"got {self.tau!r}")
+
+    def guided_steps(self, total: int) -> list[bool]:
+        """Which of ``total`` steps run the minority guidance: the deferral window, none when strength is 0."""
+        return deferral_window(self.tau, 0, total) if self.strength != 0 else [False] * total
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
 
-    method: str = "jepa"  # unguided, bns, jepa or jepa-reference
+    method: str = "jepa"  # unguided, bns, jepa, jepa-reference or sgms
     sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
     steps: int = 50  # sampling steps
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
@@ -133,6 +160,7 @@ class SamplingConfig:
     timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
+    sgms: SgmsConfig = field(default_factory=SgmsConfig)
 
     def __post_init__(self):
         _choice("method", self.method, tuple(METHODS))
@@ -192,6 +220,7 @@ METHODS: dict[str, MethodSpec] = {
     "jepa": MethodSpec("guidance.jepa_guidance:JepaGuided", objective="rsvd", guides=True, sections=("guidance",)),
     "jepa-reference": MethodSpec("guidance.jepa_guidance:JepaGuided", objective="reference", guides=True,
                                  sections=("guidance",), check=_check_jepa_reference),
+    "sgms": MethodSpec("guidance.sgms:SelfGuided", guides=True, sections=("sgms",)),
 }
 
 
