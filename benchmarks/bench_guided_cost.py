@@ -49,12 +49,13 @@ from benchmarks.bench_guided_sampling import PROMPTS, profile_guided_step, save_
 from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, ROOT, write_json  # noqa: E402
 from benchmarks.timing import timed  # noqa: E402
 from guidance import load_encoder  # noqa: E402
-from guidance.generate import generate, generate_images, sketch_seed  # noqa: E402
+from guidance.generate import generate, generate_images  # noqa: E402
+from guidance.jepa_guidance import JepaGuidance, guidance_direction, sketch_seed  # noqa: E402
 from guidance.methods import GuidanceConfig, SamplingConfig  # noqa: E402
 from guidance.models import WorkItem  # noqa: E402
 from guidance.objectives import get_objective  # noqa: E402
 from guidance.presets import load_model  # noqa: E402
-from guidance.sampling import JepaGuidance, guidance_direction, sample  # noqa: E402
+from guidance.sampling import sample  # noqa: E402
 from guidance.schedules import noise_schedule  # noqa: E402
 from pipeline.demo import DEMO_CONFIG  # noqa: E402
 from pipeline.demo.digits import digit_classifier, held_out_images  # noqa: E402

@@ -3,7 +3,7 @@
 The issue asks for batch 8; the default here is 4 images so that the run stays near 10 minutes on
 a shared 2-core CPU (``--images 8`` for the full setting).
 
-Each variant runs the real ``guidance_step`` (denoiser forward and backward with graph, Tweedie,
+Each variant runs the real ``guidance_push`` (denoiser forward and backward with graph, Tweedie,
 decode, top-k objective, gradient to x_t) at every guided step of one sampling trajectory, and is
 scored by the cosine of its step to the exact one (the same step with the exact top-k objective:
 full Jacobian SVD, envelope theorem). Variants:
@@ -35,11 +35,11 @@ import torch.nn.functional as F
 from benchmarks.paths import DIGITS_DDPM, DIGITS_ENCODER, RESULTS, write_json
 from benchmarks.timing import speedups, timed
 from guidance import load_encoder, load_model
+from guidance.jepa_guidance import JepaGuidance, guidance_push
 from guidance.log_volume import SketchMemory, topk_log_volume
 from guidance.methods import GuidanceConfig
 from guidance.models import WorkItem
 from guidance.reference import FD_STEP, topk_log_volume_exact, topk_log_volume_reference
-from guidance.sampling import JepaGuidance, guidance_step
 from guidance.schedules import noise_schedule, update
 
 
@@ -110,7 +110,7 @@ def bench_encoder(label: str, encoder, model, items, args) -> list[dict]:
     def step(objective, x, t, t_prev, rows: slice, seed_offset: int) -> torch.Tensor:
         guidance = JepaGuidance(encoder, objective, model.decode, config, [
             torch.Generator().manual_seed(1000 * seed_offset + item.seed) for item in items[rows]])
-        return guidance_step(guidance, model.denoiser(items[rows], 1.0), schedule, x[rows], t, t_prev)[0]
+        return guidance_push(guidance, model.denoiser(items[rows], 1.0), schedule, x[rows], t, t_prev)[0]
 
     chosen = variants(args.k, args.oversample)
     x, t, t_prev = points[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -13,10 +12,9 @@ from diffusers.utils.torch_utils import randn_tensor
 from guidance.checks import check_rank
 from guidance.encoders import JepaEncoder
 from guidance.jepa_score import jepa_scores
-from guidance.methods import SamplingConfig
+from guidance.methods import SamplingConfig, method_class
 from guidance.models import DiffusionModel, WorkItem
-from guidance.objectives import get_objective
-from guidance.sampling import JepaGuidance, sample
+from guidance.sampling import sample
 from guidance.schedules import noise_schedule
 
 
@@ -28,12 +26,7 @@ class GeneratedSample:
     jepa_score: float  # exact JEPA-SCORE of the final uint8 image under the run's encoder
     topk_score: float  # exact top-k log-volume of that image at the run's guidance k (the same SVD)
     embedding: np.ndarray  # float32 (D,): the encoder's CLS embedding of the final image
-    steps_guided: int  # how many sampling steps ran JEPA guidance
-
-
-def sketch_seed(seed: int) -> int:
-    """The seed of a row's sketch stream: derived from the row seed, apart from its noise stream."""
-    return int.from_bytes(hashlib.sha256(f"jepa-sketch:{seed}".encode()).digest()[:8], "big") >> 1
+    steps_guided: int  # how many sampling steps ran the method's guidance
 
 
 def check_work(model: DiffusionModel, items: Sequence[WorkItem], config: SamplingConfig,
@@ -42,13 +35,7 @@ def check_work(model: DiffusionModel, items: Sequence[WorkItem], config: Samplin
     if not items:
         raise ValueError("items is empty: pass at least one WorkItem")
     model.check(items, config.cfg_scale)
-    if config.objective is not None:
-        if encoder is None:
-            raise ValueError(f"method {config.method!r} guides with a JEPA encoder: pass encoder=load_encoder(...)")
-        check_rank(config.guidance.k, config.guidance.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
-        if config.guidance.gradient == "tweedie" and model.scheduler_config.get("prediction_type") == "sample":
-            raise ValueError("guidance.gradient 'tweedie' holds the network output constant, and this model predicts the "
-                             "clean sample itself, so the gradient would vanish: use gradient 'full'")
+    method_class(config.method).check_work(config, model, encoder)
 
 
 def generate_images(
@@ -68,26 +55,13 @@ def generate_images(
     check_work(model, items, config, encoder)
     overrides = {"timestep_spacing": config.timestep_spacing} if config.timestep_spacing else {}
     schedule = noise_schedule(model.scheduler_config, config.steps, config.sampler, **overrides)
-    guidance = None
-    if config.objective is not None:
-        guidance = JepaGuidance(
-            encoder=encoder,
-            objective=get_objective(config.objective),
-            decode=model.guidance_decode,
-            config=config.guidance,
-            sketch_generators=[torch.Generator().manual_seed(sketch_seed(item.seed)) for item in items],
-        )
+    method = method_class(config.method).build(config, model, items, encoder)
     generators = [torch.Generator().manual_seed(item.seed) for item in items]
     x = randn_tensor((len(items), *model.sample_shape), generator=generators, device=model.device, dtype=model.dtype)
-    if config.method == "bns":
-        x = config.bns.gamma * x
-        schedule = schedule.skip(config.bns.skip)
-    x0, steps_guided = sample(
-        model.denoiser(items, config.cfg_scale), x, schedule, generators,
-        ddim_eta=config.ddim_eta, guidance=guidance, progress=progress,
-    )
+    x0 = sample(model.denoiser(items, config.cfg_scale), x, schedule, generators,
+                ddim_eta=config.ddim_eta, method=method, progress=progress)
     with torch.no_grad():
-        return model.decode(x0).clamp(0, 1).float(), steps_guided
+        return model.decode(x0).clamp(0, 1).float(), method.steps_guided
 
 
 def generate(

@@ -1,26 +1,35 @@
-"""Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance.
+"""Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance, self-guided
+minority sampling.
+
+``METHODS`` is the one method table: each row a light ``MethodSpec`` naming the ``sampling.Method``
+class that runs it (imported on first use by ``method_class``) and the facts the config checks and
+the pipeline read without loading it. A new method is one new module plus one row here (and its typed
+config section, when it has knobs); the sampling loop, the checks and the Ray actor stay as they are.
 
 Defaults follow the authors' release (docs/method.md, 'Guided step' and the sections after it):
 eta 0.5, constant schedule, L-inf normalisation, tau 0.8, interval 1, pre-step placement, k 9,
-oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'.
+oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'; SGMS: 'Self-guided minority
+sampling'.
 Light to import (no torch): configs are built and checked before anything heavy loads.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 from guidance.checks import check_sketch
 
-METHODS = ("unguided", "bns", "jepa", "jepa-reference")
 SAMPLERS = ("ddpm", "ddim")  # the update rules (guidance/schedules.py)
 GUIDANCE_SCHEDULES = ("constant", "variance")
 PLACEMENTS = ("pre-step", "posterior-mean")
 GRADIENTS = ("full", "tweedie")
 DIRECTIONS = ("descend", "ascend", "random")  # the method, and its two controls (docs/method.md, 'Controls')
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+SGMS_DISTANCES = ("pixels",)  # the minority score's distance (guidance/sgms.py)
 
 
 def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -> None:
@@ -31,6 +40,14 @@ def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def deferral_window(tau: float, tau_stop: float, total: int) -> list[bool]:
+    """Which of ``total`` steps (s = 0 the noisiest) satisfy tau_stop < 1 - s/T <= tau (docs/method.md,
+    'Deferral and interval')."""
+    # Exactly, in rationals of the decimals: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
+    tau, tau_stop = Fraction(repr(float(tau))), Fraction(repr(float(tau_stop)))
+    return [tau_stop * total < total - s <= tau * total for s in range(total)]
 
 
 @dataclass(frozen=True)
@@ -81,11 +98,7 @@ class GuidanceConfig:
     def window(self, total: int) -> list[bool]:
         """Which of ``total`` steps (s = 0 the noisiest) lie in the guidance window tau_stop < 1 - s/T <= tau
         (docs/method.md, 'Deferral and interval'); none when eta is 0."""
-        if self.eta == 0:
-            return [False] * total
-        # Exactly, in rationals of the decimals: 1 - s/T <= tau  <=>  T - s <= tau * T (floats drop boundary steps).
-        tau, tau_stop = Fraction(repr(float(self.tau))), Fraction(repr(float(self.tau_stop)))
-        return [tau_stop * total < total - s <= tau * total for s in range(total)]
+        return deferral_window(self.tau, self.tau_stop, total) if self.eta != 0 else [False] * total
 
     def guided_steps(self, total: int) -> list[bool]:
         """Which steps run guidance: every interval-th step of the window, from its first."""
@@ -112,10 +125,34 @@ class BoostSkipConfig:
 
 
 @dataclass(frozen=True)
+class SgmsConfig:
+    """Self-guided minority sampling (SGMS): push the posterior mean up the gradient of a minority score."""
+
+    strength: float = 0.4  # the push is strength * beta-tilde_t * g (g L-inf normalised); 0 never guides
+    renoise: float = 0.8  # the fixed re-noise level as a fraction of the model's training timesteps (the paper's 0.8 T)
+    distance: str = "pixels"  # "pixels": mean squared difference of the decoded images (the only one so far)
+    tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
+
+    def __post_init__(self):
+        _finite_at_least("sgms.strength", self.strength, 0)
+        if isinstance(self.renoise, bool) or not isinstance(self.renoise, (int, float)) or not 0 < self.renoise <= 1:
+            raise ValueError(f"sgms.renoise must be in (0, 1] (a fraction of the training timesteps), "
+                             f"got {self.renoise!r}")
+        _choice("sgms.distance", self.distance, SGMS_DISTANCES)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
+            raise ValueError(f"sgms.tau must be in [0, 1] (0 never guides, 1 guides from the first step), "
+                             f"got {self.tau!r}")
+
+    def guided_steps(self, total: int) -> list[bool]:
+        """Which of ``total`` steps run the minority guidance: the deferral window, none when strength is 0."""
+        return deferral_window(self.tau, 0, total) if self.strength != 0 else [False] * total
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
 
-    method: str = "jepa"  # unguided, bns, jepa or jepa-reference
+    method: str = "jepa"  # unguided, bns, jepa, jepa-reference or sgms
     sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
     steps: int = 50  # sampling steps
     ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
@@ -123,9 +160,10 @@ class SamplingConfig:
     timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
+    sgms: SgmsConfig = field(default_factory=SgmsConfig)
 
     def __post_init__(self):
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, tuple(METHODS))
         _choice("sampler", self.sampler, SAMPLERS)
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ValueError(f"steps must be an integer >= 1, got {self.steps!r}")
@@ -135,12 +173,58 @@ class SamplingConfig:
         _finite_at_least("cfg_scale", self.cfg_scale, 1, " (1 = off, > 1 applies classifier-free guidance)")
         if self.timestep_spacing is not None:
             _choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
-        if self.method == "jepa-reference" and self.guidance.warm_start:
-            raise ValueError("guidance.warm_start needs method jepa: the authors' reference sketch starts fresh each step")
-        if self.method == "bns" and self.bns.skip >= self.steps:
-            raise ValueError(f"bns.skip ({self.bns.skip}) must be smaller than steps ({self.steps})")
+        check = METHODS[self.method].check
+        if check is not None:
+            check(self)
+
+    @property
+    def spec(self) -> MethodSpec:
+        """The method's row of the table."""
+        return METHODS[self.method]
 
     @property
     def objective(self) -> str | None:
-        """The registered top-k objective the method guides with, or None when it does not guide."""
-        return {"jepa": "rsvd", "jepa-reference": "reference"}.get(self.method)
+        """The registered top-k objective the method guides with, or None when it needs no encoder gradient."""
+        return self.spec.objective
+
+    @property
+    def guides(self) -> bool:
+        """Whether the method moves samples by guidance steps (its rows may fall back to unguided)."""
+        return self.spec.guides
+
+
+def _check_jepa_reference(config: SamplingConfig) -> None:
+    if config.guidance.warm_start:
+        raise ValueError("guidance.warm_start needs method jepa: the authors' reference sketch starts fresh each step")
+
+
+def _check_bns(config: SamplingConfig) -> None:
+    if config.bns.skip >= config.steps:
+        raise ValueError(f"bns.skip ({config.bns.skip}) must be smaller than steps ({config.steps})")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the method table: where the method's class lives, and what the checks and pipeline read."""
+
+    home: str  # "module:Class", a sampling.Method subclass imported on first use (method_class)
+    objective: str | None = None  # the registered top-k objective it guides with (needs the encoder's gradient)
+    guides: bool = False  # moves samples by guidance steps through model.guidance_decode (retry_unguided applies)
+    sections: tuple[str, ...] = ()  # the SamplingConfig sections that change its samples (the run identity covers them)
+    check: Callable[[SamplingConfig], None] | None = None  # light checks across sections (ValueError naming the key)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "unguided": MethodSpec("guidance.baselines:Unguided"),
+    "bns": MethodSpec("guidance.baselines:BoostSkip", sections=("bns",), check=_check_bns),
+    "jepa": MethodSpec("guidance.jepa_guidance:JepaGuided", objective="rsvd", guides=True, sections=("guidance",)),
+    "jepa-reference": MethodSpec("guidance.jepa_guidance:JepaGuided", objective="reference", guides=True,
+                                 sections=("guidance",), check=_check_jepa_reference),
+    "sgms": MethodSpec("guidance.sgms:SelfGuided", guides=True, sections=("sgms",)),
+}
+
+
+def method_class(name: str) -> type:
+    """The ``sampling.Method`` subclass that runs method ``name``, imported now (torch loads here, not before)."""
+    module, _, attribute = METHODS[name].home.partition(":")
+    return getattr(importlib.import_module(module), attribute)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guidance.generate import generate_images, sketch_seed
+from guidance.generate import generate_images
+from guidance.jepa_guidance import JepaGuidance, guidance_direction, sketch_seed
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.objectives import get_objective
 from guidance.presets import load_model
-from guidance.sampling import JepaGuidance, guidance_direction
 from guidance.schedules import noise_schedule
 from tests import tiny_diffusion
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from diffusers import AutoencoderTiny
 
-from guidance.generate import generate_images, sketch_seed
+from guidance.generate import generate_images
+from guidance.jepa_guidance import JepaGuidance, guidance_direction, push_scale, sketch_seed
 from guidance.methods import GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem
 from guidance.objectives import get_objective
 from guidance.presets import load_model
-from guidance.sampling import JepaGuidance, guidance_direction, step_size
 from guidance.schedules import noise_schedule, posterior_variance, predict_clean
 from tests import tiny_diffusion
 from tests.conftest import assert_pinned
@@ -100,10 +100,10 @@ def test_tweedie_gradient_is_the_clean_estimate_gradient_through_tweedie_alone(c
 def test_interval_rescaled_multiplies_the_step_by_the_interval(class_model):
     schedule = noise_schedule(class_model.scheduler_config, 10, "ddim")
     t, t_prev = schedule.timesteps[4], schedule.previous[4]
-    assert step_size(GuidanceConfig(eta=0.3, interval=3), schedule, t, t_prev) == pytest.approx(0.3)
-    assert step_size(GuidanceConfig(eta=0.3, interval=3, rescale_interval=True), schedule, t, t_prev) == pytest.approx(0.9)
+    assert push_scale(GuidanceConfig(eta=0.3, interval=3), schedule, t, t_prev) == pytest.approx(0.3)
+    assert push_scale(GuidanceConfig(eta=0.3, interval=3, rescale_interval=True), schedule, t, t_prev) == pytest.approx(0.9)
     variance = posterior_variance(schedule, t, t_prev).item()
-    assert step_size(GuidanceConfig(eta=0.3, interval=2, rescale_interval=True, schedule="variance"),
+    assert push_scale(GuidanceConfig(eta=0.3, interval=2, rescale_interval=True, schedule="variance"),
                      schedule, t, t_prev) == pytest.approx(0.6 * variance)
 
 

@@ -14,10 +14,11 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 
 from guidance import jepa_score
 from guidance.generate import generate, generate_images
+from guidance.jepa_guidance import JepaGuidance, JepaGuided
 from guidance.methods import BoostSkipConfig, GuidanceConfig, SamplingConfig
 from guidance.models import WorkItem, sdxl_time_ids
 from guidance.presets import PRESETS, load_model
-from guidance.sampling import JepaGuidance, sample
+from guidance.sampling import sample
 from guidance.schedules import noise_schedule
 from tests import tiny_diffusion
 from tests.conftest import GaussianDenoiser, LinearEncoder, assert_pinned, feature_energy
@@ -328,8 +329,9 @@ def test_guided_steps_match_a_hand_computation(schedule_name, placement):
     guidance_config = GuidanceConfig(eta=eta, schedule=schedule_name, placement=placement, tau=1.0)
     guidance = JepaGuidance(encoder, feature_energy, lambda x0: (x0 + 1) / 2, guidance_config, [None, None])
     x_T = torch.randn((2, 3, 4, 4), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    got, steps_guided = sample(denoiser, x_T, schedule, generators([1, 2]), guidance=guidance)
-    assert steps_guided == 3
+    method = JepaGuided(guidance)
+    got = sample(denoiser, x_T, schedule, generators([1, 2]), method=method)
+    assert method.steps_guided == 3
 
     A = encoder.matrix
     x = x_T.flatten(1)

@@ -57,7 +57,7 @@ class SampleGenerator:
         self.config = config
         self.run_id = run_id
         self.failures = resolve(config.output.uri, config.storage).child(FAILURES_DIR)
-        guides = config.sampling.objective is not None
+        guides = config.sampling.guides
         self.unguided = replace(config.sampling, method="unguided") if config.output.retry_unguided and guides else None
         # A load error is raised by the first call, not here: Ray passes a task's exception to the driver,
         # which reports it in one line, but an actor constructor's only as traceback text.

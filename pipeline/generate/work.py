@@ -11,9 +11,10 @@ The digest is the run's identity: what changes the samples, and nothing else, me
 model (preset, source, variant, UNet file, and the dtype as resolved for the device), the encoder (every
 method stores its exact scores and embedding), the sampling settings the method reads (``run_identity``),
 the work rows and base seed, and every local weights file by path, size and modification time
-(``weights_identity``). Out: settings the method does not read (guidance for ``unguided`` and ``bns`` but
-its ``k``, at which every method stores the top-k score; ``model.guidance_decoder``, read only by guidance;
-``bns.*`` for all but ``bns``), and speed-only levers whose rows are the same either way: ``model.compile``,
+(``weights_identity``). Out: settings the method does not read, by its row of the method table
+(``guidance.methods.METHODS``: the config sections it reads, whether it guides): the guidance section for
+methods that do not read it but its ``k``, at which every method stores the top-k score;
+``model.guidance_decoder``, read only by guiding methods; other methods' sections such as ``bns.*``), and speed-only levers whose rows are the same either way: ``model.compile``,
 ``sampling.guidance.micro_batch`` (rows are independent, so chunking them changes none), ``ray.*``
 (batch size included: every row draws from its own seed) and the output's file sizes, so turning them
 on resumes a run. Weights by path, size and mtime rather than a content hash: reading a 10 GB model
@@ -30,7 +31,7 @@ import csv
 import hashlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -205,16 +206,17 @@ def run_identity(config: GenerateConfig) -> dict:
     if config.model.dtype == "auto":
         raise ValueError("model.dtype 'auto' must be resolved for the device before the run's identity is taken "
                          "(pipeline/generate/preflight.py: for_device)")
-    guided = config.sampling.objective is not None
-    sampling = {key: value for key, value in to_dict(config.sampling).items() if key not in ("guidance", "bns")}
+    spec = config.sampling.spec  # the method's row: the sections that change its samples
+    sampling = {key: value for key, value in to_dict(config.sampling).items()
+                if not is_dataclass(getattr(config.sampling, key))}
+    sampling |= {name: to_dict(getattr(config.sampling, name)) for name in spec.sections if name != "guidance"}
     guidance = to_dict(config.sampling.guidance)
     del guidance["micro_batch"]
-    sampling["guidance"] = guidance if guided else {"k": guidance["k"]}  # every method stores the top-k score at k
-    if config.sampling.method == "bns":
-        sampling["bns"] = to_dict(config.sampling.bns)
+    # every method stores the top-k score at k
+    sampling["guidance"] = guidance if "guidance" in spec.sections else {"k": guidance["k"]}
     model = {key: value for key, value in to_dict(config.model).items() if key not in ("compile", "guidance_decoder")}
     model |= {"weights": weights_identity(config.model.source), "unet_weights": weights_identity(config.model.unet_weights)}
-    if guided:
+    if spec.guides:
         model |= {"guidance_decoder": config.model.guidance_decoder,
                   "guidance_decoder_weights": weights_identity(config.model.guidance_decoder)}
     return {
