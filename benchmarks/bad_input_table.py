@@ -597,6 +597,10 @@ def run_case(case: Case, scene: Scene, work: Path) -> dict:
     """Run ``case`` in ``work`` (made here, the current directory meanwhile); return what it answered and its class."""
     from jobs import cli
 
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    ray_before = ray_up()  # a test session's own cluster, left as it is
     work.mkdir(parents=True)
     scene.enter(work)
     here = Path.cwd()
@@ -624,7 +628,7 @@ def run_case(case: Case, scene: Scene, work: Path) -> dict:
         after = snapshot([work, scene.assets])
     finally:
         os.chdir(here)
-    ray_started = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    ray_started = ray_up() and not ray_before
     if ray_started:
         sys.modules["ray"].shutdown()
     lines = [line for line in err.getvalue().splitlines() if line.strip()]
