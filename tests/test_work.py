@@ -75,6 +75,17 @@ def test_a_plan_of_ten_million_samples_holds_one_row_and_bounded_memory(write_co
     last = manifest.rows(9_999_998, 10_000_000)
     assert last.column("class_label").to_pylist() == [3, 3]
     assert last.column("sample_id").to_pylist()[1] == sha(f"{manifest.digest}:9999999").hex()[:24]
+    assert manifest.group_counts("class_label") == {0: 5_000_000, 3: 5_000_000}  # refresh's and demo's quota check
+    assert manifest.group_counts(None) == {None: 10_000_000}
+
+
+def test_samples_planned_per_group_sum_the_work_entries_of_each(write_config, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na cat\n")
+    manifest = cpu_manifest(load_config(write_config(work={"prompts": str(prompts), "class_labels": None, "repeats": 2})))
+    assert manifest.group_counts("prompt") == {"a cat": 4, "a dog": 2}
+    labels = cpu_manifest(load_config(write_config(work={"class_labels": [1, 4, 1], "samples_per_label": 3})))
+    assert labels.group_counts("class_label") == {1: 6, 4: 3}
 
 
 def test_committed_ranges_give_count_duplicates_missing_and_membership():

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from pipeline.curate.filter import FilterConfig, check_groups, check_target, group_counts, run_filter
+from pipeline.curate.filter import FilterConfig, check_groups, check_target, run_filter
 from pipeline.folders import check_holds_no_run, check_only, entries
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
@@ -102,7 +102,7 @@ def preflight_refresh(refresh: RefreshConfig) -> RefreshPlan:
     check_only(root, {LATEST_FILE, VERSIONS_DIR}, "a refresh", "choose another --root")
     check_target(curation, "choose another --version or --root")
     generation = preflight_generation(config)
-    check_groups(curation, group_counts(generation.manifest.table, curation.per), "samples planned")
+    check_groups(curation, generation.manifest.group_counts(curation.per), "samples planned")
     return RefreshPlan(version, base, generation, curation)
 
 

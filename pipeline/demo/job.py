@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curate.filter import FilterConfig, check_groups, check_target, group_counts, run_filter
+from pipeline.curate.filter import FilterConfig, check_groups, check_target, run_filter
 from pipeline.folders import check_holds_no_run, check_only
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
@@ -81,7 +81,7 @@ def preflight_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", k
         plan = DemoPlan(preflight_generation(unguided), preflight_generation(guided), curation)
     except OtherRunError as error:  # the arms' output.uri is the demo's --root, not a key the user set
         raise StorageError(f"{error.uri} holds a demo made with another config; {start_over}") from error
-    check_groups(curation, group_counts(plan.guided.manifest.table, curation.per), "samples planned")
+    check_groups(curation, plan.guided.manifest.group_counts(curation.per), "samples planned")
     return plan
 
 

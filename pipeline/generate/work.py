@@ -70,6 +70,14 @@ class Manifest:
     def planned(self) -> int:
         return self.identity["samples"]
 
+    def group_counts(self, per: str | None) -> dict:
+        """Samples planned per group (``per``: ``class_label`` or ``prompt``; key None: entries without one), from
+        the work entries: as many dict entries as groups, never one per sample."""
+        if per is None:
+            return {None: self.planned}
+        totals = self.work.group_by(per).aggregate([("samples", "sum")]).to_pydict()
+        return dict(zip(totals[per], totals["samples_sum"]))
+
     @cached_property
     def _ends(self) -> np.ndarray:
         return np.cumsum(self.work.column("samples").to_numpy())
