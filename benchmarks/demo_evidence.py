@@ -36,6 +36,7 @@ from PIL import Image, ImageDraw
 from benchmarks.bench_guided_cost import EXACT
 from benchmarks.paths import ROOT, RESULTS, write_json
 from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
+from guidance.methods import SgmsConfig
 from pipeline.demo import DEMO_CONFIG
 from pipeline.demo.digits import digit_classifier, held_out_images
 from pipeline.curate.filter import FilterConfig
@@ -169,6 +170,9 @@ def main() -> None:
     parser.add_argument("--prior", action=argparse.BooleanOptionalAction, default=True,
                         help="run the prior check on the held-out digits (--no-prior: skip it, the encoder unchanged)")
     parser.add_argument("--keep-fraction", type=float, default=0.25, help="the rarest share per class (the demo's)")
+    parser.add_argument("--sgms-strength", type=float, default=SgmsConfig.strength,
+                        help="the strength of the self-guided minority sampling row (pixel distance: LPIPS is not "
+                             "built; docs/method.md, 'Self-guided minority sampling'); 0: none")
     parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                         help="run the controls beside every guided setting (--no-controls: the settings alone)")
     args = parser.parse_args()
@@ -187,6 +191,9 @@ def main() -> None:
 
     settings = {"unguided": SamplingConfig(method="unguided", steps=steps),
                 "boost-and-skip": SamplingConfig(method="bns", steps=steps, bns=BoostSkipConfig())}
+    if args.sgms_strength:
+        settings[f"SGMS (pixels), strength {args.sgms_strength:g}"] = SamplingConfig(
+            method="sgms", steps=steps, sgms=SgmsConfig(strength=args.sgms_strength))
     for eta in sorted(set(args.etas) | {default.eta}):
         settings |= with_controls(f"JEPA eta {eta:g}" + (" (demo default)" if eta == default.eta else ""), guided(eta),
                                   args.controls)
