@@ -88,8 +88,9 @@ def test_precision_recall_density_coverage_on_known_manifolds():
     half = np.concatenate([real[:10], lattice(10, offset=1000)])
     assert manifold_metrics(real, half, nearest_k=1) == {"precision": 0.5, "recall": 0.5, "density": 0.5,
                                                         "coverage": 0.5}
-    with pytest.raises(ValueError, match="need more than 5 samples in each set"):
-        manifold_metrics(real, real[:5], nearest_k=5)
+    with pytest.raises(ValueError, match="need at least 7 samples in each set"):
+        manifold_metrics(real, real[:6], nearest_k=5)  # k + 1 points: prdc's own radius needs k + 2
+    assert set(manifold_metrics(real, real[:7], nearest_k=5)) == {"precision", "recall", "density", "coverage"}
 
 
 def test_subsample_is_uniform_bounded_and_independent_of_read_order():

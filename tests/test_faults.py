@@ -290,11 +290,13 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
 
     from tests.conftest import cpu_manifest
     from pipeline.sink import part_name
-    from pipeline.storage import StorageConfig, list_files, resolve
+    from pipeline.storage import StorageConfig, list_files, resolve, write_ipc
 
     path = write_config(work={"class_labels": [3], "samples_per_label": 4})
     data = tmp_path / "out" / "data"
-    ids = cpu_manifest(load_config(path)).table.column("sample_id").to_pylist()[:2]  # this run's own rows
+    manifest = cpu_manifest(load_config(path))
+    write_ipc(resolve(str(tmp_path / "out" / MANIFEST_FILE), StorageConfig()), manifest.work)  # a run's first file
+    ids = manifest.table.column("sample_id").to_pylist()[:2]  # this run's own rows
     target, limit = data / part_name(ids), 256 * 1024
     writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), str(limit), *ids],
                             capture_output=True, text=True, timeout=120)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from PIL import Image
 
 from pipeline.evaluate.features import FeatureSpace
-from pipeline.evaluate.metrics import manifold_metrics
+from pipeline.evaluate.metrics import knn_ready, manifold_metrics
 from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.rarity import DEFAULT_K, RaritySummary
 
@@ -73,7 +73,7 @@ def measure(arms: list[Arm], reference: list[Image.Image], classify: Classifier 
             space: str = DEFAULT_SPACE, k: int = DEFAULT_K, baseline: str | None = None,
             minority: MinorityConfig = MinorityConfig()) -> list[ArmEvidence]:
     """Every arm against the same real reference, in the pixel ``space``; with ``baseline`` (an arm's
-    name), the minority test of every arm with more than ``minority.nearest_k`` samples against it."""
+    name), the minority test of every arm large enough for its k-NN balls (``knn_ready``) against it."""
     chosen = FeatureSpace.parse(space)
     if chosen.column != "pixels":
         raise ValueError(f"the evidence table measures in a pixels-N space, got {space!r}")
@@ -86,7 +86,7 @@ def measure(arms: list[Arm], reference: list[Image.Image], classify: Classifier 
     for arm in arms:
         mine = pixels[arm.name]
         rarity = RaritySummary.of(mine, real, chosen.name, k)
-        manifold = manifold_metrics(real, mine, k) if len(mine) > k else {"precision": None, "recall": None}
+        manifold = manifold_metrics(real, mine, k) if knn_ready(len(mine), k) else {"precision": None, "recall": None}
         accuracy = float(np.mean(classify(arm.images) == np.asarray(arm.labels))) if classify else None
         rows.append(ArmEvidence(arm.name, len(arm.images), chosen.name, rarity.avg_knn, rarity.lof, rarity.rarity_score,
                                 rarity.rarity_score_uncovered, manifold["precision"], manifold["recall"], accuracy,
@@ -101,7 +101,7 @@ def _minority_tests(arms: list[Arm], pixels: dict[str, np.ndarray], real: np.nda
     base = next(arm for arm in arms if arm.name == baseline)
     tests = {baseline: {"verdict": BASELINE, **chosen.figures(pixels[baseline]).whole()}}
     for arm in arms:
-        if arm is not base and len(arm.images) > config.nearest_k:
+        if arm is not base and knn_ready(len(arm.images), config.nearest_k):
             tests[arm.name] = minority_test(pixels[arm.name], pixels[baseline], chosen, (arm.seeds, base.seeds), (0.0, 1.0))
     return tests
 

@@ -42,7 +42,7 @@ from pipeline.evaluate.runs import GeneratedRun, check_reference_run, labelled_r
 from pipeline.evaluate.table import markdown, row_metrics
 from pipeline.cluster import connect_ray
 from pipeline.evaluate.features import EvalFeatures, FeatureSpec
-from pipeline.evaluate.metrics import REFERENCE_QUANTILE, manifold_metrics, score_summary, share_below
+from pipeline.evaluate.metrics import REFERENCE_QUANTILE, knn_ready, manifold_metrics, score_summary, share_below
 from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import prior_summary
 from pipeline.evaluate.rarity import RaritySummary
@@ -242,7 +242,7 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
         raise ValueError(f"--minority-per-class needs the reference's class labels: give Parquet with a class_label "
                          f"column, not the image folder {config.reference}")
     minority = round(config.minority_quantile * min(count, config.max_samples))
-    if config.baseline and minority <= config.nearest_k:
+    if config.baseline and not knn_ready(minority, config.nearest_k):
         raise ValueError(f"the minority test's reference would hold about {minority} rows ({config.minority_quantile} "
                          f"of {count}), but k-NN balls of --nearest-k {config.nearest_k} need more: raise "
                          "--minority-quantile, lower --nearest-k or give a larger reference")

@@ -94,13 +94,18 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_root)
 
 
+def knn_ready(samples: int, nearest_k: int) -> bool:
+    """Whether a set is large enough for prdc's k-NN balls: a point's radius is the distance to its (k+1)-th
+    nearest in its own set, itself counted, so the set needs k + 2 points."""
+    return samples >= nearest_k + 2
+
+
 def manifold_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
     """Precision, recall, density and coverage of ``fake`` against ``real`` with k-NN balls (prdc)."""
     from prdc import compute_prdc
 
-    smallest = min(len(real), len(fake))
-    if smallest <= nearest_k:
-        raise ValueError(f"k-NN metrics with k={nearest_k} need more than {nearest_k} samples in each set, "
+    if not (knn_ready(len(real), nearest_k) and knn_ready(len(fake), nearest_k)):
+        raise ValueError(f"k-NN metrics with k={nearest_k} need at least {nearest_k + 2} samples in each set, "
                          f"got {len(real)} reference and {len(fake)} generated; lower --nearest-k or add samples")
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         values = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k)

@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, Moments, manifold_metrics
+from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, Moments, knn_ready, manifold_metrics
 from pipeline.evaluate.rarity import DEFAULT_K, avg_knn, avg_knn_within
 
 VERDICTS = ("minority", "inconclusive", "off-data", "typical")
@@ -82,7 +82,7 @@ class MinorityReference:
         self.features = np.asarray(reference, np.float64)
         self.config = config
         self.mask = minority_mask(self.features, config.k, config.quantile, labels if config.per_class else None)
-        if self.mask.sum() <= config.nearest_k:
+        if not knn_ready(int(self.mask.sum()), config.nearest_k):
             raise ValueError(f"the minority reference holds {self.mask.sum()} rows (quantile {config.quantile} of "
                              f"{len(self.features)}) but k-NN balls of k = {config.nearest_k} need more: give a larger "
                              "reference, a larger quantile or a smaller k")
