@@ -156,6 +156,7 @@ def test_help_shows_values_and_words_never_python_source(capsys):
         assert source not in text
     assert f"k of AvgkNN, LOF and Rarity Score (default: {DEFAULT_K})" in text
     assert "torch device (default: cuda when available, else cpu)" in text
-    assert f"sampling.method (str, default jepa): {', '.join(METHODS[:-1])} or {METHODS[-1]}" in text
+    *first, last = METHODS
+    assert f"sampling.method (str, default jepa): {', '.join(first)} or {last}" in text
     listed = text.split("model.preset (str, default pixel-unet): a model preset: ", 1)[1].split(" ...", 1)[0]
     assert set(listed.split(", ")) <= set(PRESETS)
