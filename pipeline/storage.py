@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,13 +138,18 @@ def check_writable(location: Location) -> None:
         raise StorageError(f"cannot write to {location.uri}: {_explain(error)}") from error
 
 
+CREDENTIAL_ERRORS = re.compile(r"invalidaccesskeyid|invalid_access_key_id|signaturedoesnotmatch|accessdenied|access_denied"
+                               r"|\b403\b", re.IGNORECASE)  # a bare 403 only as a word: object names hold hex digests
+NETWORK_ERRORS = ("NETWORK_CONNECTION", "Couldn't connect", "Could not connect", "Connection refused", "curlCode", "Timeout")
+
+
 def _explain(error: OSError) -> str:
+    """The S3 client's error in words, with the fix: an endpoint that did not answer, or refused credentials."""
     text = str(error)
-    codes = ("invalidaccesskeyid", "invalid_access_key_id", "signaturedoesnotmatch", "accessdenied", "access_denied", "403")
-    if any(code in text.lower() for code in codes):
-        return f"the credentials were refused ({text.splitlines()[0]}); check AWS_ACCESS_KEY_ID / AWS_PROFILE"
-    if any(hint in text for hint in ("Couldn't connect", "Connection refused", "curlCode", "Timeout")):
+    if any(hint in text for hint in NETWORK_ERRORS):
         return f"the storage endpoint did not answer ({text.splitlines()[0]}); check storage.endpoint_url"
+    if CREDENTIAL_ERRORS.search(text):
+        return f"the credentials were refused ({text.splitlines()[0]}); check AWS_ACCESS_KEY_ID / AWS_PROFILE"
     return text.splitlines()[0] if text else type(error).__name__
 
 

@@ -337,3 +337,15 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     assert [r["method"] for r in rows] == ["unguided", "unguided"]
     assert all(np.isfinite(r["jepa_score"]) for r in rows)
     assert not list((tmp_path / "out" / FAILURES_DIR).glob("*.json"))  # records of committed ids are removed
+
+
+def test_an_unreachable_endpoint_is_not_blamed_on_credentials_whatever_the_object_is_called():
+    """An object name is a hex digest that may hold '403': the network error is named, not the keys."""
+    from pipeline.storage import _explain
+
+    unreachable = OSError("When initiating multiple part upload for key 'run/data/train-35c34751ff2403ea.parquet' in "
+                          "bucket 'outage': AWS Error NETWORK_CONNECTION during CreateMultipartUpload operation")
+    assert _explain(unreachable).startswith("the storage endpoint did not answer")
+    refused = OSError("AWS Error ACCESS_DENIED during HeadObject operation: No response body.")
+    assert _explain(refused).startswith("the credentials were refused")
+    assert _explain(OSError("HTTP 403 Forbidden")).startswith("the credentials were refused")
