@@ -37,11 +37,6 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
         return dataset.to_table(columns=columns)
 
 
-def committed_ids(output: Location) -> pa.Array:
-    """Sample ids of every committed data file."""
-    return read_committed(output, ["sample_id"]).column("sample_id").combine_chunks()
-
-
 def sample_ranges(indices: np.ndarray) -> bytes:
     """A data file's record of the sample indices it holds: [start, stop) ranges of consecutive indices, JSON."""
     ordered = np.sort(np.asarray(indices, dtype=np.int64))

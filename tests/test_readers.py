@@ -19,7 +19,7 @@ from PIL import Image
 from jobs import filter as filter_job
 from jobs import generate as generate_job
 from pipeline.curate.filter import FilterConfig, run_filter
-from pipeline.rows import committed_ids
+from pipeline.rows import read_committed
 from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, MANIFEST_FILE, OLD_LAYOUT, RUN_FILE, SELECTION_FILE
 from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig, StorageError, resolve
@@ -34,7 +34,7 @@ def committed(folder: Path) -> list[str]:
     """The ids the folder's own completion marker vouches for, read through the product's code."""
     marker = json.loads((folder / (RUN_FILE if (folder / RUN_FILE).exists() else SELECTION_FILE)).read_text())
     count = marker["counts"]["committed"] if "counts" in marker else marker["rows_kept"]
-    ids = sorted(committed_ids(resolve(str(folder), StorageConfig())).to_pylist())
+    ids = sorted(read_committed(resolve(str(folder), StorageConfig()), ["sample_id"]).column("sample_id").to_pylist())
     assert len(ids) == count > 0
     return ids
 
@@ -232,4 +232,5 @@ def test_the_datasets_features_are_the_arrow_schema_with_images():
     features = datasets.Features.from_dict(json.loads(OUTPUT_SCHEMA.metadata[b"huggingface"])["info"]["features"])
     assert features.arrow_schema.remove_metadata().equals(OUTPUT_SCHEMA.remove_metadata())
     assert isinstance(features["image"], datasets.Image)
-    assert features["jepa_score"] == datasets.Value("float64") and features["embedding"].feature == datasets.Value("float32")
+    assert features["jepa_score"] == datasets.Value("float64")
+    assert features["embedding"].feature == datasets.Value("float32")
