@@ -126,6 +126,17 @@ def gated(arm: Arm, gate: Gate) -> tuple[Arm, int]:
                arm.seconds_per_sample, arm.seeds[keep]), int((~inside).sum())
 
 
+def save_arms(path: Path, arms: list[Arm]) -> None:
+    """Every sampled set as arrays, keyed by its index: ``names``, ``images_I`` (n, H, W[, C] uint8),
+    ``labels_I``, ``jepa_scores_I``."""
+    arrays = {"names": np.array([arm.name for arm in arms])}
+    for i, arm in enumerate(arms):
+        arrays |= {f"images_{i}": np.stack([np.asarray(image) for image in arm.images]),
+                   f"labels_{i}": arm.labels, f"jepa_scores_{i}": arm.jepa_scores}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)
+
+
 def sheet(rows_by_setting: dict[str, list], path: Path, per_row: int = 10) -> None:
     cell, label = 48, 150
     canvas = Image.new("RGB", (label + per_row * cell, len(rows_by_setting) * cell), "white")
@@ -175,6 +186,9 @@ def main() -> None:
                              "built; docs/method.md, 'Self-guided minority sampling'); 0: none")
     parser.add_argument("--controls", action=argparse.BooleanOptionalAction, default=True,
                         help="run the controls beside every guided setting (--no-controls: the settings alone)")
+    parser.add_argument("--save-arms", type=Path, default=None,
+                        help="also write every sampled set (uint8 images, labels, JEPA-SCOREs) to this .npz, "
+                             "for benchmarks that reuse the samples (benchmarks/downstream.py)")
     args = parser.parse_args()
     torch.manual_seed(0)
     demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())  # the demo's models and sampling settings
@@ -206,6 +220,8 @@ def main() -> None:
         arms.append(arm)
         sheets[name] = rows
         print(f"{name}: {arm.seconds_per_sample:.2f} s/sample", flush=True)
+    if args.save_arms:
+        save_arms(args.save_arms, arms)
     reference, _ = held_out_images()
     demo_arm = next(a for a in arms if "(demo default)" in a.name)
     gate_space = pixel_space(FilterConfig.gate_space)
@@ -225,7 +241,7 @@ def main() -> None:
         "command": " ".join(["python -m benchmarks.demo_evidence", *sys.argv[1:]]),
         "gate": {"reference": "held-out digits", "space": FilterConfig.gate_space, "k": FilterConfig.gate_k,
                  "of": demo_arm.name, "samples": len(demo_arm.images), "dropped": dropped},
-        "settings": vars(args) | {"output": str(args.output), "steps": steps, "tau": default.tau,
+        "settings": vars(args) | {"output": str(args.output), "save_arms": args.save_arms and str(args.save_arms), "steps": steps, "tau": default.tau,
                                   "k": default.k, "reference": "held-out digits", "reference_images": len(reference),
                                   "encoder": encoder_config["weights"], "demo_guidance": base["guidance"] | lever},
         "arms": as_dicts(rows), "compared_with_unguided": compared(rows, "unguided"),
