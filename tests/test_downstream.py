@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks.downstream import difference, main, minority_poor, read_arms, scores, summary
+from benchmarks.downstream import METRICS, SLICES, conclusion, difference, main, minority_poor, read_arms, scores, summary
 
 T_975_2 = 4.302652729911275  # the 97.5% quantile of Student's t with 2 degrees of freedom (any t table)
 
@@ -50,17 +50,40 @@ def test_summary_is_the_t_interval_over_seeds():
     assert figure["per_seed"] == [1.0, 2.0, 3.0]
 
 
+def _row(values: list[float]) -> dict:
+    """A row whose every slice and metric has these per-seed values."""
+    return {part: {metric: summary(values, 0.95) for metric in METRICS} for part in SLICES}
+
+
 def test_differences_are_paired_by_seed():
-    def row(values):
-        return {part: {metric: {"per_seed": values} for metric in ("accuracy", "macro_f1", "macro_precision", "macro_recall")}
-                for part in ("held_out", "minority")}
 
     # seed by seed the arm is 2, 3, 4 better: paired, the interval is that of (2, 3, 4), far from 0;
     # unpaired, the spread across seeds (std 2 and 1) would reach below 0
-    gain = difference(row([3.0, 5.0, 7.0]), row([1.0, 2.0, 3.0]), 0.95)["minority"]["macro_f1"]
+    gain = difference(_row([3.0, 5.0, 7.0]), _row([1.0, 2.0, 3.0]), 0.95)["minority"]["macro_f1"]
     half = T_975_2 / np.sqrt(3)
     assert gain["mean"] == pytest.approx(3.0)
     assert (gain["low"], gain["high"]) == pytest.approx((3.0 - half, 3.0 + half))
+
+
+def _rows(gains: dict[str, list[float]]) -> list[dict]:
+    """No augmentation, unguided at 10 and 6 samples, and each arm at 10 and 6 with these per-seed gains over unguided."""
+    none, unguided = [0.80, 0.81, 0.79], [0.82, 0.84, 0.80]
+    rows = [{"arm": "no augmentation", "samples": 0, **_row(none)}]
+    rows += [{"arm": "unguided", "samples": n, **_row(unguided)} for n in (10, 6)]
+    rows += [{"arm": arm, "samples": n, **_row(np.add(unguided, gain).tolist())} for arm, gain in gains.items() for n in (10, 6)]
+    for row in rows[1:]:
+        row["vs_none"] = difference(row, rows[0], 0.95)
+        if row["arm"] != "unguided":
+            row["vs_unguided"] = difference(row, rows[1], 0.95)
+    return rows
+
+
+def test_the_conclusion_names_the_best_sampler_only_when_its_gain_over_unguided_excludes_0():
+    clear = conclusion(_rows({"steady": [0.03, 0.02, 0.04], "small": [0.01, 0.0, 0.02]}), 0.95)
+    assert clear.startswith("The samples of steady help a classifier most on the minority slice: macro-F1 +0.030")
+    noisy = conclusion(_rows({"noisy": [0.09, -0.05, 0.05], "small": [0.01, 0.0, 0.02]}), 0.95)
+    assert noisy.startswith("No sampler's samples help a classifier on the minority slice beyond unguided samples: "
+                            "the best, noisy, changes macro-F1 by +0.030")
 
 
 def test_an_arms_file_without_unguided_is_refused_naming_the_file(tmp_path):
