@@ -262,7 +262,7 @@ def main() -> None:
         "command": " ".join(["python -m benchmarks.downstream", *sys.argv[1:]]),
         "settings": {"arms": str(config.arms), "drop": config.drop, "quantile": config.quantile, "seeds": config.seeds,
                      "confidence": config.confidence, "k": MINORITY.k, "space": SPACE.name,
-                     "minority_slice": f"held-out rarest {MINORITY.quantile:g} by leave-one-out AvgkNN",
+                     "minority_slice_rule": f"held-out rarest {MINORITY.quantile:g} by leave-one-out AvgkNN",
                      "classifier": f"SVC(gamma={SVM_GAMMA}) on 8 x 8 grey digits (the demo's digit classifier)",
                      "interval": f"t over seeds, {config.confidence:.0%}; differences paired by seed"} | split,
         "rows": rows, "markdown": tables, "conclusion": sentence})
