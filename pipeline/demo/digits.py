@@ -101,11 +101,16 @@ def held_out_images(size: int = 16) -> tuple[list[Image.Image], np.ndarray]:
     return [Image.fromarray(g, mode="L") for g in grey], labels.numpy()
 
 
+def fit_digit_svm(features: np.ndarray, labels: np.ndarray) -> SVC:
+    """The demo's digit classifier recipe: an RBF SVM on flat 8x8 grey digits in [0, 1] (``to_8x8``)."""
+    return SVC(gamma=0.001).fit(features, labels)
+
+
 def digit_classifier():
     """An SVM fitted on the training split's 8x8 digits; returns images -> predicted digits (images
     mapped back to 8x8 as ``to_8x8`` does). About 99% right on the held-out real digits."""
     images, labels = digits(8, "train")
-    svm = SVC(gamma=0.001).fit(to_8x8(images), labels.numpy())
+    svm = fit_digit_svm(to_8x8(images), labels.numpy())
 
     def classify(batch: list[Image.Image]) -> np.ndarray:
         pixels = np.stack([np.asarray(image.convert("L"), np.float32) / 255 for image in batch])
