@@ -20,6 +20,9 @@ from ast import literal_eval
 
 from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
                           tracking_config)
+from guidance.methods import GuidanceConfig
+from pipeline import configs
+from pipeline.generate.config import EncoderConfig
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
@@ -32,7 +35,7 @@ def _nuisances(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), field_docs("pipeline.generate.config", "EncoderConfig")
+    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), configs.field_docs(EncoderConfig)
     parser = job_parser("check-prior", __doc__)
     parser.add_argument("reference", help=doc["reference"].meaning)
     parser.add_argument("--labels", metavar="COLUMN_OR_FILE",
@@ -46,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--weights", encoder["weights"])
     config_flag(parser, "--input-size", encoder["input_size"], type=int)
     config_flag(parser, "--k", doc["k"], type=int)
-    guidance_k = field_docs("guidance.methods", "GuidanceConfig")["k"].default
+    guidance_k = GuidanceConfig.k
     parser.add_argument("--guidance-k", type=int, metavar="K",
                         help=f"{doc['guidance_k'].meaning} (default: --config's sampling.guidance.k, else {guidance_k})")
     config_flag(parser, "--max-images", doc["max_images"], type=int)
@@ -73,10 +76,9 @@ def _from_config(args: argparse.Namespace) -> dict:
 
 def _encoder(args: argparse.Namespace, section: dict):
     """The encoder: a generation config's encoder section, with --encoder / --weights / --input-size over it."""
-    from pipeline.generate.config import EncoderConfig, build
-
     chosen = {"name": args.encoder, "weights": args.weights, "input_size": args.input_size}
-    return build(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None}, "encoder")
+    return configs.parse(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None},
+                         "encoder")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,8 @@ import sys
 from typing import TYPE_CHECKING
 
 from jobs.options import config_flag, job_parser, run_as_program
-from pipeline.sourcedoc import field_docs
+from pipeline.configs import field_docs
+from pipeline.generate.config import ConsoleConfig, RayConfig
 
 if TYPE_CHECKING:
     from pipeline.generate.job import GenerationSummary
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check a real run makes first (config, model and encoder files, prompts, "
                              "output) and say what it would do; write and sample nothing")
-    console, ray = field_docs("pipeline.generate.config", "ConsoleConfig"), field_docs("pipeline.generate.config", "RayConfig")
+    console, ray = field_docs(ConsoleConfig), field_docs(RayConfig)
     config_flag(parser, "--status-every", console["status_every"], type=float, metavar="SECONDS",
                 help="seconds between status lines when stderr is not a terminal (console.status_every)")
     parser.add_argument("--verbose", action="store_true", help=f"{console['verbose'].meaning} (console.verbose)")

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.schema import RUN_FILE
+from pipeline.configs import FieldDoc, field_docs
 from pipeline.settings import TrackingConfig
-from pipeline.sourcedoc import FieldDoc, field_docs
 from pipeline.storage import StorageConfig, exists, read_bytes, resolve
 
 TRACKING_KEYS = {f.name for f in dataclasses.fields(TrackingConfig)}
@@ -47,7 +47,7 @@ def given(args: argparse.Namespace, *names: str) -> dict:
 
 
 def add_storage_and_tracking(parser: argparse.ArgumentParser) -> None:
-    storage, tracking = field_docs("pipeline.storage", "StorageConfig"), field_docs("pipeline.settings", "TrackingConfig")
+    storage, tracking = field_docs(StorageConfig), field_docs(TrackingConfig)
     parser.add_argument("--endpoint-url", help=f"{storage['endpoint_url'].meaning}; credentials come from the AWS "
                                                "environment")
     parser.add_argument("--region", help=storage["region"].meaning)

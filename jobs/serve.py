@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from jobs.options import config_flag, given, job_parser, run_as_program
+from pipeline import configs
+from pipeline.generate.config import ConsoleConfig
 from pipeline.sourcedoc import field_docs
 
 LIMITS = ("max_n", "max_steps", "max_body_bytes", "max_pixels")  # ServeLimits fields, one flag each
@@ -27,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--generate-batch-samples", field_docs("pipeline.serve.service", "ServeConfig")["generate_batch_samples"],
                 type=int)
     parser.add_argument("--verbose", action="store_true",
-                        help=f"{field_docs('pipeline.generate.config', 'ConsoleConfig')['verbose'].meaning} (console.verbose)")
+                        help=f"{configs.field_docs(ConsoleConfig)['verbose'].meaning} (console.verbose)")
     for name in LIMITS:
         config_flag(parser, f"--{name.replace('_', '-')}", limits[name], type=int)
     return parser

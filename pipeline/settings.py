@@ -25,9 +25,12 @@ class ConfigError(ValueError):
 class TrackingConfig:
     """Where the MLflow run goes."""
 
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
-    artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
-    experiment: str = "jepa-minority"  # the MLflow experiment the runs are grouped under
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    """a local sqlite store by default; an http:// server works too"""
+    artifact_location: str = "mlruns/artifacts"
+    """for new experiments in a local store"""
+    experiment: str = "jepa-minority"
+    """the MLflow experiment the runs are grouped under"""
 
     def __post_init__(self):
         if "@" in urlparse(self.tracking_uri).netloc:

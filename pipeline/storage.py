@@ -34,8 +34,10 @@ TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and li
 class StorageConfig:
     """How to reach object storage. Credentials come only from the AWS environment / profile chain."""
 
-    endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
-    region: str | None = None  # the bucket's region
+    endpoint_url: str | None = None
+    """an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"""
+    region: str | None = None
+    """the bucket's region"""
 
     def __post_init__(self):
         if self.endpoint_url and "@" in urlparse(self.endpoint_url).netloc:

@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from guidance import WorkItem
 from guidance.methods import SamplingConfig
-from pipeline.generate.config import build
+from pipeline.configs import parse
 from pipeline.settings import ConfigError, to_dict
 
 GENERATE_KEYS = ("class_label", "prompt", "n", "seed", "sampling")
@@ -101,7 +101,7 @@ def parse_generate(payload: Any, base: SamplingConfig, limits: ServeLimits) -> G
         raise RequestError(422, 'sampling must be an object of sampling settings, e.g. {"method": "jepa", '
                                 '"guidance": {"eta": 0.05}}')
     try:
-        sampling = build(SamplingConfig, _merge(to_dict(base), overrides), "sampling")
+        sampling = parse(SamplingConfig, _merge(to_dict(base), overrides), "sampling")
     except ConfigError as error:
         raise RequestError(422, str(error)) from error
     if sampling.steps > limits.max_steps:
