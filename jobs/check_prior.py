@@ -15,11 +15,10 @@ MLflow.
 from __future__ import annotations
 
 import argparse
-import sys
 from ast import literal_eval
 
-from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
-                          tracking_config)
+from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, refusing, run_as_program,
+                          storage_config, tracking_config)
 from guidance.methods import GuidanceConfig
 from pipeline import configs
 from pipeline.generate.config import EncoderConfig
@@ -81,23 +80,19 @@ def _encoder(args: argparse.Namespace, section: dict):
                          "encoder")
 
 
+@refusing("check-prior")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.evaluate.prior import PriorConfig, check_prior  # torch loads after parsing
     from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
     from pipeline.settings import ui_command
-    from pipeline.storage import StorageError
 
-    try:
-        generation = _from_config(args)
-        guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
-        options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
-        config = PriorConfig(reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
-                             storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
-        summary = check_prior(config)
-    except (ValueError, FileNotFoundError, StorageError) as error:
-        print(f"jepa-minority check-prior: {error}", file=sys.stderr)
-        return 2
+    generation = _from_config(args)
+    guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
+    options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
+    config = PriorConfig(reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
+                         storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
+    summary = check_prior(config)
     print(summary["verdict"])
     if "topk" in summary:
         print(summary["topk"]["verdict"])

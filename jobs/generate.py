@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.options import config_flag, job_parser, run_as_program
+from jobs.options import config_flag, job_parser, refusing, run_as_program
 from pipeline.configs import field_docs
 from pipeline.generate.config import ConsoleConfig, RayConfig
 
@@ -38,13 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("generate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.generate.config import load_config  # no torch, diffusers or Ray: they load only for work to do
     from pipeline.generate.preflight import preflight_generation
-    from pipeline.generate.work import WorkError
-    from pipeline.settings import ConfigError, ui_command
-    from pipeline.storage import StorageError
+    from pipeline.settings import ui_command
 
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
     overrides += [f"console.status_every={args.status_every}"] if args.status_every is not None else []
@@ -57,9 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.generate.job import run_generation
 
         summary = run_generation(config)
-    except (ConfigError, WorkError, StorageError) as error:
-        print(f"jepa-minority generate: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as interrupted:  # job.Interrupted says what sampling committed; elsewhere nothing is half-done
         print(str(interrupted) or "interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -1,19 +1,21 @@
 """Command-line parts that several jobs share: the help layout, flags documented by a config field, where
-object storage is and where runs are tracked, the one log format and how a job runs as a program. Light to
-import: `--help` loads no torch or Ray."""
+object storage is and where runs are tracked, the one log format, how a job refuses bad input and how it runs
+as a program. Light to import: `--help` loads no torch or Ray."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.schema import RUN_FILE
 from pipeline.configs import FieldDoc, field_docs
-from pipeline.settings import TrackingConfig
+from pipeline.settings import TrackingConfig, UserError
 from pipeline.storage import StorageConfig, exists, read_bytes, resolve
 
 TRACKING_KEYS = {f.name for f in dataclasses.fields(TrackingConfig)}
@@ -78,6 +80,27 @@ def tracking_config(args: argparse.Namespace, input_uri: str) -> TrackingConfig:
 def configure_logging() -> None:
     """INFO logs on stderr, in the one format of every job."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+Main = Callable[[list[str] | None], int]
+
+
+def refusing(command: str) -> Callable[[Main], Main]:
+    """A job's ``main`` that answers bad input (a ``UserError``, however deep) with its one line on stderr and exit
+    status 2: the one place the jobs catch it. Any other exception is a bug and keeps its traceback."""
+
+    def wrap(main: Main) -> Main:
+        @functools.wraps(main)
+        def refusing_main(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except UserError as error:
+                print(f"jepa-minority {command}: {error}", file=sys.stderr)
+                return 2
+
+        return refusing_main
+
+    return wrap
 
 
 def run_as_program(main: Callable[[], int]) -> NoReturn:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.options import config_flag, given, job_parser, run_as_program
+from jobs.options import config_flag, given, job_parser, refusing, run_as_program
 from pipeline import configs
 from pipeline.generate.config import ConsoleConfig
 from pipeline.sourcedoc import field_docs
@@ -35,11 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("serve")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.serve.inputs import ServeLimits  # Ray Serve and torch load only when serving
     from pipeline.serve.service import ServeConfig, run_serve
-    from pipeline.storage import StorageError
 
     try:
         service = ServeConfig(
@@ -51,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
             limits=ServeLimits(**given(args, *LIMITS)),
         )
         run_serve(service, blocking=True)
-    except (ValueError, StorageError) as error:
-        print(f"jepa-minority serve: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
     return 0

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, UserError
 
 # Strict, from JSON-like data: a mapping stands for a nested dataclass, and nothing is coerced (no "3" for 3,
 # no 1 for true, no true for 1.0); NaN and infinities are refused.
@@ -60,9 +60,9 @@ def _one_line(error: ValidationError, cls: type, where: str) -> str:
     """The first problem of ``error`` in our words: the dotted key, what it wanted and what it got."""
     problems = [(_Place(cls, e["loc"][1:], where), e) for e in error.errors()]
     place, first = problems[0]
-    if first["type"] == "value_error":  # a __post_init__ check: ConfigErrors name their key, the others their section
+    if first["type"] == "value_error":  # a __post_init__ check: UserErrors name their key, the others their section
         cause = first["ctx"]["error"]
-        return str(cause) if isinstance(cause, ConfigError) else f"{place.key or 'config'}: {cause}"
+        return str(cause) if isinstance(cause, UserError) or not place.key else f"{place.key}: {cause}"
     if first["type"] == "unexpected_keyword_argument":  # the unknown key ends the location
         key = ".".join(part for part in (place.key, place.member) if part)
         return f"unknown key {key}; valid keys here: {', '.join(f.name for f in dataclasses.fields(place.parent))}"

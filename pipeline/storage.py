@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.settings import UserError
+
 log = logging.getLogger(__name__)
 TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and list_files all skip it
 
@@ -50,7 +52,7 @@ class StorageConfig:
                                "http(s)://host:port, e.g. http://127.0.0.1:9000, or leave it out for AWS")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage cannot be reached or used; the message says which location and what to check."""
 
 
