@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 from ast import literal_eval
 
-from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, refusing, run_as_program,
-                          storage_config, tracking_config)
+from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
+                          run_as_program, storage_config, tracking_config)
 from guidance.methods import GuidanceConfig
 from pipeline import configs
 from pipeline.generate.config import EncoderConfig
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     generation = _from_config(args)
     guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
     options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
-    config = PriorConfig(reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
-                         storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
+    config = build_config(PriorConfig, reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
+                          storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
     summary = check_prior(config)
     print(summary["verdict"])
     if "topk" in summary:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, refusing, run_as_program,
-                          storage_config, tracking_config)
+from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
+                          run_as_program, storage_config, tracking_config)
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
     from pipeline.settings import ui_command
 
-    config = EvaluateConfig(generated=tuple(args.generated), storage=storage_config(args),
-                            tracking=tracking_config(args, args.generated[0]), **given(args, *FLAGS))
+    config = build_config(EvaluateConfig, generated=args.generated, storage=storage_config(args),
+                          tracking=tracking_config(args, args.generated[0]), **given(args, *FLAGS))
     report = run_evaluation(config)
     print(markdown(report))
     print(f"mlflow:  run {report['evaluation_run_id']} in {config.tracking.tracking_uri}")

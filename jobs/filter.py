@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import add_storage_and_tracking, job_parser, refusing, run_as_program, storage_config, tracking_config
+from jobs.options import (add_storage_and_tracking, build_config, job_parser, refusing, run_as_program, storage_config,
+                          tracking_config)
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import ui_command
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("filter")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    config = FilterConfig(
-        input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
+    config = build_config(
+        FilterConfig, input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
         max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups,
         gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k, storage=storage_config(args),
         tracking=tracking_config(args, args.input), verbose=args.verbose,

@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from pipeline.schema import RUN_FILE
 from pipeline.configs import FieldDoc, field_docs
-from pipeline.settings import TrackingConfig, UserError
+from pipeline.settings import TrackingConfig, UserError, to_dict
 from pipeline.storage import StorageConfig, exists, read_bytes, resolve
 
 TRACKING_KEYS = {f.name for f in dataclasses.fields(TrackingConfig)}
@@ -46,6 +46,14 @@ def config_flag(parser: argparse.ArgumentParser, flag: str, doc: FieldDoc, **kwa
 def given(args: argparse.Namespace, *names: str) -> dict:
     """The named options the user gave (not None), to pass to a config as keyword arguments."""
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def build_config(cls: type, **values):
+    """A job's config from its parsed flags, checked by the validator every config goes through
+    (``pipeline.configs.parse``); nested configs given as objects are passed as their plain data."""
+    from pipeline.configs import parse
+
+    return parse(cls, {key: to_dict(value) if dataclasses.is_dataclass(value) else value for key, value in values.items()})
 
 
 def add_storage_and_tracking(parser: argparse.ArgumentParser) -> None:

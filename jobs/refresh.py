@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import config_flag, given, job_parser, refusing, run_as_program
+from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
 from pipeline.curate.filter import GROUP_COLUMNS  # pyarrow only
 from pipeline.sourcedoc import field_docs
 
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.curate.refresh import RefreshConfig, preflight_refresh, run_refresh  # torch, Ray load after parsing
     from pipeline.settings import ui_command
 
-    refresh = RefreshConfig(config=args.config, root=args.root, overrides=tuple(args.overrides),
-                            **given(args, "version", "keep_versions", "keep_fraction", "per", "allow_empty_groups"))
+    refresh = build_config(RefreshConfig, config=args.config, root=args.root, overrides=args.overrides,
+                           **given(args, "version", "keep_versions", "keep_fraction", "per", "allow_empty_groups"))
     if args.dry_run:
         print(f"dry run: {preflight_refresh(refresh).describe()}")
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs.options import config_flag, given, job_parser, refusing, run_as_program
+from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
 from pipeline import configs
 from pipeline.generate.config import ConsoleConfig
 from pipeline.sourcedoc import field_docs
@@ -37,17 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("serve")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.serve.inputs import ServeLimits  # Ray Serve and torch load only when serving
-    from pipeline.serve.service import ServeConfig, run_serve
+    from pipeline.serve.service import ServeConfig, run_serve  # Ray Serve and torch load only when serving
 
     try:
-        service = ServeConfig(
-            config=args.config, overrides=(*args.overrides, *["console.verbose=true"] * args.verbose),
+        service = build_config(
+            ServeConfig, config=args.config, overrides=(*args.overrides, *["console.verbose=true"] * args.verbose),
             dataset=args.dataset, host=args.host, port=args.port, replicas=args.replicas,
             cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
             max_batch_size=args.max_batch_size,
             **given(args, "generate_batch_samples"),
-            limits=ServeLimits(**given(args, *LIMITS)),
+            limits=given(args, *LIMITS),
         )
         run_serve(service, blocking=True)
     except KeyboardInterrupt:
