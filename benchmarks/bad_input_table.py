@@ -344,7 +344,7 @@ CASES: list[Case] = [
          "not allowed with argument"),
     Case("filter-fraction-zero", "filter", "--keep-fraction 0", filt("--keep-fraction", "0"), "keep_fraction must be in (0, 1], got 0.0"),
     Case("filter-fraction-big", "filter", "--keep-fraction 1.5", filt("--keep-fraction", "1.5"), "keep_fraction must be in (0, 1], got 1.5"),
-    Case("filter-fraction-nan", "filter", "--keep-fraction nan", filt("--keep-fraction", "nan"), "keep_fraction must be in (0, 1], got nan"),
+    Case("filter-fraction-nan", "filter", "--keep-fraction nan", filt("--keep-fraction", "nan"), "keep_fraction must be a finite number, got nan"),
     Case("filter-fraction-text", "filter", "--keep-fraction a word", filt("--keep-fraction", "half"), "invalid float value: 'half'"),
     Case("filter-keep-zero", "filter", "--keep 0", filt("--keep", "0"), "keep must be >= 1, got 0"),
     Case("filter-keep-negative", "filter", "--keep -3", filt("--keep", "-3"), "keep must be >= 1, got -3"),

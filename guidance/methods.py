@@ -54,22 +54,38 @@ def deferral_window(tau: float, tau_stop: float, total: int) -> list[bool]:
 class GuidanceConfig:
     """JEPA guidance: descend on the top-k log-volume of the decoded Tweedie estimate."""
 
-    eta: float = 0.5  # strength: the step is eta * g (or eta * beta-tilde_t * g); 0 never guides
-    schedule: str = "constant"  # "constant" or "variance" (scale by the DDPM posterior variance)
-    normalize: bool = True  # divide g by its per-sample max |g| (L-inf normalisation)
-    tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
-    tau_stop: float = 0.0  # stop guiding once 1 - s/T <= tau_stop, before the lowest noise levels (0 guides to the end)
-    interval: int = 1  # guide every interval-th step once deferral allows
-    placement: str = "pre-step"  # "pre-step": x_t -= step, then the sampler step; "posterior-mean": mean -= step
-    k: int = 9  # top-k singular values in the log-volume
-    oversample: int = 2  # extra sketch columns (r = k + oversample)
-    power_iters: int = 2  # subspace iterations of the sketch
-    warm_start: bool = False  # start each guided step's sketch from the previous step's subspace (method jepa)
-    gradient: str = "full"  # "full": through the denoiser; "tweedie": network output held constant (no denoiser backward)
-    micro_batch: int | None = None  # rows per encoder-branch chunk (bounds its double-backward memory); None: the batch
-    rescale_interval: bool = False  # with interval n, the step is n * eta: guiding every n-th step keeps the total push
-    reuse_direction: bool = False  # steps between guided ones apply the last guided direction again (no encoder call)
-    direction: str = "descend"  # "descend" (the method); controls: "ascend" (reversed), "random" (same norm, random direction)
+    eta: float = 0.5
+    """strength: the step is eta * g (or eta * beta-tilde_t * g); 0 never guides"""
+    schedule: str = "constant"
+    """"constant" or "variance" (scale by the DDPM posterior variance)"""
+    normalize: bool = True
+    """divide g by its per-sample max |g| (L-inf normalisation)"""
+    tau: float = 0.8
+    """deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)"""
+    tau_stop: float = 0.0
+    """stop guiding once 1 - s/T <= tau_stop, before the lowest noise levels (0 guides to the end)"""
+    interval: int = 1
+    """guide every interval-th step once deferral allows"""
+    placement: str = "pre-step"
+    """"pre-step": x_t -= step, then the sampler step; "posterior-mean": mean -= step"""
+    k: int = 9
+    """top-k singular values in the log-volume"""
+    oversample: int = 2
+    """extra sketch columns (r = k + oversample)"""
+    power_iters: int = 2
+    """subspace iterations of the sketch"""
+    warm_start: bool = False
+    """start each guided step's sketch from the previous step's subspace (method jepa)"""
+    gradient: str = "full"
+    """"full": through the denoiser; "tweedie": network output held constant (no denoiser backward)"""
+    micro_batch: int | None = None
+    """rows per encoder-branch chunk (bounds its double-backward memory); None: the batch"""
+    rescale_interval: bool = False
+    """with interval n, the step is n * eta: guiding every n-th step keeps the total push"""
+    reuse_direction: bool = False
+    """steps between guided ones apply the last guided direction again (no encoder call)"""
+    direction: str = "descend"
+    """"descend" (the method); controls: "ascend" (reversed), "random" (same norm, random direction)"""
 
     def __post_init__(self):
         _finite_at_least("guidance.eta", self.eta, 0)
@@ -115,8 +131,10 @@ class GuidanceConfig:
 class BoostSkipConfig:
     """Boost-and-skip baseline: start from gamma-scaled noise and skip the first ``skip`` steps."""
 
-    gamma: float = 1.1  # initial-noise boost (> 1 pushes towards low-density regions)
-    skip: int = 2  # noisiest steps skipped
+    gamma: float = 1.1
+    """initial-noise boost (> 1 pushes towards low-density regions)"""
+    skip: int = 2
+    """noisiest steps skipped"""
 
     def __post_init__(self):
         _finite_at_least("bns.gamma", self.gamma, 0)
@@ -128,10 +146,14 @@ class BoostSkipConfig:
 class SgmsConfig:
     """Self-guided minority sampling (SGMS): push the posterior mean up the gradient of a minority score."""
 
-    strength: float = 0.4  # the push is strength * beta-tilde_t * g (g L-inf normalised); 0 never guides
-    renoise: float = 0.8  # the fixed re-noise level as a fraction of the model's training timesteps (the paper's 0.8 T)
-    distance: str = "pixels"  # "pixels": mean squared difference of the decoded images (the only one so far)
-    tau: float = 0.8  # deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)
+    strength: float = 0.4
+    """the push is strength * beta-tilde_t * g (g L-inf normalised); 0 never guides"""
+    renoise: float = 0.8
+    """the fixed re-noise level as a fraction of the model's training timesteps (the paper's 0.8 T)"""
+    distance: str = "pixels"
+    """"pixels": mean squared difference of the decoded images (the only one so far)"""
+    tau: float = 0.8
+    """deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)"""
 
     def __post_init__(self):
         _finite_at_least("sgms.strength", self.strength, 0)
@@ -152,12 +174,18 @@ class SgmsConfig:
 class SamplingConfig:
     """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
 
-    method: str = "jepa"  # unguided, bns, jepa, jepa-reference or sgms
-    sampler: str = "ddim"  # "ddim" or "ddpm" (ancestral)
-    steps: int = 50  # sampling steps
-    ddim_eta: float = 0.0  # DDIM stochasticity (0 deterministic, 1 DDPM-like)
-    cfg_scale: float = 1.0  # classifier-free guidance scale: 1 = off, > 1 applies it (guidance.models.applies_cfg)
-    timestep_spacing: str | None = None  # None keeps the model's scheduler config; "trailing" for SDXL-Lightning
+    method: str = "jepa"
+    """unguided, bns, jepa, jepa-reference or sgms"""
+    sampler: str = "ddim"
+    """"ddim" or "ddpm" (ancestral)"""
+    steps: int = 50
+    """sampling steps"""
+    ddim_eta: float = 0.0
+    """DDIM stochasticity (0 deterministic, 1 DDPM-like)"""
+    cfg_scale: float = 1.0
+    """classifier-free guidance scale: 1 = off, > 1 applies it (guidance.models.applies_cfg)"""
+    timestep_spacing: str | None = None
+    """None keeps the model's scheduler config; "trailing" for SDXL-Lightning"""
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
     sgms: SgmsConfig = field(default_factory=SgmsConfig)

@@ -15,11 +15,13 @@ MLflow.
 from __future__ import annotations
 
 import argparse
-import sys
 from ast import literal_eval
 
-from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
-                          tracking_config)
+from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
+                          run_as_program, storage_config, tracking_config)
+from guidance.methods import GuidanceConfig
+from pipeline import configs
+from pipeline.generate.config import EncoderConfig
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
@@ -32,7 +34,7 @@ def _nuisances(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), field_docs("pipeline.generate.config", "EncoderConfig")
+    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), configs.field_docs(EncoderConfig)
     parser = job_parser("check-prior", __doc__)
     parser.add_argument("reference", help=doc["reference"].meaning)
     parser.add_argument("--labels", metavar="COLUMN_OR_FILE",
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--weights", encoder["weights"])
     config_flag(parser, "--input-size", encoder["input_size"], type=int)
     config_flag(parser, "--k", doc["k"], type=int)
-    guidance_k = field_docs("guidance.methods", "GuidanceConfig")["k"].default
+    guidance_k = GuidanceConfig.k
     parser.add_argument("--guidance-k", type=int, metavar="K",
                         help=f"{doc['guidance_k'].meaning} (default: --config's sampling.guidance.k, else {guidance_k})")
     config_flag(parser, "--max-images", doc["max_images"], type=int)
@@ -73,29 +75,24 @@ def _from_config(args: argparse.Namespace) -> dict:
 
 def _encoder(args: argparse.Namespace, section: dict):
     """The encoder: a generation config's encoder section, with --encoder / --weights / --input-size over it."""
-    from pipeline.generate.config import EncoderConfig, build
-
     chosen = {"name": args.encoder, "weights": args.weights, "input_size": args.input_size}
-    return build(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None}, "encoder")
+    return configs.parse(EncoderConfig, section | {key: value for key, value in chosen.items() if value is not None},
+                         "encoder")
 
 
+@refusing("check-prior")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.evaluate.prior import PriorConfig, check_prior  # torch loads after parsing
     from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
     from pipeline.settings import ui_command
-    from pipeline.storage import StorageError
 
-    try:
-        generation = _from_config(args)
-        guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
-        options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
-        config = PriorConfig(reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
-                             storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
-        summary = check_prior(config)
-    except (ValueError, FileNotFoundError, StorageError) as error:
-        print(f"jepa-minority check-prior: {error}", file=sys.stderr)
-        return 2
+    generation = _from_config(args)
+    guidance_k = (generation.get("sampling") or {}).get("guidance", {}).get("k")
+    options = ({"guidance_k": guidance_k} if guidance_k is not None else {}) | given(args, *FLAGS)
+    config = build_config(PriorConfig, reference=args.reference, encoder=_encoder(args, generation.get("encoder", {})),
+                          storage=storage_config(args), tracking=tracking_config(args, args.reference), **options)
+    summary = check_prior(config)
     print(summary["verdict"])
     if "topk" in summary:
         print(summary["topk"]["verdict"])

@@ -4,10 +4,9 @@ local MLflow store), unguided vs JEPA-guided at the same seeds, the rarest kept,
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from jobs.options import job_parser, run_as_program
+from jobs.options import job_parser, refusing, run_as_program
 from pipeline.demo import DEMO_CONFIG
 
 
@@ -43,21 +42,17 @@ def digit_evidence(arms: dict) -> tuple[list[str], str]:
         rows, f"the {len(reference)} held-out real digits that no demo model trained on", "unguided")
 
 
+@refusing("demo")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.demo.job import preflight_demo, run_demo  # torch, diffusers and Ray load after parsing
     from pipeline.settings import ui_command
-    from pipeline.storage import StorageError
 
-    try:
-        if args.dry_run:
-            print(f"dry run: {preflight_demo(args.config, args.root, args.keep_fraction, args.overrides).describe()}")
-            return 0
-        evidence = digit_evidence if measures_digits(args) else None
-        result = run_demo(args.config, args.root, args.keep_fraction, args.overrides, evidence)
-    except (StorageError, ValueError) as error:  # config and work errors are ValueErrors
-        print(f"jepa-minority demo: {error}", file=sys.stderr)
-        return 2
+    if args.dry_run:
+        print(f"dry run: {preflight_demo(args.config, args.root, args.keep_fraction, args.overrides).describe()}")
+        return 0
+    evidence = digit_evidence if measures_digits(args) else None
+    result = run_demo(args.config, args.root, args.keep_fraction, args.overrides, evidence)
     print(f"\nreport:  {result.report}")
     print(f"data:    {result.unguided.output_uri} (unguided), {result.guided.output_uri} (JEPA-guided), "
           f"{result.rarest_uri} (rarest {result.rows_kept})")

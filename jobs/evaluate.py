@@ -10,10 +10,9 @@ FID / sFID and CLIP score from local weights files.
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.options import (add_storage_and_tracking, config_flag, given, job_parser, run_as_program, storage_config,
-                          tracking_config)
+from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
+                          run_as_program, storage_config, tracking_config)
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
@@ -53,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.evaluate.config import EvaluateConfig  # torch and Ray load after parsing
@@ -60,15 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluate.table import markdown
     from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
     from pipeline.settings import ui_command
-    from pipeline.storage import StorageError
 
-    try:
-        config = EvaluateConfig(generated=tuple(args.generated), storage=storage_config(args),
-                                tracking=tracking_config(args, args.generated[0]), **given(args, *FLAGS))
-        report = run_evaluation(config)
-    except (ValueError, FileNotFoundError, StorageError) as error:
-        print(f"jepa-minority evaluate: {error}", file=sys.stderr)
-        return 2
+    config = build_config(EvaluateConfig, generated=args.generated, storage=storage_config(args),
+                          tracking=tracking_config(args, args.generated[0]), **given(args, *FLAGS))
+    report = run_evaluation(config)
     print(markdown(report))
     print(f"mlflow:  run {report['evaluation_run_id']} in {config.tracking.tracking_uri}")
     if config.output:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.options import add_storage_and_tracking, job_parser, run_as_program, storage_config, tracking_config
+from jobs.options import (add_storage_and_tracking, build_config, job_parser, refusing, run_as_program, storage_config,
+                          tracking_config)
 from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import ui_command
 from pipeline.sourcedoc import field_docs
-from pipeline.storage import StorageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,28 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("filter")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = FilterConfig(
-            input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
-            max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups,
-            gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k, storage=storage_config(args),
-            tracking=tracking_config(args, args.input), verbose=args.verbose,
-        )
-        if args.dry_run:
-            _, _, quotas, gate = preflight_filter(config)
-            print(f"dry run: the rarest of {config.input} (up to {sum(quotas.values())} rows in {len(quotas)} "
-                  f"group{'s' if len(quotas) != 1 else ''}) into {config.output}, tracked in experiment "
-                  f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
-            if gate:
-                print(f"gate: only rows inside the {config.gate_k}-NN balls of {len(gate.reference)} reference images "
-                      f"in {config.gate_space}")
-            return 0
-        report = run_filter(config)
-    except (ValueError, StorageError) as error:
-        print(f"jepa-minority filter: {error}", file=sys.stderr)
-        return 2
+    config = build_config(
+        FilterConfig, input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
+        max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups,
+        gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k, storage=storage_config(args),
+        tracking=tracking_config(args, args.input), verbose=args.verbose,
+    )
+    if args.dry_run:
+        _, _, quotas, gate = preflight_filter(config)
+        print(f"dry run: the rarest of {config.input} (up to {sum(quotas.values())} rows in {len(quotas)} "
+              f"group{'s' if len(quotas) != 1 else ''}) into {config.output}, tracked in experiment "
+              f"{config.tracking.experiment!r} of {config.tracking.tracking_uri}")
+        if gate:
+            print(f"gate: only rows inside the {config.gate_k}-NN balls of {len(gate.reference)} reference images "
+                  f"in {config.gate_space}")
+        return 0
+    report = run_filter(config)
     print(f"kept {report['rows_kept']} of {report['rows_in']} rows "
           f"({report['invalid_scores']} without a finite score, {report['failed_in_input']} failed in the input)")
     gate = report["gate"]

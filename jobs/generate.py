@@ -10,8 +10,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from jobs.options import config_flag, job_parser, run_as_program
-from pipeline.sourcedoc import field_docs
+from jobs.options import config_flag, job_parser, refusing, run_as_program
+from pipeline.configs import field_docs
+from pipeline.generate.config import ConsoleConfig, RayConfig
 
 if TYPE_CHECKING:
     from pipeline.generate.job import GenerationSummary
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true",
                         help="run every check a real run makes first (config, model and encoder files, prompts, "
                              "output) and say what it would do; write and sample nothing")
-    console, ray = field_docs("pipeline.generate.config", "ConsoleConfig"), field_docs("pipeline.generate.config", "RayConfig")
+    console, ray = field_docs(ConsoleConfig), field_docs(RayConfig)
     config_flag(parser, "--status-every", console["status_every"], type=float, metavar="SECONDS",
                 help="seconds between status lines when stderr is not a terminal (console.status_every)")
     parser.add_argument("--verbose", action="store_true", help=f"{console['verbose'].meaning} (console.verbose)")
@@ -37,13 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("generate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.generate.config import load_config  # no torch, diffusers or Ray: they load only for work to do
     from pipeline.generate.preflight import preflight_generation
-    from pipeline.generate.work import WorkError
-    from pipeline.settings import ConfigError, ui_command
-    from pipeline.storage import StorageError
+    from pipeline.settings import ui_command
 
     overrides = args.overrides + ([f"output.uri={args.output}"] if args.output else [])
     overrides += [f"console.status_every={args.status_every}"] if args.status_every is not None else []
@@ -56,9 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.generate.job import run_generation
 
         summary = run_generation(config)
-    except (ConfigError, WorkError, StorageError) as error:
-        print(f"jepa-minority generate: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt as interrupted:  # job.Interrupted says what sampling committed; elsewhere nothing is half-done
         print(str(interrupted) or "interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

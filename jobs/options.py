@@ -1,19 +1,21 @@
 """Command-line parts that several jobs share: the help layout, flags documented by a config field, where
-object storage is and where runs are tracked, the one log format and how a job runs as a program. Light to
-import: `--help` loads no torch or Ray."""
+object storage is and where runs are tracked, the one log format, how a job refuses bad input and how it runs
+as a program. Light to import: `--help` loads no torch or Ray."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 from pipeline.schema import RUN_FILE
-from pipeline.settings import TrackingConfig
-from pipeline.sourcedoc import FieldDoc, field_docs
+from pipeline.configs import FieldDoc, field_docs
+from pipeline.settings import TrackingConfig, UserError, to_dict
 from pipeline.storage import StorageConfig, exists, read_bytes, resolve
 
 TRACKING_KEYS = {f.name for f in dataclasses.fields(TrackingConfig)}
@@ -46,8 +48,16 @@ def given(args: argparse.Namespace, *names: str) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def build_config(cls: type, **values):
+    """A job's config from its parsed flags, checked by the validator every config goes through
+    (``pipeline.configs.parse``); nested configs given as objects are passed as their plain data."""
+    from pipeline.configs import parse
+
+    return parse(cls, {key: to_dict(value) if dataclasses.is_dataclass(value) else value for key, value in values.items()})
+
+
 def add_storage_and_tracking(parser: argparse.ArgumentParser) -> None:
-    storage, tracking = field_docs("pipeline.storage", "StorageConfig"), field_docs("pipeline.settings", "TrackingConfig")
+    storage, tracking = field_docs(StorageConfig), field_docs(TrackingConfig)
     parser.add_argument("--endpoint-url", help=f"{storage['endpoint_url'].meaning}; credentials come from the AWS "
                                                "environment")
     parser.add_argument("--region", help=storage["region"].meaning)
@@ -78,6 +88,27 @@ def tracking_config(args: argparse.Namespace, input_uri: str) -> TrackingConfig:
 def configure_logging() -> None:
     """INFO logs on stderr, in the one format of every job."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+Main = Callable[[list[str] | None], int]
+
+
+def refusing(command: str) -> Callable[[Main], Main]:
+    """A job's ``main`` that answers bad input (a ``UserError``, however deep) with its one line on stderr and exit
+    status 2: the one place the jobs catch it. Any other exception is a bug and keeps its traceback."""
+
+    def wrap(main: Main) -> Main:
+        @functools.wraps(main)
+        def refusing_main(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except UserError as error:
+                print(f"jepa-minority {command}: {error}", file=sys.stderr)
+                return 2
+
+        return refusing_main
+
+    return wrap
 
 
 def run_as_program(main: Callable[[], int]) -> NoReturn:

@@ -4,9 +4,8 @@ LATEST.json atomically once complete, and prune old versions."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.options import config_flag, given, job_parser, run_as_program
+from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
 from pipeline.curate.filter import GROUP_COLUMNS  # pyarrow only
 from pipeline.sourcedoc import field_docs
 
@@ -28,23 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("refresh")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipeline.curate.refresh import RefreshConfig, preflight_refresh, run_refresh  # torch, Ray load after parsing
-    from pipeline.generate.work import WorkError
-    from pipeline.settings import ConfigError, ui_command
-    from pipeline.storage import StorageError
+    from pipeline.settings import ui_command
 
-    try:
-        refresh = RefreshConfig(config=args.config, root=args.root, overrides=tuple(args.overrides),
-                                **given(args, "version", "keep_versions", "keep_fraction", "per", "allow_empty_groups"))
-        if args.dry_run:
-            print(f"dry run: {preflight_refresh(refresh).describe()}")
-            return 0
-        result = run_refresh(refresh)
-    except (ConfigError, WorkError, StorageError, ValueError) as error:
-        print(f"jepa-minority refresh: {error}", file=sys.stderr)
-        return 2
+    refresh = build_config(RefreshConfig, config=args.config, root=args.root, overrides=args.overrides,
+                           **given(args, "version", "keep_versions", "keep_fraction", "per", "allow_empty_groups"))
+    if args.dry_run:
+        print(f"dry run: {preflight_refresh(refresh).describe()}")
+        return 0
+    result = run_refresh(refresh)
     state = ("published as LATEST" if result.published else "INCOMPLETE, not published" if not result.complete
              else "complete but kept no rows; LATEST stays as it was" if not result.rows_kept
              else "complete; LATEST names a newer version")

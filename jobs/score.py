@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.options import config_flag, given, job_parser, run_as_program
+from jobs.options import config_flag, given, job_parser, refusing, run_as_program
 from pipeline.sourcedoc import field_docs
 
 FLAGS = ("weights", "encoder", "encoder_output", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
@@ -37,16 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@refusing("score")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pipeline.configs import parse
     from pipeline.evaluate.scoring import ScoreConfig, score_images, write_scores  # torch loads after parsing
 
-    try:
-        config = ScoreConfig(paths=tuple(args.paths), **given(args, *FLAGS))
-        result = score_images(config)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"jepa-minority score: {error}", file=sys.stderr)
-        return 2
+    config = parse(ScoreConfig, {"paths": args.paths, **given(args, *FLAGS)})
+    result = score_images(config)
     for path, why in result.skipped:
         print(f"jepa-minority score: skipped {path}: {why}", file=sys.stderr)
     if not result.rows:

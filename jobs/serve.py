@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from jobs.options import config_flag, given, job_parser, run_as_program
+from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
+from pipeline import configs
+from pipeline.generate.config import ConsoleConfig
 from pipeline.sourcedoc import field_docs
 
 LIMITS = ("max_n", "max_steps", "max_body_bytes", "max_pixels")  # ServeLimits fields, one flag each
@@ -27,31 +28,27 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--generate-batch-samples", field_docs("pipeline.serve.service", "ServeConfig")["generate_batch_samples"],
                 type=int)
     parser.add_argument("--verbose", action="store_true",
-                        help=f"{field_docs('pipeline.generate.config', 'ConsoleConfig')['verbose'].meaning} (console.verbose)")
+                        help=f"{configs.field_docs(ConsoleConfig)['verbose'].meaning} (console.verbose)")
     for name in LIMITS:
         config_flag(parser, f"--{name.replace('_', '-')}", limits[name], type=int)
     return parser
 
 
+@refusing("serve")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.serve.inputs import ServeLimits  # Ray Serve and torch load only when serving
-    from pipeline.serve.service import ServeConfig, run_serve
-    from pipeline.storage import StorageError
+    from pipeline.serve.service import ServeConfig, run_serve  # Ray Serve and torch load only when serving
 
     try:
-        service = ServeConfig(
-            config=args.config, overrides=(*args.overrides, *["console.verbose=true"] * args.verbose),
+        service = build_config(
+            ServeConfig, config=args.config, overrides=(*args.overrides, *["console.verbose=true"] * args.verbose),
             dataset=args.dataset, host=args.host, port=args.port, replicas=args.replicas,
             cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
             max_batch_size=args.max_batch_size,
             **given(args, "generate_batch_samples"),
-            limits=ServeLimits(**given(args, *LIMITS)),
+            limits=given(args, *LIMITS),
         )
         run_serve(service, blocking=True)
-    except (ValueError, StorageError) as error:
-        print(f"jepa-minority serve: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 0
     return 0

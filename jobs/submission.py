@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from jobs.commands import COMMANDS, SUBMITTABLE
+from pipeline.settings import UserError
 
 UPLOAD_EXCLUDES = [".venv", ".git", "outputs", "mlruns", "benchmarks/results"]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -34,13 +35,13 @@ class Submission:
 
     def __post_init__(self):
         if self.job not in SUBMITTABLE:
-            raise ValueError(f"unknown job {self.job!r}; choose one of {', '.join(SUBMITTABLE)}")
+            raise UserError(f"unknown job {self.job!r}; choose one of {', '.join(SUBMITTABLE)}")
         address = urlparse(self.address)
         if address.scheme not in ("http", "https") or not address.hostname:
-            raise ValueError(f"address {self.address!r} is not the URL of a Ray cluster's job API: give "
+            raise UserError(f"address {self.address!r} is not the URL of a Ray cluster's job API: give "
                              "http(s)://HOST:PORT (the dashboard's port, 8265 by default) with --address or RAY_ADDRESS")
         if not Path(self.working_dir).is_dir():
-            raise ValueError(f"working directory {self.working_dir!r} is not a folder: give the folder to upload as the "
+            raise UserError(f"working directory {self.working_dir!r} is not a folder: give the folder to upload as the "
                              "job's working directory with --working-dir (default: the current one)")
 
     @property

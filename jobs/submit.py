@@ -15,9 +15,10 @@ import os
 import sys
 from pathlib import Path
 
-from jobs.options import job_parser, run_as_program
+from jobs.options import job_parser, refusing, run_as_program
 from jobs.commands import COMMANDS, SUBMITTABLE
 from jobs.submission import DuplicateSubmission, Submission, submit, wait
+from pipeline.settings import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def check_locally(submission: Submission) -> None:
         with contextlib.redirect_stderr(errors):
             job_args = parser.parse_args(list(submission.args))
     except SystemExit:
-        raise ValueError(f"{submission.job} rejects its arguments: {errors.getvalue().strip().splitlines()[-1]}") from None
+        raise UserError(f"{submission.job} rejects its arguments: {errors.getvalue().strip().splitlines()[-1]}") from None
     config = getattr(job_args, "config", None)
     if config is None or submission.job == "score":
         return
@@ -49,20 +50,17 @@ def check_locally(submission: Submission) -> None:
     path = Path(submission.working_dir) / config
     try:
         load_config(path, getattr(job_args, "overrides", []))
-    except ValueError as error:  # ConfigError
-        raise ValueError(f"{submission.job}: {error} (checked locally; nothing was submitted)") from error
+    except UserError as error:
+        raise UserError(f"{submission.job}: {error} (checked locally; nothing was submitted)") from error
 
 
+@refusing("submit")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.wait is not None and not args.wait > 0:
-            raise ValueError(f"--wait must be a number of seconds > 0, got {args.wait}; leave it out to return once submitted")
-        submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
-        check_locally(submission)
-    except ValueError as error:
-        print(f"jepa-minority submit: {error}", file=sys.stderr)
-        return 2
+    if args.wait is not None and not args.wait > 0:
+        raise UserError(f"--wait must be a number of seconds > 0, got {args.wait}; leave it out to return once submitted")
+    submission = Submission(args.job, tuple(a for a in args.args if a != "--"), args.address, args.working_dir)
+    check_locally(submission)
     try:
         job_id = submit(submission)
     except DuplicateSubmission as error:

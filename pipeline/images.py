@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.settings import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,16 +27,16 @@ def find_images(paths: Iterable[str | Path]) -> list[Path]:
         if path.is_dir():
             inside = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not inside:
-                raise ValueError(f"folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
+                raise UserError(f"folder {path} holds no {'/'.join(IMAGE_SUFFIXES)} files")
             found.extend(inside)
         elif path.is_file():
             if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise ValueError(f"{path} is not an image file; expected one of {', '.join(IMAGE_SUFFIXES)}")
+                raise UserError(f"{path} is not an image file; expected one of {', '.join(IMAGE_SUFFIXES)}")
             found.append(path)
         else:
-            raise FileNotFoundError(f"no such image file or folder: {path}")
+            raise UserError(f"no such image file or folder: {path}")
     if not found:
-        raise ValueError("no images given: pass image files or folders")
+        raise UserError("no images given: pass image files or folders")
     return found
 
 
@@ -47,10 +49,10 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
         with Image.open(path) as image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise ValueError(f"image {path} is {width} x {height} pixels, over the limit of {max_pixels}")
+                raise UserError(f"image {path} is {width} x {height} pixels, over the limit of {max_pixels}")
             rgb = np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from error
+        raise UserError(f"cannot decode image {path}: {error}") from error
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
 
 

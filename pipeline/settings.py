@@ -1,4 +1,4 @@
-"""Settings every job shares, light to import (no torch): the MLflow store, config errors, and the
+"""Settings every job shares, light to import (no torch): the MLflow store, user and config errors, and the
 dataclass -> plain data helpers. The filter's driver and Ray's write workers import only these."""
 
 from __future__ import annotations
@@ -17,7 +17,13 @@ UI_ADDRESS = "http://127.0.0.1:5000"  # where ``mlflow ui`` serves by default
 MLFLOW_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks", "databricks-uc", "uc")
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Input a person gave that cannot work (a config value, a flag, a file, a run); the message is one line
+    that names it and the fix. The command line prints it and exits 2 (``jobs.options.refusing``): an error of
+    any other class is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError):
     """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
 
 
@@ -25,9 +31,12 @@ class ConfigError(ValueError):
 class TrackingConfig:
     """Where the MLflow run goes."""
 
-    tracking_uri: str = "sqlite:///mlruns/mlflow.db"  # a local sqlite store by default; an http:// server works too
-    artifact_location: str = "mlruns/artifacts"  # for new experiments in a local store
-    experiment: str = "jepa-minority"  # the MLflow experiment the runs are grouped under
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    """a local sqlite store by default; an http:// server works too"""
+    artifact_location: str = "mlruns/artifacts"
+    """for new experiments in a local store"""
+    experiment: str = "jepa-minority"
+    """the MLflow experiment the runs are grouped under"""
 
     def __post_init__(self):
         if "@" in urlparse(self.tracking_uri).netloc:

@@ -26,6 +26,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.settings import UserError
+
 log = logging.getLogger(__name__)
 TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and list_files all skip it
 
@@ -34,8 +36,10 @@ TEMP_PREFIX = ".tmp-"  # hidden: pyarrow, Ray Data, Hugging Face datasets and li
 class StorageConfig:
     """How to reach object storage. Credentials come only from the AWS environment / profile chain."""
 
-    endpoint_url: str | None = None  # an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)
-    region: str | None = None  # the bucket's region
+    endpoint_url: str | None = None
+    """an S3-protocol endpoint, e.g. http://127.0.0.1:9000 (default: AWS)"""
+    region: str | None = None
+    """the bucket's region"""
 
     def __post_init__(self):
         if self.endpoint_url and "@" in urlparse(self.endpoint_url).netloc:
@@ -48,7 +52,7 @@ class StorageConfig:
                                "http(s)://host:port, e.g. http://127.0.0.1:9000, or leave it out for AWS")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage cannot be reached or used; the message says which location and what to check."""
 
 

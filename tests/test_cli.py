@@ -5,6 +5,7 @@ the typed configs."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -160,3 +161,25 @@ def test_help_shows_values_and_words_never_python_source(capsys):
     assert f"sampling.method (str, default jepa): {', '.join(first)} or {last}" in text
     listed = text.split("model.preset (str, default pixel-unet): a model preset: ", 1)[1].split(" ...", 1)[0]
     assert set(listed.split(", ")) <= set(PRESETS)
+
+
+def test_a_user_error_ends_a_job_in_one_line_with_exit_2_and_any_other_error_keeps_its_traceback(capsys):
+    """``refusing`` is the one place jobs turn bad input into a line and exit 2; a plain ValueError is a bug."""
+    from jobs.options import refusing
+    from pipeline.settings import UserError
+
+    @refusing("probe")
+    def refuses(argv: list[str] | None = None) -> int:
+        raise UserError("probe.key must be >= 1, got 0")
+
+    @refusing("probe")
+    def breaks(argv: list[str] | None = None) -> int:
+        raise ValueError("an internal bug")
+
+    assert refuses([]) == 2
+    assert capsys.readouterr().err == "jepa-minority probe: probe.key must be >= 1, got 0\n"
+    with pytest.raises(ValueError, match="an internal bug"):
+        breaks([])
+    jobs = [name for name in COMMANDS if name != "config"]  # config takes no input that can be wrong
+    unguarded = [name for name in jobs if not hasattr(importlib.import_module(COMMANDS[name].module).main, "__wrapped__")]
+    assert unguarded == []

@@ -41,7 +41,7 @@ from pipeline.layout import check_layout, missing_columns, write_card
 from pipeline.rows import read_committed
 from pipeline.schema import (CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS,
                              SELECTION_FILE)
-from pipeline.settings import TrackingConfig, flatten, to_dict
+from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
 from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, delete, exists,
                               list_files, read_bytes, resolve, write_bytes)
 
@@ -72,20 +72,20 @@ class FilterConfig:
 
     def __post_init__(self):
         if (self.keep_fraction is None) == (self.keep is None):
-            raise ValueError("give exactly one of keep_fraction (--keep-fraction) or keep (--keep)")
+            raise UserError("give exactly one of keep_fraction (--keep-fraction) or keep (--keep)")
         if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
-            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+            raise UserError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.keep is not None and self.keep < 1:
-            raise ValueError(f"keep must be >= 1, got {self.keep}")
+            raise UserError(f"keep must be >= 1, got {self.keep}")
         if self.per is not None and self.per not in GROUP_COLUMNS:
-            raise ValueError(f"per must be one of {', '.join(GROUP_COLUMNS)}, got {self.per!r}")
+            raise UserError(f"per must be one of {', '.join(GROUP_COLUMNS)}, got {self.per!r}")
         if self.by not in SCORE_COLUMNS:
-            raise ValueError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
+            raise UserError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
         if self.max_score is not None and not math.isfinite(self.max_score):
-            raise ValueError(f"max_score must be a finite number, got {self.max_score}")
+            raise UserError(f"max_score must be a finite number, got {self.max_score}")
         pixel_space(self.gate_space)
         if self.gate_k < 1:
-            raise ValueError(f"gate_k must be >= 1, got {self.gate_k}")
+            raise UserError(f"gate_k must be >= 1, got {self.gate_k}")
 
     @property
     def rule(self) -> dict:
@@ -119,7 +119,7 @@ def check_groups(config: FilterConfig, counts: dict, what: str) -> None:
     ``what``: floor(fraction x n) is 0 below the fraction's inverse."""
     if config.per and None in counts:
         other = next(column for column in GROUP_COLUMNS if column != config.per)
-        raise ValueError(f"{counts[None]} of the {sum(counts.values())} {what} of {config.input} have no {config.per}: "
+        raise UserError(f"{counts[None]} of the {sum(counts.values())} {what} of {config.input} have no {config.per}: "
                          f"curate them without --per, or with --per {other}")
     empty = sorted((key for key, n in counts.items() if not _quota(config, n)), key=str)
     if not empty or config.allow_empty_groups:
@@ -129,7 +129,7 @@ def check_groups(config: FilterConfig, counts: dict, what: str) -> None:
     more = f" and {len(empty) - 3} more groups" if len(empty) > 3 else ""
     rule = (f"keep_fraction {config.keep_fraction} keeps floor(fraction x n) of a group's n, so each needs "
             f"{_needed(config)}" if config.keep is None else "each needs at least one")
-    raise ValueError(f"{', '.join(named)}{more} of {config.input} would keep nothing ({rule}): generate more "
+    raise UserError(f"{', '.join(named)}{more} of {config.input} would keep nothing ({rule}): generate more "
                      "samples, raise the keep fraction, or pass --allow-empty-groups to curate them empty")
 
 

@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pipeline.images import IMAGE_SUFFIXES, find_images
 from pipeline.pixels import PIXEL_SIZES, PixelSpace
 from pipeline.schema import DATA_DIR
+from pipeline.settings import UserError
 from pipeline.storage import StorageConfig, exists, list_files, resolve
 
 DEFAULT_SPACE = "pixels-16-grey"
@@ -32,7 +33,7 @@ def pixel_space(name: str) -> PixelSpace:
     """The gate's space by name: a pixel space, any other name refused."""
     space = PixelSpace.parse(name)
     if space is None:
-        raise ValueError(f"the gate measures in pixel spaces only, got {name!r}: choose pixels-N or pixels-N-grey "
+        raise UserError(f"the gate measures in pixel spaces only, got {name!r}: choose pixels-N or pixels-N-grey "
                          f"(N in {PIXEL_SIZES.start}..{PIXEL_SIZES.stop - 1}, e.g. {DEFAULT_SPACE})")
     return space
 
@@ -97,7 +98,7 @@ def _parquet_vectors(uri: str, files: list[str], filesystem, space: PixelSpace) 
         try:
             parquet = pq.ParquetFile(filesystem.open_input_file(path))
             if "image" not in parquet.schema_arrow.names:
-                raise ValueError(f"gate reference {uri}: {path} has no image column; give generated-schema Parquet or "
+                raise UserError(f"gate reference {uri}: {path} has no image column; give generated-schema Parquet or "
                                  "a folder of images")
             for batch in parquet.iter_batches(columns=["image"], batch_size=256):
                 for image in batch.column(0).to_pylist():
@@ -105,7 +106,7 @@ def _parquet_vectors(uri: str, files: list[str], filesystem, space: PixelSpace) 
                         with Image.open(io.BytesIO(image["bytes"])) as opened:
                             vectors.append(space.vector(opened))
         except (pa.ArrowException, UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-            raise ValueError(f"gate reference {uri}: cannot read {path} ({error}); fix or remove it") from error
+            raise UserError(f"gate reference {uri}: cannot read {path} ({error}); fix or remove it") from error
     return vectors
 
 
@@ -113,7 +114,7 @@ def _image_vectors(uri: str, folder: Path, space: PixelSpace) -> list[np.ndarray
     try:
         files = find_images([folder])
     except ValueError as error:
-        raise ValueError(f"gate reference {uri} holds no Parquet files and no {'/'.join(IMAGE_SUFFIXES)} images: "
+        raise UserError(f"gate reference {uri} holds no Parquet files and no {'/'.join(IMAGE_SUFFIXES)} images: "
                          "give a folder of real images or a generated run") from error
     vectors = []
     for file in files:
@@ -123,7 +124,7 @@ def _image_vectors(uri: str, folder: Path, space: PixelSpace) -> list[np.ndarray
                 with Image.open(file) as opened:
                     vectors.append(space.vector(opened))
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-            raise ValueError(f"gate reference image {file} cannot be decoded ({error}): fix or remove it") from error
+            raise UserError(f"gate reference image {file} cannot be decoded ({error}): fix or remove it") from error
     return vectors
 
 
@@ -133,16 +134,16 @@ def load_gate(uri: str, space_name: str, k: int, storage: StorageConfig) -> Gate
     space = pixel_space(space_name)
     location = resolve(uri, storage)
     if location.is_local and not Path(location.path).exists():
-        raise ValueError(f"gate reference {uri} not found: give a folder of real images or a generated run")
+        raise UserError(f"gate reference {uri} not found: give a folder of real images or a generated run")
     files, filesystem = _parquet_files(uri, storage)
     if files:
         vectors = _parquet_vectors(uri, files, filesystem, space)
     elif location.is_local and Path(location.path).is_dir():
         vectors = _image_vectors(uri, Path(location.path), space)
     else:
-        raise ValueError(f"gate reference {uri} holds no Parquet ({DATA_DIR}/*.parquet, *.parquet or a .parquet file) "
+        raise UserError(f"gate reference {uri} holds no Parquet ({DATA_DIR}/*.parquet, *.parquet or a .parquet file) "
                          "and is not a local folder of images")
     if len(vectors) <= k:
-        raise ValueError(f"gate reference {uri} holds {len(vectors)} images: k-NN balls with --gate-k {k} need more "
+        raise UserError(f"gate reference {uri} holds {len(vectors)} images: k-NN balls with --gate-k {k} need more "
                          f"than {k}; add real images or lower --gate-k")
     return Gate.build(space, np.stack(vectors), k)

@@ -29,6 +29,7 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import Plan, preflight_generation
 from pipeline.schema import GENERATED_DIR, LATEST_FILE, MANIFEST_FILE, RAREST_DIR, VERSIONS_DIR
+from pipeline.settings import UserError
 from pipeline.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ class RefreshConfig:
 
     def __post_init__(self):
         if self.keep_versions < 1:
-            raise ValueError(f"keep_versions must be >= 1, got {self.keep_versions}")
+            raise UserError(f"keep_versions must be >= 1, got {self.keep_versions}")
         if self.version is not None and (not self.version or "/" in self.version or self.version.startswith(".")):
-            raise ValueError(f"version {self.version!r} must be a plain folder name (e.g. 2026-11-28)")
+            raise UserError(f"version {self.version!r} must be a plain folder name (e.g. 2026-11-28)")
 
 
 def version_seed(version: str) -> int:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from guidance.encoders import JepaEncoder
 from pipeline.demo.digits import augment, digits, nuisance_view
+from pipeline.settings import UserError
 from guidance.sigreg import POINTS, SLICES, T_MAX, sigreg
 
 log = logging.getLogger(__name__)
@@ -76,20 +77,20 @@ class EncoderTraining:
 
     def __post_init__(self):
         if self.objective not in ENCODER_OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(ENCODER_OBJECTIVES)}, got {self.objective!r}")
+            raise UserError(f"objective must be one of {', '.join(ENCODER_OBJECTIVES)}, got {self.objective!r}")
         if not 0 < self.sigreg_weight < 1:
-            raise ValueError(f"sigreg_weight (LeJEPA's lambda) must be in (0, 1), got {self.sigreg_weight!r}")
+            raise UserError(f"sigreg_weight (LeJEPA's lambda) must be in (0, 1), got {self.sigreg_weight!r}")
         for label, value, least in (("sigreg_slices", self.sigreg_slices, 1), ("sigreg_points", self.sigreg_points, 2)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{label} must be an integer >= {least}, got {value!r}")
+                raise UserError(f"{label} must be an integer >= {least}, got {value!r}")
         if isinstance(self.expander, bool) or not isinstance(self.expander, int) or self.expander < 0:
-            raise ValueError(f"expander must be an integer width >= 0 (0: none), got {self.expander!r}")
+            raise UserError(f"expander must be an integer width >= 0 (0: none), got {self.expander!r}")
         if not self.augment_strength > 0:
-            raise ValueError(f"augment_strength must be positive, got {self.augment_strength!r}")
+            raise UserError(f"augment_strength must be positive, got {self.augment_strength!r}")
         if not 0 <= self.nuisance_strength <= 1:
-            raise ValueError(f"nuisance_strength must be in [0, 1] (0: off), got {self.nuisance_strength!r}")
+            raise UserError(f"nuisance_strength must be in [0, 1] (0: off), got {self.nuisance_strength!r}")
         if not self.sigreg_t_max > 0:
-            raise ValueError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
+            raise UserError(f"sigreg_t_max must be positive (t runs over [-T, T]), got {self.sigreg_t_max!r}")
 
 
 def ddpm_step(unet: UNet2DModel, scheduler: DDPMScheduler, optimisation: tuple, x0: torch.Tensor,

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 
 from pipeline.curate.selection import valid_scores
 from pipeline.evaluate.metrics import Gaussian, Moments, Subsample
+from pipeline.settings import UserError
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Collector:
 
     def result(self, what: str) -> SetStats:
         if "embedding" not in self.moments or self.moments["embedding"].count < 2:
-            raise ValueError(f"{what} holds fewer than 2 rows with a finite JEPA-SCORE and an embedding "
+            raise UserError(f"{what} holds fewer than 2 rows with a finite JEPA-SCORE and an embedding "
                              f"({self.rows} rows read, {self.invalid} without): nothing to evaluate")
         clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
         gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, FeatureSpace,
                                         check_weights_file)
 from pipeline.evaluate.rarity import DEFAULT_K
-from pipeline.settings import TrackingConfig
+from pipeline.settings import TrackingConfig, UserError
 from pipeline.storage import StorageConfig
 
 
@@ -40,24 +40,24 @@ class EvaluateConfig:
 
     def __post_init__(self):
         if not self.generated:
-            raise ValueError("give at least one generated run (--generated URI)")
+            raise UserError("give at least one generated run (--generated URI)")
         if len(set(self.generated)) != len(self.generated):
-            raise ValueError(f"a generated run is listed twice: {', '.join(self.generated)}")
+            raise UserError(f"a generated run is listed twice: {', '.join(self.generated)}")
         if self.nearest_k < 1:
-            raise ValueError(f"nearest_k must be >= 1, got {self.nearest_k}")
+            raise UserError(f"nearest_k must be >= 1, got {self.nearest_k}")
         if self.max_samples <= max(self.nearest_k, self.rarity_k):
-            raise ValueError(f"max_samples must exceed nearest_k ({self.nearest_k}) and rarity_k ({self.rarity_k}), "
+            raise UserError(f"max_samples must exceed nearest_k ({self.nearest_k}) and rarity_k ({self.rarity_k}), "
                              f"got {self.max_samples}")
         if self.rarity_k < 1:
-            raise ValueError(f"rarity_k must be >= 1, got {self.rarity_k}")
+            raise UserError(f"rarity_k must be >= 1, got {self.rarity_k}")
         if self.rarity_features and not self.reference:
-            raise ValueError("rarity is measured against a reference: pass --reference with --rarity-features")
+            raise UserError("rarity is measured against a reference: pass --reference with --rarity-features")
         if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor < 0:
-            raise ValueError("batch_size and actors must be >= 1, cpus_per_actor >= 0")
+            raise UserError("batch_size and actors must be >= 1, cpus_per_actor >= 0")
         if (self.clip_weights is None) != (self.clip_arch is None):
-            raise ValueError("CLIP score needs both --clip-weights and --clip-arch")
+            raise UserError("CLIP score needs both --clip-weights and --clip-arch")
         if self.inception_weights and not self.reference:
-            raise ValueError("FID / sFID compare against a reference: pass --reference with --inception-weights")
+            raise UserError("FID / sFID compare against a reference: pass --reference with --inception-weights")
         if self.inception_weights:
             check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
         if self.clip_weights:
@@ -65,14 +65,14 @@ class EvaluateConfig:
         if self.reference:
             FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights)
         if self.baseline is not None and self.baseline not in self.generated:
-            raise ValueError(f"--baseline {self.baseline} is not one of the generated runs ({', '.join(self.generated)}): "
+            raise UserError(f"--baseline {self.baseline} is not one of the generated runs ({', '.join(self.generated)}): "
                              "pass one of the --generated URIs exactly as given")
         if self.baseline is not None and not self.reference:
-            raise ValueError("the minority test measures against a reference: pass --reference with --baseline")
+            raise UserError("the minority test measures against a reference: pass --reference with --baseline")
         if not 0 < self.minority_quantile < 1:
-            raise ValueError(f"minority_quantile must lie strictly between 0 and 1, got {self.minority_quantile}")
+            raise UserError(f"minority_quantile must lie strictly between 0 and 1, got {self.minority_quantile}")
         if self.minority_per_class and self.baseline is None:
-            raise ValueError("--minority-per-class chooses the minority test's reference: pass --baseline with it")
+            raise UserError("--minority-per-class chooses the minority test's reference: pass --baseline with it")
 
     @property
     def rarity_space(self) -> FeatureSpace | None:

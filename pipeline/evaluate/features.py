@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from guidance import jepa_score, jepa_scores, load_encoder
 from guidance.encoders import load_open_clip
 from pipeline.pixels import PIXEL_SIZES, PixelSpace
+from pipeline.settings import UserError
 
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
 INCEPTION_SUFFIXES = (".pth", ".pt")
@@ -60,7 +61,7 @@ class FeatureSpace:
         pixels = PixelSpace.parse(name)
         if pixels is not None:
             return cls(name, "pixels", True, pixels.size, pixels.mode)
-        raise ValueError(f"unknown feature space {name!r}: choose inception, clip, encoder or pixels-N[-grey] "
+        raise UserError(f"unknown feature space {name!r}: choose inception, clip, encoder or pixels-N[-grey] "
                          f"(N in {PIXEL_SIZES.start}..{PIXEL_SIZES.stop - 1}, e.g. {DEFAULT_PIXELS} or pixels-8-grey)")
 
     @classmethod
@@ -70,9 +71,9 @@ class FeatureSpace:
             name = "inception" if inception_weights else "clip" if clip_weights else DEFAULT_PIXELS
         space = cls.parse(name)
         if space.name == "inception" and not inception_weights:
-            raise ValueError(f"feature space inception needs --inception-weights. {INCEPTION_HINT}")
+            raise UserError(f"feature space inception needs --inception-weights. {INCEPTION_HINT}")
         if space.name == "clip" and not clip_weights:
-            raise ValueError(f"feature space clip needs --clip-weights and --clip-arch. {CLIP_HINT}")
+            raise UserError(f"feature space clip needs --clip-weights and --clip-arch. {CLIP_HINT}")
         return space
 
     @property
@@ -105,9 +106,9 @@ def check_weights_file(path: str, what: str, suffixes: tuple[str, ...], hint: st
     """A readable local weights file, or an error saying what is missing and where to get it."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"{what} weights not found: {file}. {hint}")
+        raise UserError(f"{what} weights not found: {file}. {hint}")
     if file.suffix not in suffixes:
-        raise ValueError(f"{what} weights {file} must end in one of {', '.join(suffixes)}")
+        raise UserError(f"{what} weights {file} must end in one of {', '.join(suffixes)}")
     return file
 
 
@@ -126,13 +127,13 @@ class InceptionFeatures:
         try:  # torch-fidelity unpickles the file: prove it holds plain tensors first
             torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(f"{path} is not a weights-only torch state dict; refusing to unpickle it ({error})") from error
+            raise UserError(f"{path} is not a weights-only torch state dict; refusing to unpickle it ({error})") from error
         try:
             self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
                                                      feature_extractor_weights_path=str(path)).to(device)
         except RuntimeError as error:
             detail = " ".join(str(error).split())  # torch lists every mismatch on its own line: keep the refusal one line
-            raise ValueError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {detail}") from error
+            raise UserError(f"{path} does not hold Inception-v3 weights in torch-fidelity's layout: {detail}") from error
         self.device = device
         self._spatial: torch.Tensor | None = None
         self.model.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
@@ -177,7 +178,7 @@ def decode(row: dict) -> Image.Image:
         with Image.open(source) as image:
             return image.convert("RGB")
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
-        raise ValueError(f"cannot decode image of {row.get('sample_id') or row.get('path')}: {error}") from error
+        raise UserError(f"cannot decode image of {row.get('sample_id') or row.get('path')}: {error}") from error
 
 
 def _uint8(image: Image.Image) -> torch.Tensor:
@@ -196,10 +197,10 @@ def check_device(device: str | None) -> None:
     try:
         parsed = torch.device(device)
     except RuntimeError as error:
-        raise ValueError(f"device {device!r} is not a torch device: give cpu, cuda or cuda:N, or leave --device out "
+        raise UserError(f"device {device!r} is not a torch device: give cpu, cuda or cuda:N, or leave --device out "
                          "(cuda when available, else cpu)") from error
     if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s): give cpu, or "
+        raise UserError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s): give cpu, or "
                          "leave --device out (cuda when available, else cpu)")
 
 

@@ -49,7 +49,7 @@ from pipeline.evaluate.rarity import RaritySummary
 from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE, PRIOR_CHECK_PLOT, RUN_FILE
-from pipeline.settings import flatten, to_dict
+from pipeline.settings import UserError, flatten, to_dict
 from pipeline.storage import check_writable, delete, exists, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _generated_stats(config: EvaluateConfig, run: GeneratedRun) -> list[tuple[Ge
         sets.append((fallback, collector.result(f"{run.uri}'s {method} rows")))
     for _, stats in sets:
         if stats.encoders - {run.encoder["name"]}:
-            raise ValueError(f"{run.uri} holds rows of encoders {sorted(stats.encoders)} but its {RUN_FILE} names "
+            raise UserError(f"{run.uri} holds rows of encoders {sorted(stats.encoders)} but its {RUN_FILE} names "
                              f"{run.encoder['name']}")
     return sets
 
@@ -202,7 +202,7 @@ def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[
     dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(_reference_columns(config))
     stats = _collect(config, dataset, spec, f"reference {config.reference}")
     if stats.encoders != {encoder["name"]}:
-        raise ValueError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
+        raise UserError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
                          f", not by the generated runs' {encoder['name']}: embed it with the same encoder")
     return stats
 
@@ -231,19 +231,19 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
         dataset = pads.dataset(parquet, filesystem=location.filesystem, format="parquet")
         missing = [c for c in _reference_columns(config) if c not in dataset.schema.names]
         if missing:
-            raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
+            raise UserError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in "
                              "the generated schema (pipeline/schema.py) or a folder of images to embed here")
         check_reference_run(location, config.reference, encoder)
         count = dataset.count_rows()
     if count <= config.rarity_k:
-        raise ValueError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
+        raise UserError(f"reference {config.reference} holds {count} rows but rarity with k = {config.rarity_k} "
                          f"needs more than k: lower --rarity-k to at most {max(count - 1, 0)} or give a larger reference")
     if config.minority_per_class and not parquet:
-        raise ValueError(f"--minority-per-class needs the reference's class labels: give Parquet with a class_label "
+        raise UserError(f"--minority-per-class needs the reference's class labels: give Parquet with a class_label "
                          f"column, not the image folder {config.reference}")
     minority = round(config.minority_quantile * min(count, config.max_samples))
     if config.baseline and not knn_ready(minority, config.nearest_k):
-        raise ValueError(f"the minority test's reference would hold about {minority} rows ({config.minority_quantile} "
+        raise UserError(f"the minority test's reference would hold about {minority} rows ({config.minority_quantile} "
                          f"of {count}), but k-NN balls of --nearest-k {config.nearest_k} need more: raise "
                          "--minority-quantile, lower --nearest-k or give a larger reference")
 
@@ -265,7 +265,7 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
         for run in runs:
             dims = (stats[run.label].embedding.mean.shape, reference.embedding.mean.shape)
             if dims[0] != dims[1]:
-                raise ValueError(f"reference embeddings have dimension {dims[1][0]}, {run.uri}'s {dims[0][0]}: "
+                raise UserError(f"reference embeddings have dimension {dims[1][0]}, {run.uri}'s {dims[0][0]}: "
                                  "the reference must be embedded with the generated runs' encoder")
     rows = []
     for run in runs:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.settings import UserError
+
 QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 REFERENCE_QUANTILE = 0.1  # "rarer than the reference's 10th percentile"
 
@@ -26,7 +28,7 @@ REFERENCE_QUANTILE = 0.1  # "rarer than the reference's 10th percentile"
 def score_summary(scores: np.ndarray) -> dict:
     """Mean, standard deviation and quantiles of a set's JEPA-SCOREs."""
     if not len(scores):
-        raise ValueError("no finite JEPA-SCOREs to summarise: the set is empty or every row failed")
+        raise UserError("no finite JEPA-SCOREs to summarise: the set is empty or every row failed")
     return {"mean": float(scores.mean()), "std": float(scores.std()),
             "quantiles": {f"p{round(q * 100):02d}": float(np.quantile(scores, q)) for q in QUANTILES}}
 
@@ -65,7 +67,7 @@ class Moments:
     def gaussian(self) -> tuple[np.ndarray, np.ndarray]:
         """(mean, unbiased covariance) of the rows added so far."""
         if self.count < 2:
-            raise ValueError(f"a covariance needs at least 2 rows, got {self.count}")
+            raise UserError(f"a covariance needs at least 2 rows, got {self.count}")
         cov = self.scatter / (self.count - 1)
         return self.mean.copy(), (cov + cov.T) / 2
 
@@ -105,7 +107,7 @@ def manifold_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict
     from prdc import compute_prdc
 
     if not (knn_ready(len(real), nearest_k) and knn_ready(len(fake), nearest_k)):
-        raise ValueError(f"k-NN metrics with k={nearest_k} need at least {nearest_k + 2} samples in each set, "
+        raise UserError(f"k-NN metrics with k={nearest_k} need at least {nearest_k + 2} samples in each set, "
                          f"got {len(real)} reference and {len(fake)} generated; lower --nearest-k or add samples")
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         values = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k)
@@ -177,7 +179,7 @@ class FrechetToGaussian:
         rows = self.rows if index is None else self.rows[index]
         projected = self.projected if index is None else self.projected[index]
         if len(rows) < 2:
-            raise ValueError(f"a covariance needs at least 2 rows, got {len(rows)}")
+            raise UserError(f"a covariance needs at least 2 rows, got {len(rows)}")
         mean = rows.mean(0)
         trace = ((rows - mean) ** 2).sum() / (len(rows) - 1)
         trace_root = np.linalg.svd(projected - projected.mean(0), compute_uv=False).sum() / np.sqrt(len(rows) - 1)

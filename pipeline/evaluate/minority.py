@@ -25,6 +25,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, Moments, knn_ready, manifold_metrics
 from pipeline.evaluate.rarity import DEFAULT_K, avg_knn, avg_knn_within
+from pipeline.settings import UserError
 
 VERDICTS = ("minority", "inconclusive", "off-data", "typical")
 BASELINE = "baseline"  # the verdict of the baseline run itself
@@ -51,15 +52,15 @@ class MinorityConfig:
 
     def __post_init__(self):
         if not 0 < self.quantile < 1:
-            raise ValueError(f"the minority quantile must lie strictly between 0 and 1, got {self.quantile}")
+            raise UserError(f"the minority quantile must lie strictly between 0 and 1, got {self.quantile}")
         if self.k < 1 or self.nearest_k < 1:
-            raise ValueError(f"k and nearest_k must be >= 1, got {self.k} and {self.nearest_k}")
+            raise UserError(f"k and nearest_k must be >= 1, got {self.k} and {self.nearest_k}")
         if self.resamples < 1:
-            raise ValueError(f"resamples must be >= 1, got {self.resamples}")
+            raise UserError(f"resamples must be >= 1, got {self.resamples}")
         if not 0 < self.confidence < 1:
-            raise ValueError(f"confidence must lie strictly between 0 and 1, got {self.confidence}")
+            raise UserError(f"confidence must lie strictly between 0 and 1, got {self.confidence}")
         if not 0 <= self.precision_margin <= 1:
-            raise ValueError(f"precision_margin must lie in [0, 1], got {self.precision_margin}")
+            raise UserError(f"precision_margin must lie in [0, 1], got {self.precision_margin}")
 
 
 def minority_mask(reference: np.ndarray, k: int, quantile: float, labels: np.ndarray | None = None) -> np.ndarray:
@@ -78,12 +79,12 @@ class MinorityReference:
 
     def __init__(self, reference: np.ndarray, config: MinorityConfig, labels: np.ndarray | None = None):
         if config.per_class and labels is None:
-            raise ValueError("a per-class minority needs the reference's class labels")
+            raise UserError("a per-class minority needs the reference's class labels")
         self.features = np.asarray(reference, np.float64)
         self.config = config
         self.mask = minority_mask(self.features, config.k, config.quantile, labels if config.per_class else None)
         if not knn_ready(int(self.mask.sum()), config.nearest_k):
-            raise ValueError(f"the minority reference holds {self.mask.sum()} rows (quantile {config.quantile} of "
+            raise UserError(f"the minority reference holds {self.mask.sum()} rows (quantile {config.quantile} of "
                              f"{len(self.features)}) but k-NN balls of k = {config.nearest_k} need more: give a larger "
                              "reference, a larger quantile or a smaller k")
         self.minority = self.features[self.mask]

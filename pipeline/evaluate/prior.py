@@ -39,8 +39,9 @@ from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
 from pipeline.evaluate.reference import find_reference
 from guidance import GuidanceConfig, jepa_score, jepa_scores
 from pipeline.generate.config import EncoderConfig
+from pipeline.generate.preflight import check_encoder_files
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
-from pipeline.settings import TrackingConfig, flatten, to_dict
+from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
 from pipeline.storage import StorageConfig, check_writable, delete, exists, resolve, write_bytes
 
 log = logging.getLogger(__name__)
@@ -188,20 +189,20 @@ class PriorConfig:
 
     def __post_init__(self):
         if self.k < 1 or self.max_images <= self.k:
-            raise ValueError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
+            raise UserError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         check_device(self.device)
         if self.guidance_k is not None and self.guidance_k < 1:
-            raise ValueError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
+            raise UserError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
         unknown = [name for name in self.nuisances if name not in CHANGES]
         if unknown:
-            raise ValueError(f"unknown nuisance(s) {', '.join(unknown)}: choose from {', '.join(CHANGES)}, or none")
+            raise UserError(f"unknown nuisance(s) {', '.join(unknown)}: choose from {', '.join(CHANGES)}, or none")
         if self.nuisance_images < 1:
-            raise ValueError(f"nuisance_images must be >= 1, got {self.nuisance_images}; turn the measurement off "
+            raise UserError(f"nuisance_images must be >= 1, got {self.nuisance_images}; turn the measurement off "
                              "with no nuisances instead")
         if (self.clip_weights is None) != (self.clip_arch is None):
-            raise ValueError("the clip feature space needs both --clip-weights and --clip-arch")
+            raise UserError("the clip feature space needs both --clip-weights and --clip-arch")
         if self.inception_weights:
             check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
         if self.clip_weights:
@@ -225,14 +226,14 @@ def _label_file(path: Path) -> dict[str, str]:
     if path.suffix == ".json":
         mapping = json.loads(path.read_text())
         if not isinstance(mapping, dict):
-            raise ValueError(f"labels file {path} must hold one JSON object mapping file name -> label")
+            raise UserError(f"labels file {path} must hold one JSON object mapping file name -> label")
         return {str(key): str(value) for key, value in mapping.items()}
     if path.suffix != ".csv":
-        raise ValueError(f"labels file {path} must be a .csv (file,label rows) or a .json object")
+        raise UserError(f"labels file {path} must be a .csv (file,label rows) or a .json object")
     with path.open(newline="") as handle:
         rows = [row for row in csv.reader(handle) if row]
     if any(len(row) != 2 for row in rows):
-        raise ValueError(f"labels file {path}: every row must have two columns, file name and label")
+        raise UserError(f"labels file {path}: every row must have two columns, file name and label")
     return {name: label for name, label in rows}
 
 
@@ -240,7 +241,7 @@ def _labels_for(ids: list[str], mapping: dict[str, str], where: str) -> list[str
     """Each id's label, by its full relative name or its base name."""
     missing = [i for i in ids if i not in mapping and Path(i).name not in mapping]
     if missing:
-        raise ValueError(f"{where} has no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}: "
+        raise UserError(f"{where} has no label for {len(missing)} image(s), e.g. {', '.join(missing[:3])}: "
                          "label every image or leave --labels out")
     return [mapping.get(i, mapping.get(Path(i).name)) for i in ids]
 
@@ -254,7 +255,7 @@ def _batches(config: PriorConfig) -> tuple[list[pa.Table], list[str] | None, int
         paths = {str(f.relative_to(root)): str(f) for f in images}
         ids = _chosen(list(paths), config)
         if config.labels and label_file is None:
-            raise ValueError(f"--labels {config.labels} is not a file: a folder of images takes a .csv / .json "
+            raise UserError(f"--labels {config.labels} is not a file: a folder of images takes a .csv / .json "
                              "file mapping file name -> label")
         labels = _labels_for(ids, _label_file(label_file), config.labels) if label_file else None
         table = pa.table({"sample_id": ids, "path": [paths[i] for i in ids]})
@@ -264,7 +265,7 @@ def _batches(config: PriorConfig) -> tuple[list[pa.Table], list[str] | None, int
     column = config.labels if config.labels and label_file is None else None
     missing = [c for c in ("sample_id", "image", *([column] if column else [])) if c not in dataset.schema.names]
     if missing:
-        raise ValueError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in the "
+        raise UserError(f"reference {config.reference} lacks the column(s) {', '.join(missing)}: give Parquet in the "
                          "generated schema, a label column it holds, or a folder of images")
     every = dataset.to_table(columns=["sample_id"]).column("sample_id").to_pylist()
     ids = _chosen(every, config)
@@ -273,7 +274,7 @@ def _batches(config: PriorConfig) -> tuple[list[pa.Table], list[str] | None, int
     labels = None
     if column:
         if table.column(column).null_count:
-            raise ValueError(f"column {column} of {config.reference} is null in {table.column(column).null_count} "
+            raise UserError(f"column {column} of {config.reference} is null in {table.column(column).null_count} "
                              "chosen row(s): label every row or leave --labels out")
         labels = [str(value) for value in table.column(column).to_pylist()]
         table = table.drop_columns([column])
@@ -327,6 +328,7 @@ def check_prior(config: PriorConfig) -> dict:
     from pipeline.tracking import RunTracker
 
     space = config.space
+    check_encoder_files(config.encoder)
     target = resolve(config.output, config.storage) if config.output else None
     if target:
         check_writable(target)

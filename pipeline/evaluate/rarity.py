@@ -21,11 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
 
+from pipeline.settings import UserError
+
 DEFAULT_K = 5
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
-class RarityInputError(ValueError):
+class RarityInputError(UserError):
     """Features that the metrics cannot be computed on; the message says which and how to fix it."""
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from pipeline.rows import committed_footers
 from pipeline.schema import DATA_DIR, FAILURES_DIR, RUN_FILE
+from pipeline.settings import UserError
 from pipeline.storage import Location, StorageConfig, StorageError, exists, list_files, read_bytes, resolve
 
 
@@ -31,13 +32,13 @@ def open_generated(uri: str, storage: StorageConfig) -> GeneratedRun:
     run = json.loads(read_bytes(location.child(RUN_FILE)))
     config = run.get("config", {})
     if "encoder" not in config or "sampling" not in config:
-        raise ValueError(f"{uri}/{RUN_FILE} has no encoder / sampling config: was it written by jepa-minority generate?")
+        raise UserError(f"{uri}/{RUN_FILE} has no encoder / sampling config: was it written by jepa-minority generate?")
     files = [f.path for f in list_files(location.child(DATA_DIR), ".parquet")]
     if not files:
-        raise ValueError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
+        raise UserError(f"{uri} holds no data files ({DATA_DIR}/*.parquet): nothing to evaluate")
     rows = sum(footer.num_rows for footer in committed_footers(location))  # footers only; a corrupt file named
     if rows < 2:
-        raise ValueError(f"{uri} holds fewer than 2 rows ({rows} committed): nothing to evaluate")
+        raise UserError(f"{uri} holds fewer than 2 rows ({rows} committed): nothing to evaluate")
     return GeneratedRun(uri, location, files, config["sampling"]["method"], config["encoder"], run.get("last_run_id"),
                         len(list_files(location.child(FAILURES_DIR), ".json")))
 
@@ -53,7 +54,7 @@ def same_encoder(runs: list[GeneratedRun]) -> dict:
     first = runs[0].encoder
     for run in runs[1:]:
         if run.encoder != first:
-            raise ValueError(f"{runs[0].uri} and {run.uri} were scored by different encoders ({first} vs {run.encoder}): "
+            raise UserError(f"{runs[0].uri} and {run.uri} were scored by different encoders ({first} vs {run.encoder}): "
                              "their JEPA-SCOREs and embeddings are not comparable; evaluate them separately")
     return first
 
@@ -65,5 +66,5 @@ def check_reference_run(location: Location, uri: str, encoder: dict) -> None:
         return
     theirs = json.loads(read_bytes(location.child(RUN_FILE))).get("config", {}).get("encoder", {})
     if theirs.get("input_size") != encoder["input_size"]:
-        raise ValueError(f"reference {uri} was scored at input size {theirs.get('input_size')}, the generated runs at "
+        raise UserError(f"reference {uri} was scored at input size {theirs.get('input_size')}, the generated runs at "
                          f"{encoder['input_size']}: their JEPA-SCOREs are not comparable")

@@ -17,6 +17,7 @@ from guidance.checks import check_rank, check_sketch
 from guidance.encoders import check_encoder
 from pipeline.evaluate.features import check_device
 from pipeline.images import find_images, read_image
+from pipeline.settings import UserError
 from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve, write_bytes
 
 SCORE_METHODS = ("exact", "topk")
@@ -47,17 +48,17 @@ class ScoreConfig:
 
     def __post_init__(self):
         if not self.paths:
-            raise ValueError("paths is empty: pass image files or folders to score")
+            raise UserError("paths is empty: pass image files or folders to score")
         if not self.weights:
-            raise ValueError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
+            raise UserError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
         check_encoder(self.encoder, self.weights, self.encoder_output, self.input_size)
         check_device(self.device)
         if self.method not in SCORE_METHODS:
-            raise ValueError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
+            raise UserError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_pixels < 1:
-            raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels}")
+            raise UserError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.method == "topk":
             check_sketch(self.k, self.oversample, self.power_iters)
         if self.output is not None:
@@ -67,13 +68,13 @@ class ScoreConfig:
 def check_output(output: Path) -> None:
     """The scores' table can be written there: checked before any image is scored, writing nothing."""
     if output.suffix not in OUTPUT_SUFFIXES:
-        raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+        raise UserError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
     if output.is_dir():
-        raise ValueError(f"output {output} is a folder: give a file name ending in {' or '.join(OUTPUT_SUFFIXES)}")
+        raise UserError(f"output {output} is a folder: give a file name ending in {' or '.join(OUTPUT_SUFFIXES)}")
     try:
         check_reachable(resolve(str(output.parent), StorageConfig()))
     except StorageError as error:
-        raise ValueError(f"output {output}: {error}") from error
+        raise UserError(f"output {output}: {error}") from error
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,12 @@ def score_images(config: ScoreConfig) -> ScoreResult:
         encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size,
                                output=config.encoder_output).to(config.device)
     except (ValueError, OSError, RuntimeError) as error:  # missing, truncated, mismatched or unfetchable weights
-        raise ValueError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
+        raise UserError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
     if config.method == "topk":  # before any image is sketched
-        check_rank(config.k, config.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
+        try:
+            check_rank(config.k, config.oversample, encoder.embed_dim, 3 * encoder.input_size**2)
+        except ValueError as error:
+            raise UserError(str(error)) from error
     scored: list[ScoredImage] = []
     skipped: list[tuple[str, str]] = []
     batches = [files[i : i + config.batch_size] for i in range(0, len(files), config.batch_size)]
@@ -144,5 +148,5 @@ def write_scores(rows: list[ScoredImage], output: str | Path, method: str) -> No
         pq.write_table(table, buffer)
         data = buffer.getvalue()
     else:
-        raise ValueError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
+        raise UserError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
     write_bytes(resolve(str(output), StorageConfig()), data)

@@ -1,4 +1,5 @@
-"""The generation job's config: typed dataclasses from YAML, ``--set a.b=value`` overrides, strict checks.
+"""The generation job's config: typed dataclasses from YAML and ``--set a.b=value`` overrides, checked by
+``pipeline.configs.parse``.
 
 Everything is validated before any model is loaded: unknown keys, wrong types and out-of-range
 values are errors that name the key. Light to import (no torch, diffusers, timm or Ray): dtypes stay names
@@ -8,10 +9,6 @@ standard AWS environment / profile chain.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ import yaml
 from guidance.encoder_specs import check_encoder, encoder_family
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
+from pipeline.configs import parse
 from pipeline.settings import ConfigError, TrackingConfig
 from pipeline.storage import StorageConfig
 
@@ -38,13 +36,20 @@ def resolve_dtype(name: str, gpu: bool) -> str:
 class ModelConfig:
     """Which diffusion model, and where its weights are."""
 
-    preset: str = "pixel-unet"  # a model preset: pixel-unet, dit, sd, sdxl-base ... (the table: guidance/presets.py)
-    source: str | None = None  # a local diffusers pipeline folder or a hub id (default: the preset's)
-    variant: str | None = None  # diffusers weight variant, e.g. "fp16"
-    unet_weights: str | None = None  # a separate UNet weights file (SDXL-Lightning)
-    dtype: str = "auto"  # denoiser / VAE dtype: auto = float32 on CPU, bfloat16 on GPU
-    compile: bool = False  # torch.compile the denoising network: pays on long unguided runs (docs/results.md, Performance)
-    guidance_decoder: str | None = None  # an AutoencoderTiny (TAESD) folder or hub id: decodes inside guidance only
+    preset: str = "pixel-unet"
+    """a model preset: pixel-unet, dit, sd, sdxl-base ... (the table: guidance/presets.py)"""
+    source: str | None = None
+    """a local diffusers pipeline folder or a hub id (default: the preset's)"""
+    variant: str | None = None
+    """diffusers weight variant, e.g. fp16"""
+    unet_weights: str | None = None
+    """a separate UNet weights file (SDXL-Lightning)"""
+    dtype: str = "auto"
+    """denoiser / VAE dtype: auto = float32 on CPU, bfloat16 on GPU"""
+    compile: bool = False
+    """torch.compile the denoising network: pays on long unguided runs (docs/results.md, Performance)"""
+    guidance_decoder: str | None = None
+    """an AutoencoderTiny (TAESD) folder or hub id: decodes inside guidance only"""
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -65,10 +70,14 @@ class ModelConfig:
 class EncoderConfig:
     """The world prior: an image encoder and its weights."""
 
-    name: str = "vit_small_patch14_reg4_dinov2"  # a DINOv2 name from guidance.ENCODERS, "timm:<ViT architecture>" or "open_clip:<architecture or config .json>"
-    weights: str = "hub"  # a .safetensors / .pth file (open_clip: its checkpoint), a timm folder, "hub[:TAG]" (timm only), or "random" (explicit)
-    input_size: int | None = None  # images are resized to this before the encoder; unset: 224 for DINOv2, else the pretrained config's
-    output: str = "cls"  # the embedding: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens)
+    name: str = "vit_small_patch14_reg4_dinov2"
+    """a DINOv2 name from guidance.ENCODERS, timm:<ViT architecture> or open_clip:<architecture or config .json>"""
+    weights: str = "hub"
+    """a .safetensors / .pth file (open_clip: its checkpoint), a timm folder, "hub[:TAG]" (timm only), or "random" (explicit)"""
+    input_size: int | None = None
+    """images are resized to this before the encoder; unset: 224 for DINOv2, else the pretrained config's"""
+    output: str = "cls"
+    """the embedding: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens)"""
 
     def __post_init__(self):
         try:
@@ -87,13 +96,20 @@ class EncoderConfig:
 class WorkConfig:
     """What to generate: prompts from a file, or class labels x samples per label, or a count."""
 
-    prompts: str | None = None  # a .txt / .jsonl / .csv / .parquet file of prompts (local, file:// or s3://)
-    repeats: int = 1  # samples per prompt
-    class_labels: list[int] | None = None  # class-conditional models: the labels to sample
-    samples_per_label: int = 1  # samples per class label
-    count: int | None = None  # unconditional models: how many samples
-    base_seed: int = 0  # every row's seed derives from this and the row's place in the work
-    max_prompt_chars: int = 1000  # longer prompts are truncated (and the truncation is reported)
+    prompts: str | None = None
+    """a .txt / .jsonl / .csv / .parquet file of prompts (local, file:// or s3://)"""
+    repeats: int = 1
+    """samples per prompt"""
+    class_labels: list[int] | None = None
+    """class-conditional models: the labels to sample"""
+    samples_per_label: int = 1
+    """samples per class label"""
+    count: int | None = None
+    """unconditional models: how many samples"""
+    base_seed: int = 0
+    """every row's seed derives from this and the row's place in the work"""
+    max_prompt_chars: int = 1000
+    """longer prompts are truncated (and the truncation is reported)"""
 
     def __post_init__(self):
         given = [name for name in ("prompts", "class_labels", "count") if getattr(self, name) is not None]
@@ -117,11 +133,16 @@ class WorkConfig:
 class RayConfig:
     """Ray resources for the sampler actors."""
 
-    actors: int | list[int] = 1  # sampler actors (each loads the models once): a size, or [min, max] to scale with the work
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    cpus_per_actor: float = 1.0  # CPUs reserved per actor (fractions keep small machines from stalling)
-    batch_size: int = 4  # samples per actor call
-    dashboard: bool = False  # start Ray's dashboard with a local cluster (a given cluster keeps its own)
+    actors: int | list[int] = 1
+    """sampler actors (each loads the models once): a size, or [min, max] to scale with the work"""
+    gpus_per_actor: float | None = None
+    """None: 1 when the cluster has GPUs, else 0"""
+    cpus_per_actor: float = 1.0
+    """CPUs reserved per actor (fractions keep small machines from stalling)"""
+    batch_size: int = 4
+    """samples per actor call"""
+    dashboard: bool = False
+    """start Ray's dashboard with a local cluster (a given cluster keeps its own)"""
 
     def __post_init__(self):
         if not isinstance(self.actors, int) and len(self.actors) != 2 or not 1 <= self.pool[0] <= self.pool[1]:
@@ -143,8 +164,10 @@ class RayConfig:
 class ConsoleConfig:
     """What the job shows while it runs."""
 
-    status_every: float = 30.0  # seconds between status lines when the console is not a terminal (a terminal gets a bar)
-    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
+    status_every: float = 30.0
+    """seconds between status lines when the console is not a terminal (a terminal gets a bar)"""
+    verbose: bool = False
+    """Ray's own output too: Ray Data's operator progress and the workers' logs"""
 
     def __post_init__(self):
         if not self.status_every > 0:
@@ -155,11 +178,16 @@ class ConsoleConfig:
 class OutputConfig:
     """Where the rows go and how they are laid out."""
 
-    uri: str = "outputs/run"  # a local path, file:// or s3://bucket/prefix
-    max_rows_per_file: int = 1024  # bounds each Parquet file
-    row_group_size: int = 128  # rows per Parquet row group
-    max_failure_fraction: float = 0.0  # more failed samples than this makes the job exit non-zero
-    retry_unguided: bool = False  # a sample that fails under guidance is sampled again unguided (same seed)
+    uri: str = "outputs/run"
+    """a local path, file:// or s3://bucket/prefix"""
+    max_rows_per_file: int = 1024
+    """bounds each Parquet file"""
+    row_group_size: int = 128
+    """rows per Parquet row group"""
+    max_failure_fraction: float = 0.0
+    """more failed samples than this makes the job exit non-zero"""
+    retry_unguided: bool = False
+    """a sample that fails under guidance is sampled again unguided (same seed)"""
 
     def __post_init__(self):
         if self.max_rows_per_file < 1 or self.row_group_size < 1:
@@ -188,7 +216,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ge
     data = {} if path is None else read_config_file(path)
     for override in overrides:
         _apply_override(data, override)
-    return build(GenerateConfig, data, "")
+    return parse(GenerateConfig, data)
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -216,6 +244,7 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
+    """``a.b=value`` into the nested mapping ``data``, the value read as YAML (``parse`` then checks it)."""
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects key=value (e.g. sampling.steps=20), got {override!r}")
@@ -227,72 +256,3 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             raise ConfigError(f"--set {key}: {part!r} is a value, not a section")
         target = node
     target[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
-
-
-def build(cls: type, data: Any, where: str):
-    """Build dataclass ``cls`` from a mapping, checking keys and types; errors name the dotted key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys here: {', '.join(fields)}")
-    values = {name: _convert(hints[name], value, f"{where}.{name}" if where else name) for name, value in data.items()}
-    try:
-        return cls(**values)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as error:
-        raise ConfigError(f"{where or 'config'}: {error}") from error
-
-
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"{key} must not be empty")
-        choices = [a for a in args if a is not type(None)]
-        for choice in choices[:-1]:  # the first type the value fits; the last one's error names the key
-            try:
-                return _convert(choice, value, key)
-            except ConfigError:
-                pass
-        try:
-            return _convert(choices[-1], value, key)
-        except ConfigError as error:
-            if len(choices) == 1:
-                raise
-            raise ConfigError(f"{key} must be {' or '.join(map(_type_name, choices))}, got {value!r}") from error
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_convert(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return value
-    raise ConfigError(f"{key}: unsupported config type {hint}")
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        return "a list"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

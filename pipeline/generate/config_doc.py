@@ -1,5 +1,5 @@
 """The config reference: every key of a generation config with its type, default and meaning, read from
-the typed configs themselves (types and defaults from the dataclasses, meanings from each field's comment)."""
+the typed configs themselves (types and defaults from the dataclasses, meanings from the docstring under each field)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.configs import field_docs
 from pipeline.generate.config import GenerateConfig
-from pipeline.sourcedoc import field_docs
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class SectionDoc:
 def config_reference(config: Any = None, prefix: str = "") -> list[SectionDoc]:
     """One section per nested config (depth first), each key's default the value in ``config``."""
     config = GenerateConfig() if config is None else config
-    docs = field_docs(type(config).__module__, type(config).__qualname__)
+    docs = field_docs(type(config))
     keys, nested = [], []
     for field in dataclasses.fields(config):
         value, key = getattr(config, field.name), f"{prefix}{field.name}"

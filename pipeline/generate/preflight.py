@@ -21,7 +21,7 @@ from guidance.checks import check_rank
 from guidance.encoder_specs import check_encoder_weights, encoder_dims
 from guidance.presets import check_model
 from pipeline.folders import check_only
-from pipeline.generate.config import GenerateConfig, resolve_dtype
+from pipeline.generate.config import EncoderConfig, GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
 from pipeline.layout import check_resumable
 from pipeline.rows import Committed, committed_samples
@@ -96,8 +96,13 @@ def check_files(config: GenerateConfig) -> None:
         check_model(config.model.preset, config.model.source, unet_weights=config.model.unet_weights)
     except (ValueError, OSError) as error:
         raise ConfigError(f"model: {error}") from error
+    check_encoder_files(config.encoder)
+
+
+def check_encoder_files(encoder: EncoderConfig) -> None:
+    """The encoder's weights exist, whole and finite (read, not loaded): before any job loads the encoder."""
     try:
-        check_encoder_weights(config.encoder.name, config.encoder.weights)
+        check_encoder_weights(encoder.name, encoder.weights)
     except (ValueError, OSError) as error:
         raise ConfigError(f"encoder.weights: {error}") from error
 

@@ -42,14 +42,14 @@ import pyarrow.parquet as pq
 from guidance.presets import PRESETS, class_count
 from pipeline.generate.config import GenerateConfig, StorageConfig, WorkConfig
 from pipeline.schema import MANIFEST_SCHEMA, SAMPLE_SCHEMA
-from pipeline.settings import flatten, to_dict
+from pipeline.settings import UserError, flatten, to_dict
 from pipeline.storage import read_bytes, resolve
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv", ".parquet")
 DIGEST_CHUNK = 1 << 20  # samples' JSON hashed at once: bounded memory however many samples an entry makes
 
 
-class WorkError(ValueError):
+class WorkError(UserError):
     """The work cannot be expanded: unreadable prompt file, bad prompt; the message names the fix."""
 
 

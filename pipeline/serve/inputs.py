@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 from guidance import WorkItem
 from guidance.methods import SamplingConfig
-from pipeline.generate.config import build
-from pipeline.settings import ConfigError, to_dict
+from pipeline.configs import parse
+from pipeline.settings import ConfigError, UserError, to_dict
 
 GENERATE_KEYS = ("class_label", "prompt", "n", "seed", "sampling")
 
@@ -43,7 +43,7 @@ class ServeLimits:
         for name in ("max_body_bytes", "max_pixels", "max_n", "max_steps", "max_prompt_chars"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"limits.{name} must be an integer >= 1, got {value!r}")
+                raise UserError(f"limits.{name} must be an integer >= 1, got {value!r}")
 
 
 def decode_upload(body: bytes, limits: ServeLimits) -> torch.Tensor:
@@ -101,7 +101,7 @@ def parse_generate(payload: Any, base: SamplingConfig, limits: ServeLimits) -> G
         raise RequestError(422, 'sampling must be an object of sampling settings, e.g. {"method": "jepa", '
                                 '"guidance": {"eta": 0.05}}')
     try:
-        sampling = build(SamplingConfig, _merge(to_dict(base), overrides), "sampling")
+        sampling = parse(SamplingConfig, _merge(to_dict(base), overrides), "sampling")
     except ConfigError as error:
         raise RequestError(422, str(error)) from error
     if sampling.steps > limits.max_steps:

@@ -33,6 +33,7 @@ from pipeline.generate.sampler_stage import load_models
 from pipeline.images import png_bytes
 from pipeline.serve.browse import DatasetBrowser, DatasetError
 from pipeline.serve.inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
+from pipeline.settings import UserError
 
 log = logging.getLogger(__name__)
 APP_NAME = "jepa-minority"
@@ -70,13 +71,13 @@ class ServeConfig:
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
-            raise ValueError(f"port must be in 1..65535, got {self.port}")
+            raise UserError(f"port must be in 1..65535, got {self.port}")
         if self.replicas < 1 or self.max_batch_size < 1:
-            raise ValueError("replicas and max_batch_size must be >= 1")
+            raise UserError("replicas and max_batch_size must be >= 1")
         if self.cpus_per_replica < 0 or self.batch_wait_s < 0:
-            raise ValueError("cpus_per_replica and batch_wait_s must be >= 0")
+            raise UserError("cpus_per_replica and batch_wait_s must be >= 0")
         if self.generate_batch_samples < self.limits.max_n:
-            raise ValueError(f"generate_batch_samples ({self.generate_batch_samples}) must be >= max_n "
+            raise UserError(f"generate_batch_samples ({self.generate_batch_samples}) must be >= max_n "
                              f"({self.limits.max_n}): a request of max_n samples must fit one generate batch")
 
 
@@ -227,7 +228,7 @@ def check_service(service: ServeConfig) -> GenerateConfig:
         try:  # a bad URI, or a folder holding no finished dataset, fails here, not on the page
             DatasetBrowser(service.dataset, config.storage).latest()
         except DatasetError as error:
-            raise ValueError(f"--dataset: {error}") from error
+            raise UserError(f"--dataset: {error}") from error
     return config
 
 
