@@ -369,9 +369,7 @@ def check_prior(config: PriorConfig) -> dict:
             if entry["jepa_score"]["ratio"] is not None)
     plot = score_against_rarity(rarity, score, summary["binned"], title, space.name)
 
-    run = RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference})
-    status = "FAILED"
-    try:
+    with RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference}) as run:
         run.log_params(flatten(to_dict(config)))
         run.log_metrics({name: summary[name] for name in ("spearman", "p_value", "images") if summary[name] is not None})
         if summary.get("topk", {}).get("spearman") is not None:
@@ -387,7 +385,4 @@ def check_prior(config: PriorConfig) -> dict:
         if target:
             write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
             write_bytes(target.child(PRIOR_CHECK_FILE), data)  # last: the completion marker
-        status = "FINISHED"
         return summary
-    finally:
-        run.end(status)

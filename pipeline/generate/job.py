@@ -138,32 +138,27 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     before = plan.done.count
     missing = plan.done.missing(planned)
     todo_count = int((missing[:, 1] - missing[:, 0]).sum())
-    tracker = RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
-                                                            source_name(config.model.source or config.model.preset),
-                                                            folder_name(config.output.uri)),
-                         tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
-                               "resumed": str(before > 0).lower()})
-    tracker.log_params(flatten(to_dict(config)))
-    tracker.log_lineage(output.child(MANIFEST_FILE).uri, manifest.digest,
-                        {"samples": planned, "work_entries": manifest.work.num_rows}, output.child(DATA_DIR).uri)
-    status = "FAILED"
-    try:
+    with RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
+                                                       source_name(config.model.source or config.model.preset),
+                                                       folder_name(config.output.uri)),
+                    tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
+                          "resumed": str(before > 0).lower()}) as tracker:
+        tracker.log_params(flatten(to_dict(config)))
+        tracker.log_lineage(output.child(MANIFEST_FILE).uri, manifest.digest,
+                            {"samples": planned, "work_entries": manifest.work.num_rows}, output.child(DATA_DIR).uri)
         if todo_count:
             log.info("generating %d of %d samples (%d already committed)", todo_count, planned, before)
             try:
                 _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id,
                                plan.gpus_per_actor, output, before)
             except KeyboardInterrupt:
-                status = "KILLED"
                 raise Interrupted(committed_samples(output).count, planned) from None
         committed = committed_samples(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, before, start,
                           plan.gpus_per_actor if todo_count else 0.0)
-        status = "FINISHED" if summary.ok else "FAILED"
+        tracker.succeeded = summary.ok
         return summary
-    finally:
-        tracker.end(status)
 
 
 def _sample_on_ray(config: GenerateConfig, manifest: Manifest, todo: pa.Table, run_id: str, gpus: float,
