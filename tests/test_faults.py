@@ -190,6 +190,24 @@ def test_a_write_that_fails_midway_through_a_multipart_upload_leaves_nothing(s3,
     assert read_bytes(direct) == data
 
 
+def test_a_commit_whose_file_cannot_be_written_writes_no_marker(tmp_path):
+    """Data first, marker last: a file that cannot be written stops the commit before its completion marker."""
+    from pipeline.storage import StorageConfig, StorageError, commit, resolve
+
+    target = resolve(str(tmp_path / "out"), StorageConfig())
+    blocker = tmp_path / "out" / "table.md" / "mine.txt"  # a folder where the table goes: it cannot be written
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("mine")
+    files = {"plot.png": b"plot", "table.md": b"table"}
+    with pytest.raises(StorageError, match="cannot write .*table.md"):
+        commit(target, files, ("done.json", b"{}"))
+    assert not (tmp_path / "out" / "done.json").exists() and (tmp_path / "out" / "plot.png").exists()
+    blocker.unlink()
+    blocker.parent.rmdir()
+    commit(target, files, ("done.json", b"{}"))
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in [*files, "done.json"]} == files | {"done.json": b"{}"}
+
+
 @pytest.mark.slow
 def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s3, s3_proxy, write_config, tmp_path):
     proxy = s3_proxy()

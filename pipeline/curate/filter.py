@@ -38,13 +38,13 @@ from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.gate import DEFAULT_SPACE, Gate, load_gate, mark_inside, pixel_space
 from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
-from pipeline.layout import check_layout, missing_columns, write_card
+from pipeline.layout import check_layout, dataset_card, missing_columns
 from pipeline.rows import read_committed
-from pipeline.schema import (CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS,
-                             SELECTION_FILE)
+from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
+                             SCORE_COLUMNS, SELECTION_FILE)
 from pipeline.settings import TrackingConfig, flatten, to_dict
-from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, delete, exists,
-                              list_files, read_bytes, resolve, write_bytes)
+from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, commit, delete,
+                              exists, list_files, read_bytes, resolve, write_bytes)
 
 if TYPE_CHECKING:
     from pipeline.tracking import RunTracker
@@ -319,16 +319,17 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     report = _report(config, chosen, rows_in, counts, dropped, methods,
                      len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
     data = json.dumps(report, indent=2).encode()
-    write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
-               [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
-                f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); record in {SELECTION_FILE}."])
+    card = dataset_card(target, "jepa-minority curated set: the rarest samples of a generation run",
+                        [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
+                         f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); "
+                         f"record in {SELECTION_FILE}."])
     tracker.log_params(flatten(to_dict(config)))
     tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
                          "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
                         | ({"threshold": report["threshold"]} if report["threshold"] is not None else {})
                         | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {}))
     tracker.log_artifact_bytes(SELECTION_FILE, data)
-    write_bytes(target.child(SELECTION_FILE), data)  # last: the completion marker
+    commit(target, {CARD_FILE: card}, (SELECTION_FILE, data))
     delete(target.child(CURATION_FILE))  # the selection records the same input and rule
     return report
 

@@ -50,7 +50,7 @@ from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE, PRIOR_CHECK_PLOT, RUN_FILE
 from pipeline.settings import flatten, to_dict
-from pipeline.storage import check_writable, delete, exists, resolve, write_bytes
+from pipeline.storage import check_writable, commit, delete, exists, resolve
 
 log = logging.getLogger(__name__)
 READ_BATCH = 4096  # rows per driver-side batch when no model runs
@@ -113,10 +113,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         parent.log_artifact_bytes(EVALUATION_TABLE_FILE, table.encode())
         parent.log_artifact_bytes(EVALUATION_FILE, data)
         if target:
-            if plot:
-                write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
-            write_bytes(target.child(EVALUATION_TABLE_FILE), table.encode())
-            write_bytes(target.child(EVALUATION_FILE), data)  # last: the completion marker
+            files = {PRIOR_CHECK_PLOT: plot} if plot else {}
+            commit(target, files | {EVALUATION_TABLE_FILE: table.encode()}, (EVALUATION_FILE, data))
         return report
 
 

@@ -41,7 +41,7 @@ from guidance import GuidanceConfig, jepa_score, jepa_scores
 from pipeline.generate.config import EncoderConfig
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
 from pipeline.settings import TrackingConfig, flatten, to_dict
-from pipeline.storage import StorageConfig, check_writable, delete, exists, resolve, write_bytes
+from pipeline.storage import StorageConfig, check_writable, commit, delete, exists, resolve
 
 log = logging.getLogger(__name__)
 TRACKS = 0.1  # |Spearman| below this: the score does not track rarity
@@ -383,6 +383,5 @@ def check_prior(config: PriorConfig) -> dict:
         run.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
         run.log_artifact_bytes(PRIOR_CHECK_FILE, data)
         if target:
-            write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
-            write_bytes(target.child(PRIOR_CHECK_FILE), data)  # last: the completion marker
+            commit(target, {PRIOR_CHECK_PLOT: plot}, (PRIOR_CHECK_FILE, data))
         return summary

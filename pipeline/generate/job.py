@@ -46,13 +46,12 @@ from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest, expand_ranges
-from pipeline.layout import write_card
+from pipeline.layout import dataset_card
 from pipeline.progress import show_progress
 from pipeline.rows import Committed, committed_samples, read_committed
-from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
+from pipeline.schema import CARD_FILE, DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
 from pipeline.settings import ConfigError, flatten, to_dict
-from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
-                              write_ipc)
+from pipeline.storage import Location, StorageError, check_writable, commit, delete, list_files, read_bytes, write_ipc
 
 if TYPE_CHECKING:
     from pipeline.tracking import RunTracker
@@ -270,11 +269,11 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
         }
         data = json.dumps(run, indent=2).encode()
-        write_card(output, "jepa-minority generation run",
-                   [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
-                    f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
+        card = dataset_card(output, "jepa-minority generation run",
+                            [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
+                             f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
         tracker.log_artifact_bytes(RUN_FILE, data)
-        write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
+        commit(output, {CARD_FILE: card}, (RUN_FILE, data))
     return GenerationSummary(config.output.uri, planned, generated, committed.count, len(failed),
                              manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri,
                              *common_error(failed))
