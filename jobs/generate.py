@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from pipeline.generate.job import run_generation
 
-        summary = run_generation(config)
+        summary = run_generation(preflight_generation(config))
     except (ConfigError, WorkError, StorageError) as error:
         print(f"jepa-minority generate: {error}", file=sys.stderr)
         return 2

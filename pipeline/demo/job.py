@@ -94,9 +94,9 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     plan = preflight_demo(config_path, root, keep_fraction, overrides)
     unguided, guided, curation = plan.unguided.config, plan.guided.config, plan.curation
     log.info("demo 1/4: unguided samples -> %s", unguided.output.uri)
-    unguided_summary = run_generation(unguided)
+    unguided_summary = run_generation(plan.unguided)
     log.info("demo 2/4: JEPA-guided samples, same seeds -> %s", guided.output.uri)
-    guided_summary = run_generation(guided)
+    guided_summary = run_generation(plan.guided)
     rarest_uri = curation.output
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
     selection = run_filter(curation)

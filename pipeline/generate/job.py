@@ -12,7 +12,8 @@ Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpo
 - it filters only read -> map -> write plans from a file source, and deletes its checkpoint on success,
   so "which ids are done" could not be read back from a finished run.
 Here the data files alone are the record:
-  0. every check that can run before sampling runs first (pipeline/generate/preflight.py);
+  0. every check that can run before sampling runs first, once (pipeline/generate/preflight.py): its plan
+     is what ``run_generation`` runs;
   1. the manifest (the work entries; samples are a pure function of their index, deterministic ids) is
      written before any sampling;
   2. data files are committed atomically (pipeline/sink.py), each holding whole rows and, in its footer,
@@ -44,7 +45,7 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
-from pipeline.generate.preflight import preflight_generation
+from pipeline.generate.preflight import Plan
 from pipeline.generate.work import Manifest, expand_ranges
 from pipeline.layout import dataset_card
 from pipeline.progress import show_progress
@@ -119,9 +120,9 @@ def missing_pieces(missing: np.ndarray, batch_size: int) -> pa.Table:
     return pa.table({"start": starts, "stop": np.minimum(starts + size, np.repeat(missing[:, 1], counts))})
 
 
-def run_generation(config: GenerateConfig) -> GenerationSummary:
-    """Generate every manifest sample not yet committed; finish with _run.json when all are accounted for."""
-    plan = preflight_generation(config)  # every check before a model loads or Ray starts
+def run_generation(plan: Plan) -> GenerationSummary:
+    """Generate every manifest sample of a preflighted ``plan`` (``preflight_generation(config)``, every check before
+    a model loads or Ray starts) not yet committed; finish with _run.json when all are accounted for."""
     config, output, manifest, planned = plan.config, plan.output, plan.manifest, plan.planned
     check_writable(output)
     if not plan.started:
