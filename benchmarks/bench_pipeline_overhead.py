@@ -28,6 +28,7 @@ from benchmarks.paths import RESULTS, ROOT, write_json
 from pipeline.cluster import connect_ray
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import run_generation
+from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.sampler_stage import SampleGenerator
 from pipeline.generate.work import build_manifest
 
@@ -61,7 +62,7 @@ def plain_loop(config: GenerateConfig) -> tuple[int, float]:
 def on_ray(config: GenerateConfig) -> tuple[int, float]:
     """(samples, seconds): ``run_generation`` end to end on the already started local Ray."""
     start = time.perf_counter()
-    summary = run_generation(config)
+    summary = run_generation(preflight_generation(config))
     seconds = time.perf_counter() - start
     if not summary.ok:
         raise RuntimeError(f"the Ray run did not complete: {summary}")

@@ -1,7 +1,8 @@
 """World priors: image encoders as image -> embedding maps with preprocessing included.
 
 The world prior of the paper is a JEPA encoder f. Here f maps images in [0, 1], shape (B, 3, H, W),
-to one embedding per image, shape (B, D), not normalised (docs/method.md, 'The encoder'). Three families:
+to one embedding per image, shape (B, D), not normalised (docs/method.md, 'The encoder'). Three families,
+one row each in ``FAMILIES`` (guidance/encoder_specs.py), each built by its library's loader (``LOADERS``):
   - the DINOv2 table (guidance/encoder_specs.py, the paper's prior): timm names, 224 px unless asked otherwise;
   - ``timm:<architecture>``: any timm VisionTransformer, its input size, mean and std from its
     pretrained config (a folder's config.json, or timm's registry);
@@ -28,8 +29,8 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from guidance.checks import check_finite_tensors
-from guidance.encoder_specs import (ENCODERS, OPEN_CLIP_POOLS, OUTPUTS, WEIGHT_FILE_SUFFIXES,
-                                    check_encoder, check_encoder_weights, encoder_dims, encoder_family, open_clip_name)
+from guidance.encoder_specs import (ENCODERS, WEIGHT_FILE_SUFFIXES, EncoderFamily, check_encoder,
+                                    check_encoder_weights, encoder_dims, family_of, is_hub, open_clip_name)
 
 log = logging.getLogger(__name__)
 
@@ -95,40 +96,50 @@ def load_encoder(
     weights = str(weights)
     check_encoder(name, weights, output, input_size)
     check_encoder_weights(name, weights)  # the preflight's own check: the two agree on what is read
-    family, architecture = encoder_family(name)
-    if family == "open_clip":
-        if model_args:
-            raise ValueError("model_args apply to timm encoders; an open_clip architecture comes from its config")
-        backbone, mean, std, native = _open_clip_tower(architecture, weights, output)
-        if input_size not in (None, native):
-            raise ValueError(f"encoder {name!r} runs at its own input size {native}, got input_size {input_size}: "
-                             "leave it unset")
-        input_size = native
-    else:
-        kwargs = dict(model_args or {}) | dict(num_classes=0)
-        if family == "dinov2":
-            input_size = encoder_dims(name, weights, input_size)[1]  # a folder's own size, else 224
-            kwargs |= dict(global_pool="token")
-        if input_size is not None:
-            kwargs |= dict(img_size=input_size)
-        backbone = _create_backbone(architecture, weights, kwargs, ENCODERS[name].hub_tag if family == "dinov2" else None)
-        input_size = _timm_output(backbone, name, output, input_size)
-        _use_math_attention(backbone)
-        config = resolve_model_data_config(backbone)
-        mean, std = tuple(config["mean"]), tuple(config["std"])
+    family, architecture = family_of(name)
+    backbone, mean, std, input_size = LOADERS[family.library](name, architecture, weights, family, output, input_size,
+                                                              dict(model_args or {}))
     check_finite_tensors(backbone.state_dict().items(), f"encoder weights {weights}")
     backbone.float().eval().requires_grad_(False)
     encoder = JepaEncoder(backbone, name, input_size, mean, std, antialias)
     return encoder.eval().requires_grad_(False)
 
 
-def _timm_output(backbone: nn.Module, name: str, output: str, input_size: int | None) -> int:
-    """Point the ViT's head at the requested output (its weights untouched); returns the input size it runs at."""
+def _timm_backbone(name: str, architecture: str, weights: str, family: EncoderFamily, output: str,
+                   input_size: int | None, model_args: dict[str, Any]) -> tuple[nn.Module, tuple, tuple, int]:
+    """(ViT, mean, std, input size) of a timm family, its head at ``output``, on the math attention path."""
+    kwargs = model_args | family.build_args | dict(num_classes=0)
+    if family.input_size is not None:
+        input_size = encoder_dims(name, weights, input_size)[1]  # a folder's own size, else the family's
+    if input_size is not None:
+        kwargs |= dict(img_size=input_size)
+    backbone = _create_backbone(architecture, weights, kwargs, ENCODERS[name].hub_tag if name in ENCODERS else None)
+    input_size = _timm_output(backbone, name, family.pools[output], output, input_size)
+    _use_math_attention(backbone)
+    config = resolve_model_data_config(backbone)
+    return backbone, tuple(config["mean"]), tuple(config["std"]), input_size
+
+
+def _open_clip_backbone(name: str, architecture: str, weights: str, family: EncoderFamily, output: str,
+                        input_size: int | None, model_args: dict[str, Any]) -> tuple[nn.Module, tuple, tuple, int]:
+    """(tower, mean, std, input size) of an open_clip family: its own input size, pooling at ``output``."""
+    if model_args:
+        raise ValueError("model_args apply to timm encoders; an open_clip architecture comes from its config")
+    backbone, mean, std, native = _open_clip_tower(architecture, weights, family.pools[output])
+    if input_size not in (None, native):
+        raise ValueError(f"encoder {name!r} runs at its own input size {native}, got input_size {input_size}: "
+                         "leave it unset")
+    return backbone, mean, std, native
+
+
+def _timm_output(backbone: nn.Module, name: str, pool: str, output: str, input_size: int | None) -> int:
+    """Point the ViT's head at the requested output, timm's ``pool`` (its weights untouched); returns the input size
+    it runs at."""
     if not isinstance(backbone, timm.models.VisionTransformer):
         raise ValueError(f"encoder {name!r} is a {type(backbone).__name__}, not a timm VisionTransformer")
     if output == "cls" and backbone.cls_token is None:
         raise ValueError(f"encoder {name!r} has no CLS token: use output 'pool'")
-    backbone.reset_classifier(0, global_pool=OUTPUTS[output])
+    backbone.reset_classifier(0, global_pool=pool)
     height, width = backbone.patch_embed.img_size
     patch = backbone.patch_embed.patch_size[0]
     if height != width or height % patch:
@@ -141,7 +152,7 @@ def _create_backbone(name: str, weights: str, kwargs: dict[str, Any], hub_tag: s
     if weights == "random":
         log.warning("encoder %s has RANDOM weights (asked for explicitly): scores mean nothing", name)
         return timm.create_model(name, pretrained=False, **kwargs)
-    if weights == "hub" or weights.startswith("hub:"):
+    if is_hub(weights):
         tag = weights.partition(":")[2] or hub_tag
         model = f"{name}.{tag}" if tag else name
         try:
@@ -272,8 +283,8 @@ def load_open_clip(architecture: str, weights: str, device: str = "cpu"):
     return model.eval(), preprocess, name
 
 
-def _open_clip_tower(architecture: str, weights: str, output: str) -> tuple[nn.Module, tuple, tuple, int]:
-    """(tower, mean, std, input size) of an open_clip ViT image tower, its pooling set to ``output``."""
+def _open_clip_tower(architecture: str, weights: str, pool: str) -> tuple[nn.Module, tuple, tuple, int]:
+    """(tower, mean, std, input size) of an open_clip ViT image tower, its pooling set to open_clip's ``pool``."""
     import open_clip
     from open_clip.transformer import VisionTransformer
 
@@ -283,9 +294,12 @@ def _open_clip_tower(architecture: str, weights: str, output: str) -> tuple[nn.M
         raise ValueError(f"open_clip {name}'s image tower is a {type(visual).__name__}"
                          f"{' with attentional pooling' if isinstance(visual, VisionTransformer) else ''}: "
                          "only plain ViT towers (CLS or mean-pooled token) are supported")
-    visual.pool_type = OPEN_CLIP_POOLS[output]
+    visual.pool_type = pool
     config = open_clip.get_model_preprocess_cfg(model)
     height, width = visual.image_size
     if height != width:
         raise ValueError(f"open_clip {name} runs at {height}x{width}: only square inputs are supported")
     return OpenClipTower(visual), tuple(config["mean"]), tuple(config["std"]), height
+
+
+LOADERS = {"timm": _timm_backbone, "open_clip": _open_clip_backbone}  # EncoderFamily.library -> its loader

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from pipeline.generate.job import run_generation
 
-        summary = run_generation(config)
+        summary = run_generation(preflight_generation(config))
     except KeyboardInterrupt as interrupted:  # job.Interrupted says what sampling committed; elsewhere nothing is half-done
         print(str(interrupted) or "interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -10,8 +10,8 @@ from collections import Counter
 import yaml
 
 from pipeline.rows import committed_footers, read_committed
-from pipeline.schema import CARD_FILE, DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
-from pipeline.storage import Location, StorageError, exists, write_bytes
+from pipeline.schema import DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
+from pipeline.storage import Location, StorageError, exists
 
 
 def check_layout(folder: Location) -> None:
@@ -44,11 +44,11 @@ def _tally(values: list) -> str:
     return ", ".join(f"{value} ({n})" for value, n in sorted(Counter(values).items(), key=lambda item: str(item[0])))
 
 
-def write_card(folder: Location, title: str, lines: list[str]) -> None:
-    """The dataset card: what the folder holds in a few commented lines, and its data files for `datasets`.
+def dataset_card(folder: Location, title: str, lines: list[str]) -> bytes:
+    """The dataset card (CARD_FILE): what the folder holds in a few commented lines, and its data files for `datasets`.
 
-    Written atomically, before the folder's completion marker. Model, encoder and method come from the
-    committed rows themselves, so the card describes what is there.
+    Committed before the folder's completion marker (``storage.commit``). Model, encoder and method come from
+    the committed rows themselves, so the card describes what is there.
     """
     rows = read_committed(folder, ["model", "encoder", "method"]).to_pydict()
     about = [
@@ -63,4 +63,4 @@ def write_card(folder: Location, title: str, lines: list[str]) -> None:
     card = {"pretty_name": title,
             "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": DATA_FILES}]}]}
     text = "".join(f"# {line}\n" for line in about) + yaml.safe_dump(card, sort_keys=False)
-    write_bytes(folder.child(CARD_FILE), text.encode())
+    return text.encode()

@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -202,6 +202,16 @@ def write_bytes(location: Location, data: bytes) -> None:
             except OSError:
                 _abort_uploads(location)
                 raise
+
+
+def commit(target: Location, files: Mapping[str, bytes], marker: tuple[str, bytes]) -> None:
+    """Data first, completion marker last: each of ``files`` (name -> bytes) written whole into ``target``, then
+    the ``marker`` (name, bytes), so a reader that sees the marker sees every file, and a write that fails
+    midway leaves no marker (partial output is never visible as done)."""
+    for name, data in files.items():
+        write_bytes(target.child(name), data)
+    name, data = marker
+    write_bytes(target.child(name), data)
 
 
 def _abort_uploads(location: Location) -> None:

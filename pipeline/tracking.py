@@ -1,7 +1,7 @@
 """MLflow tracking, on the driver only, through ``MlflowClient`` (no global fluent state).
 
-One run per job: flat params from the resolved config, metrics, artifacts (made by report.py),
-and dataset lineage.
+One run per job, opened as ``with RunTracker(...) as run:``: flat params from the resolved config, metrics,
+artifacts (made by report.py), and dataset lineage; the run ends FINISHED, or FAILED with its error recorded.
 The default store is a local sqlite file; an ``http://`` tracking server works the same.
 """
 
@@ -26,6 +26,8 @@ from pipeline.schema import GENERATED_DIR, RAREST_DIR, VERSIONS_DIR
 from pipeline.settings import TrackingConfig
 
 PARAM_LIMIT = 6000  # MLflow's longest param value
+TAG_LIMIT = 8000  # MLflow's longest tag value
+ERROR_TAG = "error"  # a failed run's error, type and message
 
 
 def folder_name(uri: str) -> str:
@@ -72,9 +74,15 @@ def dataset_record(dataset: Dataset, profile: dict | None = None) -> DatasetReco
 
 
 class RunTracker:
-    """One MLflow run."""
+    """One MLflow run, as a context manager: ``with RunTracker(...) as run:``.
 
-    def __init__(self, tracking: TrackingConfig, run_name: str, tags: dict[str, str]):
+    On leaving, the run ends FINISHED; on an error it ends FAILED (KILLED on Ctrl-C) with the error
+    recorded as its ``error`` tag, and the error propagates. A body that finishes without an error but
+    fails its own check sets ``run.succeeded = False``. A child run names its ``parent`` run.
+    """
+
+    def __init__(self, tracking: TrackingConfig, run_name: str, tags: dict[str, str],
+                 parent: RunTracker | None = None):
         uri, artifacts = _local_tracking_paths(tracking)
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(tracking.experiment)
@@ -82,10 +90,22 @@ class RunTracker:
             experiment.experiment_id if experiment
             else self.client.create_experiment(tracking.experiment, artifact_location=artifacts)
         )
+        tags = tags | ({"mlflow.parentRunId": parent.run_id} if parent else {})
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
         self.tracking_uri = uri
         self.tracking = TrackingConfig(uri, str(Path(tracking.artifact_location).expanduser().resolve()),
                                        tracking.experiment)  # absolute: what a run's _run.json records
+        self.succeeded = True
+
+    def __enter__(self) -> RunTracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: Any) -> None:
+        if error is not None:
+            self.client.set_tag(self.run_id, ERROR_TAG, f"{kind.__name__}: {error}"[:TAG_LIMIT])
+        status = ("KILLED" if isinstance(error, KeyboardInterrupt)
+                  else "FINISHED" if error is None and self.succeeded else "FAILED")
+        self.client.set_terminated(self.run_id, status=status)
 
     def log_params(self, params: dict[str, Any]) -> None:
         entries = [Param(key, str(value)[:PARAM_LIMIT]) for key, value in sorted(params.items())]
@@ -114,6 +134,3 @@ class RunTracker:
             DatasetInput(dataset_record(work, profile=counts), tags=[InputTag("mlflow.data.context", "work")]),
             DatasetInput(dataset_record(output), tags=[InputTag("mlflow.data.context", "output")]),
         ])
-
-    def end(self, status: str) -> None:
-        self.client.set_terminated(self.run_id, status=status)

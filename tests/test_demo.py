@@ -24,6 +24,7 @@ from pipeline.evaluate.rarity import avg_knn
 from pipeline.rows import read_committed
 from pipeline.schema import DATA_FILE_PREFIX, SELECTION_FILE
 from pipeline.storage import StorageConfig, resolve
+from tests.test_refresh import count_preflights
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "demo.yaml"
@@ -82,12 +83,14 @@ def test_the_report_names_every_guidance_setting_apart_from_the_authors_defaults
 def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     tracking = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    preflights = count_preflights(monkeypatch)
     code = demo_job.main([
         "--config", str(CONFIG), "--root", str(tmp_path / "demo"),
         "--set", "work.class_labels=[3, 8]", "--set", "work.samples_per_label=4", "--set", "sampling.steps=10",
         "--set", f"tracking.tracking_uri={tracking}", "--set", f"tracking.artifact_location={tmp_path}/artifacts",
     ])
     assert code == 0
+    assert preflights == [f"{tmp_path}/demo/unguided", f"{tmp_path}/demo/jepa"]  # each arm preflighted once
     out = capsys.readouterr().out
     report = tmp_path / "demo" / "report" / "index.html"
     assert f"report:  {report}" in out

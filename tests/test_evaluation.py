@@ -30,6 +30,7 @@ from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_fact
 from pipeline.evaluate.scoring import ScoreConfig, score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.generate.preflight import preflight_generation
 from pipeline.images import png_bytes
 from pipeline.schema import DATA_FILE_PREFIX, OUTPUT_SCHEMA
 from pipeline.storage import StorageConfig
@@ -129,7 +130,7 @@ def test_two_generated_runs_against_a_reference_folder_make_the_table(
     for method in ("unguided", "jepa"):
         path = write_config(work={"class_labels": [0, 3, 7], "samples_per_label": 3})
         config = load_config(path, [f"sampling.method={method}", f"output.uri={tmp_path / method}"])
-        assert run_generation(config).ok
+        assert run_generation(preflight_generation(config)).ok
         runs[method] = tmp_path / method
     images = reference_folder(tmp_path / "real", count=16)
 

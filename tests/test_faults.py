@@ -21,6 +21,7 @@ import pytest
 from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
 from pipeline.storage import TEMP_PREFIX
@@ -161,7 +162,7 @@ def test_transient_s3_errors_are_retried_and_the_run_completes(ray_cluster, s3, 
     proxy = s3_proxy(fail_first_tries=True)
     s3.client().create_bucket(Bucket="flaky")
     path = write_config(output={"uri": "s3://flaky/run"}, storage={"endpoint_url": proxy.endpoint})
-    assert run_generation(load_config(path)).complete
+    assert run_generation(preflight_generation(load_config(path))).complete
     assert proxy.slowdowns >= 2 and proxy.resets >= 2, "the faults never reached the run"
     assert_exactly_once_on_s3(s3, "flaky", "run")
 
@@ -190,6 +191,24 @@ def test_a_write_that_fails_midway_through_a_multipart_upload_leaves_nothing(s3,
     assert read_bytes(direct) == data
 
 
+def test_a_commit_whose_file_cannot_be_written_writes_no_marker(tmp_path):
+    """Data first, marker last: a file that cannot be written stops the commit before its completion marker."""
+    from pipeline.storage import StorageConfig, StorageError, commit, resolve
+
+    target = resolve(str(tmp_path / "out"), StorageConfig())
+    blocker = tmp_path / "out" / "table.md" / "mine.txt"  # a folder where the table goes: it cannot be written
+    blocker.parent.mkdir(parents=True)
+    blocker.write_text("mine")
+    files = {"plot.png": b"plot", "table.md": b"table"}
+    with pytest.raises(StorageError, match="cannot write .*table.md"):
+        commit(target, files, ("done.json", b"{}"))
+    assert not (tmp_path / "out" / "done.json").exists() and (tmp_path / "out" / "plot.png").exists()
+    blocker.unlink()
+    blocker.parent.rmdir()
+    commit(target, files, ("done.json", b"{}"))
+    assert {name: (tmp_path / "out" / name).read_bytes() for name in [*files, "done.json"]} == files | {"done.json": b"{}"}
+
+
 @pytest.mark.slow
 def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s3, s3_proxy, write_config, tmp_path):
     proxy = s3_proxy()
@@ -215,7 +234,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
     assert 0 < len(partial) < 24
 
     proxy.up()
-    summary = run_generation(load_config(path))
+    summary = run_generation(preflight_generation(load_config(path)))
     assert summary.complete and summary.generated == 24 - len(partial)
     assert_exactly_once_on_s3(s3, "outage", "run")
 
@@ -306,7 +325,7 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     assert list_files(resolve(str(data), StorageConfig()), ".parquet") == []
     assert pads.dataset(str(data), format="parquet").count_rows() == 0
 
-    summary = run_generation(load_config(path))
+    summary = run_generation(preflight_generation(load_config(path)))
     assert summary.complete and summary.committed == 4 and summary.generated == 4
     assert_exactly_once(tmp_path / "out")
     assert temp.exists() and temp.stat().st_size == limit  # still there, never read
@@ -331,7 +350,7 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     (status,) = [line for line in lines if line.startswith("status:")]
     assert "would fail the same way" in status and "rerun the same command" not in status
 
-    summary = run_generation(load_config(path, ["output.retry_unguided=true"]))  # the same run, resumed
+    summary = run_generation(preflight_generation(load_config(path, ["output.retry_unguided=true"])))  # the same run, resumed
     assert summary.complete and summary.generated == 2 and summary.failed == 0
     rows = read_rows(pafs.LocalFileSystem(), str(tmp_path / "out" / "data"))
     assert [r["method"] for r in rows] == ["unguided", "unguided"]

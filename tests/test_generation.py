@@ -27,6 +27,7 @@ from guidance import jepa_score, jepa_scores
 from jobs import generate as generate_job
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
+from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.sampler_stage import load_models
 from pipeline.generate.work import Manifest
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
@@ -92,7 +93,7 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     assert contexts == {"work", "output"}
 
     # the same config again: nothing to do
-    assert run_generation(config).generated == 0
+    assert run_generation(preflight_generation(config)).generated == 0
     assert len(read_rows(pafs.LocalFileSystem(), str(out / "data"))) == 12
 
     import datasets
@@ -142,7 +143,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
     partial = len(read_rows(pafs.LocalFileSystem(), str(data)))
     assert 0 < partial < 24 and not (tmp_path / "out" / "_run.json").exists()
 
-    summary = run_generation(load_config(path))
+    summary = run_generation(preflight_generation(load_config(path)))
     assert summary.complete and summary.generated == 24 - partial
     manifest = planned_ids(tmp_path / "out")
     check_output(read_rows(pafs.LocalFileSystem(), str(data)), manifest, tiny_encoder)

@@ -8,6 +8,7 @@ with the in-memory model; then the Jacobian machinery, the configs, ``score`` an
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -19,6 +20,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from guidance import jepa_score, jepa_scores, load_encoder, topk_log_volume
+from guidance.encoder_specs import FAMILIES, encoder_dims
 from guidance.encoders import MathMultiheadAttention, OpenClipTower
 from guidance.reference import jepa_score_naive
 from jobs import score as score_job
@@ -97,6 +99,18 @@ def test_pool_output_is_the_mean_of_the_patch_tokens(vit, vit_folder):
         torch.testing.assert_close(  # pinned; the CLS token (output "cls") would move it by 3.4
             encoder(x)[0, :6], torch.tensor([-1.041489, -0.188593, 0.357479, -0.526506, -1.968113, -0.101053]),
             atol=1e-4, rtol=0)
+
+
+def test_a_new_family_is_one_row_of_the_family_table(vit, vit_folder, monkeypatch):
+    """A made-up family ``vit:`` over timm, patch 16, added as one row: named, checked, sized and loaded by it."""
+    monkeypatch.setitem(FAMILIES, "vit", replace(FAMILIES["timm"], name="vit", prefix="vit:", patch=16))
+    encoder, same = (load_encoder(f"{prefix}{VIT}", vit_folder, output="pool") for prefix in ("vit:", "timm:"))
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), same(x), rtol=0, atol=0)
+    assert encoder_dims(f"vit:{VIT}", vit_folder) == (32, SIZE)
+    with pytest.raises(ValueError, match="input_size must be a positive multiple of the patch size 16, got 24"):
+        load_encoder(f"vit:{VIT}", vit_folder, input_size=24)
 
 
 def test_a_timm_safetensors_file_loads_the_same_model(vit, vit_folder, tmp_path):

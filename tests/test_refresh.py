@@ -11,11 +11,24 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import refresh as refresh_job
+from pipeline.generate import preflight
 from pipeline.curate.refresh import RefreshConfig, run_refresh
 from pipeline.generate.work import Manifest
 from pipeline.schema import MANIFEST_FILE, SELECTION_FILE
 from pipeline.storage import StorageError
 from tests.test_generation import read_rows
+
+
+def count_preflights(monkeypatch) -> list[str]:
+    """The output URI of every generation preflight from now on (each builds its manifest once)."""
+    outputs, build = [], preflight.build_manifest
+
+    def counted(config):
+        outputs.append(config.output.uri)
+        return build(config)
+
+    monkeypatch.setattr(preflight, "build_manifest", counted)
+    return outputs
 
 
 def version_run(root, version: str) -> tuple[list[dict], dict[str, int]]:
@@ -26,12 +39,14 @@ def version_run(root, version: str) -> tuple[list[dict], dict[str, int]]:
     return manifest, {row["sample_id"]: row["seed"] for row in rows}
 
 
-def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path):
+def test_versions_publish_resume_and_prune(ray_cluster, write_config, tmp_path, monkeypatch):
     config = write_config(work={"class_labels": [1, 2], "samples_per_label": 2})
     root = tmp_path / "dataset"
+    preflights = count_preflights(monkeypatch)
     first = run_refresh(RefreshConfig(config=config, root=str(root), version="2026-11-01", keep_versions=1,
                                       keep_fraction=0.5))
     assert first.published and first.generated == 4
+    assert preflights == [f"{root}/versions/2026-11-01/generated"]  # once: run_generation runs the refresh's plan
     latest = json.loads((root / "LATEST.json").read_text())
     assert latest["version"] == "2026-11-01" and latest["rows_kept"] == 2
     assert (root / "versions" / "2026-11-01" / "rarest" / SELECTION_FILE).exists()

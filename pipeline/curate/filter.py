@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatch
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -37,13 +38,16 @@ from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.gate import DEFAULT_SPACE, Gate, load_gate, mark_inside, pixel_space
 from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
-from pipeline.layout import check_layout, missing_columns, write_card
+from pipeline.layout import check_layout, dataset_card, missing_columns
 from pipeline.rows import read_committed
-from pipeline.schema import (CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE, SCORE_COLUMNS,
-                             SELECTION_FILE)
+from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
+                             SCORE_COLUMNS, SELECTION_FILE)
 from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
-from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, delete, exists,
-                              list_files, read_bytes, resolve, write_bytes)
+from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, commit, delete,
+                              exists, list_files, read_bytes, resolve, write_bytes)
+
+if TYPE_CHECKING:
+    from pipeline.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("class_label", "prompt")
@@ -268,7 +272,6 @@ def run_filter(config: FilterConfig) -> dict:
     """Curate ``config.input`` into ``config.output``; returns the selection report (_selection.json)."""
     import ray
 
-    from pipeline.sink import AtomicParquetSink, part_name
     from pipeline.tracking import RunTracker, folder_name, run_name, source_name
 
     source, target, _, gate = preflight_filter(config)
@@ -284,45 +287,51 @@ def run_filter(config: FilterConfig) -> dict:
     model = made.get("model", {})
     name = run_name("filter", made.get("sampling", {}).get("method"),
                     source_name(model.get("source") or model.get("preset") or ""), folder_name(config.output))
-    tracker = RunTracker(config.tracking, run_name=name,
-                         tags={"input_uri": config.input, "output_uri": config.output,
-                               "generation_run_id": generation.get("last_run_id", "")})
-    status = "FAILED"
     context = ray.data.DataContext.get_current()
     # Ray 2.60's V2 Parquet reader lists files through a pool of up to 32 footer-reader actors
     # (~130 MiB each); the V1 reader reads the same columns and keeps the filter within its memory
     # budget (benchmarks/bench_filter_scale.py). Restored afterwards: other readers are untouched.
     reader_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        chosen, rows_in, counts, methods, dropped = choose(config, files, source, gate)
-        claim_folder(config, target)
-        ids = chosen.column("sample_id")
-        copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
-                                                batch_format="pyarrow")
-        sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
-        # no more writers than input files: Ray Data warns when the concurrency exceeds its input blocks
-        copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
-        if not chosen.num_rows:
-            _write_empty(target.child(DATA_DIR, part_name([])))
-        report = _report(config, chosen, rows_in, counts, dropped, methods,
-                         len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
-        data = json.dumps(report, indent=2).encode()
-        write_card(target, "jepa-minority curated set: the rarest samples of a generation run",
-                   [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
-                    f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); record in {SELECTION_FILE}."])
-        tracker.log_params(flatten(to_dict(config)))
-        tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
-                             "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
-                            | ({"threshold": report["threshold"]} if report["threshold"] is not None else {})
-                            | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {}))
-        tracker.log_artifact_bytes(SELECTION_FILE, data)
-        write_bytes(target.child(SELECTION_FILE), data)  # last: the completion marker
-        delete(target.child(CURATION_FILE))  # the selection records the same input and rule
-        status = "FINISHED"
-        return report
+        with RunTracker(config.tracking, run_name=name,
+                        tags={"input_uri": config.input, "output_uri": config.output,
+                              "generation_run_id": generation.get("last_run_id", "")}) as tracker:
+            return _curate(config, source, target, gate, files, generation, tracker)
     finally:
         context.use_datasource_v2 = reader_v2
-        tracker.end(status)
+
+
+def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate | None, files: list[str],
+            generation: dict, tracker: RunTracker) -> dict:
+    """Choose the rows, copy them into the claimed folder, then the card and ``_selection.json`` last."""
+    from pipeline.sink import AtomicParquetSink, part_name
+
+    chosen, rows_in, counts, methods, dropped = choose(config, files, source, gate)
+    claim_folder(config, target)
+    ids = chosen.column("sample_id")
+    copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
+                                            batch_format="pyarrow")
+    sink = AtomicParquetSink(config.output, config.storage, config.max_rows_per_file, ROW_GROUP_SIZE)
+    # no more writers than input files: Ray Data warns when the concurrency exceeds its input blocks
+    copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
+    if not chosen.num_rows:
+        _write_empty(target.child(DATA_DIR, part_name([])))
+    report = _report(config, chosen, rows_in, counts, dropped, methods,
+                     len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
+    data = json.dumps(report, indent=2).encode()
+    card = dataset_card(target, "jepa-minority curated set: the rarest samples of a generation run",
+                        [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
+                         f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); "
+                         f"record in {SELECTION_FILE}."])
+    tracker.log_params(flatten(to_dict(config)))
+    tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
+                         "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
+                        | ({"threshold": report["threshold"]} if report["threshold"] is not None else {})
+                        | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {}))
+    tracker.log_artifact_bytes(SELECTION_FILE, data)
+    commit(target, {CARD_FILE: card}, (SELECTION_FILE, data))
+    delete(target.child(CURATION_FILE))  # the selection records the same input and rule
+    return report
 
 
 def _write_empty(location: Location) -> None:

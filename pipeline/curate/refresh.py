@@ -111,7 +111,7 @@ def run_refresh(refresh: RefreshConfig) -> RefreshResult:
     plan = preflight_refresh(refresh)
     version, base, config = plan.version, plan.base, plan.generation.config
     root = resolve(refresh.root, config.storage)
-    summary = run_generation(config)
+    summary = run_generation(plan.generation)
     if not summary.complete:
         log.warning("version %s is incomplete (%d failed); LATEST.json stays as it was", version, summary.failed)
         return RefreshResult(version, False, False, summary.generated, (), summary.tracking_uri, run_id=summary.run_id)

@@ -29,11 +29,12 @@ from pipeline.generate.preflight import OtherRunError, Plan, preflight_generatio
 from pipeline.report import contact_sheet, overlaid_histograms
 from pipeline.rows import read_committed
 from pipeline.settings import ui_command
-from pipeline.storage import StorageError, resolve
+from pipeline.storage import StorageConfig, StorageError, commit, resolve
 
 log = logging.getLogger(__name__)
 SHEET_COLUMNS = 8
 REPORT_DIR = "report"
+REPORT_PAGE = "index.html"  # written last, after the pictures it shows
 FOLDERS = ("unguided", "jepa", "rarest", REPORT_DIR)  # all the demo writes under its root
 ARMS = ("unguided", "JEPA-guided", "rarest kept")
 Evidence = Callable[[dict[str, pa.Table]], tuple[list[str], str]]  # each arm's rows (ARMS) -> (a verdict line per
@@ -93,9 +94,9 @@ def run_demo(config_path: str = DEMO_CONFIG, root: str = "outputs/demo", keep_fr
     plan = preflight_demo(config_path, root, keep_fraction, overrides)
     unguided, guided, curation = plan.unguided.config, plan.guided.config, plan.curation
     log.info("demo 1/4: unguided samples -> %s", unguided.output.uri)
-    unguided_summary = run_generation(unguided)
+    unguided_summary = run_generation(plan.unguided)
     log.info("demo 2/4: JEPA-guided samples, same seeds -> %s", guided.output.uri)
-    guided_summary = run_generation(guided)
+    guided_summary = run_generation(plan.guided)
     rarest_uri = curation.output
     log.info("demo 3/4: the rarest %.0f%% of each class -> %s", 100 * keep_fraction, rarest_uri)
     selection = run_filter(curation)
@@ -136,8 +137,8 @@ def _class_mean(table: pa.Table, label: int) -> str:
 
 def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig, rarest_uri: str,
                  evidence: Evidence | None = None, made: list[str] = ()) -> Path:
-    """The report opens with a verdict per arm and its cost (with ``evidence``) and what made it (``made``)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The report opens with a verdict per arm and its cost (with ``evidence``) and what made it (``made``); its
+    pictures are committed first, ``index.html`` last."""
     with_guidance, without = _rows(guided.output.uri, guided), _rows(unguided.output.uri, unguided)
     rarest = _rows(rarest_uri, guided).sort_by([("class_label", "ascending"), ("jepa_score", "ascending")])
     said, measured = evidence(dict(zip(ARMS, (without, with_guidance, rarest)))) if evidence else ([], "")
@@ -156,11 +157,13 @@ def write_report(folder: Path, guided: GenerateConfig, unguided: GenerateConfig,
     for label in labels:
         comparison.append((f"class {label}: unguided", *by_class(without, label)))
         comparison.append((f"class {label}: JEPA-guided (same seeds)", *by_class(with_guidance, label)))
-    (folder / "guided_vs_unguided.png").write_bytes(contact_sheet(comparison, cell=64))
-    (folder / "rarest.png").write_bytes(contact_sheet(
-        [(f"class {label}: rarest kept", *by_class(rarest, label)) for label in labels], cell=64))
     scores = {"unguided": without.column("jepa_score").to_numpy(), "JEPA-guided": with_guidance.column("jepa_score").to_numpy()}
-    (folder / "jepa_score_histograms.png").write_bytes(overlaid_histograms(scores, "demo: exact JEPA-SCORE"))
+    pictures = {
+        "guided_vs_unguided.png": contact_sheet(comparison, cell=64),
+        "rarest.png": contact_sheet([(f"class {label}: rarest kept", *by_class(rarest, label)) for label in labels],
+                                    cell=64),
+        "jepa_score_histograms.png": overlaid_histograms(scores, "demo: exact JEPA-SCORE"),
+    }
 
     per_class = "".join(
         f"<tr><td>{label}</td>"
@@ -192,5 +195,5 @@ Lower JEPA-SCORE = rarer under the world prior.</p>
 (experiment {html.escape(guided.tracking.experiment)})</li></ul>
 </body></html>
 """
-    (folder / "index.html").write_text(page)
-    return folder / "index.html"
+    commit(resolve(str(folder), StorageConfig()), pictures, (REPORT_PAGE, page.encode()))
+    return folder / REPORT_PAGE

@@ -50,7 +50,7 @@ from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE, PRIOR_CHECK_PLOT, RUN_FILE
 from pipeline.settings import UserError, flatten, to_dict
-from pipeline.storage import check_writable, delete, exists, resolve, write_bytes
+from pipeline.storage import check_writable, commit, delete, exists, resolve
 
 log = logging.getLogger(__name__)
 READ_BATCH = 4096  # rows per driver-side batch when no model runs
@@ -90,22 +90,21 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     report = _report(config, encoder, runs, stats, reference, prior)
     table = markdown(report)
 
-    parent = RunTracker(config.tracking, run_name=run_name("evaluate", " vs ".join(run.label for run in runs),
-                                                           folder_name(config.output) if config.output else None),
-                        tags={"generated_uris": ",".join(config.generated), "reference_uri": config.reference or ""})
-    status = "FAILED"
-    try:
+    with RunTracker(config.tracking, run_name=run_name("evaluate", " vs ".join(run.label for run in runs),
+                                                       folder_name(config.output) if config.output else None),
+                    tags={"generated_uris": ",".join(config.generated),
+                          "reference_uri": config.reference or ""}) as parent:
         parent.log_params(flatten(to_dict(config)))
         if prior and prior["spearman"] is not None:
             parent.log_metrics({"prior_check_spearman": prior["spearman"], "prior_check_images": prior["images"]})
         for run, row in zip(runs, report["rows"]):
-            child = RunTracker(config.tracking, run_name=run_name("evaluate", run.method, folder_name(run.uri)),
-                               tags={"mlflow.parentRunId": parent.run_id, "input_uri": run.uri, "method": run.method,
-                                     "generation_run_id": run.generation_run_id or "",
-                                     "rarity_feature_space": row.get("rarity", {}).get("feature_space", ""),
-                                     "minority_verdict": row.get("minority", {}).get("verdict", "")})
-            child.log_metrics(row_metrics(row))
-            child.end("FINISHED")
+            with RunTracker(config.tracking, run_name=run_name("evaluate", run.method, folder_name(run.uri)),
+                            tags={"input_uri": run.uri, "method": run.method,
+                                  "generation_run_id": run.generation_run_id or "",
+                                  "rarity_feature_space": row.get("rarity", {}).get("feature_space", ""),
+                                  "minority_verdict": row.get("minority", {}).get("verdict", "")},
+                            parent=parent) as child:
+                child.log_metrics(row_metrics(row))
             row["evaluation_run_id"] = child.run_id
         report["evaluation_run_id"] = parent.run_id
         data = json.dumps(report, indent=2).encode()
@@ -114,14 +113,9 @@ def run_evaluation(config: EvaluateConfig) -> dict:
         parent.log_artifact_bytes(EVALUATION_TABLE_FILE, table.encode())
         parent.log_artifact_bytes(EVALUATION_FILE, data)
         if target:
-            if plot:
-                write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
-            write_bytes(target.child(EVALUATION_TABLE_FILE), table.encode())
-            write_bytes(target.child(EVALUATION_FILE), data)  # last: the completion marker
-        status = "FINISHED"
+            files = {PRIOR_CHECK_PLOT: plot} if plot else {}
+            commit(target, files | {EVALUATION_TABLE_FILE: table.encode()}, (EVALUATION_FILE, data))
         return report
-    finally:
-        parent.end(status)
 
 
 def _actor_options(config: EvaluateConfig) -> dict:

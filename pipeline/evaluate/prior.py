@@ -42,7 +42,7 @@ from pipeline.generate.config import EncoderConfig
 from pipeline.generate.preflight import check_encoder_files
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
 from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
-from pipeline.storage import StorageConfig, check_writable, delete, exists, resolve, write_bytes
+from pipeline.storage import StorageConfig, check_writable, commit, delete, exists, resolve
 
 log = logging.getLogger(__name__)
 TRACKS = 0.1  # |Spearman| below this: the score does not track rarity
@@ -371,9 +371,7 @@ def check_prior(config: PriorConfig) -> dict:
             if entry["jepa_score"]["ratio"] is not None)
     plot = score_against_rarity(rarity, score, summary["binned"], title, space.name)
 
-    run = RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference})
-    status = "FAILED"
-    try:
+    with RunTracker(config.tracking, run_name="check-prior", tags={"reference_uri": config.reference}) as run:
         run.log_params(flatten(to_dict(config)))
         run.log_metrics({name: summary[name] for name in ("spearman", "p_value", "images") if summary[name] is not None})
         if summary.get("topk", {}).get("spearman") is not None:
@@ -387,9 +385,5 @@ def check_prior(config: PriorConfig) -> dict:
         run.log_artifact_bytes(PRIOR_CHECK_PLOT, plot)
         run.log_artifact_bytes(PRIOR_CHECK_FILE, data)
         if target:
-            write_bytes(target.child(PRIOR_CHECK_PLOT), plot)
-            write_bytes(target.child(PRIOR_CHECK_FILE), data)  # last: the completion marker
-        status = "FINISHED"
+            commit(target, {PRIOR_CHECK_PLOT: plot}, (PRIOR_CHECK_FILE, data))
         return summary
-    finally:
-        run.end(status)

@@ -12,7 +12,8 @@ Exactly once, resumable, by our own commit rather than Ray Data's row-id checkpo
 - it filters only read -> map -> write plans from a file source, and deletes its checkpoint on success,
   so "which ids are done" could not be read back from a finished run.
 Here the data files alone are the record:
-  0. every check that can run before sampling runs first (pipeline/generate/preflight.py);
+  0. every check that can run before sampling runs first, once (pipeline/generate/preflight.py): its plan
+     is what ``run_generation`` runs;
   1. the manifest (the work entries; samples are a pure function of their index, deterministic ids) is
      written before any sampling;
   2. data files are committed atomically (pipeline/sink.py), each holding whole rows and, in its footer,
@@ -44,15 +45,14 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
-from pipeline.generate.preflight import preflight_generation
+from pipeline.generate.preflight import Plan
 from pipeline.generate.work import Manifest, expand_ranges
-from pipeline.layout import write_card
+from pipeline.layout import dataset_card
 from pipeline.progress import show_progress
 from pipeline.rows import Committed, committed_samples, read_committed
-from pipeline.schema import DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
+from pipeline.schema import CARD_FILE, DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
 from pipeline.settings import ConfigError, flatten, to_dict
-from pipeline.storage import (Location, StorageError, check_writable, delete, list_files, read_bytes, write_bytes,
-                              write_ipc)
+from pipeline.storage import Location, StorageError, check_writable, commit, delete, list_files, read_bytes, write_ipc
 
 if TYPE_CHECKING:
     from pipeline.tracking import RunTracker
@@ -120,9 +120,9 @@ def missing_pieces(missing: np.ndarray, batch_size: int) -> pa.Table:
     return pa.table({"start": starts, "stop": np.minimum(starts + size, np.repeat(missing[:, 1], counts))})
 
 
-def run_generation(config: GenerateConfig) -> GenerationSummary:
-    """Generate every manifest sample not yet committed; finish with _run.json when all are accounted for."""
-    plan = preflight_generation(config)  # every check before a model loads or Ray starts
+def run_generation(plan: Plan) -> GenerationSummary:
+    """Generate every manifest sample of a preflighted ``plan`` (``preflight_generation(config)``, every check before
+    a model loads or Ray starts) not yet committed; finish with _run.json when all are accounted for."""
     config, output, manifest, planned = plan.config, plan.output, plan.manifest, plan.planned
     check_writable(output)
     if not plan.started:
@@ -138,32 +138,27 @@ def run_generation(config: GenerateConfig) -> GenerationSummary:
     before = plan.done.count
     missing = plan.done.missing(planned)
     todo_count = int((missing[:, 1] - missing[:, 0]).sum())
-    tracker = RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
-                                                            source_name(config.model.source or config.model.preset),
-                                                            folder_name(config.output.uri)),
-                         tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
-                               "resumed": str(before > 0).lower()})
-    tracker.log_params(flatten(to_dict(config)))
-    tracker.log_lineage(output.child(MANIFEST_FILE).uri, manifest.digest,
-                        {"samples": planned, "work_entries": manifest.work.num_rows}, output.child(DATA_DIR).uri)
-    status = "FAILED"
-    try:
+    with RunTracker(config.tracking, run_name=run_name("generate", config.sampling.method,
+                                                       source_name(config.model.source or config.model.preset),
+                                                       folder_name(config.output.uri)),
+                    tags={"output_uri": config.output.uri, "manifest_digest": manifest.digest,
+                          "resumed": str(before > 0).lower()}) as tracker:
+        tracker.log_params(flatten(to_dict(config)))
+        tracker.log_lineage(output.child(MANIFEST_FILE).uri, manifest.digest,
+                            {"samples": planned, "work_entries": manifest.work.num_rows}, output.child(DATA_DIR).uri)
         if todo_count:
             log.info("generating %d of %d samples (%d already committed)", todo_count, planned, before)
             try:
                 _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id,
                                plan.gpus_per_actor, output, before)
             except KeyboardInterrupt:
-                status = "KILLED"
                 raise Interrupted(committed_samples(output).count, planned) from None
         committed = committed_samples(output)
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, before, start,
                           plan.gpus_per_actor if todo_count else 0.0)
-        status = "FINISHED" if summary.ok else "FAILED"
+        tracker.succeeded = summary.ok
         return summary
-    finally:
-        tracker.end(status)
 
 
 def _sample_on_ray(config: GenerateConfig, manifest: Manifest, todo: pa.Table, run_id: str, gpus: float,
@@ -275,11 +270,11 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
             "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
         }
         data = json.dumps(run, indent=2).encode()
-        write_card(output, "jepa-minority generation run",
-                   [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
-                    f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
+        card = dataset_card(output, "jepa-minority generation run",
+                            [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
+                             f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
         tracker.log_artifact_bytes(RUN_FILE, data)
-        write_bytes(output.child(RUN_FILE), data)  # last: the completion marker
+        commit(output, {CARD_FILE: card}, (RUN_FILE, data))
     return GenerationSummary(config.output.uri, planned, generated, committed.count, len(failed),
                              manifest.truncated_prompts, ok, ok, tracker.run_id, tracker.tracking_uri,
                              *common_error(failed))

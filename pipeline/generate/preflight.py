@@ -1,5 +1,5 @@
 """The generation job's preflight: every check that can run before a model loads, Ray starts or a sample
-is drawn, in one place. ``run_generation`` runs it first; ``--dry-run`` runs only it and writes nothing.
+is drawn, in one place. Its ``Plan`` is what ``run_generation`` runs; ``--dry-run`` runs only it and writes nothing.
 
 In order: the config's values (checked when it was built), the work against the model's config, the
 prompt files (the manifest is built), the model folder, UNet file and encoder weights (guidance's
