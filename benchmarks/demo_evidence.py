@@ -6,7 +6,7 @@ over a sweep of strengths (the demo's default among them), the paper's exact ste
 (what ``make demo`` keeps), and the same after the filter's fidelity gate against the held-out digits
 (pipeline/curate/gate.py: only samples inside a real k-NN ball, before the rarest are taken). Beside every guided setting run its two controls at the same settings
 (docs/method.md, 'Controls'): the reversed step (direction ascend) and a random direction of the same
-norm; a setting's gain counts only as far as it beats them. The levers (``--tau-stop``, ``--encoder``)
+norm; a setting's gain counts only as far as it beats them. The levers (``--tau-stop``, ``--project``, ``--encoder``)
 change every guided setting at once; a lever run writes its own ``--output``. Each set is measured against the held-out real digits that no demo model trained on
 (pipeline/demo/digits.py), in raw pixels (16 x 16 grey), by ``pipeline/evaluate/evidence.py``:
 AvgkNN, LOF and Rarity Score, precision / recall, the class accuracy of an SVM on the training
@@ -36,7 +36,7 @@ from PIL import Image, ImageDraw
 from benchmarks.bench_guided_cost import EXACT
 from benchmarks.paths import ROOT, RESULTS, write_json
 from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, generate, load_encoder, load_model
-from guidance.methods import SgmsConfig
+from guidance.methods import PROJECTIONS, SgmsConfig
 from pipeline.demo import DEMO_CONFIG
 from pipeline.demo.digits import digit_classifier, held_out_images
 from pipeline.curate.filter import FilterConfig
@@ -174,6 +174,9 @@ def main() -> None:
                         help="the strength of the exact-step row (full gradient, pre-step, 2 power iterations); 0: none")
     parser.add_argument("--tau-stop", type=float, default=None,
                         help="lever: every guided setting stops guiding at this noise level (default: the demo's)")
+    parser.add_argument("--project", choices=PROJECTIONS, default=None,
+                        help="lever: every guided setting's projection (docs/method.md, 'Manifold-constrained step'; "
+                             "default: the demo's)")
     parser.add_argument("--encoder", default=None,
                         help="lever: the encoder weights folder every guided setting uses (default: the demo's)")
     parser.add_argument("--output", type=Path, default=RESULTS / "demo_evidence.json",
@@ -190,6 +193,9 @@ def main() -> None:
                         help="also write every sampled set (uint8 images, labels, JEPA-SCOREs) to this .npz, "
                              "for benchmarks that reuse the samples (benchmarks/downstream.py)")
     args = parser.parse_args()
+    if args.project == "renoise" and args.exact_eta:
+        parser.error("--project renoise needs the posterior-mean placement, and the exact step is pre-step: "
+                     "add --exact-eta 0")
     torch.manual_seed(0)
     demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())  # the demo's models and sampling settings
     encoder_config = demo["encoder"] | ({"weights": args.encoder} if args.encoder else {})
@@ -197,7 +203,8 @@ def main() -> None:
     weights = str(ROOT / encoder_config["weights"])
     encoder = load_encoder(encoder_config["name"], weights, input_size=encoder_config["input_size"])
     base = demo["sampling"]
-    lever = {} if args.tau_stop is None else {"tau_stop": args.tau_stop}
+    lever = ({} if args.tau_stop is None else {"tau_stop": args.tau_stop}) | (
+        {} if args.project is None else {"project": args.project})
     steps, default = base["steps"], GuidanceConfig(**base["guidance"])
 
     def guided(eta: float) -> SamplingConfig:

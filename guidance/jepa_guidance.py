@@ -10,6 +10,10 @@ At a guided step, with x_t requiring grad:
   push = eta * g  or  eta * beta-tilde_t * g    (constant / variance schedule)
 then either x_t <- x_t - push and the sampler's update at t (pre-step, the authors' release),
 or the update's posterior mean minus push (posterior-mean, ADM-style minority samplers).
+With ``project: renoise`` (docs/method.md, 'Manifold-constrained step') the pushed clean estimate
+  x0_g = x0_hat - push / sqrt(abar_prev)        (the move of x0_hat the posterior-mean push makes under DDIM)
+is re-noised to t with the row's re-noise stream and the sampler's update runs from there: the
+denoiser's one call at the re-noised state undoes what of the push lies off its data.
 
 Words: a *guided step* computes a fresh direction g; a *pushed step* moves x by the push along the
 last g (the guided steps, and with ``reuse_direction`` every step of the window between them);
@@ -34,6 +38,7 @@ from guidance.log_volume import SketchMemory
 from guidance.objectives import LogVolumeObjective, get_objective
 from guidance.sampling import L_INF_FLOOR, Method, Sampler, linf_normalized, per_row, stream_seed
 from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean
+from guidance.sgms import renoise
 
 if TYPE_CHECKING:
     from guidance.encoders import JepaEncoder
@@ -49,6 +54,10 @@ class JepaGuidance:
     decode: Callable[[torch.Tensor], torch.Tensor]  # clean sample -> image in [0, 1] (unclamped)
     config: GuidanceConfig
     sketch_generators: Sequence[torch.Generator]  # one per row, a stream apart from the noise
+    renoise_generators: Sequence[torch.Generator] = ()  # one per row, the projection's re-noise stream
+
+
+RENOISE_STREAM = "jepa-renoise"  # the name of each row's re-noise stream (project: renoise)
 
 
 def sketch_seed(seed: int) -> int:
@@ -144,6 +153,20 @@ def guidance_push(
     return push_scale(guidance.config, schedule, t, t_prev) * direction, model_output
 
 
+def projected_update(guidance: JepaGuidance, sampler: Sampler, x: torch.Tensor, t: int, t_prev: int,
+                     model_output: torch.Tensor | None, push: torch.Tensor) -> torch.Tensor:
+    """x_{t_prev} by the manifold-constrained step (docs/method.md, 'Manifold-constrained step'): the clean
+    estimate moved by the push, re-noised to t (the row's re-noise stream), then the sampler's update from
+    there, whose denoiser call is the one extra call."""
+    if model_output is None:
+        with torch.no_grad():
+            model_output = sampler.denoiser(x, t)
+    x0_hat, _ = predict_clean(sampler.schedule, model_output, x, t)
+    x0_guided = x0_hat - push / sampler.schedule.abar(t_prev).to(x.device, x.dtype).sqrt()
+    noise = randn_tensor(x.shape, generator=list(guidance.renoise_generators), device=x.device, dtype=x.dtype)
+    return sampler.update(renoise(sampler.schedule, x0_guided, t, noise), t, t_prev)
+
+
 class JepaGuided(Method):
     """Methods ``jepa`` and ``jepa-reference``: guided steps compute g, pushed steps move x by the push at the
     configured placement."""
@@ -169,6 +192,7 @@ class JepaGuided(Method):
             decode=model.guidance_decode,
             config=config.guidance,
             sketch_generators=[torch.Generator().manual_seed(sketch_seed(item.seed)) for item in items],
+            renoise_generators=[torch.Generator().manual_seed(stream_seed(RENOISE_STREAM, item.seed)) for item in items],
         ))
 
     def start(self, x: torch.Tensor, schedule: NoiseSchedule) -> tuple[torch.Tensor, NoiseSchedule]:
@@ -191,6 +215,8 @@ class JepaGuided(Method):
             return sampler.update(x, t, t_prev, model_output)
         # a guided step, or one between guided steps that reuses the last direction
         push = push_scale(self.guidance.config, sampler.schedule, t, t_prev) * self.direction
+        if self.guidance.config.project == "renoise":
+            return projected_update(self.guidance, sampler, x, t, t_prev, model_output, push)
         if self.guidance.config.placement == "pre-step":
             return sampler.update(x - push, t, t_prev)
         return sampler.update(x, t, t_prev, model_output, shift=push)

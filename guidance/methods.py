@@ -28,6 +28,7 @@ GUIDANCE_SCHEDULES = ("constant", "variance")
 PLACEMENTS = ("pre-step", "posterior-mean")
 GRADIENTS = ("full", "tweedie")
 DIRECTIONS = ("descend", "ascend", "random")  # the method, and its two controls (docs/method.md, 'Controls')
+PROJECTIONS = ("none", "renoise")  # the manifold-constrained step (docs/method.md, 'Manifold-constrained step')
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 SGMS_DISTANCES = ("pixels",)  # the minority score's distance (guidance/sgms.py)
 
@@ -86,6 +87,8 @@ class GuidanceConfig:
     """steps between guided ones apply the last guided direction again (no encoder call)"""
     direction: str = "descend"
     """"descend" (the method); controls: "ascend" (reversed), "random" (same norm, random direction)"""
+    project: str = "none"
+    """"renoise": the pushed clean estimate is re-noised to t and denoised once (one more denoiser call)"""
 
     def __post_init__(self):
         _finite_at_least("guidance.eta", self.eta, 0)
@@ -110,6 +113,10 @@ class GuidanceConfig:
         if self.rescale_interval and self.reuse_direction:
             raise ValueError("guidance.rescale_interval and guidance.reuse_direction both make up for the skipped steps: "
                              "choose one")
+        _choice("guidance.project", self.project, PROJECTIONS)
+        if self.project == "renoise" and self.placement != "posterior-mean":
+            raise ValueError("guidance.project 'renoise' moves the clean estimate the posterior-mean push implies: "
+                             "set guidance.placement: posterior-mean")
 
     def window(self, total: int) -> list[bool]:
         """Which of ``total`` steps (s = 0 the noisiest) lie in the guidance window tau_stop < 1 - s/T <= tau

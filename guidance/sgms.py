@@ -45,6 +45,12 @@ def renoise_timestep(schedule: NoiseSchedule, level: float) -> int:
     return min(round(level * count), count - 1)
 
 
+def renoise(schedule: NoiseSchedule, x0: torch.Tensor, r: int, noise: torch.Tensor) -> torch.Tensor:
+    """x_r = sqrt(abar_r) x0 + sqrt(1 - abar_r) noise: a clean estimate taken back to the noise level r."""
+    abar_r = schedule.abar(r).to(x0.device, x0.dtype)
+    return abar_r.sqrt() * x0 + (1 - abar_r).sqrt() * noise
+
+
 def minority_score(
     denoiser: Denoiser,
     schedule: NoiseSchedule,
@@ -59,8 +65,7 @@ def minority_score(
     (to r, with ``noise``) and once-denoised copy, differentiable in ``x``."""
     model_output = denoiser(x, t)
     x0_hat, _ = predict_clean(schedule, model_output, x, t)
-    abar_r = schedule.abar(r).to(x.dtype)
-    x_r = abar_r.sqrt() * x0_hat + (1 - abar_r).sqrt() * noise
+    x_r = renoise(schedule, x0_hat, r, noise)
     x0_tilde, _ = predict_clean(schedule, denoiser(x_r, r), x_r, r)
     return distance(decode(x0_hat).float(), decode(x0_tilde).float()), model_output
 
