@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from guidance.encoder_specs import check_encoder, encoder_family
+from guidance.encoder_specs import check_encoder, family_of
 from guidance.methods import SamplingConfig
 from guidance.presets import PRESETS
 from pipeline.configs import parse
@@ -81,11 +81,11 @@ class EncoderConfig:
 
     def __post_init__(self):
         try:
-            family, _ = encoder_family(self.name)
+            family, _ = family_of(self.name)
         except ValueError as error:
             raise ConfigError(f"encoder.name: {error}") from error
-        if family == "dinov2" and self.input_size is not None and (self.input_size < 14 or self.input_size % 14):
-            raise ConfigError(f"encoder.input_size must be a positive multiple of 14, got {self.input_size}")
+        if family.patch and self.input_size is not None and (self.input_size < family.patch or self.input_size % family.patch):
+            raise ConfigError(f"encoder.input_size must be a positive multiple of {family.patch}, got {self.input_size}")
         try:
             check_encoder(self.name, self.weights, self.output, self.input_size)
         except (ValueError, OSError) as error:
