@@ -69,12 +69,6 @@ NAME_FORMS = (f"a DINOv2 name ({', '.join(sorted(ENCODERS))}), '{FAMILIES['timm'
               "(e.g. open_clip:ViT-B-32)")
 
 
-def encoder_family(name: str) -> tuple[str, str]:
-    """(family, architecture) of an encoder name: (a FAMILIES key, the name its library knows)."""
-    family, architecture = family_of(name)
-    return family.name, architecture
-
-
 def family_of(name: str) -> tuple[EncoderFamily, str]:
     """(family row, architecture) of an encoder name: a DINOv2 table name, or a family's prefix and an architecture."""
     if name in ENCODERS:
