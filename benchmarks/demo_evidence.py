@@ -39,11 +39,12 @@ from guidance import BoostSkipConfig, GuidanceConfig, SamplingConfig, WorkItem, 
 from guidance.methods import PROJECTIONS, SgmsConfig
 from pipeline.demo import DEMO_CONFIG
 from pipeline.demo.digits import digit_classifier, held_out_images
-from pipeline.curate.filter import FilterConfig
+from pipeline.curate.config import FilterConfig
 from pipeline.curate.gate import Gate, pixel_space
 from pipeline.evaluate.evidence import Arm, ArmEvidence, as_dicts, compared, markdown, measure
 from pipeline.evaluate.minority import BASELINE
-from pipeline.evaluate.prior import PriorConfig, check_prior
+from pipeline.evaluate.config import PriorConfig
+from pipeline.evaluate.prior import check_prior
 from pipeline.generate.config import EncoderConfig
 from pipeline.settings import TrackingConfig
 

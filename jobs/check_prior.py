@@ -15,14 +15,13 @@ MLflow.
 from __future__ import annotations
 
 import argparse
-from ast import literal_eval
 
 from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
                           run_as_program, storage_config, tracking_config)
 from guidance.methods import GuidanceConfig
 from pipeline import configs
+from pipeline.evaluate.config import PriorConfig
 from pipeline.generate.config import EncoderConfig
-from pipeline.sourcedoc import field_docs
 
 FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
          "clip_weights", "clip_arch", "batch_size", "device", "output")  # PriorConfig fields, one flag each
@@ -34,7 +33,7 @@ def _nuisances(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc, encoder = field_docs("pipeline.evaluate.prior", "PriorConfig"), configs.field_docs(EncoderConfig)
+    doc, encoder = configs.field_docs(PriorConfig), configs.field_docs(EncoderConfig)
     parser = job_parser("check-prior", __doc__)
     parser.add_argument("reference", help=doc["reference"].meaning)
     parser.add_argument("--labels", metavar="COLUMN_OR_FILE",
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--seed", doc["seed"], type=int)
     parser.add_argument("--nuisances", type=_nuisances, metavar="NAMES",
                         help=f"{doc['nuisances'].meaning}: comma-separated, or none to skip the measurement "
-                             f"(default: {','.join(literal_eval(doc['nuisances'].default))})")
+                             f"(default: {','.join(doc['nuisances'].default)})")
     config_flag(parser, "--nuisance-images", doc["nuisance_images"], type=int)
     parser.add_argument("--inception-weights", metavar="PATH", help="torch-fidelity's Inception .pth: the inception space")
     parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: the clip space")
@@ -83,7 +82,7 @@ def _encoder(args: argparse.Namespace, section: dict):
 @refusing("check-prior")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.evaluate.prior import PriorConfig, check_prior  # torch loads after parsing
+    from pipeline.evaluate.prior import check_prior  # torch loads after parsing
     from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
     from pipeline.settings import ui_command
 

@@ -13,14 +13,15 @@ import argparse
 
 from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
                           run_as_program, storage_config, tracking_config)
-from pipeline.sourcedoc import field_docs
+from pipeline.configs import field_docs
+from pipeline.evaluate.config import EvaluateConfig
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
          "rarity_features", "rarity_k", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = field_docs("pipeline.evaluate.config", "EvaluateConfig")
+    doc = field_docs(EvaluateConfig)
     parser = job_parser("evaluate", __doc__)
     parser.add_argument("--generated", action="append", required=True, metavar="URI",
                         help="a completed generation output (local path, file:// or s3://); repeat for one row per run")
@@ -55,8 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("evaluate")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.evaluate.config import EvaluateConfig  # torch and Ray load after parsing
-    from pipeline.evaluate.job import run_evaluation
+    from pipeline.evaluate.job import run_evaluation  # torch and Ray load after parsing
     from pipeline.evaluate.table import markdown
     from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE
     from pipeline.settings import ui_command

@@ -6,13 +6,15 @@ import argparse
 
 from jobs.options import (add_storage_and_tracking, build_config, job_parser, refusing, run_as_program, storage_config,
                           tracking_config)
-from pipeline.curate.filter import GROUP_COLUMNS, FilterConfig, preflight_filter, run_filter  # no Ray yet
+from pipeline.configs import field_docs
+from pipeline.curate.config import GROUP_COLUMNS, FilterConfig
+from pipeline.curate.filter import preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import ui_command
-from pipeline.sourcedoc import field_docs
 
 
 def build_parser() -> argparse.ArgumentParser:
+    fields = field_docs(FilterConfig)
     parser = job_parser("filter", __doc__)
     parser.add_argument("--input", required=True, help="a completed generation output (local path, file:// or s3://)")
     parser.add_argument("--output", required=True, help="where the curated dataset goes")
@@ -25,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "log-volume at the run's guidance k (default: %(default)s)")
     parser.add_argument("--max-score", type=float, help="never keep a row scoring above this (in the --by score)")
     parser.add_argument("--allow-empty-groups", action="store_true",
-                        help=field_docs("pipeline.curate.filter", "FilterConfig")["allow_empty_groups"].meaning)
-    fields = field_docs("pipeline.curate.filter", "FilterConfig")
+                        help=fields["allow_empty_groups"].meaning)
     parser.add_argument("--gate-reference", help=fields["gate_reference"].meaning + ", before the rarest are taken: "
                         "the quotas count only the rows that pass")
     parser.add_argument("--gate-space", default=FilterConfig.gate_space, help=fields["gate_space"].meaning)
@@ -34,8 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_and_tracking(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input, the rule and the output; write nothing")
-    parser.add_argument("--verbose", action="store_true", help=field_docs("pipeline.curate.filter", "FilterConfig")["verbose"]
-                        .meaning)
+    parser.add_argument("--verbose", action="store_true", help=fields["verbose"].meaning)
     return parser
 
 

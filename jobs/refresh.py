@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 
 from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
-from pipeline.curate.filter import GROUP_COLUMNS  # pyarrow only
-from pipeline.sourcedoc import field_docs
+from pipeline.configs import field_docs
+from pipeline.curate.config import GROUP_COLUMNS, RefreshConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = field_docs("pipeline.curate.refresh", "RefreshConfig")
+    doc = field_docs(RefreshConfig)
     parser = job_parser("refresh", __doc__)
     parser.add_argument("config", help="the generation config (YAML; every key in docs/config.md)")
     parser.add_argument("--root", required=True, help="the dataset root (local path, file:// or s3://)")
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("refresh")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.curate.refresh import RefreshConfig, preflight_refresh, run_refresh  # torch, Ray load after parsing
+    from pipeline.curate.refresh import preflight_refresh, run_refresh  # torch, Ray load after parsing
     from pipeline.settings import ui_command
 
     refresh = build_config(RefreshConfig, config=args.config, root=args.root, overrides=args.overrides,

@@ -11,14 +11,15 @@ import argparse
 import sys
 
 from jobs.options import config_flag, given, job_parser, refusing, run_as_program
-from pipeline.sourcedoc import field_docs
+from pipeline.configs import field_docs, parse
+from pipeline.evaluate.config import ScoreConfig
 
 FLAGS = ("weights", "encoder", "encoder_output", "method", "k", "oversample", "power_iters", "seed", "input_size", "batch_size",
          "max_pixels", "device", "output")  # ScoreConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
-    doc = field_docs("pipeline.evaluate.scoring", "ScoreConfig")
+    doc = field_docs(ScoreConfig)
     parser = job_parser("score", __doc__)
     parser.add_argument("paths", nargs="+", help="PNG / JPEG files or folders (searched recursively)")
     parser.add_argument("--weights",
@@ -40,8 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("score")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.configs import parse
-    from pipeline.evaluate.scoring import ScoreConfig, score_images, write_scores  # torch loads after parsing
+    from pipeline.evaluate.scoring import score_images, write_scores  # torch loads after parsing
 
     config = parse(ScoreConfig, {"paths": args.paths, **given(args, *FLAGS)})
     result = score_images(config)

@@ -7,13 +7,13 @@ import argparse
 from jobs.options import build_config, config_flag, given, job_parser, refusing, run_as_program
 from pipeline import configs
 from pipeline.generate.config import ConsoleConfig
-from pipeline.sourcedoc import field_docs
+from pipeline.serve.config import ServeConfig, ServeLimits
 
 LIMITS = ("max_n", "max_steps", "max_body_bytes", "max_pixels")  # ServeLimits fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
-    limits = field_docs("pipeline.serve.inputs", "ServeLimits")
+    limits = configs.field_docs(ServeLimits)
     parser = job_parser("serve", __doc__)
     parser.add_argument("config", help="a generation config (YAML): the model, encoder and default sampling settings served")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs reserved per replica")
     parser.add_argument("--gpus-per-replica", type=float, help="GPUs per replica (default: 1 when the cluster has GPUs, else 0)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="score requests batched together")
-    config_flag(parser, "--generate-batch-samples", field_docs("pipeline.serve.service", "ServeConfig")["generate_batch_samples"],
+    config_flag(parser, "--generate-batch-samples", configs.field_docs(ServeConfig)["generate_batch_samples"],
                 type=int)
     parser.add_argument("--verbose", action="store_true",
                         help=f"{configs.field_docs(ConsoleConfig)['verbose'].meaning} (console.verbose)")
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 @refusing("serve")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pipeline.serve.service import ServeConfig, run_serve  # Ray Serve and torch load only when serving
+    from pipeline.serve.service import run_serve  # Ray Serve and torch load only when serving
 
     try:
         service = build_config(

@@ -99,8 +99,8 @@ def test_every_flag_of_every_command_has_help_and_the_top_level_help_describes_e
 
 
 def test_help_shows_the_defaults_of_the_configs_themselves(capsys):
-    from pipeline.evaluate.scoring import ScoreConfig
-    from pipeline.serve.inputs import ServeLimits
+    from pipeline.evaluate.config import ScoreConfig
+    from pipeline.serve.config import ServeLimits
 
     for command in ("score", "serve"):
         with pytest.raises(SystemExit):

@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import filter as filter_job
-from pipeline.curate.filter import FilterConfig, claim_folder, run_filter
+from pipeline.curate.config import FilterConfig
+from pipeline.curate.filter import claim_folder, run_filter
 from pipeline.curate.selection import rarest_by_group
 from pipeline.schema import CURATION_FILE, DATA_FILE_PREFIX, FAILURES_DIR, OUTPUT_SCHEMA, SELECTION_FILE
 from pipeline.storage import StorageConfig, StorageError, resolve
@@ -268,7 +269,7 @@ def test_a_local_filter_runs_light_a_shuffle_free_plan_without_the_dashboard(tmp
     config = (f"FilterConfig(input={str(tmp_path / 'gen')!r}, output={str(tmp_path / 'cur')!r}, keep=2, "
               f"per='class_label', tracking=TrackingConfig({tracking.tracking_uri!r}, {tracking.artifact_location!r}), "
               "verbose=True)")  # Ray Data prints its plans only when asked
-    filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curate.filter import FilterConfig, run_filter\n"
+    filtered = in_a_fresh_process(DASHBOARD + "from pipeline.curate.config import FilterConfig\nfrom pipeline.curate.filter import run_filter\n"
                                   "from pipeline.settings import TrackingConfig\n"
                                   f"report = run_filter({config})\n"
                                   "print(json.dumps(dashboard() | {'kept': report['rows_kept']}))")

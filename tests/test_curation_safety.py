@@ -11,7 +11,8 @@ import pytest
 from jobs import demo as demo_job
 from jobs import filter as filter_job
 from jobs import refresh as refresh_job
-from pipeline.curate.filter import FilterConfig, claim_folder
+from pipeline.curate.config import FilterConfig
+from pipeline.curate.filter import claim_folder
 from pipeline.schema import CURATION_FILE, DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, RUN_FILE
 from pipeline.storage import StorageConfig, resolve
 from tests.test_curation import fake_generation

@@ -21,13 +21,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
-from pipeline.evaluate.config import EvaluateConfig
+from pipeline.evaluate.config import EvaluateConfig, ScoreConfig
 from pipeline.evaluate.job import run_evaluation
 from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
 from pipeline.evaluate.minority import VERDICTS, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import verdict
 from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_factor
-from pipeline.evaluate.scoring import ScoreConfig, score_images
+from pipeline.evaluate.scoring import score_images
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import preflight_generation

@@ -97,6 +97,7 @@ def test_the_import_rules_catch_a_backward_import(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("module", ["pipeline.serve.browse", "pipeline.curate.filter", "pipeline.rows", "jobs.cli",
+                                    "pipeline.curate.config", "pipeline.evaluate.config", "pipeline.serve.config",
                                     "jobs.options"])
 def test_light_modules_import_no_ml_stack(module):
     """What a driver or the page imports must not pull in torch, diffusers or timm (checked in a fresh process)."""

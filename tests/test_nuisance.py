@@ -15,7 +15,8 @@ from guidance import jepa_scores
 from guidance.encoders import JepaEncoder
 from pipeline import nuisance
 from pipeline.nuisance import CHANGES, perturb
-from pipeline.evaluate.prior import PriorConfig, nuisance_check, nuisance_summary, nuisance_verdicts, robust_spread
+from pipeline.evaluate.config import PriorConfig
+from pipeline.evaluate.prior import nuisance_check, nuisance_summary, nuisance_verdicts, robust_spread
 
 SIZE = 8
 DIM = 6

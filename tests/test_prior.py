@@ -19,7 +19,8 @@ from pipeline.evaluate.features import FeatureSpace
 from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.prior import class_frequency, prior_summary, robust_spread, verdict
 from pipeline.evaluate.rarity import avg_knn_within
-from pipeline.evaluate.scoring import ScoreConfig, score_images
+from pipeline.evaluate.config import ScoreConfig
+from pipeline.evaluate.scoring import score_images
 from tests.conftest import ENCODER_NAME, TINY_SIZE
 from tests.test_evaluation import fake_run, reference_folder
 

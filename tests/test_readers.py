@@ -18,7 +18,8 @@ from PIL import Image
 
 from jobs import filter as filter_job
 from jobs import generate as generate_job
-from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.curate.config import FilterConfig
+from pipeline.curate.filter import run_filter
 from pipeline.rows import read_committed
 from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, MANIFEST_FILE, OLD_LAYOUT, RUN_FILE, SELECTION_FILE
 from pipeline.settings import TrackingConfig

@@ -12,7 +12,8 @@ import pytest
 
 from jobs import refresh as refresh_job
 from pipeline.generate import preflight
-from pipeline.curate.refresh import RefreshConfig, run_refresh
+from pipeline.curate.config import RefreshConfig
+from pipeline.curate.refresh import run_refresh
 from pipeline.generate.work import Manifest
 from pipeline.schema import MANIFEST_FILE, SELECTION_FILE
 from pipeline.storage import StorageError

@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from guidance import load_encoder, load_model
 from jobs import generate as generate_job
-from pipeline.curate.refresh import RefreshConfig
+from pipeline.curate.config import RefreshConfig
 from pipeline.schema import FAILURES_DIR, MANIFEST_FILE, RUN_FILE
 from tests.conftest import ENCODER_NAME, TINY_ARGS, TINY_SIZE
 from tests.tiny_diffusion import save_pixel_unet

@@ -29,7 +29,8 @@ from pipeline.generate.work import Manifest
 from pipeline.images import png_bytes
 from pipeline.rows import read_committed
 from pipeline.schema import MANIFEST_FILE
-from pipeline.serve.inputs import RequestError, ServeLimits, parse_generate
+from pipeline.serve.config import ServeLimits
+from pipeline.serve.inputs import RequestError, parse_generate
 from pipeline.storage import StorageConfig, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
 from tests.services import free_port
@@ -66,7 +67,8 @@ def served_config(tmp_path_factory, class_unet, tiny_vit_folder):
 @pytest.fixture(scope="module")
 def dataset_root(ray_cluster, served_config, tmp_path_factory):
     """A refresh root with one published version: 24 generated samples, the rarest 15 kept."""
-    from pipeline.curate.refresh import RefreshConfig, run_refresh
+    from pipeline.curate.config import RefreshConfig
+    from pipeline.curate.refresh import run_refresh
 
     root = tmp_path_factory.mktemp("served-dataset")
     result = run_refresh(RefreshConfig(config=served_config, root=str(root), version="2026-11-28", keep_fraction=0.625))
@@ -78,7 +80,8 @@ def dataset_root(ray_cluster, served_config, tmp_path_factory):
 def service(ray_cluster, served_config, dataset_root):
     from ray import serve
 
-    from pipeline.serve.service import ServeConfig, run_serve
+    from pipeline.serve.config import ServeConfig
+    from pipeline.serve.service import run_serve
 
     url = run_serve(ServeConfig(config=served_config, dataset=str(dataset_root), port=free_port(),
                                 cpus_per_replica=0.5, max_batch_size=6, batch_wait_s=0.2, limits=LIMITS),
@@ -212,7 +215,7 @@ def test_concurrent_small_generate_requests_run_as_one_batch(service):
 
 
 def test_a_generate_batch_smaller_than_a_request_is_refused():
-    from pipeline.serve.service import ServeConfig
+    from pipeline.serve.config import ServeConfig
 
     with pytest.raises(ValueError, match="generate_batch_samples \\(2\\) must be >= max_n \\(3\\)"):
         ServeConfig(config="c.yaml", generate_batch_samples=2, limits=LIMITS)

@@ -17,7 +17,8 @@ from guidance.jepa_score import LOG_FLOOR
 from guidance.reference import topk_log_volume_exact
 from jobs import filter as filter_job
 from jobs import generate as generate_job
-from pipeline.curate.filter import FilterConfig, run_filter
+from pipeline.curate.config import FilterConfig
+from pipeline.curate.filter import run_filter
 from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, OUTPUT_SCHEMA, SELECTION_FILE
 from tests.conftest import TINY_SIZE, LinearEncoder, rand_images
 from pipeline.settings import TrackingConfig

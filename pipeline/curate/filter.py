@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
@@ -35,68 +34,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
-from pipeline.curate.gate import DEFAULT_SPACE, Gate, load_gate, mark_inside, pixel_space
+from pipeline.curate.config import GROUP_COLUMNS, FilterConfig
+from pipeline.curate.gate import Gate, load_gate, mark_inside
 from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
 from pipeline.layout import check_layout, dataset_card, missing_columns
 from pipeline.rows import read_committed
 from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
-                             SCORE_COLUMNS, SELECTION_FILE)
-from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
-from pipeline.storage import (Location, StorageConfig, StorageError, check_reachable, check_writable, commit, delete,
-                              exists, list_files, read_bytes, resolve, write_bytes)
+                             SELECTION_FILE)
+from pipeline.settings import UserError, flatten, to_dict
+from pipeline.storage import (Location, StorageError, check_reachable, check_writable, commit, delete, exists,
+                              list_files, read_bytes, resolve, write_bytes)
 
 if TYPE_CHECKING:
     from pipeline.tracking import RunTracker
 
 log = logging.getLogger(__name__)
-GROUP_COLUMNS = ("class_label", "prompt")
 ROW_GROUP_SIZE = 128
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    """Which generated dataset to curate, how many rarest rows to keep, and where they go."""
-
-    input: str  # a completed generation output (holds its completion marker, _run.json)
-    output: str  # where the curated dataset goes
-    keep_fraction: float | None = None  # keep this fraction of the valid rows (of each group with `per`)
-    keep: int | None = None  # or keep this many rows (per group with `per`)
-    per: str | None = None  # "class_label" or "prompt": choose within each group
-    max_score: float | None = None  # never keep a row scoring above this
-    by: str = "jepa_score"  # the score to rank by: jepa_score (exact, the paper's metric) or topk_score
-    allow_empty_groups: bool = False  # curate a group whose quota rounds down to 0 (it keeps nothing) instead of refusing
-    gate_reference: str | None = None  # real images (a local folder, or a generated-schema run): keep only rows inside one's k-NN ball
-    gate_space: str = DEFAULT_SPACE  # the gate's feature space: pixels-N or pixels-N-grey
-    gate_k: int = 5  # the gate's balls: each real sample's distance to its k-th nearest real neighbour
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    max_rows_per_file: int = 1024  # bounds each output Parquet file
-    verbose: bool = False  # Ray's own output too: Ray Data's operator progress and the workers' logs
-
-    def __post_init__(self):
-        if (self.keep_fraction is None) == (self.keep is None):
-            raise UserError("give exactly one of keep_fraction (--keep-fraction) or keep (--keep)")
-        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
-            raise UserError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
-        if self.keep is not None and self.keep < 1:
-            raise UserError(f"keep must be >= 1, got {self.keep}")
-        if self.per is not None and self.per not in GROUP_COLUMNS:
-            raise UserError(f"per must be one of {', '.join(GROUP_COLUMNS)}, got {self.per!r}")
-        if self.by not in SCORE_COLUMNS:
-            raise UserError(f"by must be one of {', '.join(SCORE_COLUMNS)}, got {self.by!r}")
-        if self.max_score is not None and not math.isfinite(self.max_score):
-            raise UserError(f"max_score must be a finite number, got {self.max_score}")
-        pixel_space(self.gate_space)
-        if self.gate_k < 1:
-            raise UserError(f"gate_k must be >= 1, got {self.gate_k}")
-
-    @property
-    def rule(self) -> dict:
-        """What decides the rows kept: recorded in the marker and the selection, compared on a rerun."""
-        gate = {"reference": self.gate_reference, "space": self.gate_space, "k": self.gate_k} if self.gate_reference else None
-        return {"keep_fraction": self.keep_fraction, "keep": self.keep, "per": self.per, "max_score": self.max_score,
-                "by": self.by, "gate": gate}
 
 
 def _quota(config: FilterConfig, valid: int) -> int:

@@ -23,36 +23,16 @@ from datetime import datetime, timezone
 
 import pyarrow.fs as pafs
 
-from pipeline.curate.filter import FilterConfig, check_groups, check_target, run_filter
+from pipeline.curate.config import FilterConfig, RefreshConfig
+from pipeline.curate.filter import check_groups, check_target, run_filter
 from pipeline.folders import check_holds_no_run, check_only, entries
 from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import Plan, preflight_generation
 from pipeline.schema import GENERATED_DIR, LATEST_FILE, MANIFEST_FILE, RAREST_DIR, VERSIONS_DIR
-from pipeline.settings import UserError
 from pipeline.storage import Location, exists, read_bytes, resolve, write_bytes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RefreshConfig:
-    """One scheduled refresh."""
-
-    config: str  # the generation config (YAML)
-    root: str  # the dataset's root URI
-    version: str | None = None  # default: the UTC date of the scheduled run, YYYY-MM-DD
-    keep_versions: int = 3  # versions kept under versions/ (LATEST's is never deleted)
-    keep_fraction: float = 0.1  # the curated share of each version
-    per: str | None = None  # curate per "class_label" or "prompt"
-    allow_empty_groups: bool = False  # curate a group whose quota rounds down to 0 (it keeps nothing) instead of refusing
-    overrides: tuple[str, ...] = ()  # extra --set overrides for the generation config
-
-    def __post_init__(self):
-        if self.keep_versions < 1:
-            raise UserError(f"keep_versions must be >= 1, got {self.keep_versions}")
-        if self.version is not None and (not self.version or "/" in self.version or self.version.startswith(".")):
-            raise UserError(f"version {self.version!r} must be a plain folder name (e.g. 2026-11-28)")
 
 
 def version_seed(version: str) -> int:

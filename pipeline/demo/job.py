@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.curate.filter import FilterConfig, check_groups, check_target, run_filter
+from pipeline.curate.config import FilterConfig
+from pipeline.curate.filter import check_groups, check_target, run_filter
 from pipeline.folders import check_holds_no_run, check_only
 from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config

@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +30,17 @@ import torch
 from scipy.stats import spearmanr
 from tqdm import tqdm
 
-from pipeline.evaluate.features import CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES, EvalFeatures, FeatureSpace, \
-    FeatureSpec, check_device, check_weights_file, decode
+from pipeline.evaluate.features import EvalFeatures, FeatureSpace, FeatureSpec, decode
 from pipeline.evaluate.metrics import subsample_key
 from pipeline.nuisance import CHANGES, perturb
 from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
 from pipeline.evaluate.reference import find_reference
-from guidance import GuidanceConfig, jepa_score, jepa_scores
-from pipeline.generate.config import EncoderConfig
+from guidance import jepa_score, jepa_scores
+from pipeline.evaluate.config import PriorConfig
 from pipeline.generate.preflight import check_encoder_files
 from pipeline.schema import PRIOR_CHECK_FILE, PRIOR_CHECK_PLOT
-from pipeline.settings import TrackingConfig, UserError, flatten, to_dict
-from pipeline.storage import StorageConfig, check_writable, commit, delete, exists, resolve
+from pipeline.settings import UserError, flatten, to_dict
+from pipeline.storage import check_writable, commit, delete, exists, resolve
 
 log = logging.getLogger(__name__)
 TRACKS = 0.1  # |Spearman| below this: the score does not track rarity
@@ -162,56 +160,6 @@ def nuisance_verdicts(nuisances: dict, titles: dict[str, str]) -> list[str]:
     ratio, nuisance, name = max(measured)
     return [f"No nuisance moves the score more than it varies across images (the most: {nuisance}, "
             f"{ratio:.2f}x for {titles[name]})"]
-
-
-@dataclass(frozen=True)
-class PriorConfig:
-    """What to check: the reference, the encoder that scores it, the feature space rarity is measured in."""
-
-    reference: str  # a local folder of images, or Parquet in the generated schema (local or s3://)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # the world prior whose score is checked
-    features: str | None = None  # a FeatureSpace name; None = the most independent one available
-    labels: str | None = None  # a Parquet column, or a .csv / .json file mapping file name (or sample id) -> label
-    k: int = DEFAULT_K  # neighbours of AvgkNN
-    guidance_k: int | None = GuidanceConfig.k  # the top-k score (guidance descends it) is checked at this k; None: not
-    max_images: int = 2000  # a uniform subsample (seeded) above this: every image costs D backward passes
-    seed: int = 0  # chooses the subsample
-    nuisances: tuple[str, ...] = ("brightness", "contrast", "blur", "noise", "dilation", "erosion")  # measure how far the score moves under these small changes of an image
-    nuisance_images: int = 64  # the nuisance measurement's uniform subsample: each nuisance scores each of them once more
-    inception_weights: str | None = None
-    clip_weights: str | None = None
-    clip_arch: str | None = None
-    batch_size: int = 16  # images per encoder call
-    device: str | None = None  # torch device (default: cuda when available, else cpu)
-    output: str | None = None  # where prior_check.png and prior_check.json (last) go
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-
-    def __post_init__(self):
-        if self.k < 1 or self.max_images <= self.k:
-            raise UserError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        check_device(self.device)
-        if self.guidance_k is not None and self.guidance_k < 1:
-            raise UserError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")
-        unknown = [name for name in self.nuisances if name not in CHANGES]
-        if unknown:
-            raise UserError(f"unknown nuisance(s) {', '.join(unknown)}: choose from {', '.join(CHANGES)}, or none")
-        if self.nuisance_images < 1:
-            raise UserError(f"nuisance_images must be >= 1, got {self.nuisance_images}; turn the measurement off "
-                             "with no nuisances instead")
-        if (self.clip_weights is None) != (self.clip_arch is None):
-            raise UserError("the clip feature space needs both --clip-weights and --clip-arch")
-        if self.inception_weights:
-            check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
-        if self.clip_weights:
-            check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
-        FeatureSpace.choose(self.features, self.inception_weights, self.clip_weights)
-
-    @property
-    def space(self) -> FeatureSpace:
-        return FeatureSpace.choose(self.features, self.inception_weights, self.clip_weights)
 
 
 def _chosen(ids: list[str], config: PriorConfig) -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,68 +13,11 @@ import torch
 from tqdm import tqdm
 
 from guidance import jepa_score, load_encoder, topk_log_volume
-from guidance.checks import check_rank, check_sketch
-from guidance.encoders import check_encoder
-from pipeline.evaluate.features import check_device
+from guidance.checks import check_rank
+from pipeline.evaluate.config import OUTPUT_SUFFIXES, WEIGHT_CHOICES, ScoreConfig
 from pipeline.images import find_images, read_image
 from pipeline.settings import UserError
-from pipeline.storage import StorageConfig, StorageError, check_reachable, resolve, write_bytes
-
-SCORE_METHODS = ("exact", "topk")
-OUTPUT_SUFFIXES = (".csv", ".parquet")
-WEIGHT_CHOICES = ("WEIGHTS (a .safetensors / .pth file, a timm model folder, or an open_clip checkpoint), 'hub' or "
-                  "'hub:TAG' (downloads timm weights), or 'random' (untrained: the scores mean nothing)")
-
-
-@dataclass(frozen=True)
-class ScoreConfig:
-    """What to score and how. Lower scores are rarer under the world prior."""
-
-    paths: tuple[str, ...]  # image files or folders (searched recursively)
-    weights: str | None = None  # required: a local file / folder, "hub[:TAG]" (downloads), or "random" (untrained)
-    encoder: str = "vit_small_patch14_reg4_dinov2"  # a DINOv2 name, "timm:<ViT architecture>" or "open_clip:<architecture>"
-    encoder_output: str = "cls"  # the embedding: "cls" (CLS token after the final norm) or "pool" (mean of the patch tokens)
-    method: str = "exact"  # "exact" JEPA-SCORE (all singular values) or "topk" log-volume (randomized SVD)
-    k: int = 9  # top-k singular values for method "topk"
-    oversample: int = 2  # extra sketch columns for method "topk"
-    power_iters: int = 2  # subspace iterations for method "topk"
-    seed: int = 0  # seeds each image's sketch for method "topk"
-    input_size: int | None = None  # the encoder's input size (unset: a model folder's, else 224 for DINOv2, else timm's)
-    batch_size: int = 4  # images per encoder call
-    max_pixels: int = 4096 * 4096  # larger images are skipped and reported, not decoded
-    device: str = field(
-        default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")  # torch device (default: cuda when available, else cpu)
-    output: str | None = None  # optional .csv or .parquet table of the scores
-
-    def __post_init__(self):
-        if not self.paths:
-            raise UserError("paths is empty: pass image files or folders to score")
-        if not self.weights:
-            raise UserError(f"no encoder weights given: pass --weights {WEIGHT_CHOICES}")
-        check_encoder(self.encoder, self.weights, self.encoder_output, self.input_size)
-        check_device(self.device)
-        if self.method not in SCORE_METHODS:
-            raise UserError(f"method must be one of {', '.join(SCORE_METHODS)}, got {self.method!r}")
-        if self.batch_size < 1:
-            raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_pixels < 1:
-            raise UserError(f"max_pixels must be >= 1, got {self.max_pixels}")
-        if self.method == "topk":
-            check_sketch(self.k, self.oversample, self.power_iters)
-        if self.output is not None:
-            check_output(Path(self.output))
-
-
-def check_output(output: Path) -> None:
-    """The scores' table can be written there: checked before any image is scored, writing nothing."""
-    if output.suffix not in OUTPUT_SUFFIXES:
-        raise UserError(f"output must end in {' or '.join(OUTPUT_SUFFIXES)}, got {output}")
-    if output.is_dir():
-        raise UserError(f"output {output} is a folder: give a file name ending in {' or '.join(OUTPUT_SUFFIXES)}")
-    try:
-        check_reachable(resolve(str(output.parent), StorageConfig()))
-    except StorageError as error:
-        raise UserError(f"output {output}: {error}") from error
+from pipeline.storage import StorageConfig, resolve, write_bytes
 
 
 @dataclass(frozen=True)
@@ -92,9 +35,10 @@ class ScoreResult:
 def score_images(config: ScoreConfig) -> ScoreResult:
     """Score every image that decodes within ``max_pixels``; the others are skipped and reported."""
     files = find_images(config.paths)
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         encoder = load_encoder(config.encoder, config.weights, input_size=config.input_size,
-                               output=config.encoder_output).to(config.device)
+                               output=config.encoder_output).to(device)
     except (ValueError, OSError, RuntimeError) as error:  # missing, truncated, mismatched or unfetchable weights
         raise UserError(f"encoder weights {config.weights}: {error}; pass --weights {WEIGHT_CHOICES}") from error
     if config.method == "topk":  # before any image is sketched
@@ -115,7 +59,7 @@ def score_images(config: ScoreConfig) -> ScoreResult:
         if not decoded:
             continue
         with torch.no_grad():
-            images = torch.stack([encoder.resize(image[None].to(config.device))[0] for _, image in decoded])
+            images = torch.stack([encoder.resize(image[None].to(device))[0] for _, image in decoded])
         scores = _score(encoder, images, config)
         scored.extend(ScoredImage(str(path), float(score)) for (path, _), score in zip(decoded, scores))
     return ScoreResult(sorted(scored, key=lambda row: (row.score, row.path)), skipped)
@@ -124,7 +68,7 @@ def score_images(config: ScoreConfig) -> ScoreResult:
 def _score(encoder, images: torch.Tensor, config: ScoreConfig) -> torch.Tensor:
     if config.method == "exact":
         return jepa_score(encoder, images)
-    generators = [torch.Generator(config.device).manual_seed(config.seed) for _ in range(len(images))]
+    generators = [torch.Generator(images.device).manual_seed(config.seed) for _ in range(len(images))]
     with torch.no_grad():
         return topk_log_volume(encoder, images, config.k, config.oversample, config.power_iters, generators)
 

@@ -18,7 +18,8 @@ from PIL import Image, UnidentifiedImageError
 from guidance import WorkItem
 from guidance.methods import SamplingConfig
 from pipeline.configs import parse
-from pipeline.settings import ConfigError, UserError, to_dict
+from pipeline.serve.config import ServeLimits
+from pipeline.settings import ConfigError, to_dict
 
 GENERATE_KEYS = ("class_label", "prompt", "n", "seed", "sampling")
 
@@ -27,23 +28,6 @@ class RequestError(ValueError):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-@dataclass(frozen=True)
-class ServeLimits:
-    """Bounds on what one request may ask for."""
-
-    max_body_bytes: int = 8 * 1024 * 1024  # an upload or a JSON body
-    max_pixels: int = 4096 * 4096  # decoded size of an uploaded image (decompression bombs are refused)
-    max_n: int = 8  # images per generate request
-    max_steps: int = 100  # sampling steps per generate request
-    max_prompt_chars: int = 1000
-
-    def __post_init__(self):
-        for name in ("max_body_bytes", "max_pixels", "max_n", "max_steps", "max_prompt_chars"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"limits.{name} must be an integer >= 1, got {value!r}")
 
 
 def decode_upload(body: bytes, limits: ServeLimits) -> torch.Tensor:

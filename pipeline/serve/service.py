@@ -16,7 +16,6 @@ import asyncio
 import base64
 import json
 import logging
-from dataclasses import dataclass, field
 from importlib.resources import files
 
 import torch
@@ -32,7 +31,8 @@ from pipeline.generate.preflight import check_files
 from pipeline.generate.sampler_stage import load_models
 from pipeline.images import png_bytes
 from pipeline.serve.browse import DatasetBrowser, DatasetError
-from pipeline.serve.inputs import GenerateRequest, RequestError, ServeLimits, decode_upload, parse_generate
+from pipeline.serve.config import ServeConfig
+from pipeline.serve.inputs import GenerateRequest, RequestError, decode_upload, parse_generate
 from pipeline.settings import UserError
 
 log = logging.getLogger(__name__)
@@ -50,35 +50,6 @@ async def _refused(request: Request, error: RequestError) -> JSONResponse:
 @app.exception_handler(DatasetError)
 async def _not_found(request: Request, error: DatasetError) -> JSONResponse:
     return JSONResponse({"detail": str(error)}, status_code=404)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """The service: which generation config it serves, what it browses, where it listens, its bounds."""
-
-    config: str  # a generation config (YAML): model, encoder, default sampling settings, storage
-    overrides: tuple[str, ...] = ()  # --set overrides of that config
-    dataset: str | None = None  # a refresh root or a finished output folder shown on GET /
-    host: str = "127.0.0.1"
-    port: int = 8000
-    replicas: int = 1
-    cpus_per_replica: float = 1.0
-    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    max_batch_size: int = 8  # score requests per batch
-    generate_batch_samples: int = 8  # samples per generate batch (the requests' n summed); at least limits.max_n
-    batch_wait_s: float = 0.02  # how long a batch waits to fill
-    limits: ServeLimits = field(default_factory=ServeLimits)
-
-    def __post_init__(self):
-        if not 0 < self.port < 65536:
-            raise UserError(f"port must be in 1..65535, got {self.port}")
-        if self.replicas < 1 or self.max_batch_size < 1:
-            raise UserError("replicas and max_batch_size must be >= 1")
-        if self.cpus_per_replica < 0 or self.batch_wait_s < 0:
-            raise UserError("cpus_per_replica and batch_wait_s must be >= 0")
-        if self.generate_batch_samples < self.limits.max_n:
-            raise UserError(f"generate_batch_samples ({self.generate_batch_samples}) must be >= max_n "
-                             f"({self.limits.max_n}): a request of max_n samples must fit one generate batch")
 
 
 @serve.deployment
