@@ -70,6 +70,8 @@ def run_evaluation(config: EvaluateConfig) -> dict:
     parquet, images = find_reference(config.reference, config.storage) if config.reference else ([], [])
     if config.reference:
         _check_reference(config, encoder, parquet, images)
+    if images:  # the reference's images are embedded by the runs' own encoder: its weights must still be readable
+        _check_encoder_files(encoder)
     # every model loads once here first, on the CPU: a bad weights file fails before any data is read
     EvalFeatures(_spec(config, encoder if images else None, clip_score=True) or FeatureSpec(), device="cpu")
     connect_ray(dashboard=False, verbose=config.verbose)
@@ -215,6 +217,16 @@ def _reference_columns(config: EvaluateConfig) -> list[str]:
     """What a Parquet reference must hold: its stored scores and embeddings, and images when features need them."""
     return (["sample_id", "jepa_score", "embedding", "encoder"] + (["image"] if _spec(config, None, False) else [])
             + (["class_label"] if config.minority_per_class else []))
+
+
+def _check_encoder_files(encoder: dict) -> None:
+    """The runs' encoder weights exist, whole and finite (read, not loaded), or one line says what is wrong."""
+    from guidance.encoder_specs import check_encoder_weights
+
+    try:
+        check_encoder_weights(encoder["name"], encoder["weights"])
+    except (ValueError, OSError) as error:
+        raise UserError(str(error)) from error
 
 
 def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], images: list[Path]) -> None:

@@ -59,7 +59,6 @@ def same_encoder(runs: list[GeneratedRun]) -> dict:
     return first
 
 
-
 def check_reference_run(location: Location, uri: str, encoder: dict) -> None:
     """A reference that is itself a generation run must have been scored at the same input size."""
     if location.path.endswith(".parquet") or not exists(location.child(RUN_FILE)):
