@@ -23,9 +23,7 @@ browser:
 
 .PHONY: test
 # Locally the tests marked slow are skipped; CI (the runner sets CI=true) runs them all.
-# Two workers (pytest-xdist), one per core of the CI machine: most tests wait on Ray, servers and
-# subprocesses, so a second worker fills the idle core; each worker starts its own session servers.
 SLOW := $(if $(filter true,$(CI)),,-m "not slow")
 test: $(VENV)/.installed browser
 	@echo "make test: $(if $(SLOW),skipping the tests marked slow (CI=true runs them all),running every test (CI=true))"
-	$(VENV)/bin/python -m pytest $(SLOW) -n 2 --durations=25
+	$(VENV)/bin/python -m pytest $(SLOW) --durations=25
