@@ -37,8 +37,7 @@ from guidance.jepa_score import Encoder
 from guidance.log_volume import SketchMemory
 from guidance.objectives import LogVolumeObjective, get_objective
 from guidance.sampling import L_INF_FLOOR, Method, Sampler, linf_normalized, per_row, stream_seed
-from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean
-from guidance.sgms import renoise
+from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean, renoise
 
 if TYPE_CHECKING:
     from guidance.encoders import JepaEncoder

@@ -99,6 +99,12 @@ def predict_clean(schedule: NoiseSchedule, model_output: torch.Tensor, x: torch.
     return x0_hat, eps_hat
 
 
+def renoise(schedule: NoiseSchedule, x0: torch.Tensor, r: int, noise: torch.Tensor) -> torch.Tensor:
+    """x_r = sqrt(abar_r) x0 + sqrt(1 - abar_r) noise: a clean estimate taken back to the noise level r."""
+    abar_r = schedule.abar(r).to(x0.device, x0.dtype)
+    return abar_r.sqrt() * x0 + (1 - abar_r).sqrt() * noise
+
+
 def posterior_variance(schedule: NoiseSchedule, t: int, t_prev: int) -> torch.Tensor:
     """DDPM beta-tilde_t = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)."""
     abar_t, abar_prev = schedule.abar(t), schedule.abar(t_prev)

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from guidance.models import Denoiser
 from guidance.sampling import Method, Sampler, linf_normalized, stream_seed
-from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean
+from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean, renoise
 
 if TYPE_CHECKING:
     from guidance.encoders import JepaEncoder
@@ -43,12 +43,6 @@ def renoise_timestep(schedule: NoiseSchedule, level: float) -> int:
     """The fixed re-noise timestep r = level * N of the model's N training timesteps (the last one at most)."""
     count = len(schedule.alphas_cumprod)
     return min(round(level * count), count - 1)
-
-
-def renoise(schedule: NoiseSchedule, x0: torch.Tensor, r: int, noise: torch.Tensor) -> torch.Tensor:
-    """x_r = sqrt(abar_r) x0 + sqrt(1 - abar_r) noise: a clean estimate taken back to the noise level r."""
-    abar_r = schedule.abar(r).to(x0.device, x0.dtype)
-    return abar_r.sqrt() * x0 + (1 - abar_r).sqrt() * noise
 
 
 def minority_score(
