@@ -30,7 +30,7 @@ GRADIENTS = ("full", "tweedie")
 DIRECTIONS = ("descend", "ascend", "random")  # the method, and its two controls (docs/method.md, 'Controls')
 PROJECTIONS = ("none", "renoise")  # the manifold-constrained step (docs/method.md, 'Manifold-constrained step')
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-SGMS_DISTANCES = ("pixels",)  # the minority score's distance (guidance/sgms.py)
+SGMS_DISTANCES = ("pixels", "lpips")  # the minority score's distance (guidance/sgms.py)
 
 
 def _finite_at_least(name: str, value: float, least: float, meaning: str = "") -> None:
@@ -158,7 +158,10 @@ class SgmsConfig:
     renoise: float = 0.8
     """the fixed re-noise level as a fraction of the model's training timesteps (the paper's 0.8 T)"""
     distance: str = "pixels"
-    """"pixels": mean squared difference of the decoded images (the only one so far)"""
+    """"pixels": mean squared difference of the decoded images; "lpips": LPIPS (AlexNet) from sgms.lpips_weights"""
+    lpips_weights: str | None = None
+    """with distance lpips: a local folder holding alexnet.pth (torchvision's ImageNet AlexNet) and alex.pth (the
+    LPIPS v0.1 linear heads); nothing is downloaded"""
     tau: float = 0.8
     """deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)"""
 
@@ -168,6 +171,12 @@ class SgmsConfig:
             raise ValueError(f"sgms.renoise must be in (0, 1] (a fraction of the training timesteps), "
                              f"got {self.renoise!r}")
         _choice("sgms.distance", self.distance, SGMS_DISTANCES)
+        if self.distance == "lpips" and not self.lpips_weights:
+            raise ValueError("sgms.distance lpips reads local weights: set sgms.lpips_weights to a folder holding "
+                             "alexnet.pth and alex.pth (docs/method.md, 'Self-guided minority sampling')")
+        if self.distance != "lpips" and self.lpips_weights is not None:
+            raise ValueError(f"sgms.lpips_weights is read only with sgms.distance lpips (distance is "
+                             f"{self.distance!r}): drop it or set sgms.distance: lpips")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or not 0 <= self.tau <= 1:
             raise ValueError(f"sgms.tau must be in [0, 1] (0 never guides, 1 guides from the first step), "
                              f"got {self.tau!r}")
@@ -257,6 +266,11 @@ METHODS: dict[str, MethodSpec] = {
                                  sections=("guidance",), check=_check_jepa_reference),
     "sgms": MethodSpec("guidance.sgms:SelfGuided", guides=True, sections=("sgms",)),
 }
+
+
+def lpips_folder(config: SamplingConfig) -> str | None:
+    """The LPIPS weights folder a run reads (method sgms with distance lpips), else None."""
+    return config.sgms.lpips_weights if config.method == "sgms" and config.sgms.distance == "lpips" else None
 
 
 def method_class(name: str) -> type:

@@ -5,7 +5,7 @@ At a guided step (t, t_prev), per row, with x_t requiring grad:
   x0_hat   = Tweedie(denoiser(x_t, t), x_t)                        (with graph)
   x_r      = sqrt(abar_r) x0_hat + sqrt(1 - abar_r) z              re-noised to the fixed level r (z: the row's stream)
   x0_tilde = Tweedie(denoiser(x_r, r), x_r)                        denoised back in one step
-  L        = d(decode(x0_hat), decode(x0_tilde))                   the minority score (distance by name)
+  L        = d(decode(x0_hat), decode(x0_tilde))                   the minority score (d: pixels or LPIPS)
   g        = dL / dx_t, L-inf normalised per row                   through both denoiser calls
   x_{t_prev} = mean(x_t) + strength * beta-tilde_t * g + std * z'  up the score, at the posterior mean
 A sample the model reconstructs well from heavy noise is typical to it; one it does not is a minority.
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from guidance.lpips import shared_lpips
 from guidance.models import Denoiser
 from guidance.sampling import Method, Sampler, linf_normalized, stream_seed
 from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean, renoise
@@ -36,7 +37,12 @@ def pixel_distance(image: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (image - other).square().flatten(1).mean(1)
 
 
-DISTANCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"pixels": pixel_distance}
+def distance_for(config: SgmsConfig, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The minority score's distance by name: ``pixel_distance``, or AlexNet LPIPS from ``config.lpips_weights``
+    on ``device`` (loaded once per process: guidance/lpips.py ``shared_lpips``)."""
+    if config.distance == "lpips":
+        return shared_lpips(config.lpips_weights, device)
+    return pixel_distance
 
 
 def renoise_timestep(schedule: NoiseSchedule, level: float) -> int:
@@ -68,13 +74,15 @@ class SelfGuided(Method):
     """Method ``sgms``: in the deferral window, the posterior mean moves up the minority score's gradient."""
 
     def __init__(self, config: SgmsConfig, decode: Callable[[torch.Tensor], torch.Tensor],
+                 distance: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  renoise_generators: Sequence[torch.Generator]):
-        self.config, self.decode, self.renoise_generators = config, decode, renoise_generators
+        self.config, self.decode, self.distance = config, decode, distance
+        self.renoise_generators = renoise_generators
 
     @classmethod
     def build(cls, config: SamplingConfig, model: DiffusionModel, items: Sequence[WorkItem],
               encoder: JepaEncoder | None) -> SelfGuided:
-        return cls(config.sgms, model.guidance_decode,
+        return cls(config.sgms, model.guidance_decode, distance_for(config.sgms, model.device),
                    [torch.Generator().manual_seed(stream_seed(RENOISE_STREAM, item.seed)) for item in items])
 
     def start(self, x: torch.Tensor, schedule: NoiseSchedule) -> tuple[torch.Tensor, NoiseSchedule]:
@@ -87,8 +95,8 @@ class SelfGuided(Method):
         r = renoise_timestep(sampler.schedule, self.config.renoise)
         with torch.enable_grad():
             x_t = x.detach().requires_grad_(True)
-            score, model_output = minority_score(sampler.denoiser, sampler.schedule, self.decode,
-                                                 DISTANCES[self.config.distance], x_t, t, r, noise)
+            score, model_output = minority_score(sampler.denoiser, sampler.schedule, self.decode, self.distance,
+                                                 x_t, t, r, noise)
             (grad,) = torch.autograd.grad(score.sum(), x_t)
         return linf_normalized(grad), model_output.detach()
 

@@ -70,7 +70,8 @@ def test_the_step_moves_up_the_minority_score():
     denoiser = GaussianDenoiser(schedule.alphas_cumprod, data_std=0.2)
     x, t, t_prev = toy_state(3), schedule.timesteps[1], schedule.previous[1]
     seeds = [5, 6]
-    method = SelfGuided(SgmsConfig(strength=0.4, tau=1.0), pixels, [torch.Generator().manual_seed(s) for s in seeds])
+    method = SelfGuided(SgmsConfig(strength=0.4, tau=1.0), pixels, pixel_distance,
+                        [torch.Generator().manual_seed(s) for s in seeds])
     method.start(x, schedule)
     sampler = Sampler(denoiser, schedule, [])
     g, _ = method.direction(sampler, x, t)  # the rows' first re-noise draws, as below
@@ -120,7 +121,9 @@ def test_deferral_chooses_the_guided_steps(class_model):
 @pytest.mark.parametrize("change,message", [
     (dict(strength=-1.0), "sgms.strength must be a finite number >= 0, got -1.0"),
     (dict(renoise=0.0), "sgms.renoise must be in (0, 1]"),
-    (dict(distance="lpips"), "sgms.distance must be one of pixels, got 'lpips'"),
+    (dict(distance="lpip"), "sgms.distance must be one of pixels, lpips, got 'lpip'"),
+    (dict(distance="lpips"), "sgms.distance lpips reads local weights: set sgms.lpips_weights"),
+    (dict(lpips_weights="lpips"), "sgms.lpips_weights is read only with sgms.distance lpips (distance is 'pixels')"),
     (dict(tau=1.5), "sgms.tau must be in [0, 1]"),
 ])
 def test_bad_settings_name_the_key(change, message):

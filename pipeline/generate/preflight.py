@@ -2,7 +2,7 @@
 is drawn, in one place. Its ``Plan`` is what ``run_generation`` runs; ``--dry-run`` runs only it and writes nothing.
 
 In order: the config's values (checked when it was built), the work against the model's config, the
-prompt files (the manifest is built), the model folder, UNet file and encoder weights (guidance's
+prompt files (the manifest is built), the model folder, UNet file, encoder weights and SGMS's LPIPS weights (guidance's
 ``check_*`` beside each loader: configs and safetensors headers, never the weights), ``guidance.k`` against
 the encoder's embedding size, then the output: not a file, writable, on S3 the endpoint, bucket and keys, not
 in the old layout, not another config's run (named by the settings that differ), nor other files. Light to import: no
@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 
 from guidance.checks import check_rank
 from guidance.encoder_specs import check_encoder_weights, encoder_dims
+from guidance.lpips_weights import check_lpips_weights
+from guidance.methods import lpips_folder
 from guidance.presets import check_model
 from pipeline.folders import check_only
 from pipeline.generate.config import EncoderConfig, GenerateConfig, resolve_dtype
@@ -91,12 +93,18 @@ def for_device(config: GenerateConfig, gpus_per_actor: float) -> GenerateConfig:
 
 
 def check_files(config: GenerateConfig) -> None:
-    """The model folder, UNet file and encoder weights exist and are readable."""
+    """The model folder, UNet file, encoder weights and the method's LPIPS weights exist and are readable."""
     try:
         check_model(config.model.preset, config.model.source, unet_weights=config.model.unet_weights)
     except (ValueError, OSError) as error:
         raise ConfigError(f"model: {error}") from error
     check_encoder_files(config.encoder)
+    folder = lpips_folder(config.sampling)
+    if folder is not None:
+        try:
+            check_lpips_weights(folder)
+        except (ValueError, OSError) as error:
+            raise ConfigError(f"sampling.sgms.lpips_weights: {error}") from error
 
 
 def check_encoder_files(encoder: EncoderConfig) -> None:

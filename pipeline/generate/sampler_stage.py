@@ -25,7 +25,8 @@ from diffusers.utils import logging as diffusers_logging
 from guidance import DiffusionModel, JepaEncoder, WorkItem, generate, load_encoder, load_model
 from guidance.encoders import one_line
 from guidance.generate import GeneratedSample
-from guidance.methods import SamplingConfig
+from guidance.lpips import shared_lpips
+from guidance.methods import SamplingConfig, lpips_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.images import png_bytes
 from pipeline.schema import FAILURES_DIR, SAMPLE_INDEX, SAMPLER_SCHEMA
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, JepaEncoder]:
-    """The config's diffusion model and encoder, on ``device`` (the encoder branch in fp32)."""
+    """The config's diffusion model and encoder, on ``device`` (the encoder branch in fp32), and the method's LPIPS
+    when it has one (kept by ``shared_lpips`` for every batch's method)."""
     model = load_model(
         config.model.preset, config.model.source, variant=config.model.variant,
         unet_weights=config.model.unet_weights, dtype=config.model.torch_dtype(device), device=device,
@@ -44,6 +46,9 @@ def load_models(config: GenerateConfig, device: str) -> tuple[DiffusionModel, Je
     )
     encoder = load_encoder(config.encoder.name, config.encoder.weights, input_size=config.encoder.input_size,
                            output=config.encoder.output)
+    folder = lpips_folder(config.sampling)
+    if folder is not None:
+        shared_lpips(folder, model.device)
     return model, encoder.to(device)
 
 
