@@ -160,8 +160,7 @@ class SgmsConfig:
     distance: str = "pixels"
     """"pixels": mean squared difference of the decoded images; "lpips": LPIPS (AlexNet) from sgms.lpips_weights"""
     lpips_weights: str | None = None
-    """with distance lpips: a local folder holding alexnet.pth (torchvision's ImageNet AlexNet) and alex.pth (the
-    LPIPS v0.1 linear heads); nothing is downloaded"""
+    """with distance lpips: a local folder of alexnet.pth (torchvision's AlexNet) and alex.pth (LPIPS v0.1 heads)"""
     tau: float = 0.8
     """deferral: guide step s of T only when 1 - s/T <= tau (0 never, 1 from the start)"""
 
