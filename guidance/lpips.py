@@ -19,7 +19,8 @@ from torch import nn
 from torchvision.models import alexnet
 
 from guidance.checks import check_finite_tensors
-from guidance.lpips_weights import BACKBONE_FILE, BACKBONE_SHAPES, CHANNELS, HEAD_SHAPES, HEADS_FILE, check_lpips_weights
+from guidance.lpips_weights import (BACKBONE_FILE, BACKBONE_SHAPES, CHANNELS, HEAD_SHAPES, HEADS_FILE,
+                                    check_lpips_weights)
 
 FEATURE_LAYERS = (1, 4, 7, 9, 11)  # the five ReLUs of torchvision's ``alexnet().features`` LPIPS compares
 SHIFT, SCALE = (-0.030, -0.088, -0.188), (0.458, 0.448, 0.450)  # LPIPS v0.1's input scaling, per RGB channel

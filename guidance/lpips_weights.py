@@ -99,7 +99,8 @@ def check_lpips_file(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
     if missing:
         raise ValueError(f"LPIPS weights {path} lack {len(missing)} tensor(s) ({', '.join(missing[:3])}"
                          f"{', ...' if len(missing) > 3 else ''}): the folder must be {LAYOUT}")
-    wrong = [f"{name} {shapes[name]} (AlexNet's is {shape})" for name, shape in expected.items() if shapes[name] != shape]
+    wrong = [f"{name} {shapes[name]} (AlexNet's is {shape})"
+             for name, shape in expected.items() if shapes[name] != shape]
     if wrong:
         raise ValueError(f"LPIPS weights {path} hold other shapes than AlexNet LPIPS: {'; '.join(wrong[:2])}")
 

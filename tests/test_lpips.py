@@ -22,6 +22,8 @@ from guidance.models import WorkItem
 from guidance.presets import load_model
 from guidance.sgms import SelfGuided
 from jobs import generate as generate_job
+from pipeline.generate.config import load_config
+from pipeline.generate.sampler_stage import load_models
 from tests import tiny_diffusion
 
 AUTHORS_HEADS = importlib.resources.files(authors) / "weights" / "v0.1" / "alex.pth"  # shipped in the lpips wheel
@@ -104,7 +106,8 @@ def test_wrong_shapes_and_non_finite_weights_are_refused(folder, tmp_path):
         load_lpips(broken)
 
 
-def test_absent_weights_are_refused_in_one_line_at_preflight(write_config, folder, tmp_path, capsys):
+def test_absent_weights_are_refused_in_one_line_at_preflight_and_a_sampler_loads_them_once(
+        write_config, folder, tmp_path, capsys):
     missing = tmp_path / "nowhere"
     sampling = {"method": "sgms", "steps": 2, "sgms": {"distance": "lpips", "lpips_weights": str(missing)}}
     assert generate_job.main([write_config(sampling=sampling), "--dry-run"]) == 2
@@ -112,7 +115,14 @@ def test_absent_weights_are_refused_in_one_line_at_preflight(write_config, folde
     assert line.startswith(f"jepa-minority generate: sampling.sgms.lpips_weights: LPIPS weights folder not found: "
                            f"{missing}; give a folder holding {BACKBONE_FILE}")
     sampling["sgms"]["lpips_weights"] = str(folder)
-    assert generate_job.main([write_config(sampling=sampling), "--dry-run"]) == 0
+    path = write_config(sampling=sampling)
+    assert generate_job.main([path, "--dry-run"]) == 0
+    config = load_config(path)
+    shared_lpips.cache_clear()
+    model, _ = load_models(config, "cpu")  # the sampler actor's loading: LPIPS beside the model and encoder
+    assert shared_lpips.cache_info().currsize == 1
+    method = SelfGuided.build(config.sampling, model, [WorkItem(1, 0)], None)
+    assert method.distance is shared_lpips(str(folder), model.device) and shared_lpips.cache_info().misses == 1
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +139,6 @@ def test_sgms_with_lpips_guides_and_a_batch_equals_single_rows(model32, folder):
     items = [WorkItem(1, 3), WorkItem(2, 7)]
     config = SamplingConfig(method="sgms", steps=2, sgms=SgmsConfig(strength=200.0, tau=1.0, distance="lpips",
                                                                     lpips_weights=str(folder)))
-    method = SelfGuided.build(config, model32, items, None)
-    assert method.distance is shared_lpips(str(folder), model32.device)  # loaded once, reused by every batch
     batched, steps = generate_images(model32, items, config)
     assert steps == 2
     single, _ = generate_images(model32, items[1:], config)
