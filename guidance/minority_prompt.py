@@ -69,7 +69,7 @@ class TextEncoder:
 
         def place(module, inputs, output):
             output = output.clone()
-            output[torch.arange(len(output)), self.positions] = embedding.to(output.dtype)
+            output[torch.arange(len(output), device=output.device), self.positions] = embedding.to(output.dtype)
             return output
 
         hook = self.encoder.get_input_embeddings().register_forward_hook(place)
