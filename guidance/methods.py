@@ -1,5 +1,5 @@
 """Sampling methods by name and their typed configs: unguided, boost-and-skip, JEPA guidance, self-guided
-minority sampling.
+minority sampling, MinorityPrompt.
 
 ``METHODS`` is the one method table: each row a light ``MethodSpec`` naming the ``sampling.Method``
 class that runs it (imported on first use by ``method_class``) and the facts the config checks and
@@ -9,7 +9,7 @@ config section, when it has knobs); the sampling loop, the checks and the Ray ac
 Defaults follow the authors' release (docs/method.md, 'Guided step' and the sections after it):
 eta 0.5, constant schedule, L-inf normalisation, tau 0.8, interval 1, pre-step placement, k 9,
 oversample 2, 2 power iterations. Boost-and-skip: docs/method.md, 'Baselines'; SGMS: 'Self-guided minority
-sampling'.
+sampling'; MinorityPrompt: 'MinorityPrompt'.
 Light to import (no torch): configs are built and checked before anything heavy loads.
 """
 
@@ -186,11 +186,58 @@ class SgmsConfig:
 
 
 @dataclass(frozen=True)
+class MinorityPromptConfig:
+    """MinorityPrompt: each prompt's appended placeholder embedding optimised to raise the reconstruction discrepancy."""
+
+    iterations: int = 10
+    """Adam iterations at each optimised step; 0 never optimises (the unguided sampler)"""
+    lr: float = 0.01
+    """Adam's learning rate on the placeholder embedding; 0 never optimises (the unguided sampler)"""
+    t_lo: float = 0.9
+    """optimise at the steps whose timestep t > t_lo * N (N training timesteps): 0.9 the noisiest tenth, 0 every step"""
+    renoise: float = 0.75
+    """the fixed re-noise level as a fraction of the model's training timesteps"""
+    mirror_renoise: bool = False
+    """re-noise to r = N - 1 - t_prev (mirrors the step's next level; the SDXL-Lightning setting) instead"""
+    init_word: str | None = None
+    """the placeholder starts as this single-token word's input embedding; None: the vocabulary's mean embedding"""
+
+    def __post_init__(self):
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"minority_prompt.iterations must be an integer >= 0, got {self.iterations!r}")
+        _finite_at_least("minority_prompt.lr", self.lr, 0)
+        if isinstance(self.t_lo, bool) or not isinstance(self.t_lo, (int, float)) or not 0 <= self.t_lo < 1:
+            raise ValueError(f"minority_prompt.t_lo must be in [0, 1) (0 optimises at every step), got {self.t_lo!r}")
+        if isinstance(self.renoise, bool) or not isinstance(self.renoise, (int, float)) or not 0 < self.renoise <= 1:
+            raise ValueError(f"minority_prompt.renoise must be in (0, 1] (a fraction of the training timesteps), "
+                             f"got {self.renoise!r}")
+        if not isinstance(self.mirror_renoise, bool):
+            raise ValueError(f"minority_prompt.mirror_renoise must be true or false, got {self.mirror_renoise!r}")
+        if self.init_word is not None and (not isinstance(self.init_word, str) or len(self.init_word.split()) != 1):
+            raise ValueError(f"minority_prompt.init_word must be one word or null (the mean embedding), "
+                             f"got {self.init_word!r}")
+
+    def optimised_steps(self, timesteps: tuple[int, ...], train_steps: int) -> list[bool]:
+        """Which sampled timesteps optimise the placeholder: t > t_lo * N; none when iterations or lr is 0."""
+        if self.iterations == 0 or self.lr == 0:
+            return [False] * len(timesteps)
+        return [t > self.t_lo * train_steps for t in timesteps]
+
+
+# The authors' published settings per model preset (docs/method.md, 'MinorityPrompt').
+MINORITY_PROMPT_SETTINGS: dict[str, MinorityPromptConfig] = {
+    "sd-1.5": MinorityPromptConfig(),  # their text-to-image script's defaults
+    "sdxl-lightning-4step": MinorityPromptConfig(iterations=3, lr=0.001, t_lo=0.0, mirror_renoise=True,
+                                                 init_word="cool"),  # their MS-COCO script
+}
+
+
+@dataclass(frozen=True)
 class SamplingConfig:
     """How to sample: method, update rule, steps, conditioning strength, and each method's knobs."""
 
     method: str = "jepa"
-    """unguided, bns, jepa, jepa-reference or sgms"""
+    """unguided, bns, jepa, jepa-reference, sgms or minority-prompt"""
     sampler: str = "ddim"
     """"ddim" or "ddpm" (ancestral)"""
     steps: int = 50
@@ -204,6 +251,7 @@ class SamplingConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     bns: BoostSkipConfig = field(default_factory=BoostSkipConfig)
     sgms: SgmsConfig = field(default_factory=SgmsConfig)
+    minority_prompt: MinorityPromptConfig = field(default_factory=MinorityPromptConfig)
 
     def __post_init__(self):
         _choice("method", self.method, tuple(METHODS))
@@ -255,6 +303,7 @@ class MethodSpec:
     guides: bool = False  # moves samples by guidance steps through model.guidance_decode (retry_unguided applies)
     sections: tuple[str, ...] = ()  # the SamplingConfig sections that change its samples (the run identity covers them)
     check: Callable[[SamplingConfig], None] | None = None  # light checks across sections (ValueError naming the key)
+    families: tuple[str, ...] = ()  # the model families (presets.FAMILIES) it runs on; () for every family
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -264,6 +313,8 @@ METHODS: dict[str, MethodSpec] = {
     "jepa-reference": MethodSpec("guidance.jepa_guidance:JepaGuided", objective="reference", guides=True,
                                  sections=("guidance",), check=_check_jepa_reference),
     "sgms": MethodSpec("guidance.sgms:SelfGuided", guides=True, sections=("sgms",)),
+    "minority-prompt": MethodSpec("guidance.minority_prompt:MinorityPrompt", sections=("minority_prompt",),
+                                  families=("sd", "sdxl")),
 }
 
 

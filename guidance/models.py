@@ -196,6 +196,17 @@ def sdxl_time_ids(unet: nn.Module, size: int, projection_dim: int, dtype: torch.
     return torch.tensor([time_ids], dtype=dtype)
 
 
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """A batch's encoded prompts as the text-to-image UNet takes them: per-token embeddings, SDXL's pooled
+    ones (None for SD 1.x / 2.x), and the negative (empty) prompts' (None without CFG)."""
+
+    embeds: torch.Tensor
+    negative: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+    negative_pooled: torch.Tensor | None = None
+
+
 class StableDiffusion(DiffusionModel):
     """Text-to-image latent UNet with CFG: Stable Diffusion 1.x / 2.x, and SDXL (``xl=True``).
 
@@ -223,18 +234,30 @@ class StableDiffusion(DiffusionModel):
 
     def denoiser(self, items: Sequence[WorkItem], cfg_scale: float) -> Denoiser:
         self.check(items, cfg_scale)
-        prompts = [item.prompt for item in items]
-        cfg = applies_cfg(cfg_scale)
         with torch.no_grad():
-            if self.xl:
-                embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
-                    prompts, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
-                extra = self._xl_conditions(pooled, negative_pooled, embeds.dtype, cfg)
-            else:
-                embeds, negative = self.pipeline.encode_prompt(
-                    prompts, self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
-                extra = {}
-        context = torch.cat([negative, embeds]) if cfg else embeds
+            embeds = self.encode_prompts([item.prompt for item in items], applies_cfg(cfg_scale))
+        return self.conditioned(embeds, cfg_scale)
+
+    def encode_prompts(self, prompts: Sequence[str], cfg: bool) -> PromptEmbeds:
+        """The prompts (with ``cfg``, also the empty negative prompts) through the pipeline's ``encode_prompt``.
+
+        Differentiable in the text encoders' inputs (a method that optimises a prompt embedding needs
+        that); callers that need no gradient run it under ``torch.no_grad()``.
+        """
+        if self.xl:
+            embeds, negative, pooled, negative_pooled = self.pipeline.encode_prompt(
+                list(prompts), device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+            return PromptEmbeds(embeds, negative, pooled, negative_pooled)
+        embeds, negative = self.pipeline.encode_prompt(
+            list(prompts), self.device, num_images_per_prompt=1, do_classifier_free_guidance=cfg)
+        return PromptEmbeds(embeds, negative)
+
+    def conditioned(self, prompts: PromptEmbeds, cfg_scale: float) -> Denoiser:
+        """(x_t, t) -> network output under these prompt embeddings; CFG iff ``applies_cfg(cfg_scale)``
+        (it needs the negatives)."""
+        cfg = applies_cfg(cfg_scale)
+        context = torch.cat([prompts.negative, prompts.embeds]) if cfg else prompts.embeds
+        extra = self._xl_conditions(prompts.pooled, prompts.negative_pooled, prompts.embeds.dtype, cfg) if self.xl else {}
 
         def eps(x: torch.Tensor, t: int) -> torch.Tensor:
             model_input = torch.cat([x, x]) if cfg else x

@@ -178,6 +178,10 @@ def check_fits_model(config: GenerateConfig) -> None:
     except (OSError, ValueError) as error:  # a missing folder or config, or a hub id that cannot be fetched
         raise WorkError(f"model.source: cannot read the model's config: {error}") from error
     text = PRESETS[preset].family in ("sd", "sdxl")
+    families = config.sampling.spec.families
+    if families and PRESETS[preset].family not in families:
+        raise WorkError(f"sampling.method: {config.sampling.method} runs on {' or '.join(families)} models only, and "
+                        f"preset {preset!r} is a {PRESETS[preset].family} model; choose another method or preset")
     if work.class_labels is not None:
         if classes is None:
             raise WorkError(f"work.class_labels: preset {preset!r} takes {'prompts' if text else 'no conditions'}, "
