@@ -100,6 +100,19 @@ def test_absent_pickscore_weights_are_refused_in_one_line(tiny_pickscore, tmp_pa
     assert "nothing is downloaded here" in line or "goes with" in line
 
 
+def test_a_minority_too_small_for_cfid_is_refused_before_any_model_loads(tmp_path, capsys):
+    fake_run(tmp_path / "gen", "gen", 0, count=4)
+    fake_run(tmp_path / "ref", "ref", 1, count=4)  # a quarter of 4 rows is 1: no covariance
+    (tmp_path / "inception.pth").write_bytes(b"never loaded")
+    argv = ["--generated", str(tmp_path / "gen"), "--reference", str(tmp_path / "ref"), "--rarity-k", "2",
+            "--nearest-k", "1", "--inception-weights", str(tmp_path / "inception.pth"), "--output", str(tmp_path / "eval")]
+    assert evaluate_job.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == ("jepa-minority evaluate: cFID / sFID against the reference's minority need at least 2 minority rows, "
+                    "but 0.25 of 4 is 1: raise --minority-quantile or give a larger reference")
+    assert not (tmp_path / "eval" / "evaluation.json").exists()
+
+
 def shaded(values: list[int], seed: int) -> list[bytes]:
     """16 x 16 PNGs of the given grey levels with a little noise."""
     rng = np.random.default_rng(seed)
