@@ -51,7 +51,8 @@ class Collector:
         self.rarity_seeds = Subsample(max_samples, seed, np.int64)
         self.rarity_labels = Subsample(max_samples, seed, np.int64)
         # the same rows' Inception features, when asked (the reference's, for its minority slice)
-        self.inception_sample = {name: Subsample(max_samples, seed) for name in ("pool", "spatial")} if inception_sample else {}
+        self.inception_sample = {name: Subsample(max_samples, seed)
+                                 for name in (("pool", "spatial") if inception_sample else ())}
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
         self.prompted: dict[str, list[np.ndarray]] = {"clip_score": [], "pickscore": []}

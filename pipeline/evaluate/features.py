@@ -226,11 +226,12 @@ class PickScorer:
     @torch.no_grad()
     def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
         pixels = self.processor(images=images, return_tensors="pt").to(self.device)
-        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
+        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         # transformers 5: get_*_features return the tower's output, its pooler_output projected
-        image_embeds = torch.nn.functional.normalize(self.model.get_image_features(**pixels).pooler_output.float(), dim=-1)
-        text_embeds = torch.nn.functional.normalize(self.model.get_text_features(**text).pooler_output.float(), dim=-1)
-        return (self.model.logit_scale.exp().float() * (image_embeds * text_embeds).sum(-1)).cpu().numpy().astype(np.float64)
+        image = self.model.get_image_features(**pixels).pooler_output.float()
+        prompt = self.model.get_text_features(**text.to(self.device)).pooler_output.float()
+        cosine = torch.nn.functional.cosine_similarity(image, prompt, dim=-1)
+        return (self.model.logit_scale.exp().float() * cosine).cpu().numpy().astype(np.float64)
 
 
 def decode(row: dict) -> Image.Image:
@@ -270,8 +271,8 @@ class EvalFeatures:
     """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
 
     Adds ``jepa_score`` and ``embedding`` (when given an encoder; ``topk_score`` too when asked), ``pool`` and ``spatial`` (Inception),
-    ``clip_score`` and ``pickscore`` (CLIP, PickScore: for batches with a ``prompt`` column; null for rows without one), ``clip_image``
-    (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
+    ``clip_score`` and ``pickscore`` (CLIP, PickScore: for batches with a ``prompt`` column; null for rows without
+    one), ``clip_image`` (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
     travel no further.
     """
 
