@@ -4,7 +4,7 @@ Rarity against a reference in a named feature space (AvgkNN, LOF, Rarity Score; 
 JEPA-SCORE) and the reference's prior check; the JEPA-SCORE as the guidance objective; Frechet
 distance and precision / recall / density / coverage in the encoder's embedding space; with a
 baseline run, the minority test (closer to the reference's rare part, or only off the data); Inception
-FID / sFID and CLIP score from local weights files.
+FID / sFID (and both against the reference's minority, cFID), CLIP score and PickScore from local weights files.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pipeline.configs import field_docs
 from pipeline.evaluate.config import EvaluateConfig
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
-         "rarity_features", "rarity_k", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
+         "pickscore_weights", "pickscore_processor", "rarity_features", "rarity_k", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--nearest-k", doc["nearest_k"], type=int)
     config_flag(parser, "--seed", doc["seed"], type=int)
     parser.add_argument("--inception-weights", metavar="PATH",
-                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID and sFID")
+                        help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth: adds FID and sFID, against "
+                             "the reference and against its minority (cFID)")
     parser.add_argument("--clip-weights", metavar="PATH", help="an open_clip checkpoint: adds CLIP score (prompted runs)")
     parser.add_argument("--clip-arch", metavar="NAME", help="its open_clip architecture (e.g. ViT-B-32) or config .json")
+    parser.add_argument("--pickscore-weights", metavar="FOLDER", help=doc["pickscore_weights"].meaning)
+    parser.add_argument("--pickscore-processor", metavar="FOLDER", help=doc["pickscore_processor"].meaning)
     parser.add_argument("--rarity-features", metavar="SPACE",
                         help="where rarity is measured: inception, clip (their weights flags), pixels-N[-grey] (raw "
                              "pixels at N x N) or encoder (the runs' own embedding: NOT independent of the guidance); "

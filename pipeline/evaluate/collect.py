@@ -32,12 +32,16 @@ class SetStats:
     topk_scores: np.ndarray | None = None  # the valid rows' stored top-k scores, when the set has them
     rarity_seeds: np.ndarray | None = None  # the rarity subsample's seeds (generated runs: the minority test pairs by them)
     rarity_labels: np.ndarray | None = None  # the rarity subsample's class labels (-1: none), when the set has them
+    pool_sample: np.ndarray | None = None  # the rarity subsample's Inception pool3 rows, when kept (the reference's)
+    spatial_sample: np.ndarray | None = None  # and their spatial rows: the minority slice's cFID / sFID
+    pickscore: float | None = None  # mean over prompted rows
+    pickscore_rows: int = 0
 
 
 class Collector:
     """Consumes Arrow batches of one set; memory stays bounded by the subsample and the moments."""
 
-    def __init__(self, max_samples: int, seed: int, rarity_column: str | None = None):
+    def __init__(self, max_samples: int, seed: int, rarity_column: str | None = None, inception_sample: bool = False):
         self.rows = self.invalid = 0
         self.scores: list[np.ndarray] = []
         self.subsample = Subsample(max_samples, seed)
@@ -46,9 +50,12 @@ class Collector:
         self.rarity_scores = Subsample(max_samples, seed, np.float64)
         self.rarity_seeds = Subsample(max_samples, seed, np.int64)
         self.rarity_labels = Subsample(max_samples, seed, np.int64)
+        # the same rows' Inception features, when asked (the reference's, for its minority slice)
+        self.inception_sample = {name: Subsample(max_samples, seed)
+                                 for name in (("pool", "spatial") if inception_sample else ())}
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
-        self.clip: list[np.ndarray] = []
+        self.prompted: dict[str, list[np.ndarray]] = {"clip_score": [], "pickscore": []}
         self.topk: list[np.ndarray] = []
 
     def add(self, batch: pa.Table) -> None:
@@ -70,6 +77,8 @@ class Collector:
             if name in valid.column_names:
                 features = embeddings if name == "embedding" else _matrix(valid.column(name))
                 self.moments.setdefault(name, Moments(features.shape[1])).add(features)
+                if name in self.inception_sample:
+                    self.inception_sample[name].add(ids, features)
         if self.rarity_column:
             column = self.rarity_column
             self.rarity.add(ids, embeddings if column == "embedding" else _matrix(valid.column(column)))
@@ -77,15 +86,15 @@ class Collector:
             for name, kept in (("seed", self.rarity_seeds), ("class_label", self.rarity_labels)):
                 if name in valid.column_names:
                     kept.add(ids, pc.fill_null(valid.column(name), -1).to_numpy()[:, None])
-        if "clip_score" in valid.column_names:
-            values = valid.column("clip_score").drop_null().to_numpy()
-            self.clip.append(values)
+        for name, values in self.prompted.items():
+            if name in valid.column_names:
+                values.append(valid.column(name).drop_null().to_numpy())
 
     def result(self, what: str) -> SetStats:
         if "embedding" not in self.moments or self.moments["embedding"].count < 2:
             raise UserError(f"{what} holds fewer than 2 rows with a finite JEPA-SCORE and an embedding "
                              f"({self.rows} rows read, {self.invalid} without): nothing to evaluate")
-        clip = np.concatenate(self.clip) if self.clip else np.zeros(0)
+        clip, pickscore = (np.concatenate(values) if values else np.zeros(0) for values in self.prompted.values())
         gaussian = {name: Gaussian.of(m) for name, m in self.moments.items()}
         rarity = (self.rarity.features, self.rarity_scores.features[:, 0]) if self.rarity_column else (None, None)
         seeds, labels = (kept.features[:, 0] if kept.rows is not None else None
@@ -94,7 +103,13 @@ class Collector:
                         self.subsample.features, self.encoders, gaussian.get("pool"), gaussian.get("spatial"),
                         float(clip.mean()) if len(clip) else None, len(clip), *rarity,
                         topk_scores=np.concatenate(self.topk) if sum(map(len, self.topk)) else None,
-                        rarity_seeds=seeds, rarity_labels=labels)
+                        rarity_seeds=seeds, rarity_labels=labels,
+                        pickscore=float(pickscore.mean()) if len(pickscore) else None, pickscore_rows=len(pickscore),
+                        pool_sample=self._kept("pool"), spatial_sample=self._kept("spatial"))
+
+    def _kept(self, name: str) -> np.ndarray | None:
+        kept = self.inception_sample.get(name)
+        return None if kept is None or kept.rows is None else kept.features
 
 
 def _matrix(column: pa.ChunkedArray) -> np.ndarray:

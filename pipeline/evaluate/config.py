@@ -40,11 +40,15 @@ class EvaluateConfig:
     seed: int = 0
     """chooses the k-NN subsample"""
     inception_weights: str | None = None
-    """torch-fidelity Inception .pth: FID and sFID"""
+    """torch-fidelity Inception .pth: FID and sFID, and both against the reference's minority (cFID)"""
     clip_weights: str | None = None
     """an open_clip checkpoint: CLIP score of prompted runs"""
     clip_arch: str | None = None
     """the checkpoint's open_clip architecture, or a model config .json"""
+    pickscore_weights: str | None = None
+    """a local PickScore_v1 folder (transformers CLIPModel): PickScore of prompted runs"""
+    pickscore_processor: str | None = None
+    """the folder of its CLIP-H processor (laion/CLIP-ViT-H-14-laion2B-s32B-b79K); None = the weights folder"""
     rarity_features: str | None = None
     """a FeatureSpace name; None = the most independent one available"""
     rarity_k: int = DEFAULT_K
@@ -68,7 +72,7 @@ class EvaluateConfig:
 
     def __post_init__(self):
         from pipeline.evaluate.features import (CLIP_HINT, CLIP_SUFFIXES, INCEPTION_HINT, INCEPTION_SUFFIXES,
-                                                FeatureSpace, check_weights_file)  # torch
+                                                FeatureSpace, check_pickscore_folders, check_weights_file)  # torch
 
         if not self.generated:
             raise UserError("give at least one generated run (--generated URI)")
@@ -93,6 +97,10 @@ class EvaluateConfig:
             check_weights_file(self.inception_weights, "Inception", INCEPTION_SUFFIXES, INCEPTION_HINT)
         if self.clip_weights:
             check_weights_file(self.clip_weights, "CLIP", CLIP_SUFFIXES, CLIP_HINT)
+        if self.pickscore_processor and not self.pickscore_weights:
+            raise UserError("--pickscore-processor goes with --pickscore-weights: pass the PickScore_v1 folder too")
+        if self.pickscore_weights:
+            check_pickscore_folders(self.pickscore_weights, self.pickscore_processor)
         if self.reference:
             FeatureSpace.choose(self.rarity_features, self.inception_weights, self.clip_weights)
         if self.baseline is not None and self.baseline not in self.generated:

@@ -5,9 +5,12 @@
 - Inception-v3 (torch-fidelity's port of the TensorFlow FID network): pool3 features (2048) for FID,
   and for sFID (Nash et al. 2021) the first 7 channels of ``mixed_6/conv`` (Mixed_6d's 1x1 branch,
   17 x 17) flattened to 2023, as guided-diffusion's evaluator takes them. torch-fidelity has no sFID;
-  this hook is our glue.
+  this hook is our glue. Images reach it resized as Clean-FID's "clean" mode does (docs/method.md,
+  'Quality metrics').
 - CLIP (open_clip): CLIP score = 100 * max(cos(image, prompt), 0) (Hessel et al. 2021, scaled as
   torchmetrics does), and the unit-norm image features.
+- PickScore (transformers ``CLIPModel``, a local PickScore_v1 folder): the model's logit scale times
+  the cosine of image and prompt embeddings (docs/method.md, 'Quality metrics').
 - Raw pixels resized to a stated size, for small images when no weights file is at hand.
 
 A ``FeatureSpace`` names where rarity is measured (pipeline/evaluate/rarity.py) and which column
@@ -31,6 +34,7 @@ from pipeline.pixels import PIXEL_SIZES, PixelSpace
 from pipeline.settings import UserError
 
 SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv
+INCEPTION_SIZE = 299  # the Inception network's input side
 INCEPTION_SUFFIXES = (".pth", ".pt")
 CLIP_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 DEFAULT_PIXELS = "pixels-32"
@@ -99,6 +103,8 @@ class FeatureSpec:
     clip_arch: str | None = None  # an open_clip architecture name, or a model config .json
     clip_features: bool = False  # also the CLIP image features (rarity in the clip space)
     pixels: str | None = None  # a pixels-N feature space name: its pixel vectors
+    pickscore_weights: str | None = None  # a transformers CLIPModel folder (PickScore_v1)
+    pickscore_processor: str | None = None  # its CLIPProcessor folder (None: the weights folder)
     topk: int | None = None  # with an encoder: also the exact top-k log-volume at this k (``topk_score``)
 
 
@@ -115,10 +121,39 @@ def check_weights_file(path: str, what: str, suffixes: tuple[str, ...], hint: st
 INCEPTION_HINT = ("FID / sFID need torch-fidelity's Inception file weights-inception-2015-12-05-6726825d.pth "
                   "(fetch it where there is internet) passed as --inception-weights; nothing is downloaded here.")
 CLIP_HINT = "CLIP score needs an open_clip checkpoint file passed as --clip-weights with its --clip-arch."
+PICKSCORE_HINT = ("PickScore needs a local copy of yuvalkirstain/PickScore_v1 (config.json, model.safetensors) passed as "
+                  "--pickscore-weights, and the processor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
+                  "(preprocessor_config.json and the tokenizer files) in it or passed as --pickscore-processor; "
+                  "nothing is downloaded here.")
+MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")  # the hub's, transformers 5's save_pretrained
+
+
+def check_pickscore_folders(weights: str, processor: str | None) -> tuple[Path, Path]:
+    """The PickScore model folder and its processor folder hold what transformers loads, or one line says what is
+    missing and where to get it."""
+    model, preprocessing = Path(weights).expanduser(), Path(processor or weights).expanduser()
+    if not model.is_dir():
+        raise UserError(f"PickScore weights not found: {model} is not a folder. {PICKSCORE_HINT}")
+    missing = [name for name in ("config.json",) if not (model / name).is_file()]
+    missing += [] if any((model / name).is_file() for name in MODEL_FILES) else [" or ".join(MODEL_FILES)]
+    if not any((preprocessing / name).is_file() for name in PROCESSOR_FILES):
+        missing.append(" or ".join(str(preprocessing / name) for name in PROCESSOR_FILES))
+    if missing:
+        raise UserError(f"PickScore weights incomplete in {model}: no {', '.join(missing)}. {PICKSCORE_HINT}")
+    return model, preprocessing
+
+
+def clean_resize(image: Image.Image, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """An RGB image as Clean-FID's "clean" mode resizes it: each channel as a float image, Pillow's bicubic filter,
+    clipped to [0, 255]; then rounded to uint8, the Inception port's input type (docs/method.md, 'Quality metrics')."""
+    channels = [np.asarray(Image.fromarray(np.asarray(image, np.float32)[..., c], mode="F")
+                           .resize((size, size), Image.BICUBIC)) for c in range(3)]
+    return torch.from_numpy(np.rint(np.clip(np.stack(channels), 0, 255)).astype(np.uint8))
 
 
 class InceptionFeatures:
-    """uint8 images (B, 3, H, W) -> pool3 (B, 2048) and spatial (B, 2023) float32 features."""
+    """RGB images -> pool3 (B, 2048) and spatial (B, 2023) float32 features, each image clean-resized first."""
 
     def __init__(self, weights: str, device: str):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -142,8 +177,8 @@ class InceptionFeatures:
         self._spatial = output[:, :SPATIAL_CHANNELS].flatten(1)
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        (pool,) = self.model(images.to(self.device))
+    def __call__(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        (pool,) = self.model(torch.stack([clean_resize(image) for image in images]).to(self.device))
         return pool.float().cpu().numpy(), self._spatial.float().cpu().numpy()
 
 
@@ -169,6 +204,34 @@ class ClipScorer:
         """CLIP score of each (image features, prompt) pair."""
         text = torch.nn.functional.normalize(self.model.encode_text(self.tokenizer(prompts).to(self.device)).float(), dim=-1)
         return (100 * (image * text).sum(-1).clamp_min(0)).cpu().numpy().astype(np.float64)
+
+
+class PickScorer:
+    """(images, prompts) -> PickScore per pair: the model's logit scale times the cosine of the projected image and
+    prompt embeddings, as PickScore's reference code scores (docs/method.md, 'Quality metrics')."""
+
+    def __init__(self, weights: str, processor: str | None, device: str):
+        from transformers import AutoProcessor, CLIPModel
+
+        model, preprocessing = check_pickscore_folders(weights, processor)
+        try:
+            self.model = CLIPModel.from_pretrained(model, local_files_only=True).eval().to(device)
+            self.processor = AutoProcessor.from_pretrained(preprocessing, local_files_only=True)
+        except (OSError, ValueError) as error:
+            detail = " ".join(str(error).split())
+            raise UserError(f"PickScore: cannot load a CLIPModel and its processor from {model} / {preprocessing}: "
+                             f"{detail}") from error
+        self.device = device
+
+    @torch.no_grad()
+    def score(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        pixels = self.processor(images=images, return_tensors="pt").to(self.device)
+        text = self.processor(text=prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        # transformers 5: get_*_features return the tower's output, its pooler_output projected
+        image = self.model.get_image_features(**pixels).pooler_output.float()
+        prompt = self.model.get_text_features(**text.to(self.device)).pooler_output.float()
+        cosine = torch.nn.functional.cosine_similarity(image, prompt, dim=-1)
+        return (self.model.logit_scale.exp().float() * cosine).cpu().numpy().astype(np.float64)
 
 
 def decode(row: dict) -> Image.Image:
@@ -208,8 +271,8 @@ class EvalFeatures:
     """Ray Data actor: rows with ``image`` (PNG struct) or ``path`` -> the same rows with feature columns.
 
     Adds ``jepa_score`` and ``embedding`` (when given an encoder; ``topk_score`` too when asked), ``pool`` and ``spatial`` (Inception),
-    ``clip_score`` (CLIP, for batches with a ``prompt`` column; null for rows without one), ``clip_image``
-    (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
+    ``clip_score`` and ``pickscore`` (CLIP, PickScore: for batches with a ``prompt`` column; null for rows without
+    one), ``clip_image`` (CLIP image features, when asked) and ``pixels`` (a pixels-N space). Drops the image so bytes
     travel no further.
     """
 
@@ -223,6 +286,8 @@ class EvalFeatures:
         self.inception = InceptionFeatures(spec.inception_weights, self.device) if spec.inception_weights else None
         self.clip = ClipScorer(spec.clip_arch, spec.clip_weights, self.device) if spec.clip_weights else None
         self.clip_features = spec.clip_features
+        self.pickscore = (PickScorer(spec.pickscore_weights, spec.pickscore_processor, self.device)
+                          if spec.pickscore_weights else None)
         self.pixels = FeatureSpace.parse(spec.pixels) if spec.pixels else None
         self.topk = spec.topk
 
@@ -237,7 +302,7 @@ class EvalFeatures:
                 out = out.append_column("topk_score", pa.array(topk, pa.float64()))
             out = out.append_column("embedding", _list_column(embeddings))
         if self.inception is not None:
-            pool, spatial = self._inception(images)
+            pool, spatial = self.inception(images)
             out = out.append_column("pool", _list_column(pool)).append_column("spatial", _list_column(spatial))
         if self.clip is not None:
             features = self.clip.image_features(images)
@@ -245,6 +310,10 @@ class EvalFeatures:
                 out = out.append_column("clip_score", pa.array(self._clip(rows, features), pa.float64()))
             if self.clip_features:
                 out = out.append_column("clip_image", _list_column(features.cpu().numpy()))
+        if self.pickscore is not None and "prompt" in batch.column_names:
+            out = out.append_column("pickscore", pa.array(
+                _prompted(rows, lambda index: self.pickscore.score([images[i] for i in index],
+                                                                   [rows[i]["prompt"] for i in index])), pa.float64()))
         if self.pixels is not None:
             out = out.append_column("pixels", _list_column(np.stack([self.pixels.pixels(image) for image in images])))
         return out
@@ -260,21 +329,15 @@ class EvalFeatures:
         exact, topk = jepa_scores(self.encoder, pixels, self.topk)
         return embeddings, exact.tolist(), topk.tolist()
 
-    def _inception(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-        """One Inception call per image size (reference folders may mix sizes), rows kept in order."""
-        pool, spatial = [None] * len(images), [None] * len(images)
-        for size in {image.size for image in images}:
-            index = [i for i, image in enumerate(images) if image.size == size]
-            p, s = self.inception(torch.stack([_uint8(images[i]) for i in index]))
-            for j, i in enumerate(index):
-                pool[i], spatial[i] = p[j], s[j]
-        return np.stack(pool), np.stack(spatial)
-
     def _clip(self, rows: list[dict], features: torch.Tensor) -> list[float | None]:
-        scores: list[float | None] = [None] * len(rows)
-        index = [i for i, row in enumerate(rows) if row.get("prompt")]
-        if index:
-            values = self.clip.score(features[index], [rows[i]["prompt"] for i in index])
-            for j, i in enumerate(index):
-                scores[i] = float(values[j])
-        return scores
+        return _prompted(rows, lambda index: self.clip.score(features[index], [rows[i]["prompt"] for i in index]))
+
+
+def _prompted(rows: list[dict], score) -> list[float | None]:
+    """``score(index)`` of the prompted rows at ``index``, in row order; None for rows without a prompt."""
+    scores: list[float | None] = [None] * len(rows)
+    index = [i for i, row in enumerate(rows) if row.get("prompt")]
+    if index:
+        for i, value in zip(index, score(index)):
+            scores[i] = float(value)
+    return scores

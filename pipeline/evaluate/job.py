@@ -9,7 +9,9 @@ method (``output.retry_unguided``'s unguided fallback) are a row of their own, n
     below the reference's 10th percentile;
   - quality and coverage in the encoder's embedding space: Frechet distance and the k-NN metrics
     (precision, recall, density, coverage; pipeline/evaluate/metrics.py);
-  - with local weights files: Inception FID / sFID, and CLIP score for prompted runs;
+  - with local weights files: Inception FID / sFID, against the whole reference and against its minority
+    (cFID / sFID, the rarest ``minority_quantile`` by leave-one-out AvgkNN in the rarity space), and
+    CLIP score and PickScore for prompted runs;
   - with a baseline run, the minority test of every other row in the rarity space, paired by seed
     (pipeline/evaluate/minority.py): closer to the reference's rare part, or only off the data.
 Generated rows are streamed through Ray Data reading only stored scores and embeddings (images only
@@ -42,8 +44,9 @@ from pipeline.evaluate.runs import GeneratedRun, check_reference_run, labelled_r
 from pipeline.evaluate.table import markdown, row_metrics
 from pipeline.cluster import connect_ray
 from pipeline.evaluate.features import EvalFeatures, FeatureSpec
-from pipeline.evaluate.metrics import REFERENCE_QUANTILE, knn_ready, manifold_metrics, score_summary, share_below
-from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_test
+from pipeline.evaluate.metrics import (REFERENCE_QUANTILE, Gaussian, knn_ready, manifold_metrics, score_summary,
+                                       share_below)
+from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_mask, minority_test
 from pipeline.evaluate.prior import prior_summary
 from pipeline.evaluate.rarity import RaritySummary
 from pipeline.evaluate.reference import find_reference
@@ -131,15 +134,18 @@ def _actor_options(config: EvaluateConfig) -> dict:
 
 def _spec(config: EvaluateConfig, encoder: dict | None, clip_score: bool) -> FeatureSpec | None:
     """What the actor computes for a set: the encoder's embedding and score (reference images), Inception
-    (when given), CLIP (prompted runs' scores, or the clip rarity space), pixels; None when nothing."""
+    (when given), CLIP (prompted runs' scores, or the clip rarity space), PickScore (prompted runs), pixels;
+    None when nothing."""
     space = config.rarity_space
     clip_space = space is not None and space.name == "clip"
     clip = clip_space or (clip_score and config.clip_weights is not None)
+    pickscore = config.pickscore_weights if clip_score else None
     pixels = space.name if space is not None and space.column == "pixels" else None
-    if not (encoder or config.inception_weights or clip or pixels):
+    if not (encoder or config.inception_weights or clip or pickscore or pixels):
         return None
     return FeatureSpec(encoder, config.inception_weights, config.clip_weights if clip else None,
-                       config.clip_arch if clip else None, clip_features=clip_space, pixels=pixels)
+                       config.clip_arch if clip else None, clip_features=clip_space, pixels=pixels,
+                       pickscore_weights=pickscore, pickscore_processor=config.pickscore_processor if pickscore else None)
 
 
 def _batches(config: EvaluateConfig, dataset, spec: FeatureSpec | None):
@@ -149,13 +155,15 @@ def _batches(config: EvaluateConfig, dataset, spec: FeatureSpec | None):
     return dataset.iter_batches(batch_size=READ_BATCH if spec is None else config.batch_size, batch_format="pyarrow")
 
 
-def _collector(config: EvaluateConfig) -> Collector:
+def _collector(config: EvaluateConfig, reference: bool = False) -> Collector:
+    """A set's collector; the reference's also keeps its subsample's Inception rows (its minority's cFID / sFID)."""
     space = config.rarity_space
-    return Collector(config.max_samples, config.seed, space.column if space else None)
+    return Collector(config.max_samples, config.seed, space.column if space else None,
+                     inception_sample=reference and config.inception_weights is not None)
 
 
-def _collect(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
-    collector = _collector(config)
+def _collect_reference(config: EvaluateConfig, dataset, spec: FeatureSpec | None, what: str) -> SetStats:
+    collector = _collector(config, reference=True)
     for batch in _batches(config, dataset, spec):
         collector.add(batch)
     return collector.result(what)
@@ -196,7 +204,7 @@ def _reference_parquet_stats(config: EvaluateConfig, encoder: dict, files: list[
     location = resolve(config.reference, config.storage)
     spec = _spec(config, None, clip_score=False)
     dataset = ray.data.read_parquet(files, filesystem=location.filesystem).select_columns(_reference_columns(config))
-    stats = _collect(config, dataset, spec, f"reference {config.reference}")
+    stats = _collect_reference(config, dataset, spec, f"reference {config.reference}")
     if stats.encoders != {encoder["name"]}:
         raise UserError(f"reference {config.reference} was embedded by {sorted(stats.encoders) or 'no named encoder'}"
                          f", not by the generated runs' {encoder['name']}: embed it with the same encoder")
@@ -210,7 +218,7 @@ def _reference_image_stats(config: EvaluateConfig, encoder: dict, files: list[Pa
     log.info("embedding and scoring %d reference images with %s", len(files), encoder["name"])
     root = Path(resolve(config.reference, config.storage).path)
     dataset = ray.data.from_items([{"sample_id": str(f.relative_to(root)), "path": str(f)} for f in files])
-    return _collect(config, dataset, _spec(config, encoder, clip_score=False), f"reference {config.reference}")
+    return _collect_reference(config, dataset, _spec(config, encoder, clip_score=False), f"reference {config.reference}")
 
 
 def _reference_columns(config: EvaluateConfig) -> list[str]:
@@ -248,6 +256,10 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
         raise UserError(f"--minority-per-class needs the reference's class labels: give Parquet with a class_label "
                          f"column, not the image folder {config.reference}")
     minority = round(config.minority_quantile * min(count, config.max_samples))
+    if config.inception_weights and minority < 2:
+        raise UserError(f"cFID / sFID against the reference's minority need at least 2 minority rows, but "
+                         f"{config.minority_quantile} of {count} is {minority}: raise --minority-quantile or give a "
+                         "larger reference")
     if config.baseline and not knn_ready(minority, config.nearest_k):
         raise UserError(f"the minority test's reference would hold about {minority} rows ({config.minority_quantile} "
                          f"of {count}), but k-NN balls of --nearest-k {config.nearest_k} need more: raise "
@@ -273,6 +285,7 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             if dims[0] != dims[1]:
                 raise UserError(f"reference embeddings have dimension {dims[1][0]}, {run.uri}'s {dims[0][0]}: "
                                  "the reference must be embedded with the generated runs' encoder")
+    minority = _minority_inception(config, reference) if reference and reference.pool_sample is not None else None
     rows = []
     for run in runs:
         mine = stats[run.label]
@@ -288,10 +301,15 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             rarity = RaritySummary.of(mine.rarity, reference.rarity, config.rarity_space.name, config.rarity_k)
             row["rarity"] = to_dict(rarity) | {"samples": len(mine.rarity)}
         if mine.pool is not None:
-            row["inception"] = {"fid": mine.pool.distance(reference.pool), "sfid": mine.spatial.distance(reference.spatial)}
+            row["inception"] = {"fid": mine.pool.distance(reference.pool), "sfid": mine.spatial.distance(reference.spatial),
+                                "cfid_minority": mine.pool.distance(minority["pool"]),
+                                "sfid_minority": mine.spatial.distance(minority["spatial"])}
         if config.clip_weights:
             row["clip_score"] = mine.clip_score
             row["clip_rows"] = mine.clip_rows
+        if config.pickscore_weights:
+            row["pickscore"] = mine.pickscore
+            row["pickscore_rows"] = mine.pickscore_rows
         rows.append(row)
     if config.baseline:
         _minority_tests(config, runs, stats, reference, rows)
@@ -314,10 +332,23 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             "resamples": MinorityConfig().resamples},
         "settings": {"max_samples": config.max_samples, "nearest_k": config.nearest_k, "seed": config.seed,
                      "subsample": "uniform over sample ids (blake2b of seed and id); moments use every row",
-                     "inception_weights": config.inception_weights, "clip_arch": config.clip_arch},
+                     "inception_weights": config.inception_weights, "clip_arch": config.clip_arch,
+                     "pickscore_weights": config.pickscore_weights},
+        "inception_minority": None if minority is None else {
+            "rows": minority["rows"], "quantile": config.minority_quantile, "per_class": config.minority_per_class,
+            "resize": "Clean-FID's clean: Pillow bicubic to 299 per float channel, then uint8"},
         "rows": rows,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
+
+
+def _minority_inception(config: EvaluateConfig, reference: SetStats) -> dict:
+    """Gaussians of the reference minority's Inception pool and spatial rows: its rarest ``minority_quantile`` by
+    leave-one-out AvgkNN in the rarity space, the minority test's choice (docs/method.md, 'Quality metrics')."""
+    labels = reference.rarity_labels if config.minority_per_class else None
+    mask = minority_mask(reference.rarity, config.rarity_k, config.minority_quantile, labels)
+    return {"pool": Gaussian.of_rows(reference.pool_sample[mask]),
+            "spatial": Gaussian.of_rows(reference.spatial_sample[mask]), "rows": int(mask.sum())}
 
 
 def _minority_tests(config: EvaluateConfig, runs: list[GeneratedRun], stats: dict[str, SetStats],

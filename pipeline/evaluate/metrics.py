@@ -155,6 +155,13 @@ class Gaussian:
         mean, cov = moments.gaussian()
         return cls(mean, cov, moments.count)
 
+    @classmethod
+    def of_rows(cls, rows: np.ndarray) -> Gaussian:
+        """Fitted to the feature rows (N, D) at hand."""
+        moments = Moments(rows.shape[1])
+        moments.add(rows)
+        return cls.of(moments)
+
     def distance(self, other: Gaussian) -> float:
         return frechet_distance(self.mean, self.cov, other.mean, other.cov)
 

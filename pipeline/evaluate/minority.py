@@ -23,7 +23,7 @@ import numpy as np
 from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, Moments, knn_ready, manifold_metrics
+from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, knn_ready, manifold_metrics
 from pipeline.evaluate.rarity import DEFAULT_K, avg_knn, avg_knn_within
 from pipeline.settings import UserError
 
@@ -88,17 +88,11 @@ class MinorityReference:
                              f"{len(self.features)}) but k-NN balls of k = {config.nearest_k} need more: give a larger "
                              "reference, a larger quantile or a smaller k")
         self.minority = self.features[self.mask]
-        self.gaussians = {name: _gaussian(rows) for name, rows in (("minority", self.minority), ("all", self.features))}
+        self.gaussians = {name: Gaussian.of_rows(rows) for name, rows in (("minority", self.minority), ("all", self.features))}
         self.nearest = NearestNeighbors(n_neighbors=1).fit(self.features)
 
     def figures(self, samples: np.ndarray) -> SetFigures:
         return SetFigures(self, samples)
-
-
-def _gaussian(rows: np.ndarray) -> Gaussian:
-    moments = Moments(rows.shape[1])
-    moments.add(rows)
-    return Gaussian.of(moments)
 
 
 class Balls:

@@ -26,8 +26,9 @@ def row_metrics(row: dict) -> dict[str, float]:
         values |= {f"rarity_avg_knn_{name}": value for name, value in rarity["avg_knn_quantiles"].items()}
         if rarity["rarity_score"] is not None:
             values["rarity_score"] = rarity["rarity_score"]
-    if row.get("clip_score") is not None:
-        values["clip_score"] = row["clip_score"]
+    for name in ("clip_score", "pickscore"):
+        if row.get(name) is not None:
+            values[name] = row[name]
     minority = row.get("minority", {})
     values |= {f"minority_{name}": minority[name] for name in FIGURES if name in minority}
     for name, (low, high) in minority.get("intervals", {}).items():
@@ -50,7 +51,10 @@ COLUMNS = [  # (header, how to read it from a row): the paper's layout, lower / 
     ("coverage ↑", lambda r: _fmt(r.get("embedding", {}).get("coverage"))),
     ("FID ↓", lambda r: _fmt(r.get("inception", {}).get("fid"))),
     ("sFID ↓", lambda r: _fmt(r.get("inception", {}).get("sfid"))),
+    ("cFID (minority) ↓", lambda r: _fmt(r.get("inception", {}).get("cfid_minority"))),
+    ("sFID (minority) ↓", lambda r: _fmt(r.get("inception", {}).get("sfid_minority"))),
     ("CLIP ↑", lambda r: _fmt(r.get("clip_score"))),
+    ("PickScore ↑", lambda r: _fmt(r.get("pickscore"))),
     ("minority test", lambda r: r["minority"]["verdict"] if "minority" in r else "—"),
     ("FD to minority ↓", lambda r: _fmt(r.get("minority", {}).get("fd_minority"))),
     ("nearest is minority ↑", lambda r: _fmt(r.get("minority", {}).get("nearest_minority_share"))),
@@ -88,6 +92,12 @@ def markdown(report: dict) -> str:
                          "minority = closer to it by FD than the baseline (bootstrap interval excluding 0) with "
                          f"precision at most {minority['precision_margin']} below the baseline's; off-data = rarer by "
                          "AvgkNN but not closer; only minority runs are rarer than the baseline in the data.")
+        if report["inception_minority"]:
+            minority = report["inception_minority"]
+            notes.append(f"FID / sFID against the whole reference, cFID / sFID (minority) against its rarest "
+                         f"{minority['quantile']:.0%} by leave-one-out AvgkNN{' within each class' if minority['per_class'] else ''} "
+                         f"in {rarity['feature_space']} ({minority['rows']} rows); Inception inputs resized as "
+                         "Clean-FID's clean mode (docs/method.md, 'Quality metrics').")
         notes.append(f"Reference: {reference['uri']}, {reference['rows'] - reference['invalid']} samples, JEPA-SCORE "
                      f"{reference['jepa_score']['mean']:.2f} ± {reference['jepa_score']['std']:.2f}, "
                      f"10th percentile {reference['p10']:.2f}.")
@@ -95,4 +105,7 @@ def markdown(report: dict) -> str:
                      f"on at most {settings['max_samples']} samples per set (uniform, seed {settings['seed']}).")
     else:
         notes.append("No reference given: rarity only.")
+    if report["settings"]["pickscore_weights"]:
+        notes.append("PickScore: mean over prompted rows of the model's logit scale x cosine of image and prompt "
+                     "(PickScore_v1); a run without prompts (class-conditional) has none: its cell is empty (—).")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
