@@ -243,3 +243,43 @@ def nan_class_unet(tmp_path_factory):
 def cpu_manifest(config):
     """The manifest as a run on CPU samplers makes it (model.dtype resolved)."""
     return build_manifest(for_device(config, gpus_per_actor=0.0))
+
+
+@pytest.fixture(scope="session")
+def inception_weights(tmp_path_factory):
+    """Random Inception-v3 weights in torch-fidelity's layout (torchvision's modules, a 1008-way fc), with
+    batch-norm statistics taken from random images so that features stay near unit scale."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # a plain average over the calibration batch
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 299, 299) * 2 - 1)
+    fc = torch.nn.Linear(2048, 1008)
+    state = model.state_dict() | {"fc.weight": fc.weight.detach(), "fc.bias": fc.bias.detach()}
+    state = {key: value for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A tiny random open_clip model: its config .json and its weights file."""
+    import json
+
+    import open_clip
+
+    folder = tmp_path_factory.mktemp("clip")
+    config = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                              "head_width": 16},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (folder / "tiny-clip.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / "tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip").eval()
+    torch.save(model.state_dict(), folder / "tiny-clip.pt")
+    return folder / "tiny-clip.json", folder / "tiny-clip.pt", model

@@ -21,7 +21,7 @@ from pipeline.evaluate.job import run_evaluation
 from pipeline.evaluate.metrics import frechet_distance
 from pipeline.images import png_bytes
 from pipeline.schema import DATA_FILE_PREFIX
-from tests.test_evaluation import fake_run, inception_weights, rewrite  # noqa: F401 (a session fixture)
+from tests.test_evaluation import clip_scores, fake_run, rewrite, stored
 from tests.tiny_diffusion import tiny_tokenizer
 
 PROMPTS = ["a red square", "a blue circle on grass"]
@@ -119,26 +119,39 @@ def shaded(values: list[int], seed: int) -> list[bytes]:
     return [png_bytes(np.clip(value + rng.integers(-8, 9, (16, 16, 3)), 0, 255).astype(np.uint8)) for value in values]
 
 
-@pytest.mark.slow  # one evaluation with Inception-v3 at 299 on the CPU
-def test_cfid_against_the_minority_and_pickscore_in_the_table(ray_cluster, tmp_path, tracking, inception_weights,
-                                                               tiny_pickscore):
+@pytest.mark.slow  # one evaluation with Inception-v3 at 299 on the CPU: four sets
+def test_fid_cfid_sfid_clip_and_pickscore_from_local_weights(ray_cluster, tmp_path, tracking, inception_weights,
+                                                            tiny_clip, tiny_pickscore):
     folder, model = tiny_pickscore
-    # the reference: six mid-grey images and two far apart (near black, near white), its rarest quarter in pixels
-    fake_run(tmp_path / "ref", "ref", 0)
-    rewrite(tmp_path / "ref", "image", [{"bytes": data, "path": f"{i}.png"} for i, data in
-                                       enumerate(shaded([120, 125, 130, 135, 128, 122, 10, 245], 0))])
+    clip_config, clip_file, clip_model = tiny_clip
+    # the reference: six random-noise images (near mid-grey in pixels-4) and two far apart (near black, near
+    # white), its rarest quarter in pixels; noise keeps Inception's features spread, so FID to itself is 0
+    noise = fake_run(tmp_path / "ref", "ref", 0).column("image").to_pylist()[:6]
+    rewrite(tmp_path / "ref", "image", noise + [{"bytes": data, "path": f"{i}.png"} for i, data in
+                                               enumerate(shaded([10, 245], 0), start=6)])
     prompted = fake_run(tmp_path / "sd", "sd", 1, count=4)
     fake_run(tmp_path / "cc", "cc", 2, count=4, prompts=False)
     report = run_evaluation(EvaluateConfig(
-        generated=(str(tmp_path / "sd"), str(tmp_path / "cc")), reference=str(tmp_path / "ref"),
+        generated=(str(tmp_path / "ref"), str(tmp_path / "sd"), str(tmp_path / "cc")), reference=str(tmp_path / "ref"),
         output=str(tmp_path / "eval"), nearest_k=2, rarity_features="pixels-4", inception_weights=str(inception_weights),
-        pickscore_weights=str(folder), batch_size=8, cpus_per_actor=0.5, tracking=tracking))
+        clip_weights=str(clip_file), clip_arch=str(clip_config), pickscore_weights=str(folder), batch_size=8,
+        cpus_per_actor=0.5, tracking=tracking))
 
-    sd, cc = report["rows"]
+    itself, sd, cc = report["rows"]
+    pool, spatial = InceptionFeatures(str(inception_weights), "cpu")(images_of(tmp_path / "ref") + images_of(tmp_path / "sd"))
+    # the reference evaluated as a run: every distance is zero (up to the matrix square root's rounding, relative
+    # to the features' total variance) and every manifold covered
+    assert itself["embedding"]["fd"] == pytest.approx(0, abs=1e-9)
+    for key, features in (("fid", pool[:8]), ("sfid", spatial[:8])):
+        assert itself["inception"][key] == pytest.approx(0, abs=1e-5 * np.trace(np.cov(features, rowvar=False)))
+    assert sd["inception"]["fid"] > 0 and sd["inception"]["sfid"] > 0
+    assert itself["embedding"]["precision"] == itself["embedding"]["recall"] == itself["embedding"]["coverage"] == 1
+    for row, run in ((itself, "ref"), (sd, "sd")):
+        assert row["clip_score"] == pytest.approx(clip_scores(clip_model, stored(tmp_path / run)).mean(), rel=1e-5)
+    assert itself["clip_rows"] == 8 and sd["clip_rows"] == 4
     # by hand: the two far images are the minority; Gaussians of their features and of the run's, and their FD
-    pool, spatial = InceptionFeatures(str(inception_weights), "cpu")(images_of(tmp_path / "ref")[6:] + images_of(tmp_path / "sd"))
     for key, features in (("cfid_minority", pool), ("sfid_minority", spatial)):
-        theirs, mine = features[:2], features[2:]
+        theirs, mine = features[6:8], features[8:]
         want = frechet_distance(mine.mean(0), np.cov(mine, rowvar=False), theirs.mean(0), np.cov(theirs, rowvar=False))
         assert sd["inception"][key] == pytest.approx(want, rel=1e-4)
     assert sd["inception"]["cfid_minority"] != pytest.approx(sd["inception"]["fid"], rel=1e-3)
@@ -149,10 +162,10 @@ def test_cfid_against_the_minority_and_pickscore_in_the_table(ray_cluster, tmp_p
     assert report["inception_minority"]["rows"] == 2
 
     table = (tmp_path / "eval" / "evaluation.md").read_text()
-    header, _, sd_line, cc_line = table.splitlines()[:4]
+    header, _, _, sd_line, cc_line = table.splitlines()[:5]
     cells = lambda line: [cell.strip() for cell in line.strip().strip("|").split("|")]
     columns = cells(header)
-    assert {"cFID (minority) ↓", "sFID (minority) ↓", "PickScore ↑"} <= set(columns)
+    assert {"FID ↓", "sFID ↓", "CLIP ↑", "cFID (minority) ↓", "sFID (minority) ↓", "PickScore ↑"} <= set(columns)
     assert cells(cc_line)[columns.index("PickScore ↑")] == "—" != cells(sd_line)[columns.index("PickScore ↑")]
     assert "a run without prompts (class-conditional) has none: its cell is empty (—)" in table
     assert "rarest 25% by leave-one-out AvgkNN in pixels-4 (2 rows)" in table
