@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -87,14 +88,27 @@ def test_console_script_runs(image_folder, tiny_vit_folder):
     assert script.stdout.splitlines()[1].split()[2].endswith("noise.png")
 
 
-def run_score(args: list[str]) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "jobs.cli", "score", *args], capture_output=True, text=True,
-                          timeout=300)
-    assert "Traceback" not in done.stderr
-    return done
+@dataclass(frozen=True)
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def test_undecodable_and_oversized_files_are_skipped_and_counted(tmp_path, tiny_vit_folder):
+@pytest.fixture
+def run_score(capsys):
+    """`jepa-minority score ARGS` in this process (test_console_script_runs runs the real console script)."""
+
+    def run(args: list[str]) -> Done:
+        code = cli.main(["score", *args])
+        captured = capsys.readouterr()
+        assert "Traceback" not in captured.err
+        return Done(code, captured.out, captured.err)
+
+    return run
+
+
+def test_undecodable_and_oversized_files_are_skipped_and_counted(tmp_path, tiny_vit_folder, run_score):
     good, broken, large = tmp_path / "good.png", tmp_path / "broken.png", tmp_path / "large.png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(good)
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -109,7 +123,7 @@ def test_undecodable_and_oversized_files_are_skipped_and_counted(tmp_path, tiny_
     assert errors[-1].startswith("jepa-minority score: scored 1, skipped 2 ")
 
 
-def test_nothing_scorable_exits_2_in_one_line(tmp_path, tiny_vit_folder):
+def test_nothing_scorable_exits_2_in_one_line(tmp_path, tiny_vit_folder, run_score):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     done = run_score([str(tmp_path), "--weights", str(tiny_vit_folder), "--input-size", str(TINY_SIZE)])
     assert done.returncode == 2
@@ -123,7 +137,7 @@ def test_nothing_scorable_exits_2_in_one_line(tmp_path, tiny_vit_folder):
     (["{tmp}/a.png"], "jepa-minority score: no encoder weights given: pass --weights WEIGHTS"),
     (["{tmp}/a.png", "--weights", "{tmp}/notes.txt"], "jepa-minority score: encoder weights {tmp}/notes.txt: "),
 ])
-def test_bad_paths_and_weights_are_one_line_exit_2(tmp_path, args, message):
+def test_bad_paths_and_weights_are_one_line_exit_2(tmp_path, args, message, run_score):
     (tmp_path / "notes.txt").write_text("x")
     images = tmp_path / "images"
     images.mkdir()
