@@ -167,11 +167,16 @@ AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
-    """A local Ray cluster on loopback (2 CPUs), started after the AWS environment so workers inherit it."""
+    """A local Ray cluster on loopback (2 CPUs), started after the AWS environment so workers inherit it.
+
+    Ray ends an idle worker process beyond the CPU count after a second, so each test's pipeline would
+    start its task workers afresh and import Ray Data again (seconds each on two cores): the session's
+    cluster keeps up to 8 idle workers for the tests that follow, as a long job's cluster would."""
     import ray
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+             _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 3_600_000})
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
