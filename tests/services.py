@@ -83,7 +83,11 @@ class RayHead:
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGTERM)  # `ray start --block` stops what it started
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # it waits about 30 s for its processes to exit: end the group now
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=30)
         current = Path("/tmp/ray/ray_current_cluster")  # as `ray stop` would, forget this head
         if current.exists() and current.read_text().strip().endswith(f":{self.gcs_port}"):
             current.unlink()
