@@ -285,6 +285,9 @@ CASES: list[Case] = [
         model={"source": str(DIGITS_ENCODER)}), "--dry-run"], "model.source: cannot read the model's config"),
     Case("gen-encoder-missing", "generate", "encoder.weights a file that does not exist", gen("encoder.weights=/nowhere/w.safetensors"),
          "encoder.weights: encoder weights not found"),
+    Case("gen-lpips-missing", "generate", "sgms.lpips_weights a folder that does not exist",
+         gen("sampling.method=sgms", "sampling.sgms.distance=lpips", "sampling.sgms.lpips_weights=/nowhere/lpips"),
+         "sampling.sgms.lpips_weights: LPIPS weights folder not found: /nowhere/lpips"),
     Case("gen-encoder-not-weights", "generate", "encoder.weights a file that is not weights", lambda s: ["generate", s.config(
         encoder={"weights": s.asset("not_weights.safetensors")}), "--dry-run"], "could not read encoder weights"),
     Case("gen-encoder-truncated", "generate", "truncated encoder safetensors", lambda s: ["generate", s.config(
@@ -500,6 +503,9 @@ CASES: list[Case] = [
              "/nowhere/inception.pth"), "Inception weights not found: /nowhere/inception.pth"),
     Case("eval-clip-no-arch", "evaluate", "--clip-weights without --clip-arch",
          cmd("evaluate", "--generated", lambda s: s.run(), "--clip-weights", lambda s: s.asset("not_weights.safetensors")), "CLIP score needs both --clip-weights and --clip-arch"),
+    Case("eval-pickscore-missing", "evaluate", "--pickscore-weights a folder that does not exist",
+         cmd("evaluate", "--generated", lambda s: s.run(), "--pickscore-weights", "/nowhere/pickscore"),
+         "PickScore weights not found: /nowhere/pickscore is not a folder"),
     Case("eval-actors-zero", "evaluate", "--actors 0", cmd("evaluate", "--generated", lambda s: s.run(), "--actors", "0"), "batch_size and actors must be >= 1"),
     Case("eval-output-file", "evaluate", "--output a file",
          cmd("evaluate", "--generated", lambda s: s.run(), "--output", lambda s: s.text("ev", "a file")), "is a file, not a folder: choose a folder for the output"),
