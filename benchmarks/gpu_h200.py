@@ -17,9 +17,9 @@ Stages, each printed and written as it finishes:
    and fp32), seconds per image and cosine to the exact top-k gradient.
 3. the envelope gradient by double backward (ours) vs forward-over-reverse
    (``benchmarks.bench_gradient_modes``), 4 images, each checked against a float64 gradient;
-4. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA-guided (every step
-   guided, so the guided cost is measured directly), bf16 UNet / VAE with the fp32 encoder branch,
-   and once in fp32 for the bf16 lever;
+4. sampling, images/s and peak memory at several batch sizes: unguided vs JEPA guidance, self-guided
+   minority sampling (SGMS) and MinorityPrompt (every step guided or optimised, so each method's cost is
+   measured directly), bf16 UNet / VAE with the fp32 encoder branch, and once in fp32 for the bf16 lever;
 5. one guided step at the largest batch, part by part (``benchmarks.bench_guided_sampling``):
    UNet forward + backward, VAE decode forward + backward, encoder branch.
 6. the cheaper-guidance levers of ``benchmarks.bench_guided_cost`` (the same settings, a TAESD-sized
@@ -50,7 +50,7 @@ from benchmarks.timing import timed
 from guidance import jepa_score, load_encoder, load_model
 from guidance.generate import generate_images
 from guidance.log_volume import SketchMemory, topk_log_volume
-from guidance.methods import GuidanceConfig, SamplingConfig
+from guidance.methods import MINORITY_PROMPT_SETTINGS, GuidanceConfig, SamplingConfig, SgmsConfig
 from guidance.models import WorkItem
 from guidance.reference import topk_log_volume_exact, topk_log_volume_reference
 from tests import tiny_diffusion
@@ -148,18 +148,26 @@ def guided_branch_stage(encoder, device: str, count: int, size: int, path_steps:
     return rows
 
 
-def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, dtype_label: str) -> list[dict]:
-    methods = {
-        "unguided": GuidanceConfig(),
-        "jepa q=2": GuidanceConfig(tau=1.0),
-        "jepa warm q=0": GuidanceConfig(tau=1.0, power_iters=0, warm_start=True),
+def sampling_methods(steps: int) -> dict[str, SamplingConfig]:
+    """The timed methods, every step guided or optimised so each one's own cost is measured directly: JEPA,
+    SGMS (its default distance) and MinorityPrompt (the authors' SD 1.5 settings, t_lo 0)."""
+    base = dict(steps=steps, cfg_scale=7.5)
+    return {
+        "unguided": SamplingConfig(method="unguided", **base),
+        "jepa q=2": SamplingConfig(method="jepa", guidance=GuidanceConfig(tau=1.0), **base),
+        "jepa warm q=0": SamplingConfig(method="jepa", guidance=GuidanceConfig(tau=1.0, power_iters=0, warm_start=True),
+                                        **base),
+        "sgms": SamplingConfig(method="sgms", sgms=SgmsConfig(tau=1.0), **base),
+        "minority-prompt": SamplingConfig(method="minority-prompt",
+                                          minority_prompt=replace(MINORITY_PROMPT_SETTINGS["sd-1.5"], t_lo=0.0), **base),
     }
+
+
+def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, dtype_label: str) -> list[dict]:
     rows = []
     for batch in batches:
         items = [WorkItem(seed, prompt=PROMPTS[seed % len(PROMPTS)]) for seed in range(batch)]
-        for name, guidance in methods.items():
-            config = SamplingConfig(method="unguided" if name == "unguided" else "jepa", steps=steps, cfg_scale=7.5,
-                                    guidance=guidance)
+        for name, config in sampling_methods(steps).items():
             generate_images(model, items[:1], replace(config, steps=1), encoder)  # warm-up
             reset_peak(device)
             (_, guided), seconds = timed(generate_images, model, items, config, encoder)
@@ -201,7 +209,12 @@ def main() -> None:
     parser.add_argument("--exact-images", type=int, default=16)
     parser.add_argument("--branch-images", type=int, default=8)
     parser.add_argument("--skip-fp32-sampling", action="store_true", help="leave out the fp32 run of the bf16 lever")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="parse the arguments and build every sampling config, then stop (no model; any device)")
     args = parser.parse_args()
+    if args.dry_run:
+        print("sampling methods:", ", ".join(sampling_methods(args.steps)))
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not args.smoke and device != "cuda":
         raise SystemExit("no CUDA device: this is the H200 benchmark; use --smoke for a CPU check of the script")
