@@ -65,7 +65,7 @@ def _one_line(error: ValidationError, cls: type, where: str) -> str:
         return str(cause) if isinstance(cause, UserError) or not place.key else f"{place.key}: {cause}"
     if first["type"] == "unexpected_keyword_argument":  # the unknown key ends the location
         key = ".".join(part for part in (place.key, place.member) if part)
-        return f"unknown key {key}; valid keys here: {', '.join(f.name for f in dataclasses.fields(place.parent))}"
+        return f"unknown key {key}; valid keys here: {', '.join(f.name for f in dataclasses.fields(place.holder))}"
     if first["type"] == "missing_argument":
         return f"{place.key} is required"
     if place.member is not None:  # every member of a union refused the value
@@ -80,7 +80,8 @@ def _one_line(error: ValidationError, cls: type, where: str) -> str:
 
 class _Place:
     """A pydantic error location as config keys: ``('ray', 'actors', 'list[int]', 1)`` is key ``ray.actors``,
-    inside the union member tagged ``list[int]``; ``parent`` is the last dataclass on the way."""
+    inside the union member tagged ``list[int]``; ``parent`` is the last dataclass on the way, ``holder`` the one
+    whose fields the member was looked for in."""
 
     def __init__(self, cls: type, loc: tuple, where: str):
         parts, hint, self.parent, self.member, self.at_member = [], cls, cls, None, False
@@ -94,6 +95,7 @@ class _Place:
                 self.member, self.at_member = str(part), i == len(loc) - 1
                 break
         self.key = ".".join(([where] if where else []) + parts)
+        self.holder = hint if dataclasses.is_dataclass(hint) else self.parent  # the section a member was looked up in
 
     @property
     def wanted(self) -> str:
