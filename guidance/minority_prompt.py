@@ -27,8 +27,7 @@ from torch import nn
 
 from guidance.models import Denoiser, PromptEmbeds, StableDiffusion, applies_cfg
 from guidance.sampling import Method, Sampler, stream_seed
-from guidance.schedules import NoiseSchedule, predict_clean, renoise
-from guidance.sgms import renoise_timestep
+from guidance.schedules import NoiseSchedule, predict_clean, renoise, renoise_timestep
 
 if TYPE_CHECKING:
     from guidance.encoders import JepaEncoder

@@ -105,6 +105,12 @@ def renoise(schedule: NoiseSchedule, x0: torch.Tensor, r: int, noise: torch.Tens
     return abar_r.sqrt() * x0 + (1 - abar_r).sqrt() * noise
 
 
+def renoise_timestep(schedule: NoiseSchedule, level: float) -> int:
+    """The fixed re-noise timestep r = level * N of the model's N training timesteps (the last one at most)."""
+    count = len(schedule.alphas_cumprod)
+    return min(round(level * count), count - 1)
+
+
 def posterior_variance(schedule: NoiseSchedule, t: int, t_prev: int) -> torch.Tensor:
     """DDPM beta-tilde_t = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)."""
     abar_t, abar_prev = schedule.abar(t), schedule.abar(t_prev)

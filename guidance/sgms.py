@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from guidance.lpips import shared_lpips
 from guidance.models import Denoiser
 from guidance.sampling import Method, Sampler, linf_normalized, stream_seed
-from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean, renoise
+from guidance.schedules import NoiseSchedule, posterior_variance, predict_clean, renoise, renoise_timestep
 
 if TYPE_CHECKING:
     from guidance.encoders import JepaEncoder
@@ -43,12 +43,6 @@ def distance_for(config: SgmsConfig, device: torch.device) -> Callable[[torch.Te
     if config.distance == "lpips":
         return shared_lpips(config.lpips_weights, device)
     return pixel_distance
-
-
-def renoise_timestep(schedule: NoiseSchedule, level: float) -> int:
-    """The fixed re-noise timestep r = level * N of the model's N training timesteps (the last one at most)."""
-    count = len(schedule.alphas_cumprod)
-    return min(round(level * count), count - 1)
 
 
 def minority_score(

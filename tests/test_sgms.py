@@ -15,8 +15,8 @@ from guidance.methods import SamplingConfig, SgmsConfig
 from guidance.models import WorkItem
 from guidance.presets import load_model
 from guidance.sampling import Sampler
-from guidance.schedules import noise_schedule, posterior_variance
-from guidance.sgms import SelfGuided, minority_score, pixel_distance, renoise_timestep
+from guidance.schedules import noise_schedule, posterior_variance, renoise_timestep
+from guidance.sgms import SelfGuided, minority_score, pixel_distance
 from pipeline.generate.config import load_config
 from pipeline.generate.work import run_identity
 from pipeline.settings import ConfigError
