@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from PIL import Image, UnidentifiedImageError
 
+from pipeline.pixels import PixelSpace
 from pipeline.schema import OUTPUT_SCHEMA
+
+VECTOR = "vector"  # a row's vector in the similarity space of dedup and diverse selection
 
 
 def has_valid_score(batch: pa.Table, by: str = "jepa_score") -> pa.ChunkedArray:
@@ -70,6 +75,27 @@ def rarest_by_group(batch: pa.Table, per: str | None, quotas: dict, max_score: f
     position = np.arange(batch.num_rows)
     first = np.maximum.accumulate(np.where(np.diff(group, prepend=-1) != 0, position, 0))
     return batch.filter(position - first < np.array([quotas[key] for key in keys], np.int64)[group])
+
+
+def with_vectors(batch: pa.Table, space: str, keep_image: bool) -> pa.Table:
+    """A read task's rows with ``vector``: the stored ``embedding`` (space "embedding", the column renamed) or the
+    image in a pixel space (an image that cannot be decoded is a zero vector, near no other), the image dropped
+    unless ``keep_image`` (the gate decodes it next)."""
+    if space == "embedding":
+        return batch.rename_columns([VECTOR if name == "embedding" else name for name in batch.column_names])
+    pixels = PixelSpace.parse(space)
+    size = pixels.size * pixels.size * (1 if pixels.mode == "L" else 3)
+    vectors = []
+    for image in batch.column("image").to_pylist():
+        try:
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                vectors.append(pixels.vector(opened))
+        except (TypeError, UnidentifiedImageError, OSError, Image.DecompressionBombError):
+            vectors.append(np.zeros(size, np.float32))
+    size = pixels.size * pixels.size * (1 if pixels.mode == "L" else 3)
+    column = pa.FixedSizeListArray.from_arrays(np.concatenate([np.zeros(0, np.float32), *vectors]), size)
+    return (batch if keep_image else batch.drop_columns(["image"])).append_column(
+        VECTOR, column.cast(pa.list_(pa.float32())))
 
 
 def rows_with_ids(batch: pa.Table, ids: pa.Array) -> pa.Table:
