@@ -8,6 +8,8 @@ from jobs.options import (add_storage_and_tracking, build_config, job_parser, re
                           tracking_config)
 from pipeline.configs import field_docs
 from pipeline.curate.config import GROUP_COLUMNS, FilterConfig
+from pipeline.curate.dedup import SEARCHES
+from pipeline.curate.diversity import SELECTIONS
 from pipeline.curate.filter import preflight_filter, run_filter  # no Ray yet
 from pipeline.schema import SCORE_COLUMNS, SELECTION_FILE
 from pipeline.settings import ui_command
@@ -32,6 +34,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "the quotas count only the rows that pass")
     parser.add_argument("--gate-space", default=FilterConfig.gate_space, help=fields["gate_space"].meaning)
     parser.add_argument("--gate-k", type=int, default=FilterConfig.gate_k, help=fields["gate_k"].meaning)
+    parser.add_argument("--dedup-threshold", type=float, help=fields["dedup_threshold"].meaning + "; each cluster "
+                        "keeps its rarest row (default: off)")
+    parser.add_argument("--dedup-search", choices=SEARCHES, default=FilterConfig.dedup_search,
+                        help=fields["dedup_search"].meaning)
+    parser.add_argument("--select", choices=SELECTIONS, default=FilterConfig.select, help=fields["select"].meaning)
+    parser.add_argument("--candidates", type=int, default=FilterConfig.candidates, help=fields["candidates"].meaning)
+    parser.add_argument("--similarity-space", default=FilterConfig.similarity_space,
+                        help=fields["similarity_space"].meaning)
+    parser.add_argument("--balance-by", choices=GROUP_COLUMNS, help=fields["balance_by"].meaning)
+    parser.add_argument("--dominant-share", type=float, default=FilterConfig.dominant_share,
+                        help=fields["dominant_share"].meaning)
     add_storage_and_tracking(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="check the input, the rule and the output; write nothing")
@@ -45,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     config = build_config(
         FilterConfig, input=args.input, output=args.output, keep_fraction=args.keep_fraction, keep=args.keep, per=args.per,
         max_score=args.max_score, by=args.by, allow_empty_groups=args.allow_empty_groups,
-        gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k, storage=storage_config(args),
+        gate_reference=args.gate_reference, gate_space=args.gate_space, gate_k=args.gate_k,
+        dedup_threshold=args.dedup_threshold, dedup_search=args.dedup_search, select=args.select,
+        candidates=args.candidates, similarity_space=args.similarity_space, balance_by=args.balance_by,
+        dominant_share=args.dominant_share, storage=storage_config(args),
         tracking=tracking_config(args, args.input), verbose=args.verbose,
     )
     if args.dry_run:
@@ -65,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = "".join(f"; {config.per} {key}: {n}" for key, n in gate["groups"].items())
         print(f"gate:      dropped {gate['dropped']} rows outside every {gate['k']}-NN ball of {gate['reference']} "
               f"in {gate['space']} (before the rarest were taken{groups})")
+    if report["dedup"]:
+        print(f"dedup:     removed {report['dedup']['removed']} near-duplicates (cosine >= "
+              f"{report['dedup']['threshold']} in {report['dedup']['space']}, the rarest of each cluster kept)")
     print(f"threshold: {report['threshold']} ({config.by})")
     print(f"output:    {config.output}  ({SELECTION_FILE} beside the data)")
     print(f"mlflow:    run {report['filter_run_id']} in experiment {config.tracking.experiment!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -36,14 +37,14 @@ def png(value: int) -> bytes:
 
 
 def fake_generation(folder, scores, labels=None, prompts=None, failures=0, files=3, methods=None, topk=None,
-                    images=None):
+                    images=None, embeddings=None):
     """A completed generation output in the real schema, with the given scores (and each row's method and PNG)."""
     now = datetime.now(timezone.utc)
     rows = [{
         "sample_id": f"id{i:03d}", "seed": i, "prompt": prompts[i] if prompts else None,
         "class_label": labels[i] if labels else None, "image": {"bytes": images[i] if images else png(i % 256), "path": f"id{i:03d}.png"},
         "width": 4, "height": 4, "jepa_score": score,
-        "topk_score": topk[i] if topk else None, "embedding": [0.0, 1.0],
+        "topk_score": topk[i] if topk else None, "embedding": embeddings[i] if embeddings else [0.0, 1.0],
         "method": methods[i] if methods else "jepa",
         "model": "pixel-unet", "encoder": "vit_small_patch14_reg4_dinov2", "run_id": "gen-run", "created_at": now,
     } for i, score in enumerate(scores)]
@@ -377,3 +378,86 @@ def test_a_bad_gate_reference_is_refused_before_ray_starts(tmp_path, capsys, mon
     assert "the gate measures in pixel spaces only, got 'inception'" in lines[8]
     assert lines[0::2] == lines[1::2]  # the dry run refuses the same
     assert not (tmp_path / "cur").exists() and not (tmp_path / "mlruns").exists()
+
+
+def colour_png(rgb) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((4, 4, 3), rgb, np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Warnings(logging.Handler):
+    """The warning lines of one logger (pytest's own capture handler is silenced with Ray Data's console)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_near_duplicates_go_the_rarest_of_each_stays_and_the_balance_is_reported(ray_cluster, tmp_path, tracking,
+                                                                                     capsys):
+    """Embeddings (in score order): id000-id002 near-copies, id004-id005 too, the rest apart. Plain top-4 keeps
+    id000-id003, all class 0, and warns; with --dedup-threshold 0.99 the copies go and class 0 holds half."""
+    direction = [0, 0, 0, 1, 2, 2, 3, 4, 5, 6, 7, 8]
+    embeddings = [(np.eye(16)[d] + 1e-3 * np.eye(16)[15] * i).tolist() for i, d in enumerate(direction)]
+    labels = [0, 0, 0, 0, 1, 1, 2, 0, 1, 2, 1, 2]
+    fake_generation(tmp_path / "gen", [float(i) for i in range(12)], labels=labels, embeddings=embeddings)
+    base = ["--input", str(tmp_path / "gen"), "--keep", "4", "--balance-by", "class_label",
+            "--tracking-uri", tracking.tracking_uri, "--experiment", tracking.experiment]
+    plain, dedup, logger = Warnings(), Warnings(), logging.getLogger("pipeline.curate.filter")
+    for handler, output, flags in ((plain, "plain", []), (dedup, "dedup", ["--dedup-threshold", "0.99"])):
+        logger.addHandler(handler)
+        try:
+            assert filter_job.main([*base, "--output", str(tmp_path / output), *flags]) == 0
+        finally:
+            logger.removeHandler(handler)
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "plain")) == ["id000", "id001", "id002", "id003"]
+    assert plain.lines == ["class_label 0 holds 100% of the kept rows (4 of 4), more than --dominant-share 0.5: curate "
+                           "--per class_label to give each its quota"]
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "dedup")) == ["id000", "id003", "id004", "id006"]
+    assert dedup.lines == []
+    report = json.loads((tmp_path / "dedup" / SELECTION_FILE).read_text())
+    assert report["dedup"] == {"threshold": 0.99, "search": "approximate", "space": "embedding", "removed": 3,
+                               "groups": {}}
+    assert report["rule"]["candidates"] == {"multiple": 4, "space": "embedding"} and report["rule"]["select"] == "rarest"
+    assert report["balance"] == {"by": "class_label", "dominant_share": 0.5, "dominant": [], "groups": {
+        "0": {"candidates": 5, "kept": 2, "share": 0.5}, "1": {"candidates": 4, "kept": 1, "share": 0.25},
+        "2": {"candidates": 3, "kept": 1, "share": 0.25}}}
+    assert "dedup:     removed 3 near-duplicates (cosine >= 0.99 in embedding" in capsys.readouterr().out
+    assert MlflowClient(tracking_uri=tracking.tracking_uri).get_run(report["filter_run_id"]).data.metrics[
+        "dedup_removed"] == 3
+
+
+def test_diverse_rarest_covers_each_class_in_a_pixel_space(ray_cluster, tmp_path, tracking):
+    """Per class, in score order: class 0 red, red, red, blue; class 1 green, green, yellow, green. The rarest two
+    are one colour; k-center in pixels-2 takes the rarest and then the colour farthest from it."""
+    colours = [(200, 0, 0), (0, 200, 0), (201, 0, 0), (0, 201, 0), (202, 0, 0), (200, 200, 0), (0, 0, 200), (0, 202, 0)]
+    fake_generation(tmp_path / "gen", [float(i) for i in range(8)], labels=[0, 1] * 4,
+                    images=[colour_png(c) for c in colours])
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=2, per="class_label",
+                                     select="diverse-rarest", candidates=3, similarity_space="pixels-2",
+                                     tracking=tracking))
+    assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id005", "id006"]
+    assert report["rule"]["candidates"] == {"multiple": 3, "space": "pixels-2"} and report["dedup"] is None
+    assert report["groups"] == {"0": {"valid": 4, "kept": 2, "threshold": 6.0}, "1": {"valid": 4, "kept": 2, "threshold": 5.0}}
+    assert report["balance"]["groups"]["0"] == {"candidates": 4, "kept": 2, "share": 0.5}
+
+
+def test_bad_dedup_and_selection_flags_are_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    import pipeline.curate.filter as filter_module
+
+    monkeypatch.setattr(filter_module, "connect_ray", lambda **_: pytest.fail("Ray started"))
+    fake_generation(tmp_path / "gen", [1.0, 2.0])
+    base = ["--input", str(tmp_path / "gen"), "--output", str(tmp_path / "cur"), "--keep", "1"]
+    cases = {("--dedup-threshold", "1.5"): "dedup_threshold is a cosine similarity in (0, 1] (e.g. 0.95), got 1.5",
+             ("--candidates", "0"): "candidates must be >= 1 (a multiple of each group's quota), got 0",
+             ("--similarity-space", "clip"): "similarity_space must be embedding or a pixel space",
+             ("--dominant-share", "0"): "dominant_share must be in (0, 1], got 0.0"}
+    for flags, message in cases.items():
+        assert filter_job.main([*base, *flags]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert message in line
+    assert not (tmp_path / "cur").exists()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pipeline.curate.dedup import SEARCHES
+from pipeline.curate.diversity import SELECTIONS
 from pipeline.curate.gate import DEFAULT_SPACE, pixel_space
+from pipeline.pixels import PixelSpace
 from pipeline.schema import SCORE_COLUMNS
 from pipeline.settings import TrackingConfig, UserError
 from pipeline.storage import StorageConfig
@@ -40,6 +43,20 @@ class FilterConfig:
     """the gate's feature space: pixels-N or pixels-N-grey"""
     gate_k: int = 5
     """the gate's balls: each real sample's distance to its k-th nearest real neighbour"""
+    dedup_threshold: float | None = None
+    """remove near-duplicates: rows whose cosine similarity to a rarer kept row is at least this (e.g. 0.95)"""
+    dedup_search: str = "approximate"
+    """how near-duplicates are found: approximate (a faiss inverted-file index) or exact (every pair)"""
+    select: str = "rarest"
+    """rarest (the lowest scores) or diverse-rarest (greedy k-center over the candidates)"""
+    candidates: int = 4
+    """with dedup or diverse-rarest: each group's rarest candidates x quota rows are the ones considered"""
+    similarity_space: str = "embedding"
+    """where near-duplicates and diversity are measured: embedding (the stored one) or pixels-N[-grey]"""
+    balance_by: str | None = None
+    """"class_label" or "prompt": report the kept set's balance over it (default: the per column)"""
+    dominant_share: float = 0.5
+    """warn when one group holds more than this share of the kept rows"""
     storage: StorageConfig = field(default_factory=StorageConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     max_rows_per_file: int = 1024
@@ -63,13 +80,40 @@ class FilterConfig:
         pixel_space(self.gate_space)
         if self.gate_k < 1:
             raise UserError(f"gate_k must be >= 1, got {self.gate_k}")
+        if self.dedup_threshold is not None and not 0 < self.dedup_threshold <= 1:
+            raise UserError(f"dedup_threshold is a cosine similarity in (0, 1] (e.g. 0.95), got {self.dedup_threshold}")
+        if self.dedup_search not in SEARCHES:
+            raise UserError(f"dedup_search must be one of {', '.join(SEARCHES)}, got {self.dedup_search!r}")
+        if self.select not in SELECTIONS:
+            raise UserError(f"select must be one of {', '.join(SELECTIONS)}, got {self.select!r}")
+        if self.candidates < 1:
+            raise UserError(f"candidates must be >= 1 (a multiple of each group's quota), got {self.candidates}")
+        if self.similarity_space != "embedding" and PixelSpace.parse(self.similarity_space) is None:
+            raise UserError(f"similarity_space must be embedding or a pixel space (pixels-N or pixels-N-grey, e.g. "
+                            f"{DEFAULT_SPACE}), got {self.similarity_space!r}")
+        if self.balance_by is not None and self.balance_by not in GROUP_COLUMNS:
+            raise UserError(f"balance_by must be one of {', '.join(GROUP_COLUMNS)}, got {self.balance_by!r}")
+        if not 0 < self.dominant_share <= 1:
+            raise UserError(f"dominant_share must be in (0, 1], got {self.dominant_share}")
+
+    @property
+    def narrows(self) -> bool:
+        """Whether the quota is taken from candidates by similarity (dedup or diverse-rarest), not by score alone."""
+        return self.dedup_threshold is not None or self.select != "rarest"
+
+    @property
+    def balance(self) -> str | None:
+        """The column the kept set's balance is reported over."""
+        return self.per or self.balance_by
 
     @property
     def rule(self) -> dict:
         """What decides the rows kept: recorded in the marker and the selection, compared on a rerun."""
         gate = {"reference": self.gate_reference, "space": self.gate_space, "k": self.gate_k} if self.gate_reference else None
+        dedup = {"threshold": self.dedup_threshold, "search": self.dedup_search} if self.dedup_threshold is not None else None
+        candidates = {"multiple": self.candidates, "space": self.similarity_space} if self.narrows else None
         return {"keep_fraction": self.keep_fraction, "keep": self.keep, "per": self.per, "max_score": self.max_score,
-                "by": self.by, "gate": gate}
+                "by": self.by, "gate": gate, "dedup": dedup, "select": self.select, "candidates": candidates}
 
 
 

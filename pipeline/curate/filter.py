@@ -10,7 +10,10 @@ Two passes on Ray Data, memory bounded by blocks and the rows kept, whatever the
      with one, each read task also decodes its images into an ``inside`` flag and drops them): count
      the rows and the valid ones (a finite score, through the gate) per group, which sets each group's quota; then each
      read task keeps its block's rarest ``quota`` rows per group and the driver merges them as they
-     stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none);
+     stream in, never holding more than twice the rows it keeps (no shuffle: a top-k needs none). With
+     ``dedup_threshold`` or ``select: diverse-rarest`` the same top-k keeps each group's rarest ``candidates`` x
+     quota rows with their vectors (the stored embedding, or the image in a pixel space), and the driver narrows
+     them to the quota (pipeline/curate/diversity.py): near-duplicates removed, then the rarest or a k-center cover;
   2. copy the chosen rows, images included, through the atomic sink into ``<output>/<DATA_DIR>/``.
 Before the first data file, ``_curation.json`` claims the folder for this input and rule: a rerun removes only
 the data files of an interrupted attempt that claimed it, and a folder holding a run, a curation of another
@@ -18,7 +21,8 @@ input or rule, or files it did not write is refused (pipeline/folders.py). The d
 the completion marker of the curated set (names in pipeline/schema.py). A group whose quota is 0 is refused
 unless ``allow_empty_groups``; a set that keeps nothing is still one Parquet file with the schema and no rows.
 Rows are chosen by score whatever their method; the report counts rows, considered (valid) and kept ones
-per method, so rows that ``output.retry_unguided`` committed under ``unguided`` in a guided run are in plain view.
+per method, so rows that ``output.retry_unguided`` committed under ``unguided`` in a guided run are in plain view,
+and the kept set's balance over the class or prompt (``balance``), with a warning when one group dominates it.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from fnmatch import fnmatch
 from typing import TYPE_CHECKING
@@ -35,9 +40,10 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster import WRITERS, connect_ray
 from pipeline.curate.config import GROUP_COLUMNS, FilterConfig
+from pipeline.curate.diversity import narrow
 from pipeline.curate.gate import Gate, load_gate, mark_inside
 from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
-from pipeline.curate.selection import ids_digest, rarest_by_group, rows_with_ids, tally
+from pipeline.curate.selection import VECTOR, ids_digest, rarest_by_group, rows_with_ids, tally, with_vectors
 from pipeline.layout import check_layout, dataset_card, missing_columns
 from pipeline.rows import read_committed
 from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
@@ -51,6 +57,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ROW_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What pass 1 found: the chosen rows and the counts the report gives."""
+
+    chosen: pa.Table  # id / score / method / group columns of the rows kept
+    rows_in: int
+    counts: dict  # valid rows per quota group (one group, None, without per)
+    balance: dict  # valid rows per balance group (config.balance; one group, None, without it)
+    methods: dict  # rows and valid rows per method
+    dropped: dict  # rows the gate dropped per balance group
+    removed: dict  # near-duplicates removed per quota group
 
 
 def _quota(config: FilterConfig, valid: int) -> int:
@@ -100,15 +119,28 @@ def _read(files: list[str], source: Location, columns: list[str] | None = None):
                                  override_num_blocks=len(files))
 
 
-def choose(config: FilterConfig, files: list[str], source: Location,
-           gate: Gate | None) -> tuple[pa.Table, int, dict, dict, dict]:
-    """Pass 1 on Ray Data: (chosen id / score / method / group rows, rows in, valid rows per group (through the
-    gate), rows and valid rows per method, rows the gate dropped per group)."""
-    columns = ["sample_id", config.by, "method", *([config.per] if config.per else [])]
-    scores = _read(files, source, [*columns, "image"] if gate else columns)
+def _scored(config: FilterConfig, files: list[str], source: Location, columns: list[str], gate: Gate | None,
+            vectors: bool = False):
+    """The rows to choose from, as the read tasks leave them: ``columns``, the gate's ``inside`` flag with a gate, and
+    with ``vectors`` each row's vector in the similarity space (images are decoded in the read tasks and dropped)."""
+    pixels = vectors and config.similarity_space != "embedding"
+    extra = ["image"] if gate or pixels else []
+    scores = _read(files, source, [*columns, *extra, *(["embedding"] if vectors and not pixels else [])])
+    if vectors:
+        scores = scores.map_batches(with_vectors, fn_kwargs={"space": config.similarity_space, "keep_image": bool(gate)},
+                                    batch_format="pyarrow")
     if gate:
         scores = scores.map_batches(mark_inside, fn_kwargs={"gate": gate}, batch_format="pyarrow")
-    tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": config.per, "by": config.by},
+    return scores
+
+
+def choose(config: FilterConfig, files: list[str], source: Location, gate: Gate | None) -> Choice:
+    """Pass 1 on Ray Data: the tallies, then the chosen id / score / method / group rows (with dedup or
+    diverse-rarest, from each group's rarest ``candidates`` x quota rows, narrowed on the driver)."""
+    group = config.balance
+    columns = ["sample_id", config.by, "method", *([group] if group else [])]
+    scores = _scored(config, files, source, columns, gate)
+    tallies = pa.concat_tables(scores.map_batches(tally, fn_kwargs={"per": group, "by": config.by},
                                                   batch_format="pyarrow").iter_batches(batch_size=None, batch_format="pyarrow"))
     by_method = tallies.group_by("method").aggregate([("valid", "sum"), ("rows", "sum")])
     methods = {method: {"rows": rows, "considered": valid} for method, rows, valid in zip(
@@ -127,15 +159,26 @@ def choose(config: FilterConfig, files: list[str], source: Location,
     check_groups(config, valid if config.per else counts,
                  "rows with a finite score" + (" inside the gate's reference balls" if gate else ""))
     quotas = {key: _quota(config, n) for key, n in counts.items()}
-    keep = {"per": config.per, "quotas": quotas, "max_score": config.max_score, "by": config.by}
-    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns])
+    if config.narrows:
+        scores = _scored(config, files, source, columns, gate, vectors=True)
+    taken = {key: min(counts[key], config.candidates * quota) for key, quota in quotas.items()} if config.narrows else quotas
+    keep = {"per": config.per, "quotas": taken, "max_score": config.max_score, "by": config.by}
+    schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns] + ([pa.field(VECTOR, pa.list_(pa.float32()))]
+                                                                    if config.narrows else []))
     chosen = schema.empty_table()
     for block in (scores.map_batches(rarest_by_group, fn_kwargs=keep, batch_format="pyarrow")
                   .iter_batches(batch_size=None, batch_format="pyarrow")):
         chosen = pa.concat_tables([chosen, block.cast(schema)])
-        if chosen.num_rows > 2 * sum(quotas.values()):
+        if chosen.num_rows > 2 * sum(taken.values()):
             chosen = rarest_by_group(chosen, **keep)
-    return rarest_by_group(chosen, **keep), rows_in, counts, methods, dropped
+    chosen = rarest_by_group(chosen, **keep)
+    removed = {}
+    if config.narrows:
+        chosen, removed = narrow(chosen, config.per, quotas, config.by, config.select, config.rule["dedup"])
+        if config.dedup_threshold is not None:
+            log.info("removed %d near-duplicates (cosine >= %s in %s) among %d candidates", sum(removed.values()),
+                     config.dedup_threshold, config.similarity_space, sum(taken.values()))
+    return Choice(chosen, rows_in, counts, valid, methods, dropped, removed)
 
 
 def _recorded(target: Location) -> dict | None:
@@ -199,7 +242,9 @@ def preflight_filter(config: FilterConfig) -> tuple[Location, Location, dict, Ga
         failed = len(list_files(source.child(FAILURES_DIR), ".json"))
         raise StorageError(f"{config.input} holds no rows to curate: its generation run wrote no data files "
                            f"(failed samples recorded in {FAILURES_DIR}/: {failed}); rerun it to retry them")
-    read = ["sample_id", "method", config.by, *([config.per] if config.per else []), *(["image"] if config.gate_reference else [])]
+    similarity = ([] if not config.narrows else ["embedding"] if config.similarity_space == "embedding" else ["image"])
+    read = ["sample_id", "method", config.by, *([config.balance] if config.balance else []),
+            *(["image"] if config.gate_reference else []), *similarity]
     missing = [column for column in missing_columns(source) if column in read]
     if missing:
         raise StorageError(f"{config.input} has no {', '.join(missing)} column (an older version wrote it): curate it "
@@ -260,7 +305,8 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     """Choose the rows, copy them into the claimed folder, then the card and ``_selection.json`` last."""
     from pipeline.sink import AtomicParquetSink, part_name
 
-    chosen, rows_in, counts, methods, dropped = choose(config, files, source, gate)
+    choice = choose(config, files, source, gate)
+    chosen, rows_in = choice.chosen, choice.rows_in
     claim_folder(config, target)
     ids = chosen.column("sample_id")
     copy = _read(files, source).map_batches(rows_with_ids, fn_kwargs={"ids": ids.combine_chunks()},
@@ -270,8 +316,7 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
     if not chosen.num_rows:
         _write_empty(target.child(DATA_DIR, part_name([])))
-    report = _report(config, chosen, rows_in, counts, dropped, methods,
-                     len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
+    report = _report(config, choice, len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
     data = json.dumps(report, indent=2).encode()
     card = dataset_card(target, "jepa-minority curated set: the rarest samples of a generation run",
                         [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
@@ -281,7 +326,8 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
                          "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}
                         | ({"threshold": report["threshold"]} if report["threshold"] is not None else {})
-                        | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {}))
+                        | ({"gate_dropped": report["gate"]["dropped"]} if report["gate"] else {})
+                        | ({"dedup_removed": report["dedup"]["removed"]} if report["dedup"] else {}))
     tracker.log_artifact_bytes(SELECTION_FILE, data)
     commit(target, {CARD_FILE: card}, (SELECTION_FILE, data))
     delete(target.child(CURATION_FILE))  # the selection records the same input and rule
@@ -296,8 +342,29 @@ def _write_empty(location: Location) -> None:
     write_bytes(location, buffer.getvalue().to_pybytes())
 
 
-def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, dropped: dict, methods: dict,
-            failed: int, generation_run: str | None, filter_run: str) -> dict:
+def balance(config: FilterConfig, chosen: pa.Table, candidates: dict) -> dict | None:
+    """The kept set's balance over ``config.balance``: each group's candidates (valid rows), kept rows and share of
+    the kept rows, logged a line, with one warning when a group's share passes ``dominant_share``."""
+    if config.balance is None:
+        return None
+    kept = group_counts(chosen.select([config.balance]), config.balance)
+    total = chosen.num_rows
+    groups = {str(key): {"candidates": n, "kept": kept.get(key, 0), "share": kept.get(key, 0) / total if total else 0.0}
+              for key, n in sorted(candidates.items(), key=lambda item: str(item[0]))}
+    log.info("balance over %s: %s", config.balance, "; ".join(
+        f"{key} kept {g['kept']} of {g['candidates']} ({g['share']:.0%})" for key, g in groups.items()))
+    dominant = [key for key, g in groups.items() if g["share"] > config.dominant_share]
+    if len(groups) > 1 and dominant:
+        top = max(dominant, key=lambda key: groups[key]["share"])
+        log.warning("%s %s holds %.0f%% of the kept rows (%d of %d), more than --dominant-share %s: curate --per %s "
+                    "to give each its quota", config.balance, top, 100 * groups[top]["share"], groups[top]["kept"],
+                    total, config.dominant_share, config.balance)
+    return {"by": config.balance, "dominant_share": config.dominant_share, "groups": groups,
+            "dominant": dominant if len(groups) > 1 else []}
+
+
+def _report(config: FilterConfig, choice: Choice, failed: int, generation_run: str | None, filter_run: str) -> dict:
+    chosen, rows_in, counts, dropped, methods = choice.chosen, choice.rows_in, choice.counts, choice.dropped, choice.methods
     ids = chosen.column("sample_id").to_pylist()
     scores = chosen.column(config.by).to_pylist()
     kept = chosen.column("method").to_pylist()
@@ -311,12 +378,17 @@ def _report(config: FilterConfig, chosen: pa.Table, rows_in: int, counts: dict, 
     gate = config.rule["gate"] and config.rule["gate"] | {
         "dropped": sum(dropped.values()),
         "groups": {str(key): n for key, n in sorted(dropped.items(), key=lambda item: str(item[0]))} if config.per else {}}
+    dedup = config.rule["dedup"] and config.rule["dedup"] | {
+        "space": config.similarity_space, "removed": sum(choice.removed.values()),
+        "groups": {str(key): n for key, n in sorted(choice.removed.items(), key=lambda item: str(item[0]))}
+        if config.per else {}}
     return {
         "input": config.input, "output": config.output,
         "rule": config.rule,
         "rows_in": rows_in, "failed_in_input": failed,
         "invalid_scores": rows_in - sum(counts.values()) - sum(dropped.values()), "gate": gate,
-        "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups, "methods": methods,
+        "dedup": dedup, "rows_kept": len(ids), "threshold": max(scores) if scores else None, "groups": groups,
+        "methods": methods, "balance": balance(config, chosen, choice.balance),
         "kept_ids_digest": ids_digest(ids), "generation_run_id": generation_run, "filter_run_id": filter_run,
         "finished_at": datetime.now(timezone.utc).isoformat(),
     }
