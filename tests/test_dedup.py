@@ -21,11 +21,11 @@ def clusters(count: int, size: int, dimension: int, spread: float, seed: int = 0
 
 
 def test_the_approximate_neighbours_recall_the_exact_ones():
-    points, _ = clusters(60, 50, 32, 0.3)  # 3,000 rows: the index has 54 lists, a search visits 16
+    points, _ = clusters(60, 50, 32, 1.0)  # 3,000 rows in overlapping clusters: 54 lists, a search visits 16
     exact_similarity, exact = nearest(unit_rows(points), 10, "exact")
     approximate_similarity, approximate = nearest(unit_rows(points), 10, "approximate")
     recall = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
-    assert recall > 0.95
+    assert recall > 0.98  # 0.99 here; visiting one list only, 0.87
     assert (approximate != np.arange(len(points))[:, None]).all()  # a row is never its own neighbour
     assert np.all(approximate_similarity <= exact_similarity + 1e-5)  # the exact ones are the nearest
 
