@@ -422,7 +422,8 @@ def test_near_duplicates_go_the_rarest_of_each_stays_and_the_balance_is_reported
     report = json.loads((tmp_path / "dedup" / SELECTION_FILE).read_text())
     assert report["dedup"] == {"threshold": 0.99, "search": "approximate", "space": "embedding", "removed": 3,
                                "groups": {}}
-    assert report["rule"]["candidates"] == {"multiple": 4, "space": "embedding"} and report["rule"]["select"] == "rarest"
+    assert report["rule"]["candidates"] == {"multiple": 4, "space": "embedding"}
+    assert report["rule"]["select"] == "rarest"
     assert report["balance"] == {"by": "class_label", "dominant_share": 0.5, "dominant": [], "groups": {
         "0": {"candidates": 5, "kept": 2, "share": 0.5}, "1": {"candidates": 4, "kept": 1, "share": 0.25},
         "2": {"candidates": 3, "kept": 1, "share": 0.25}}}
@@ -437,12 +438,13 @@ def test_diverse_rarest_covers_each_class_in_a_pixel_space(ray_cluster, tmp_path
     colours = [(200, 0, 0), (0, 200, 0), (201, 0, 0), (0, 201, 0), (202, 0, 0), (200, 200, 0), (0, 0, 200), (0, 202, 0)]
     fake_generation(tmp_path / "gen", [float(i) for i in range(8)], labels=[0, 1] * 4,
                     images=[colour_png(c) for c in colours])
-    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=2, per="class_label",
-                                     select="diverse-rarest", candidates=3, similarity_space="pixels-2",
-                                     tracking=tracking))
+    report = run_filter(FilterConfig(input=str(tmp_path / "gen"), output=str(tmp_path / "cur"), keep=2,
+                                     per="class_label", select="diverse-rarest", candidates=3,
+                                     similarity_space="pixels-2", tracking=tracking))
     assert sorted(r["sample_id"] for r in kept_rows(tmp_path / "cur")) == ["id000", "id001", "id005", "id006"]
     assert report["rule"]["candidates"] == {"multiple": 3, "space": "pixels-2"} and report["dedup"] is None
-    assert report["groups"] == {"0": {"valid": 4, "kept": 2, "threshold": 6.0}, "1": {"valid": 4, "kept": 2, "threshold": 5.0}}
+    assert report["groups"] == {"0": {"valid": 4, "kept": 2, "threshold": 6.0},
+                                "1": {"valid": 4, "kept": 2, "threshold": 5.0}}
     assert report["balance"]["groups"]["0"] == {"candidates": 4, "kept": 2, "share": 0.5}
 
 

@@ -1,5 +1,5 @@
 """Near-duplicate search and diverse selection on point sets whose answer is known: the approximate index against
-the exact one, the rarest row of each cluster kept, k-center taking one row per cluster where top-k takes one cluster."""
+the exact one, the rarest row of each cluster kept, k-center taking one row per cluster where top-k takes one."""
 
 from __future__ import annotations
 

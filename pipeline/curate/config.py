@@ -110,7 +110,8 @@ class FilterConfig:
     def rule(self) -> dict:
         """What decides the rows kept: recorded in the marker and the selection, compared on a rerun."""
         gate = {"reference": self.gate_reference, "space": self.gate_space, "k": self.gate_k} if self.gate_reference else None
-        dedup = {"threshold": self.dedup_threshold, "search": self.dedup_search} if self.dedup_threshold is not None else None
+        dedup = ({"threshold": self.dedup_threshold, "search": self.dedup_search}
+                 if self.dedup_threshold is not None else None)
         candidates = {"multiple": self.candidates, "space": self.similarity_space} if self.narrows else None
         return {"keep_fraction": self.keep_fraction, "keep": self.keep, "per": self.per, "max_score": self.max_score,
                 "by": self.by, "gate": gate, "dedup": dedup, "select": self.select, "candidates": candidates}

@@ -127,8 +127,8 @@ def _scored(config: FilterConfig, files: list[str], source: Location, columns: l
     extra = ["image"] if gate or pixels else []
     scores = _read(files, source, [*columns, *extra, *(["embedding"] if vectors and not pixels else [])])
     if vectors:
-        scores = scores.map_batches(with_vectors, fn_kwargs={"space": config.similarity_space, "keep_image": bool(gate)},
-                                    batch_format="pyarrow")
+        scores = scores.map_batches(with_vectors, batch_format="pyarrow",
+                                    fn_kwargs={"space": config.similarity_space, "keep_image": bool(gate)})
     if gate:
         scores = scores.map_batches(mark_inside, fn_kwargs={"gate": gate}, batch_format="pyarrow")
     return scores
@@ -161,7 +161,8 @@ def choose(config: FilterConfig, files: list[str], source: Location, gate: Gate 
     quotas = {key: _quota(config, n) for key, n in counts.items()}
     if config.narrows:
         scores = _scored(config, files, source, columns, gate, vectors=True)
-    taken = {key: min(counts[key], config.candidates * quota) for key, quota in quotas.items()} if config.narrows else quotas
+    taken = ({key: min(counts[key], config.candidates * quota) for key, quota in quotas.items()}
+             if config.narrows else quotas)
     keep = {"per": config.per, "quotas": taken, "max_score": config.max_score, "by": config.by}
     schema = pa.schema([OUTPUT_SCHEMA.field(c) for c in columns] + ([pa.field(VECTOR, pa.list_(pa.float32()))]
                                                                     if config.narrows else []))
@@ -316,7 +317,8 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     copy.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=min(WRITERS, len(files)))
     if not chosen.num_rows:
         _write_empty(target.child(DATA_DIR, part_name([])))
-    report = _report(config, choice, len(list_files(source.child(FAILURES_DIR), ".json")), generation.get("last_run_id"), tracker.run_id)
+    report = _report(config, choice, len(list_files(source.child(FAILURES_DIR), ".json")),
+                     generation.get("last_run_id"), tracker.run_id)
     data = json.dumps(report, indent=2).encode()
     card = dataset_card(target, "jepa-minority curated set: the rarest samples of a generation run",
                         [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
