@@ -1,5 +1,5 @@
 """Where a dataset came from, in one place: the model and encoder (names, sha256 digests of their weights files,
-the licence their folders state), the config digest, the counts' rule, the date, the package versions and the
+the licence their folders state), the config digest, the filter rule, the date, the package versions and the
 MLflow run. Generation builds these facts once per run into ``_run.json``; a curation (filter, refresh, the demo's
 rarest) takes its run's and adds its own; every dataset card renders them (``provenance_lines``).
 """
@@ -13,6 +13,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import yaml
+
+from pipeline.schema import RUN_FILE
 
 PACKAGES = ("jepa-minority", "torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")  # the versions a dataset names
 WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt")  # the files whose bytes are the weights
@@ -103,24 +105,23 @@ def generation_provenance(config: dict, manifest_digest: str, mlflow: dict) -> d
 
 def curation_provenance(generation: dict, rule: dict, mlflow: dict) -> dict:
     """A curated set's facts: its generation run's (``generation``, that run's ``_run.json``: model, encoder,
-    digests; rebuilt from its config if it predates them), the rule, and this curation's date, versions and
-    MLflow run (its generation's run kept beside it)."""
-    made = generation.get("provenance") or generation_provenance(
-        generation["config"], generation["manifest_digest"], {"run_id": generation.get("last_run_id")})
+    digests; a run written before these records has none, and says so), the rule, and this curation's date,
+    versions and MLflow run (its generation's run kept beside it)."""
+    made = generation.get("provenance") or {"mlflow": {"run_id": generation.get("last_run_id")}}
     return made | {"rule": rule, "date": now(), "versions": package_versions(),
                    "mlflow": mlflow | {"generation_run_id": made["mlflow"].get("run_id")}}
 
 
 def provenance_lines(facts: dict) -> list[str]:
     """The facts as the card's lines, one subject each."""
-    model, encoder, mlflow = facts["model"], facts["encoder"], facts["mlflow"]
+    model, encoder, mlflow = facts.get("model"), facts.get("encoder"), facts["mlflow"]
     lines = [
         f"model: {model['name']} from {model['source']}; weights {model['weights']}"
         + (f"; UNet weights {model['unet_weights']}" if "unet_weights" in model else "") + f"; licence: {model['licence']}",
         f"encoder: {encoder['name']} from {encoder['source']}; weights {encoder['weights']}; "
         f"licence: {encoder['licence']}",
         f"config digest: sha256:{facts['config_digest']}; manifest digest: {facts['manifest_digest']}",
-    ]
+    ] if model else [f"model, encoder and config: not recorded (the generation run's {RUN_FILE} predates these records)"]
     if "rule" in facts:
         lines.append(f"filter rule: {json.dumps(facts['rule'], sort_keys=True)}")
     run = f"MLflow run {mlflow.get('run_id')} in experiment {mlflow.get('experiment')!r} of {mlflow.get('tracking_uri')}"
