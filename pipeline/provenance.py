@@ -62,21 +62,25 @@ def weights_digest(source: str | None) -> str:
 
 def licence(source: str | None) -> str:
     """The licence a model folder states: ``license`` in its model_index.json / config.json (top level or timm's
-    ``pretrained_cfg``), else in its README.md front matter; NOT_STATED otherwise."""
+    ``pretrained_cfg``), else in its README.md front matter; NOT_STATED otherwise, or when none of them parses
+    (the card never fails a finished run)."""
     folder = Path(source).expanduser() if source else None
     if folder is None or not folder.is_dir():
         return NOT_STATED
-    for name in LICENCE_FILES:
-        if (folder / name).is_file():
-            config = json.loads((folder / name).read_text())
-            stated = config.get("license") or config.get("pretrained_cfg", {}).get("license")
-            if stated:
-                return str(stated)
-    readme = folder / "README.md"
-    if readme.is_file() and readme.read_text().startswith("---\n"):
-        front = yaml.safe_load(readme.read_text().split("---\n", 2)[1]) or {}
-        if front.get("license"):
-            return str(front["license"])
+    try:
+        for name in LICENCE_FILES:
+            if (folder / name).is_file():
+                config = json.loads((folder / name).read_text())
+                stated = config.get("license") or config.get("pretrained_cfg", {}).get("license")
+                if stated:
+                    return str(stated)
+        readme = folder / "README.md"
+        if readme.is_file() and readme.read_text().startswith("---\n"):
+            front = yaml.safe_load(readme.read_text().split("---\n", 2)[1]) or {}
+            if front.get("license"):
+                return str(front["license"])
+    except (OSError, ValueError, yaml.YAMLError) as error:
+        return f"{NOT_STATED} ({type(error).__name__} reading {folder})"
     return NOT_STATED
 
 

@@ -175,6 +175,8 @@ def test_the_weights_digest_is_sha256sum_and_the_licence_is_the_folders(tmp_path
     assert weights_digest(str(tmp_path / "b.bin")) == f"sha256:{hashlib.sha256(b'two').hexdigest()}"
     assert weights_digest("org/model").startswith("not hashed")
     assert licence(str(tmp_path)) == "not stated"
+    (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    assert licence(str(tmp_path)).startswith("not stated (ParserError reading")  # never fails a finished run
     (tmp_path / "README.md").write_text("---\nlicense: openrail\n---\n# a model\n")
     assert licence(str(tmp_path)) == "openrail"
     (tmp_path / "config.json").write_text(json.dumps({"pretrained_cfg": {"license": "apache-2.0"}}))
