@@ -20,6 +20,7 @@ COMMANDS = {
     "demo": Command("jobs.demo", "the embedded default end to end, with a visual report"),
     "generate": Command("jobs.generate", "the main job: JEPA-guided samples on Ray into Parquet"),
     "filter": Command("jobs.filter", "keep the rarest samples of a generated dataset"),
+    "export": Command("jobs.export", "a run or curated set as WebDataset tar shards, for training"),
     "refresh": Command("jobs.refresh", "one scheduled dataset version, published when complete"),
     "score": Command("jobs.score", "rank image files by world-prior rarity"),
     "evaluate": Command("jobs.evaluate", "rarity and quality of generated runs against a reference"),

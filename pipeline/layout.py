@@ -9,6 +9,7 @@ from collections import Counter
 
 import yaml
 
+from pipeline.provenance import provenance_lines
 from pipeline.rows import committed_footers, read_committed
 from pipeline.schema import DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
 from pipeline.storage import Location, StorageError, exists
@@ -44,8 +45,9 @@ def _tally(values: list) -> str:
     return ", ".join(f"{value} ({n})" for value, n in sorted(Counter(values).items(), key=lambda item: str(item[0])))
 
 
-def dataset_card(folder: Location, title: str, lines: list[str]) -> bytes:
-    """The dataset card (CARD_FILE): what the folder holds in a few commented lines, and its data files for `datasets`.
+def dataset_card(folder: Location, title: str, lines: list[str], provenance: dict) -> bytes:
+    """The dataset card (CARD_FILE): what the folder holds in a few commented lines, where it came from
+    (``provenance``, pipeline/provenance.py), and its data files for `datasets`.
 
     Committed before the folder's completion marker (``storage.commit``). Model, encoder and method come from
     the committed rows themselves, so the card describes what is there.
@@ -56,6 +58,7 @@ def dataset_card(folder: Location, title: str, lines: list[str]) -> bytes:
         f"{len(rows['model'])} rows; model: {_tally(rows['model'])}; encoder: {_tally(rows['encoder'])}; "
         f"method: {_tally(rows['method'])}",
         *lines,
+        *provenance_lines(provenance),
         f"Rows: {DATA_FILES} (image: PNG; jepa_score: exact JEPA-SCORE; topk_score: exact top-k log-volume at the "
         "run's guidance k; lower is rarer); the _-prefixed files "
         "are bookkeeping. Read it with datasets.load_dataset(folder) or pandas.read_parquet(folder).",

@@ -3,7 +3,9 @@ digits; a short demo run writes the data, the MLflow runs and the report."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 from importlib.metadata import version
 from pathlib import Path
@@ -22,7 +24,7 @@ from pipeline.demo.train import DiffusionTraining, EncoderTraining
 from pipeline.evaluate.features import FeatureSpace
 from pipeline.evaluate.rarity import avg_knn
 from pipeline.rows import read_committed
-from pipeline.schema import DATA_FILE_PREFIX, SELECTION_FILE
+from pipeline.schema import CARD_FILE, DATA_FILE_PREFIX, RUN_FILE, SELECTION_FILE
 from pipeline.storage import StorageConfig, resolve
 from tests.test_refresh import count_preflights
 
@@ -125,3 +127,23 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
                      r"\(precision \d\.\d\d, \d+% outside every real k-NN ball, class accuracy \d\.\d\d\)</li>", top)
     assert f"JEPA-guided {guided_run.run_id}" in top and f"jepa-minority {version('jepa-minority')}" in top
     assert re.search(r"took \d+ s; .*; \d{4}-\d\d-\d\d \d\d:\d\d UTC", top)
+    # the curated set's card: where its rows came from (weights digests as sha256sum gives them, recomputed here)
+    card = (tmp_path / "demo" / "rarest" / CARD_FILE).read_text()
+    listing = {folder: "".join(f"{hashlib.sha256(file.read_bytes()).hexdigest()}  {file.relative_to(MODELS / folder)}\n"
+                               for file in sorted((MODELS / folder).rglob("*.safetensors")))
+               for folder in ("digits-ddpm", "digits-sigreg-vit")}
+    digest = {folder: hashlib.sha256(text.encode()).hexdigest() for folder, text in listing.items()}
+    assert (f"# model: pixel-unet from models/digits-ddpm; weights sha256:{digest['digits-ddpm']}; licence: not stated\n"
+            in card)  # the demo model's folder states no licence; its encoder's config.json does
+    assert (f"# encoder: vit_small_patch14_reg4_dinov2 from models/digits-sigreg-vit; weights "
+            f"sha256:{digest['digits-sigreg-vit']}; licence: apache-2.0\n") in card
+    made = json.loads((tmp_path / "demo" / "jepa" / RUN_FILE).read_text())
+    config_digest = hashlib.sha256(json.dumps(made["config"], sort_keys=True).encode()).hexdigest()
+    assert f"# config digest: sha256:{config_digest}; manifest digest: {made['manifest_digest']}\n" in card
+    assert '"keep_fraction": 0.25' in card and '"per": "class_label"' in card and "# filter rule: " in card
+    assert "# 2 rows; model: pixel-unet (2)" in card and "# 2 of 8 rows of " in card
+    rarest_run = next(r for r in runs if r.info.run_name.startswith("rarest:")).info
+    assert (f"# MLflow run {rarest_run.run_id} in experiment 'jepa-minority-demo' of {tracking} "
+            f"(generation run {guided_run.run_id})\n") in card
+    assert re.search(rf"# made \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00 with jepa-minority "
+                     rf"{re.escape(version('jepa-minority'))}, torch ", card)

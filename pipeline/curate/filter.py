@@ -45,6 +45,7 @@ from pipeline.curate.gate import Gate, load_gate, mark_inside
 from pipeline.folders import check_apart, check_holds_no_run, check_only, inside
 from pipeline.curate.selection import VECTOR, ids_digest, rarest_by_group, rows_with_ids, tally, with_vectors
 from pipeline.layout import check_layout, dataset_card, missing_columns
+from pipeline.provenance import curation_provenance, mlflow_run
 from pipeline.rows import read_committed
 from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
                              SELECTION_FILE)
@@ -322,8 +323,8 @@ def _curate(config: FilterConfig, source: Location, target: Location, gate: Gate
     data = json.dumps(report, indent=2).encode()
     card = dataset_card(target, "jepa-minority curated set: the rarest samples of a generation run",
                         [f"{report['rows_kept']} of {rows_in} rows of {config.input} kept, lowest {config.by} first "
-                         f"(rule: {json.dumps(report['rule'])}, threshold {report['threshold']}); "
-                         f"record in {SELECTION_FILE}."])
+                         f"(threshold {report['threshold']}); record in {SELECTION_FILE}."],
+                        curation_provenance(generation, config.rule, mlflow_run(tracker)))
     tracker.log_params(flatten(to_dict(config)))
     tracker.log_metrics({"rows_in": rows_in, "rows_kept": report["rows_kept"],
                          "invalid_scores": report["invalid_scores"], "failed_in_input": report["failed_in_input"]}

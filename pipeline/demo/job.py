@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from importlib.metadata import version
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +26,7 @@ from pipeline.demo import DEMO_CONFIG
 from pipeline.generate.config import GenerateConfig, load_config
 from pipeline.generate.job import GenerationSummary, run_generation
 from pipeline.generate.preflight import OtherRunError, Plan, preflight_generation
+from pipeline.provenance import package_versions
 from pipeline.report import contact_sheet, overlaid_histograms
 from pipeline.rows import read_committed
 from pipeline.settings import ui_command
@@ -40,7 +40,6 @@ FOLDERS = ("unguided", "jepa", "rarest", REPORT_DIR)  # all the demo writes unde
 ARMS = ("unguided", "JEPA-guided", "rarest kept")
 Evidence = Callable[[dict[str, pa.Table]], tuple[list[str], str]]  # each arm's rows (ARMS) -> (a verdict line per
 # arm, with its cost, for the top of the report; an HTML section measuring their rarity)
-PACKAGES = ("jepa-minority", "torch", "diffusers", "timm", "ray", "mlflow")  # the versions a report names
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ def provenance(runs: dict[str, str | None], tracking_uri: str, seconds: float) -
     last = next((run for run in reversed(runs.values()) if run), None)
     return [f"MLflow runs: {ids or 'none (every arm was already complete)'}",
             f"browse: {ui_command(tracking_uri, last)}",
-            f"took {seconds:.0f} s; {', '.join(f'{name} {version(name)}' for name in PACKAGES)}; "
+            f"took {seconds:.0f} s; {', '.join(f'{name} {v}' for name, v in package_versions().items())}; "
             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"]
 
 

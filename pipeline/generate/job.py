@@ -35,7 +35,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib.metadata import version
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,6 +48,7 @@ from pipeline.generate.preflight import Plan
 from pipeline.generate.work import Manifest, expand_ranges
 from pipeline.layout import dataset_card
 from pipeline.progress import show_progress
+from pipeline.provenance import generation_provenance, mlflow_run
 from pipeline.rows import Committed, committed_samples, read_committed
 from pipeline.schema import CARD_FILE, DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
 from pipeline.settings import ConfigError, flatten, to_dict
@@ -261,18 +261,19 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
         tracker.log_artifact_bytes("rarest_and_typical.png", _sheet(output, scores))
     tracker.log_metrics(metrics)
     if ok:
+        facts = generation_provenance(to_dict(config), manifest.digest, mlflow_run(tracker))
         run = {
             "status": "complete", "finished_at": datetime.now(timezone.utc).isoformat(),
             "config": to_dict(config), "manifest_digest": manifest.digest, "last_run_id": tracker.run_id,
             "tracking": to_dict(tracker.tracking),  # absolute paths: jobs run by hand on this output log beside it
             "counts": {"planned": planned, "committed": committed.count, "failed": len(failed),
                        "truncated_prompts": manifest.truncated_prompts},
-            "versions": {name: version(name) for name in ("torch", "diffusers", "timm", "ray", "pyarrow", "mlflow")},
+            "provenance": facts,  # also the card's: models' weights digests and licences, versions, MLflow run
         }
         data = json.dumps(run, indent=2).encode()
         card = dataset_card(output, "jepa-minority generation run",
                             [f"{committed.count} of {planned} planned samples committed, {len(failed)} failed "
-                             f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."])
+                             f"({FAILURES_DIR}/); made by jepa-minority generate, config in {RUN_FILE}."], facts)
         tracker.log_artifact_bytes(RUN_FILE, data)
         commit(output, {CARD_FILE: card}, (RUN_FILE, data))
     return GenerationSummary(config.output.uri, planned, generated, committed.count, len(failed),
