@@ -203,6 +203,7 @@ def test_a_commit_whose_file_cannot_be_written_writes_no_marker(tmp_path):
     with pytest.raises(StorageError, match="cannot write .*table.md"):
         commit(target, files, ("done.json", b"{}"))
     assert not (tmp_path / "out" / "done.json").exists() and (tmp_path / "out" / "plot.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plot.png", "table.md"]  # no temporary file left
     blocker.unlink()
     blocker.parent.rmdir()
     commit(target, files, ("done.json", b"{}"))
