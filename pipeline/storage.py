@@ -192,9 +192,13 @@ def write_bytes(location: Location, data: bytes) -> None:
             fs.create_dir(parent, recursive=True)
             # Ends in the uuid, never in .parquet: duckdb and polars globs would read a leftover temp file.
             temp = f"{parent}/{TEMP_PREFIX}{name}-{uuid.uuid4().hex}"
-            with fs.open_output_stream(temp) as stream:
-                stream.write(data)
-            fs.move(temp, path)
+            try:
+                with fs.open_output_stream(temp) as stream:
+                    stream.write(data)
+                fs.move(temp, path)
+            except OSError:
+                Path(temp).unlink(missing_ok=True)  # a write that failed here leaves nothing behind
+                raise
         else:
             try:
                 with fs.open_output_stream(path) as stream:

@@ -203,6 +203,7 @@ def test_a_commit_whose_file_cannot_be_written_writes_no_marker(tmp_path):
     with pytest.raises(StorageError, match="cannot write .*table.md"):
         commit(target, files, ("done.json", b"{}"))
     assert not (tmp_path / "out" / "done.json").exists() and (tmp_path / "out" / "plot.png").exists()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["plot.png", "table.md"]  # no temporary file left
     blocker.unlink()
     blocker.parent.rmdir()
     commit(target, files, ("done.json", b"{}"))
@@ -239,7 +240,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
     assert_exactly_once_on_s3(s3, "outage", "run")
 
 
-SOAK_SAMPLES = 5000
+SOAK_SAMPLES = 2500  # 100 batches: a 1 MiB-per-batch leak still grows the median by about 50 MiB
 SOAK_BATCH = 25  # rows per batch, and so per committed file
 SOAK_MEDIAN_GROWTH_MIB = 32  # the sampler actor's median RSS, late in the run against early: flat
 SOAK_PEAK_GROWTH_MIB = 128  # its late 95th-percentile reading against the early median: transient buffers only
