@@ -307,9 +307,9 @@ def check_prior(config: PriorConfig) -> dict:
         rows.append(np.array(out.column(space.column).to_pylist(), np.float64))
     score = np.concatenate(scores)
     paired_topk = (config.guidance_k, np.concatenate(topk)) if config.guidance_k is not None else None
-    features = np.concatenate(rows)
-    summary, rarity = prior_summary(score, features, space, config.k, labels, paired_topk,
-                                    reference_index(features, config.k, config.neighbours))
+    located = np.concatenate(rows)
+    summary, rarity = prior_summary(score, located, space, config.k, labels, paired_topk,
+                                    reference_index(located, config.k, config.neighbours))
     every = {"jepa_score": score} | ({"topk_score": paired_topk[1]} if paired_topk else {})
     nuisance = None
     if config.nuisances:
