@@ -20,10 +20,11 @@ from jobs.options import (add_storage_and_tracking, build_config, config_flag, g
                           run_as_program, storage_config, tracking_config)
 from guidance.methods import GuidanceConfig
 from pipeline import configs
+from pipeline.evaluate.neighbours import MODES
 from pipeline.evaluate.config import PriorConfig
 from pipeline.generate.config import EncoderConfig
 
-FLAGS = ("features", "labels", "k", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
+FLAGS = ("features", "labels", "k", "neighbours", "guidance_k", "max_images", "seed", "nuisances", "nuisance_images", "inception_weights",
          "clip_weights", "clip_arch", "batch_size", "device", "output")  # PriorConfig fields, one flag each
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_flag(parser, "--weights", encoder["weights"])
     config_flag(parser, "--input-size", encoder["input_size"], type=int)
     config_flag(parser, "--k", doc["k"], type=int)
+    config_flag(parser, "--neighbours", doc["neighbours"], choices=MODES)
     guidance_k = GuidanceConfig.k
     parser.add_argument("--guidance-k", type=int, metavar="K",
                         help=f"{doc['guidance_k'].meaning} (default: --config's sampling.guidance.k, else {guidance_k})")

@@ -14,10 +14,11 @@ import argparse
 from jobs.options import (add_storage_and_tracking, build_config, config_flag, given, job_parser, refusing,
                           run_as_program, storage_config, tracking_config)
 from pipeline.configs import field_docs
+from pipeline.evaluate.neighbours import MODES
 from pipeline.evaluate.config import EvaluateConfig
 
 FLAGS = ("reference", "output", "max_samples", "nearest_k", "seed", "inception_weights", "clip_weights", "clip_arch",
-         "pickscore_weights", "pickscore_processor", "rarity_features", "rarity_k", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
+         "pickscore_weights", "pickscore_processor", "rarity_features", "rarity_k", "neighbours", "baseline", "minority_quantile", "minority_per_class", "batch_size", "actors", "cpus_per_actor", "verbose")  # EvaluateConfig fields, one flag each
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "pixels at N x N) or encoder (the runs' own embedding: NOT independent of the guidance); "
                              "default inception if its weights are given, else clip if given, else pixels-32")
     config_flag(parser, "--rarity-k", doc["rarity_k"], type=int)
+    config_flag(parser, "--neighbours", doc["neighbours"], choices=MODES)
     parser.add_argument("--baseline", metavar="URI", help="one of the --generated runs (as given): every other run "
                         "gets the minority test against it (docs/method.md, 'The minority test'), e.g. the unguided run")
     config_flag(parser, "--minority-quantile", doc["minority_quantile"], type=float)

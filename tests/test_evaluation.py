@@ -390,7 +390,8 @@ def test_rarity_follows_the_images_and_ignores_the_jepa_score(ray_cluster, tmp_p
     assert first["rarity"]["feature_space"] == "pixels-8-grey" and first["rarity"]["k"] == 3
     assert first["rarity"]["avg_knn"] == pytest.approx(avg_knn(grey(gen), grey(ref), 3).mean(), rel=1e-5)
     assert set(first["rarity"]) == {"feature_space", "k", "avg_knn", "avg_knn_quantiles", "lof", "rarity_score",
-                                    "rarity_score_uncovered", "samples"}
+                                    "rarity_score_uncovered", "neighbours", "samples"}
+    assert first["rarity"]["neighbours"] == {"search": "exact"}  # auto: 8 reference rows are searched exactly
 
     rewrite(tmp_path / "gen", "jepa_score", list(np.linspace(-90, -10, 8)))  # only the guidance objective changes
     second = evaluate()

@@ -269,6 +269,26 @@ def test_gpu_group_requests_gpus_and_fits_the_actor_pool(tmp_path):
     assert config.ray.pool[1] * config.ray.gpus_per_actor <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
 
 
+def cluster_page_settings() -> dict[str, str]:
+    """The settings table of docs/cluster.md: `setting` -> `value`."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    return dict(re.findall(r"^\| `([^`]+)` \| `([^`]+)` \|", text, re.MULTILINE))
+
+
+def test_the_cluster_page_quotes_the_manifests(tmp_path):
+    """docs/cluster.md's rates and costs assume these settings: the page and the manifests name the same ones."""
+    config = cluster_config(tmp_path)
+    (gpu,) = [g for g in RAYCLUSTER["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu"]
+    actual = {"gpu.nvidia.com/gpu": str(gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]),
+              "gpu.maxReplicas": str(gpu["maxReplicas"]),
+              "ray.gpus_per_actor": f"{config.ray.gpus_per_actor:g}",
+              "ray.actors": str(list(config.ray.pool)),
+              "ray.batch_size": str(config.ray.batch_size),
+              "output.max_rows_per_file": str(config.output.max_rows_per_file),
+              "head.memory": HEAD["containers"][0]["resources"]["limits"]["memory"]}
+    assert cluster_page_settings() == actual
+
+
 def test_serve_listens_on_a_head_port_and_asks_for_gpus(monkeypatch):
     served = [args for module, args in (parse_entrypoint(e, monkeypatch) for e in ENTRYPOINTS) if module == "jobs.serve"]
     assert served, "no RayJob runs jobs.serve"

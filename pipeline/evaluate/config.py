@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guidance.methods import GuidanceConfig
+from pipeline.evaluate.neighbours import check_mode
 from pipeline.evaluate.rarity import DEFAULT_K
 from pipeline.generate.config import EncoderConfig
 from pipeline.settings import TrackingConfig, UserError
@@ -53,6 +54,8 @@ class EvaluateConfig:
     """a FeatureSpace name; None = the most independent one available"""
     rarity_k: int = DEFAULT_K
     """k of AvgkNN, LOF and Rarity Score"""
+    neighbours: str = "auto"
+    """rarity's neighbour search: exact, approximate (a faiss index) or auto (approximate above 100,000 reference rows)"""
     baseline: str | None = None
     """one of the generated runs: the minority test's baseline (e.g. the unguided run)"""
     minority_quantile: float = 0.25
@@ -85,6 +88,7 @@ class EvaluateConfig:
                              f"got {self.max_samples}")
         if self.rarity_k < 1:
             raise UserError(f"rarity_k must be >= 1, got {self.rarity_k}")
+        check_mode(self.neighbours)
         if self.rarity_features and not self.reference:
             raise UserError("rarity is measured against a reference: pass --reference with --rarity-features")
         if self.batch_size < 1 or self.actors < 1 or self.cpus_per_actor < 0:
@@ -203,6 +207,8 @@ class PriorConfig:
     """a Parquet column, or a .csv / .json file mapping file name (or sample id) -> label"""
     k: int = DEFAULT_K
     """neighbours of AvgkNN"""
+    neighbours: str = "auto"
+    """AvgkNN's neighbour search: exact, approximate (a faiss index) or auto (approximate above 100,000 images)"""
     guidance_k: int | None = GuidanceConfig.k
     """the top-k score (guidance descends it) is checked at this k; None: not"""
     max_images: int = 2000
@@ -235,6 +241,7 @@ class PriorConfig:
             raise UserError(f"need k >= 1 and max_images > k, got k = {self.k}, max_images = {self.max_images}")
         if self.batch_size < 1:
             raise UserError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_mode(self.neighbours)
         check_device(self.device)
         if self.guidance_k is not None and self.guidance_k < 1:
             raise UserError(f"guidance_k must be >= 1 (the top-k score's k), got {self.guidance_k}")

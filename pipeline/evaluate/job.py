@@ -48,7 +48,8 @@ from pipeline.evaluate.metrics import (REFERENCE_QUANTILE, Gaussian, knn_ready, 
                                        share_below)
 from pipeline.evaluate.minority import BASELINE, MinorityConfig, MinorityReference, minority_mask, minority_test
 from pipeline.evaluate.prior import prior_summary
-from pipeline.evaluate.rarity import RaritySummary
+from pipeline.evaluate.neighbours import Index
+from pipeline.evaluate.rarity import RaritySummary, reference_index
 from pipeline.evaluate.reference import find_reference
 from pipeline.layout import missing_columns
 from pipeline.schema import EVALUATION_FILE, EVALUATION_TABLE_FILE, PRIOR_CHECK_PLOT, RUN_FILE
@@ -91,8 +92,9 @@ def run_evaluation(config: EvaluateConfig) -> dict:
             rows.append(row)
             stats[row.label] = row_stats
     runs = rows
-    prior, plot = _prior_check(config, reference) if reference else (None, None)
-    report = _report(config, encoder, runs, stats, reference, prior)
+    index = reference_index(reference.rarity, config.rarity_k, config.neighbours) if reference else None
+    prior, plot = _prior_check(config, reference, index) if reference else (None, None)
+    report = _report(config, encoder, runs, stats, reference, index, prior)
     table = markdown(report)
 
     with RunTracker(config.tracking, run_name=run_name("evaluate", " vs ".join(run.label for run in runs),
@@ -266,18 +268,18 @@ def _check_reference(config: EvaluateConfig, encoder: dict, parquet: list[str], 
                          "--minority-quantile, lower --nearest-k or give a larger reference")
 
 
-def _prior_check(config: EvaluateConfig, reference: SetStats) -> tuple[dict, bytes]:
+def _prior_check(config: EvaluateConfig, reference: SetStats, index: Index) -> tuple[dict, bytes]:
     """The prior check on the reference's subsample: its JEPA-SCORE against its own rarity, and the plot."""
     from pipeline.report import score_against_rarity
 
     space = config.rarity_space
-    summary, within = prior_summary(reference.rarity_scores, reference.rarity, space, config.rarity_k)
+    summary, within = prior_summary(reference.rarity_scores, reference.rarity, space, config.rarity_k, index=index)
     return summary, score_against_rarity(within, reference.rarity_scores, summary["binned"], summary["verdict"], space.name)
 
 
 
 def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], stats: dict[str, SetStats],
-            reference: SetStats | None, prior: dict | None) -> dict:
+            reference: SetStats | None, index: Index | None, prior: dict | None) -> dict:
     threshold = float(np.quantile(reference.scores, REFERENCE_QUANTILE)) if reference else None
     if reference:
         for run in runs:
@@ -298,7 +300,7 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             row["jepa_score"]["rarer_than_reference_p10"] = share_below(mine.scores, threshold)
             row["embedding"] = {"fd": mine.embedding.distance(reference.embedding), "samples": len(mine.sample)}
             row["embedding"] |= manifold_metrics(reference.sample, mine.sample, config.nearest_k)
-            rarity = RaritySummary.of(mine.rarity, reference.rarity, config.rarity_space.name, config.rarity_k)
+            rarity = RaritySummary.against(mine.rarity, index, config.rarity_space.name, config.rarity_k)
             row["rarity"] = to_dict(rarity) | {"samples": len(mine.rarity)}
         if mine.pool is not None:
             row["inception"] = {"fid": mine.pool.distance(reference.pool), "sfid": mine.spatial.distance(reference.spatial),
@@ -321,7 +323,7 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             "jepa_score": score_summary(reference.scores), "p10": threshold, "knn_samples": len(reference.sample)},
         "rarity": None if space is None else {
             "feature_space": space.name, "description": space.description, "independent": space.independent,
-            "k": config.rarity_k, "reference_samples": len(reference.rarity),
+            "k": config.rarity_k, "reference_samples": len(reference.rarity), "neighbours": config.neighbours,
             "samples": "the k-NN metrics' subsample: every row when a set has at most max_samples, else a uniform "
                        "subsample of max_samples"},
         "prior_check": prior,

@@ -33,7 +33,8 @@ from tqdm import tqdm
 from pipeline.evaluate.features import EvalFeatures, FeatureSpace, FeatureSpec, decode
 from pipeline.evaluate.metrics import subsample_key
 from pipeline.nuisance import CHANGES, perturb
-from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, avg_knn_within
+from pipeline.evaluate.neighbours import Index, search_record
+from pipeline.evaluate.rarity import DEFAULT_K, RarityInputError, reference_index
 from pipeline.evaluate.reference import find_reference
 from guidance import jepa_score, jepa_scores
 from pipeline.evaluate.config import PriorConfig
@@ -92,21 +93,25 @@ def class_frequency(scores: np.ndarray, labels: list[str]) -> dict:
 
 
 def prior_summary(scores: np.ndarray, features: np.ndarray, space: FeatureSpace, k: int = DEFAULT_K,
-                  labels: list[str] | None = None, topk: tuple[int, np.ndarray] | None = None) -> tuple[dict, np.ndarray]:
+                  labels: list[str] | None = None, topk: tuple[int, np.ndarray] | None = None,
+                  index: Index | None = None) -> tuple[dict, np.ndarray]:
     """The prior check on paired arrays (each image's JEPA-SCORE and its features in ``space``):
     the summary, and each image's AvgkNN among the others. ``topk`` = (the guidance k, each image's
-    exact top-k log-volume) adds the same check of the score guidance descends, under ``topk``."""
+    exact top-k log-volume) adds the same check of the score guidance descends, under ``topk``.
+    ``index``: the features' ``reference_index`` when built already (else exact search); an approximate
+    one's recall@k and AvgkNN change against exact search go under ``neighbours``."""
     scores = np.asarray(scores, np.float64)
     if len(scores) != len(features):
         raise RarityInputError(f"{len(scores)} scores but {len(features)} feature rows: they must be paired")
     if not np.isfinite(scores).all():
         raise RarityInputError("JEPA-SCOREs hold NaN or inf: drop the failed rows before the prior check")
-    rarity = avg_knn_within(features, k)
+    index = reference_index(features, k) if index is None else index
+    rarity = index.within(k)[0].mean(axis=1)
     rho, p_value = _spearman(scores, rarity)
     summary = {"feature_space": space.name, "feature_space_description": space.description,
                "independent": space.independent, "k": k, "images": len(scores), "spearman": rho, "p_value": p_value,
                "threshold": TRACKS, "verdict": verdict(rho, len(scores), p_value, space),
-               "binned": binned_means(rarity, scores)}
+               "binned": binned_means(rarity, scores), "neighbours": search_record(index, k)}
     if topk is not None:
         guidance_k, values = topk[0], np.asarray(topk[1], np.float64)
         if len(values) != len(scores) or not np.isfinite(values).all():
@@ -302,7 +307,9 @@ def check_prior(config: PriorConfig) -> dict:
         rows.append(np.array(out.column(space.column).to_pylist(), np.float64))
     score = np.concatenate(scores)
     paired_topk = (config.guidance_k, np.concatenate(topk)) if config.guidance_k is not None else None
-    summary, rarity = prior_summary(score, np.concatenate(rows), space, config.k, labels, paired_topk)
+    located = np.concatenate(rows)
+    summary, rarity = prior_summary(score, located, space, config.k, labels, paired_topk,
+                                    reference_index(located, config.k, config.neighbours))
     every = {"jepa_score": score} | ({"topk_score": paired_topk[1]} if paired_topk else {})
     nuisance = None
     if config.nuisances:

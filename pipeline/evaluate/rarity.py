@@ -12,6 +12,11 @@ The neighbourhood metrics of the minority-sampling literature (docs/method.md, '
 
 ``avg_knn_within`` scores the reference against itself, each sample without itself: how rare each
 reference image is within its own set (the prior check's yardstick).
+
+Every metric searches neighbours exactly; a ``reference_index`` may search a faiss index instead
+(pipeline/evaluate/neighbours.py), for a reference of a million rows. LOF then comes from the index's
+k-NN graph by Breunig et al.'s formula, and a Rarity Score looks for its smallest containing ball
+among the sample's ``CANDIDATES`` nearest reference rows (a larger ball centred farther is missed).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.neighbors import LocalOutlierFactor, NearestNeighbors
+from sklearn.neighbors import LocalOutlierFactor
 
+from pipeline.evaluate.neighbours import Index, approximate, search_record
 from pipeline.settings import UserError
 
 DEFAULT_K = 5
+CANDIDATES = 64  # reference balls an approximate Rarity Score tests per sample: its nearest centres
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
 
@@ -54,39 +61,70 @@ def _check(samples: np.ndarray, reference: np.ndarray, k: int) -> tuple[np.ndarr
 def avg_knn(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """AvgkNN of each sample: mean distance to its k nearest reference samples."""
     samples, reference = _check(samples, reference, k)
-    distances, _ = NearestNeighbors(n_neighbors=k).fit(reference).kneighbors(samples)
-    return distances.mean(axis=1)
+    return _avg_knn(samples, Index(reference, exact=True), k)
 
 
-def _within(reference: np.ndarray, k: int) -> np.ndarray:
-    """Distances from each reference sample to its k nearest others, nearest first."""
-    distances, _ = NearestNeighbors(n_neighbors=k + 1).fit(reference).kneighbors(None, n_neighbors=k)
-    return distances
+def _avg_knn(samples: np.ndarray, index: Index, k: int) -> np.ndarray:
+    return index.query(samples, k)[0].mean(axis=1)
 
 
 def avg_knn_within(reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """AvgkNN of each reference sample among the others (leave one out)."""
+    return reference_index(reference, k).within(k)[0].mean(axis=1)
+
+
+def reference_index(reference: np.ndarray, k: int = DEFAULT_K, neighbours: str = "exact") -> Index:
+    """The reference's features, checked, searched as ``neighbours`` (exact, approximate or auto) says: build
+    it once and measure every set against it."""
     _, reference = _check(reference, reference, k)
-    return _within(reference, k).mean(axis=1)
+    return Index(reference, exact=not approximate(neighbours, len(reference)))
 
 
 def local_outlier_factor(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """LOF of each sample relative to the reference (scikit-learn, k neighbours)."""
     samples, reference = _check(samples, reference, k)
-    return -LocalOutlierFactor(n_neighbors=k, novelty=True).fit(reference).score_samples(samples)
+    return _lof(samples, Index(reference, exact=True), k)
+
+
+def _lof(samples: np.ndarray, index: Index, k: int) -> np.ndarray:
+    if index.exact:
+        return -LocalOutlierFactor(n_neighbors=k, novelty=True).fit(index.reference).score_samples(samples)
+    return lof_from_graph(index.within(k), index.query(samples, k))
+
+
+def lof_from_graph(within: tuple[np.ndarray, np.ndarray], queried: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """LOF (Breunig et al. 2000) from k-NN lists: ``within`` each reference row's (distances, indices) to its k
+    nearest others, ``queried`` each sample's to its k nearest reference rows. The reach distance of a to b is
+    max(k-distance(b), d(a, b)); lrd is one over its mean (plus 1e-10, as scikit-learn); LOF is the mean lrd of
+    a sample's neighbours over its own."""
+    (ref_distances, ref_found), (distances, found) = within, queried
+    k_distance = ref_distances[:, -1]
+    ref_lrd = 1 / (np.maximum(k_distance[ref_found], ref_distances).mean(axis=1) + 1e-10)
+    lrd = 1 / (np.maximum(k_distance[found], distances).mean(axis=1) + 1e-10)
+    return ref_lrd[found].mean(axis=1) / lrd
 
 
 def rarity_score(samples: np.ndarray, reference: np.ndarray, k: int = DEFAULT_K) -> np.ndarray:
     """Han et al.'s Rarity Score of each sample: the smallest r_k among reference balls that hold it strictly
     (|x - y| < r_k, as in the paper; a point on a sphere is outside), NaN if none.
 
-    Both sets are first centred on the reference mean: the expanded square |x|^2 + |y|^2 - 2 x.y then rounds
-    alike wherever the point set lies, so the scores are translation invariant, as the metric is.
+    Exact: both sets are first centred on the reference mean, so the expanded square |x|^2 + |y|^2 - 2 x.y
+    rounds alike wherever the point set lies and the scores are translation invariant, as the metric is.
+    Approximate (``RaritySummary.of``): only the balls of the sample's ``CANDIDATES`` nearest reference rows.
     """
     samples, reference = _check(samples, reference, k)
-    centre = reference.mean(axis=0)
-    samples, reference = samples - centre, reference - centre
-    radii = _within(reference, k)[:, -1]  # r_k of each reference ball
+    return _rarity(samples, Index(reference, exact=True), k)
+
+
+def _rarity(samples: np.ndarray, index: Index, k: int) -> np.ndarray:
+    if not index.exact:
+        radii = index.within(k)[0][:, -1]  # r_k of each reference ball
+        distances, found = index.query(samples, min(CANDIDATES, len(radii)))
+        smallest = np.where(distances < radii[found], radii[found], np.inf).min(axis=1)
+        return np.where(np.isfinite(smallest), smallest, np.nan)
+    centre = index.reference.mean(axis=0)
+    samples, reference = samples - centre, index.reference - centre
+    radii = Index(reference, exact=True).within(k)[0][:, -1]
     order = np.argsort(radii)  # the first containing ball in this order is the smallest
     sorted_radii, sorted_reference = radii[order], reference[order]
     squared_radii, squared_norms = sorted_radii ** 2, (sorted_reference ** 2).sum(1)
@@ -111,14 +149,24 @@ class RaritySummary:
     lof: float
     rarity_score: float | None  # mean over covered samples; None when no sample is covered
     rarity_score_uncovered: float  # the share of samples that no reference ball contains
+    neighbours: dict  # the neighbour search used, and an index's check against exact search
 
     @classmethod
-    def of(cls, samples: np.ndarray, reference: np.ndarray, feature_space: str, k: int = DEFAULT_K) -> RaritySummary:
-        knn = avg_knn(samples, reference, k)
-        rarity = rarity_score(samples, reference, k)
+    def of(cls, samples: np.ndarray, reference: np.ndarray, feature_space: str, k: int = DEFAULT_K,
+           neighbours: str = "exact") -> RaritySummary:
+        """The three metrics against the reference; ``neighbours``: exact, approximate or auto."""
+        return cls.against(samples, reference_index(reference, k, neighbours), feature_space, k)
+
+    @classmethod
+    def against(cls, samples: np.ndarray, index: Index, feature_space: str, k: int = DEFAULT_K) -> RaritySummary:
+        """The three metrics against a reference's index (``reference_index``)."""
+        samples, _ = _check(samples, index.reference, k)
+        knn = _avg_knn(samples, index, k)
+        rarity = _rarity(samples, index, k)
         covered = rarity[np.isfinite(rarity)]
         return cls(feature_space=feature_space, k=k, avg_knn=float(knn.mean()),
                    avg_knn_quantiles={f"p{round(q * 100):02d}": float(np.quantile(knn, q)) for q in QUANTILES},
-                   lof=float(local_outlier_factor(samples, reference, k).mean()),
+                   lof=float(_lof(samples, index, k).mean()),
                    rarity_score=float(covered.mean()) if len(covered) else None,
-                   rarity_score_uncovered=float(1 - len(covered) / len(rarity)))
+                   rarity_score_uncovered=float(1 - len(covered) / len(rarity)),
+                   neighbours=search_record(index, k, samples))
