@@ -287,7 +287,8 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             if dims[0] != dims[1]:
                 raise UserError(f"reference embeddings have dimension {dims[1][0]}, {run.uri}'s {dims[0][0]}: "
                                  "the reference must be embedded with the generated runs' encoder")
-    minority = _minority_inception(config, reference) if reference and reference.pool_sample is not None else None
+    chosen = _chosen_minority(config, reference) if config.baseline else None
+    minority = _minority_inception(config, reference, chosen) if reference and reference.pool_sample is not None else None
     rows = []
     for run in runs:
         mine = stats[run.label]
@@ -313,8 +314,8 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
             row["pickscore"] = mine.pickscore
             row["pickscore_rows"] = mine.pickscore_rows
         rows.append(row)
-    if config.baseline:
-        _minority_tests(config, runs, stats, reference, rows)
+    if chosen is not None:
+        _minority_tests(config, runs, stats, chosen, rows)
     space = config.rarity_space
     return {
         "encoder": encoder,
@@ -344,23 +345,32 @@ def _report(config: EvaluateConfig, encoder: dict, runs: list[GeneratedRun], sta
     }
 
 
-def _minority_inception(config: EvaluateConfig, reference: SetStats) -> dict:
+def _chosen_minority(config: EvaluateConfig, reference: SetStats) -> MinorityReference:
+    """The reference's minority for the minority test: its rarest ``minority_quantile`` by leave-one-out AvgkNN in the
+    rarity space (docs/method.md, 'The minority test'), chosen once for the test and for cFID."""
+    return MinorityReference(reference.rarity, MinorityConfig(config.minority_quantile, config.minority_per_class,
+                                                              config.rarity_k, config.nearest_k, seed=config.seed),
+                             reference.rarity_labels)
+
+
+def _minority_inception(config: EvaluateConfig, reference: SetStats, chosen: MinorityReference | None) -> dict:
     """Gaussians of the reference minority's Inception pool and spatial rows: its rarest ``minority_quantile`` by
-    leave-one-out AvgkNN in the rarity space, the minority test's choice (docs/method.md, 'Quality metrics')."""
-    labels = reference.rarity_labels if config.minority_per_class else None
-    mask = minority_mask(reference.rarity, config.rarity_k, config.minority_quantile, labels)
+    leave-one-out AvgkNN in the rarity space, the minority test's choice (docs/method.md, 'Quality metrics'),
+    taken from the test's ``chosen`` minority when there is one."""
+    if chosen is not None:
+        mask = chosen.mask
+    else:
+        labels = reference.rarity_labels if config.minority_per_class else None
+        mask = minority_mask(reference.rarity, config.rarity_k, config.minority_quantile, labels)
     return {"pool": Gaussian.of_rows(reference.pool_sample[mask]),
             "spatial": Gaussian.of_rows(reference.spatial_sample[mask]), "rows": int(mask.sum())}
 
 
 def _minority_tests(config: EvaluateConfig, runs: list[GeneratedRun], stats: dict[str, SetStats],
-                    reference: SetStats, rows: list[dict]) -> None:
+                    chosen: MinorityReference, rows: list[dict]) -> None:
     """Each row's minority test against the baseline run's own rows (docs/method.md, 'The minority test')."""
     space = config.rarity_space
     base = next(run for run in runs if run.uri == config.baseline)  # the run's own rows come before its fallback's
-    chosen = MinorityReference(reference.rarity, MinorityConfig(config.minority_quantile, config.minority_per_class,
-                                                                config.rarity_k, config.nearest_k, seed=config.seed),
-                               reference.rarity_labels)
     bounds = (0.0, 1.0) if space.column == "pixels" else None
     theirs = stats[base.label]
     for run, row in zip(runs, rows):
