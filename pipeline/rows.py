@@ -8,6 +8,8 @@ count cost one small ranged read per file and memory in the number of ranges, no
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.schema import DATA_DIR, OUTPUT_SCHEMA, SAMPLE_RANGES_KEY
+from pipeline.schema import BUCKET_SAMPLES, DATA_DIR, OUTPUT_SCHEMA, SAMPLE_RANGES_KEY, bucket_of
 from pipeline.storage import Location, StorageError, clear_errors, list_files
 
 FOOTER_READERS = 16  # footers read at once: one small ranged read each, so S3's latency overlaps
@@ -27,14 +29,32 @@ def read_committed(output: Location, columns: list[str]) -> pa.Table:
 
     ``__filename`` (pyarrow's special column) may be asked for beside the schema's own columns.
     """
+    dataset = _dataset(output)
+    if dataset is None:
+        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
+    with clear_errors("read", output.child(DATA_DIR)):
+        return dataset.to_table(columns=columns)
+
+
+def committed_batches(output: Location, columns: list[str]) -> Iterator[pa.RecordBatch]:
+    """These columns of every committed data file, streamed a row group at a time: memory in a batch, not in the
+    run (``__filename`` may be asked for, as in ``read_committed``)."""
+    dataset = _dataset(output)
+    if dataset is None:
+        return
+    with clear_errors("read", output.child(DATA_DIR)):
+        yield from dataset.to_batches(columns=columns)
+
+
+def _dataset(output: Location):
+    """A pyarrow dataset of the output's committed data files (in their buckets or not); None when there are none."""
     files = list_files(output.child(DATA_DIR), ".parquet")
     if not files:
-        return pa.schema([OUTPUT_SCHEMA.field(c) for c in columns if c in OUTPUT_SCHEMA.names]).empty_table()
+        return None
     import pyarrow.dataset as pads  # here, not above: it imports pandas, seconds a dry run need not wait
 
     with clear_errors("read", output.child(DATA_DIR)):
-        dataset = pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
-        return dataset.to_table(columns=columns)
+        return pads.dataset([f.path for f in files], filesystem=output.filesystem, format="parquet")
 
 
 def sample_ranges(indices: np.ndarray) -> bytes:
@@ -50,6 +70,7 @@ class Committed:
     """The sample indices a run's data files hold, as [start, stop) ranges, one or more per file."""
 
     ranges: np.ndarray  # int64 [K, 2], sorted by start; ranges of different files may overlap only by a bug
+    files: frozenset[str] = frozenset()  # the data files (paths) whose footers recorded them
 
     @classmethod
     def nothing(cls) -> Committed:
@@ -89,19 +110,53 @@ class Committed:
         return bool(at >= 0 and index < union[at, 1])
 
 
-def committed_samples(output: Location) -> Committed:
-    """The sample indices every committed data file records in its footer; a file without the record (written
-    by an earlier version) is refused in one line."""
-    files = list_files(output.child(DATA_DIR), ".parquet")
-    ranges = []
+@dataclass(frozen=True)
+class Footers:
+    """What the committed data files' footers say, each footer read once (``read_footers``)."""
+
+    committed: Committed  # the sample ranges of the files that record them, and every file read
+    lacking: tuple[str, ...]  # OUTPUT_SCHEMA columns some file lacks (rows of an earlier version)
+    unrecorded: tuple[str, ...]  # files without the sample-range record (an earlier version's), by URI
+
+    def samples(self) -> Committed:
+        """The committed samples; a file without the record (written by an earlier version) is refused in one line."""
+        if self.unrecorded:
+            raise StorageError(f"{self.unrecorded[0]} was committed by an earlier version, which did not record its "
+                               "samples' indices: finish this run with that version, or choose a new output.uri")
+        return self.committed
+
+
+def read_footers(output: Location, known: Committed | None = None) -> Footers:
+    """The footers of the output's committed data files, in their buckets or not, but those in ``known.files``
+    (read before: a committed file never changes), whose ranges are kept."""
+    known = known or Committed.nothing()
+    files = [file for file in list_files(output.child(DATA_DIR), ".parquet") if file.path not in known.files]
+    ranges, lacking, unrecorded = [known.ranges], set(), []
     for file, footer in zip(files, _footers(files)):
+        lacking |= set(OUTPUT_SCHEMA.names) - set(footer.schema.to_arrow_schema().names)
         record = (footer.metadata or {}).get(SAMPLE_RANGES_KEY)
         if record is None:
-            raise StorageError(f"{file.uri} was committed by an earlier version, which did not record its samples' "
-                               "indices: finish this run with that version, or choose a new output.uri")
-        ranges += json.loads(record)
-    table = np.array(ranges, dtype=np.int64).reshape(-1, 2)
-    return Committed(table[np.argsort(table[:, 0], kind="stable")])
+            unrecorded.append(file.uri)
+        else:
+            ranges.append(np.array(json.loads(record), dtype=np.int64).reshape(-1, 2))
+    table = np.concatenate(ranges)
+    committed = Committed(table[np.argsort(table[:, 0], kind="stable")], known.files | {f.path for f in files})
+    return Footers(committed, tuple(name for name in OUTPUT_SCHEMA.names if name in lacking), tuple(unrecorded))
+
+
+def committed_samples(output: Location, known: Committed | None = None) -> Committed:
+    """The sample indices every committed data file records in its footer, reading only the footers not in
+    ``known``; a file without the record (written by an earlier version) is refused in one line."""
+    return read_footers(output, known).samples()
+
+
+def by_bucket(ranges: np.ndarray) -> dict[str, int]:
+    """How many samples of these [start, stop) ranges each bucket folder holds (``schema.bucket_of``)."""
+    counts: Counter[str] = Counter()
+    for start, stop in ranges.tolist():
+        for first in range(start - start % BUCKET_SAMPLES, stop, BUCKET_SAMPLES):
+            counts[bucket_of(first)] += min(stop, first + BUCKET_SAMPLES) - max(start, first)
+    return dict(counts)
 
 
 def read_footer(file: Location) -> pq.FileMetaData:
