@@ -2,8 +2,8 @@
 
 Read from storage, the run's one record of what is done, so it shows only what is committed: each poll
 lists the bucket folders still being written (reading each new file's Parquet footer once, for its row
-count) and the failure records written since the run began. A bar on a terminal (tqdm); elsewhere one status line every
-``every`` seconds, and a last one when the work ends.
+count) and the failure records written since the run began. A bar on a terminal (tqdm); elsewhere one
+status line every ``every`` seconds, and a last one when the work ends.
 """
 
 from __future__ import annotations

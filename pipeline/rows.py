@@ -172,9 +172,10 @@ def read_footer(file: Location) -> pq.FileMetaData:
 def committed_footers(output: Location) -> list[pq.FileMetaData]:
     """The footer of every committed data file, read before any job reads the rows: a corrupt file is named
     here, in one line, not deep inside a Ray worker."""
-    return _footers(list_files(output.child(DATA_DIR), ".parquet"))
+    return list(_footers(list_files(output.child(DATA_DIR), ".parquet")))
 
 
-def _footers(files: list[Location]) -> list[pq.FileMetaData]:
+def _footers(files: list[Location]) -> Iterator[pq.FileMetaData]:
+    """Each file's footer, in order, FOOTER_READERS read at once; the caller keeps only what it needs of each."""
     with ThreadPoolExecutor(FOOTER_READERS) as pool:
-        return list(pool.map(read_footer, files))
+        yield from pool.map(read_footer, files)
