@@ -21,7 +21,7 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import MAX_BLOCKS, missing_pieces
 from pipeline.generate.preflight import for_device
 from pipeline.generate.work import Manifest, build_manifest, work_digest
-from pipeline.rows import Committed, by_bucket, committed_samples, sample_ranges
+from pipeline.rows import Committed, by_bucket, committed_batches, committed_samples, sample_ranges
 from pipeline.schema import (BUCKET_SAMPLES, DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE,
                              SAMPLE_INDEX, SAMPLE_RANGES_KEY, SAMPLER_SCHEMA, bucket_of)
 from pipeline.sink import AtomicParquetSink
@@ -172,6 +172,17 @@ def test_the_sink_writes_each_file_within_one_bucket(tmp_path):
     curated = AtomicParquetSink(str(tmp_path / "cur"), StorageConfig(), max_rows_per_file=8, row_group_size=8)
     (name,) = curated.write([sampler_rows([edge - 1, edge]).drop_columns([SAMPLE_INDEX])], None)
     assert (tmp_path / "cur" / DATA_DIR / name).is_file() and "/" not in name
+
+
+def test_committed_rows_stream_file_by_file_with_their_file(tmp_path):
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    sink = AtomicParquetSink(str(tmp_path / "out"), StorageConfig(), max_rows_per_file=2, row_group_size=1)
+    names = sink.write([sampler_rows([0, 1, 2, BUCKET_SAMPLES])], None)
+    rows = pa.Table.from_batches(list(committed_batches(output, ["sample_id", "__filename"]))).to_pylist()
+    where = {f"s{i}": name for name, ids in zip(names, ([0, 1], [2], [BUCKET_SAMPLES])) for i in ids}
+    assert sorted(rows, key=lambda row: row["sample_id"]) == sorted(
+        ({"sample_id": i, "__filename": str(tmp_path / "out" / DATA_DIR / name)} for i, name in where.items()),
+        key=lambda row: row["sample_id"])
 
 
 def test_samples_are_counted_in_their_buckets():
