@@ -10,8 +10,8 @@ from collections import Counter
 import yaml
 
 from pipeline.provenance import provenance_lines
-from pipeline.rows import committed_footers, read_committed
-from pipeline.schema import DATA_FILES, OLD_LAYOUT, OUTPUT_SCHEMA
+from pipeline.rows import Footers, read_committed, read_footers
+from pipeline.schema import DATA_FILES, OLD_LAYOUT
 from pipeline.storage import Location, StorageError, exists
 
 
@@ -23,22 +23,20 @@ def check_layout(folder: Location) -> None:
                            "not resume: finish it with the version that started it, or choose a new output folder")
 
 
-def check_resumable(folder: Location) -> None:
-    """A run folder this version can add rows to: this layout, and committed rows with this version's columns
-    (an older version's rows would mix two schemas in one run)."""
-    check_layout(folder)
-    missing = missing_columns(folder)
-    if missing:
-        raise StorageError(f"{folder.uri} holds rows written before column {', '.join(missing)} existed, which this "
-                           "version does not resume: finish it with the version that started it, or choose a new "
-                           "output folder")
+def check_resumable(folder: Location, footers: Footers) -> None:
+    """A run folder (``check_layout`` passed) this version can add rows to: committed rows with this version's
+    columns, as its data files' ``footers`` say (an older version's rows would mix two schemas in one run). Data
+    files directly in ``data/``, as the layout before buckets left them, are read and resumed like any other."""
+    if footers.lacking:
+        raise StorageError(f"{folder.uri} holds rows written before column {', '.join(footers.lacking)} existed, "
+                           "which this version does not resume: finish it with the version that started it, or "
+                           "choose a new output folder")
 
 
 def missing_columns(folder: Location) -> list[str]:
     """Columns of OUTPUT_SCHEMA that some committed data file of the folder lacks. Every file's footer is
     read, so a corrupt file is named here, before any job reads rows from it."""
-    names = [set(footer.schema.to_arrow_schema().names) for footer in committed_footers(folder)]
-    return [name for name in OUTPUT_SCHEMA.names if not all(name in have for have in names)]
+    return list(read_footers(folder).lacking)
 
 
 def _tally(values: list) -> str:

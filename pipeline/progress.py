@@ -1,9 +1,9 @@
 """A run's own progress on the console: samples committed / planned, samples/s, ETA and failures.
 
 Read from storage, the run's one record of what is done, so it shows only what is committed: each poll
-lists the data folder (reading each new file's Parquet footer once, for its row count) and the failure
-records written since the run began. A bar on a terminal (tqdm); elsewhere one status line every
-``every`` seconds, and a last one when the work ends.
+lists the bucket folders still being written (reading each new file's Parquet footer once, for its row
+count) and the failure records written since the run began. A bar on a terminal (tqdm); elsewhere one
+status line every ``every`` seconds, and a last one when the work ends.
 """
 
 from __future__ import annotations
@@ -16,8 +16,10 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Iterator
 
-import pyarrow.parquet as pq
+from pyarrow.fs import FileType
 
+from pipeline.folders import entries
+from pipeline.rows import read_footer
 from pipeline.schema import DATA_DIR, FAILURES_DIR
 from pipeline.storage import Location, StorageError, list_files
 
@@ -26,20 +28,39 @@ BAR_REFRESH = 2.0  # seconds between polls behind a terminal's bar
 
 
 class CommitWatch:
-    """Counts the rows committed and the failures recorded in an output folder since it was made."""
+    """Counts the rows committed and the failures recorded in an output folder since it was made.
 
-    def __init__(self, output: Location):
+    ``waiting`` is how many samples this run is to commit into each bucket folder (``rows.by_bucket``). A poll
+    lists DATA_DIR's bucket folders, then the files of only those this run writes that still wait for rows:
+    a bucket whose rows are all in is never listed again, so a poll touches what changes, not the whole run.
+    """
+
+    def __init__(self, output: Location, waiting: dict[str, int]):
         self.output = output
         self.since = datetime.now(timezone.utc)
-        self.counted = {item.path for item in list_files(output.child(DATA_DIR), ".parquet")}
+        self.waiting = dict(waiting)
+        self.counted = {name: {item.path for item in files} for name, files in self._listed().items()}
         self.committed = 0
         self.failed = 0
 
+    def _listed(self) -> dict[str, list[Location]]:
+        """The committed files of each bucket folder there that still waits for rows."""
+        data = self.output.child(DATA_DIR)
+        there = entries(data)
+        return {name: list_files(data.child(name), ".parquet") for name in self.waiting
+                if there.get(name) == FileType.Directory}
+
     def poll(self) -> None:
-        for item in list_files(self.output.child(DATA_DIR), ".parquet"):
-            if item.path not in self.counted:  # a file is whole once listed (atomic commit), and named by its ids
-                self.committed += pq.read_metadata(item.path, filesystem=item.filesystem).num_rows
-                self.counted.add(item.path)
+        for name, files in self._listed().items():
+            counted = self.counted.setdefault(name, set())
+            for item in files:
+                if item.path not in counted:  # a file is whole once listed (atomic commit), and named by its ids
+                    rows = read_footer(item).num_rows
+                    self.committed += rows
+                    self.waiting[name] -= rows
+                    counted.add(item.path)
+            if self.waiting[name] <= 0:  # all in: its listing can change no more
+                del self.waiting[name], self.counted[name]
         self.failed = len(list_files(self.output.child(FAILURES_DIR), ".json", modified_since=self.since))
 
 
@@ -57,13 +78,14 @@ def _duration(seconds: float) -> str:
 
 
 @contextmanager
-def show_progress(output: Location, planned: int, already: int, every: float,
+def show_progress(output: Location, waiting: dict[str, int], planned: int, already: int, every: float,
                   stream=None) -> Iterator[CommitWatch]:
     """Watch ``output`` while the body runs: a bar when ``stream`` (stderr) is a terminal, else a status
     line every ``every`` seconds and a last one at the end; ``already`` of the ``planned`` samples were
-    committed before. A body that raises gets no last line: its error is the last thing said."""
+    committed before, and this run commits ``waiting`` samples into each bucket folder (``CommitWatch``). A
+    body that raises gets no last line: its error is the last thing said."""
     stream = stream or sys.stderr
-    watch, start, stop, failed = CommitWatch(output), time.monotonic(), threading.Event(), threading.Event()
+    watch, start, stop, failed = CommitWatch(output, waiting), time.monotonic(), threading.Event(), threading.Event()
     bar = None
     if stream.isatty():
         from tqdm import tqdm

@@ -82,8 +82,21 @@ SCORE_COLUMNS = ("jepa_score", "topk_score")  # what the filter can rank by (low
 # named like a split. So only data files end in .parquet, and every other name starts with `_` or `.`.
 MANIFEST_FILE = "_manifest.arrow"  # the work entries (Arrow IPC, not .parquet), written before generation starts
 DATA_DIR = "data"  # committed output rows
-DATA_FILE_PREFIX = "train-"  # DATA_DIR/train-<hash>.parquet: the name datasets' default split patterns pick
-DATA_FILES = f"{DATA_DIR}/{DATA_FILE_PREFIX}*.parquet"  # the glob of every committed data file
+# A generation's data files lie in DATA_DIR/<bucket>/, one folder per BUCKET_SAMPLES sample indices (``bucket_of``),
+# so that a progress poll lists only the buckets being written, not the run. Plain names, not Hive's key=value,
+# which readers would turn into a column. A curated set has no sample index: its files lie directly in DATA_DIR,
+# as every file of a run made before the buckets does; readers and ``storage.list_files`` read both.
+BUCKET_SAMPLES = 100_000
+DATA_FILE_PREFIX = "train-"  # train-<hash>.parquet: the name datasets' default split patterns pick
+DATA_FILE_NAME = f"{DATA_FILE_PREFIX}*.parquet"  # the glob of a committed data file's name
+DATA_FILES = f"{DATA_DIR}/**/{DATA_FILE_NAME}"  # the glob of every committed data file, in a bucket or not
+
+
+def bucket_of(index: int) -> str:
+    """The folder under DATA_DIR of the data files holding sample ``index``: its bucket's number, zero-padded."""
+    return f"{index // BUCKET_SAMPLES:06d}"
+
+
 FAILURES_DIR = "_failures"  # one <sample_id>.json per failed sample
 # The dataset card (what the folder holds, its configs / data_files), which datasets reads at the folder root;
 # a README.md there would break pyarrow's and pandas' reads of the folder.

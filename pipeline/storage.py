@@ -257,17 +257,21 @@ def read_ipc_schema(location: Location) -> pa.Schema:
 
 
 def list_files(location: Location, suffix: str, modified_since: datetime | None = None) -> list[Location]:
-    """Committed files directly in a folder (temporary ``_`` / ``.`` names skipped), sorted; with
-    ``modified_since``, only those written since then (by the store's clock)."""
-    selector = pafs.FileSelector(location.path, allow_not_found=True)
+    """Committed files in a folder and the folders below it, sorted by path; what lies under a ``_`` / ``.`` name
+    (temporary files, bookkeeping) is skipped, as pyarrow's readers skip it. With ``modified_since``, only those
+    written since then (by the store's clock)."""
+    selector = pafs.FileSelector(location.path, allow_not_found=True, recursive=True)
     with clear_errors("list", location):
         infos = location.filesystem.get_file_info(selector)
-    names = sorted(
-        info.base_name for info in infos
-        if info.type == pafs.FileType.File and info.base_name.endswith(suffix) and info.base_name[0] not in "_."
-        and (modified_since is None or info.mtime >= modified_since)
-    )
-    return [location.child(name) for name in names]
+    root = location.path.rstrip("/") + "/"
+    names = []
+    for info in infos:
+        name = info.path.removeprefix(root)
+        hidden = any(part[0] in "_." for part in name.split("/"))
+        if (info.type == pafs.FileType.File and name.endswith(suffix) and not hidden
+                and (modified_since is None or info.mtime >= modified_since)):
+            names.append(name)
+    return [location.child(name) for name in sorted(names)]
 
 
 def delete(location: Location) -> None:

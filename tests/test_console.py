@@ -122,21 +122,27 @@ def test_ray_that_cannot_start_says_why_in_one_line(write_config, tmp_path):
 
 def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     output = resolve(str(tmp_path / "out"), StorageConfig())
+    data = output.child(DATA_DIR)
     rows = lambda n, tag: pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})  # noqa: E731
-    write_table(output.child(DATA_DIR).child("part-before.parquet"), rows(5, "b"), 2)
+    write_table(data.child("000000", "part-before.parquet"), rows(5, "b"), 2)
     stale = output.child(FAILURES_DIR).child("old.json")
     write_bytes(stale, b"{}")
     past = (datetime.now(timezone.utc) - timedelta(hours=1)).timestamp()
     os.utime(stale.path, (past, past))  # a record left by an earlier run
-    watch = CommitWatch(output)
+    watch = CommitWatch(output, {"000000": 3, "000001": 4})
     watch.poll()
     assert (watch.committed, watch.failed) == (0, 0)
-    write_table(output.child(DATA_DIR).child("part-a.parquet"), rows(3, "a"), 2)
-    write_table(output.child(DATA_DIR).child("part-c.parquet"), rows(4, "c"), 2)
+    write_table(data.child("000000", "part-a.parquet"), rows(3, "a"), 2)
+    write_table(data.child("000001", "part-c.parquet"), rows(4, "c"), 2)
+    write_table(data.child("000002", "part-d.parquet"), rows(6, "d"), 2)  # a bucket this run does not write
     write_bytes(output.child(FAILURES_DIR).child("new.json"), json.dumps({"error": "x"}).encode())
     watch.poll()
     watch.poll()  # a file is counted once however often it is seen
     assert (watch.committed, watch.failed) == (7, 1)
+    assert watch.waiting == {}  # both buckets have all their rows: no poll lists them again
+    write_table(data.child("000001", "part-e.parquet"), rows(2, "e"), 2)
+    watch.poll()
+    assert watch.committed == 7
     assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
 
@@ -156,7 +162,7 @@ def test_ctrl_c_mid_run_keeps_each_committed_batch_and_ends_in_one_line(write_co
                                start_new_session=True)
     started = set()
     deadline = time.monotonic() + 600
-    while not list(data.glob("*.parquet")):
+    while not list(data.rglob("*.parquet")):
         assert job.poll() is None, f"the run ended before it could be interrupted: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no batch was committed in time"
         started |= set(psutil.Process(job.pid).children(recursive=True))
@@ -198,8 +204,8 @@ def test_a_status_line_while_the_work_runs_counts_what_is_committed_so_far(tmp_p
     caplog.set_level(logging.INFO, logger="pipeline.progress")
     counts = lambda: [tuple(map(int, m.groups())) for m in  # noqa: E731
                       (re.match(r"(\d+)/(\d+) samples committed", r.getMessage()) for r in caplog.records) if m]
-    with show_progress(output, planned=20, already=2, every=0.05, stream=io.StringIO()):
-        write_table(output.child(DATA_DIR).child("part-a.parquet"), pa.table({"sample_id": ["a", "b", "c"]}), 2)
+    with show_progress(output, {"000000": 18}, planned=20, already=2, every=0.05, stream=io.StringIO()):
+        write_table(output.child(DATA_DIR, "000000", "part-a.parquet"), pa.table({"sample_id": ["a", "b", "c"]}), 2)
         deadline = time.monotonic() + 60
         while (5, 20) not in counts():
             assert time.monotonic() < deadline, counts()

@@ -101,7 +101,7 @@ def test_a_short_demo_run_writes_data_mlflow_runs_and_the_report(ray_cluster, tm
         assert picture in page and (report.parent / picture).stat().st_size > 1000
     for arm in ("unguided", "jepa"):
         assert (tmp_path / "demo" / arm / "_run.json").exists()
-        assert len(list((tmp_path / "demo" / arm / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))) >= 1
+        assert len(list((tmp_path / "demo" / arm / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))) >= 1
     assert (tmp_path / "demo" / "rarest" / SELECTION_FILE).exists()
     client = MlflowClient(tracking_uri=tracking)
     experiment = client.get_experiment_by_name("jepa-minority-demo")

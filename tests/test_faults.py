@@ -23,7 +23,7 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.work import Manifest
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, bucket_of
 from pipeline.storage import TEMP_PREFIX
 from tests.test_generation import planned_ids, read_rows
 
@@ -51,7 +51,7 @@ def start_driver(config: str, ray_address: str, log: Path, **env: str) -> subpro
 def wait_for_commits(driver: subprocess.Popen, data: Path, log: Path, timeout: float = 300) -> int:
     """Wait until the running driver has committed its first data file; returns the rows committed."""
     deadline = time.monotonic() + timeout
-    while not list(data.glob(f"{DATA_FILE_PREFIX}*.parquet")):
+    while not list(data.rglob(f"{DATA_FILE_PREFIX}*.parquet")):
         assert driver.poll() is None, f"the run ended before the fault: {log.read_text()[-3000:]}"
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)
@@ -221,7 +221,7 @@ def test_an_s3_outage_mid_run_fails_clearly_and_the_rerun_resumes(ray_cluster, s
     log = tmp_path / "driver.log"
     driver = start_driver(path, ray_cluster, log)
     deadline = time.monotonic() + 300
-    while not any(key.startswith(f"{DATA_DIR}/{DATA_FILE_PREFIX}") for key in s3_keys(s3, "outage", "run")):
+    while not any(key.startswith(f"{DATA_DIR}/{bucket_of(0)}/{DATA_FILE_PREFIX}") for key in s3_keys(s3, "outage", "run")):
         assert driver.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)
@@ -265,7 +265,7 @@ def test_soak_thousands_of_samples_in_one_run_with_flat_actor_memory(ray_cluster
         assert time.monotonic() < deadline, "the soak did not finish in time"
         for pid in sampler_pids(os.getpid()):
             try:
-                readings.append((len(list((out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))),
+                readings.append((len(list((out / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))),
                                  psutil.Process(pid).memory_info().rss / 2**20))
             except psutil.NoSuchProcess:
                 pass
@@ -317,11 +317,11 @@ def test_what_a_killed_write_leaves_is_never_read_as_data(ray_cluster, write_con
     manifest = cpu_manifest(load_config(path))
     write_ipc(resolve(str(tmp_path / "out" / MANIFEST_FILE), StorageConfig()), manifest.work)  # a run's first file
     ids = manifest.table.column("sample_id").to_pylist()[:2]  # this run's own rows
-    target, limit = data / part_name(ids), 256 * 1024
+    target, limit = data / bucket_of(0) / part_name(ids), 256 * 1024  # where the sink writes samples 0 and 1
     writer = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target), str(limit), *ids],
                             capture_output=True, text=True, timeout=120)
     assert writer.returncode == -signal.SIGXFSZ, writer.stderr  # killed, not finished nor failed
-    (temp,) = data.iterdir()
+    (temp,) = target.parent.iterdir()
     assert temp.name.startswith(f"{TEMP_PREFIX}{target.name}-") and temp.stat().st_size == limit
     assert list_files(resolve(str(data), StorageConfig()), ".parquet") == []
     assert pads.dataset(str(data), format="parquet").count_rows() == 0

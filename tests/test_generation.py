@@ -30,13 +30,13 @@ from pipeline.generate.job import run_generation
 from pipeline.generate.preflight import preflight_generation
 from pipeline.generate.sampler_stage import load_models
 from pipeline.generate.work import Manifest
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE
+from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, bucket_of
 from tests.conftest import cpu_manifest
 from tests.private_apis import compiled_in_place
 
 
 def read_rows(filesystem: pafs.FileSystem, data_dir: str) -> list[dict]:
-    files = [info.path for info in filesystem.get_file_info(pafs.FileSelector(data_dir))
+    files = [info.path for info in filesystem.get_file_info(pafs.FileSelector(data_dir, recursive=True))
              if info.base_name.startswith(DATA_FILE_PREFIX)]
     return pads.dataset(files, filesystem=filesystem, format="parquet").to_table().to_pylist()
 
@@ -73,7 +73,7 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     rows = read_rows(pafs.LocalFileSystem(), str(out / "data"))
     check_output(rows, manifest.table.column("sample_id").to_pylist(), tiny_encoder)
     assert {row["class_label"] for row in rows} == {0, 3, 7}
-    assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
+    assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))
     assert not list((out / "data").glob("_*"))
 
     run = json.loads((out / "_run.json").read_text())
@@ -86,7 +86,11 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     assert mlflow_run.data.params["sampling.method"] == "jepa"
     assert mlflow_run.data.params["work.class_labels"] == "[0, 3, 7]"
     assert mlflow_run.data.metrics["generated"] == 12 and mlflow_run.data.metrics["failed"] == 0
-    assert mlflow_run.data.metrics["jepa_score_mean"] == pytest.approx(np.mean([r["jepa_score"] for r in rows]))
+    metrics, scores = mlflow_run.data.metrics, np.array([r["jepa_score"] for r in rows])
+    assert metrics["jepa_score_mean"] == pytest.approx(scores.mean(), rel=1e-12)  # one streamed pass, as before
+    assert metrics["jepa_score_std"] == pytest.approx(scores.std(), rel=1e-9)
+    percents = (5, 25, 50, 75, 95)  # exact while the run fits the quantiles' sample (pipeline/generate/scores.py)
+    assert [metrics[f"jepa_score_p{p:02d}"] for p in percents] == [np.quantile(scores, p / 100) for p in percents]
     artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
     assert artifacts == {"_run.json", "jepa_score_histogram.png", "rarest_and_typical.png"}
     contexts = {tag.value for d in mlflow_run.inputs.dataset_inputs for tag in d.tags}
@@ -98,7 +102,7 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
 
     import datasets
 
-    loaded = datasets.load_dataset("parquet", data_files=sorted(map(str, (out / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))),
+    loaded = datasets.load_dataset("parquet", data_files=sorted(map(str, (out / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))),
                                    split="train")
     assert isinstance(loaded.features["image"], datasets.Image)
     assert loaded[0]["image"].size == (8, 8) and loaded.num_rows == 12
@@ -117,7 +121,7 @@ def test_prompts_from_object_storage_rows_to_object_storage(ray_cluster, s3, wri
     assert generate_job.main([path]) == 0
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket="runs", Prefix="job1/")["Contents"]}
     assert {f"job1/{MANIFEST_FILE}", f"job1/{RUN_FILE}"} <= keys
-    assert sum(k.startswith(f"job1/{DATA_DIR}/{DATA_FILE_PREFIX}") for k in keys) == 2  # 4 rows, at most 3 per file
+    assert sum(k.startswith(f"job1/{DATA_DIR}/{bucket_of(0)}/{DATA_FILE_PREFIX}") for k in keys) == 2  # 4 rows, 3 per file
     s3fs = pafs.S3FileSystem(endpoint_override=s3.endpoint.removeprefix("http://"), scheme="http",
                              access_key=s3.access_key, secret_key=s3.secret_key, region="us-east-1")
     rows = read_rows(s3fs, "runs/job1/data")
@@ -134,7 +138,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(ray_cluster, write_conf
     driver = subprocess.Popen([sys.executable, "-m", "jobs.generate", path], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 240
-    while not list(data.glob(f"{DATA_FILE_PREFIX}*.parquet")):
+    while not list(data.rglob(f"{DATA_FILE_PREFIX}*.parquet")):
         assert driver.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline, "no data file was committed in time"
         time.sleep(0.2)

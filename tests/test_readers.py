@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from jobs import generate as generate_job
 from pipeline.curate.config import FilterConfig
 from pipeline.curate.filter import run_filter
 from pipeline.rows import read_committed
-from pipeline.schema import CARD_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, MANIFEST_FILE, OLD_LAYOUT, RUN_FILE, SELECTION_FILE
+from pipeline.schema import (CARD_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, MANIFEST_FILE, OLD_LAYOUT, RUN_FILE,
+                             SELECTION_FILE, bucket_of)
 from pipeline.settings import TrackingConfig
 from pipeline.storage import StorageConfig, StorageError, resolve
 from tests.conftest import ENCODER_NAME, TINY_SIZE, tracking_section
@@ -192,6 +194,36 @@ def test_the_readme_snippets_run_as_written(folders, on_s3, s3, kind):
     code = substituted(remote, "s3://jepa-minority-data/rare-digits/versions/2026-11-28/rarest", on_s3[kind])
     exec(substituted(code, "http://127.0.0.1:9000", s3.endpoint), names)
     assert sorted(names["frame"]["sample_id"]) == ids and sorted(names["dataset"]["sample_id"]) == ids
+
+
+def test_a_run_lays_its_files_in_buckets_and_a_curated_set_directly_in_data(folders):
+    run, curated = folders["run"] / DATA_DIR, folders["curated"] / DATA_DIR
+    assert [p.name for p in run.iterdir()] == [bucket_of(0)]  # 12 samples: the first bucket's
+    assert all(p.parent == run / bucket_of(0) for p in run.rglob("*.parquet"))
+    assert all(p.is_file() for p in curated.iterdir())  # no sample index, no bucket
+
+
+def test_a_run_in_the_flat_layout_before_buckets_is_read_and_resumed(folders, tmp_path, capsys):
+    """The reader-compatibility note (RELIABILITY.md): a run whose data files lie directly in data/, as the
+    layout before buckets wrote them, is read by the readers and its card, and resumed from its footers."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    flat = tmp_path / "flat"
+    shutil.copytree(folders["run"], flat)
+    files = [file.rename(flat / DATA_DIR / file.name) for file in sorted((flat / DATA_DIR).rglob("*.parquet"))]
+    (flat / DATA_DIR / bucket_of(0)).rmdir()
+    ids = committed(folders["run"])
+    assert sorted(pq.read_table(flat).column("sample_id").to_pylist()) == ids
+    assert sorted(datasets.load_dataset(str(flat), split="train", cache_dir=str(tmp_path))["sample_id"]) == ids
+    lost = pq.read_metadata(files[0]).num_rows
+    files[0].unlink()
+    (flat / RUN_FILE).unlink()
+    config = yaml.safe_load((folders["run"].parent / "config.yaml").read_text())
+    config["output"]["uri"] = str(flat)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert generate_job.main([str(tmp_path / "config.yaml"), "--dry-run"]) == 0
+    assert capsys.readouterr().out == f"dry run: 12 samples planned into {flat}, {12 - lost} already committed: resumes\n"
 
 
 @pytest.mark.parametrize("old", OLD_LAYOUT)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -20,8 +21,10 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import MAX_BLOCKS, missing_pieces
 from pipeline.generate.preflight import for_device
 from pipeline.generate.work import Manifest, build_manifest, work_digest
-from pipeline.rows import Committed, committed_samples, sample_ranges
-from pipeline.schema import DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE, SAMPLE_RANGES_KEY
+from pipeline.rows import Committed, by_bucket, committed_batches, committed_samples, sample_ranges
+from pipeline.schema import (BUCKET_SAMPLES, DATA_DIR, DATA_FILE_PREFIX, MANIFEST_FILE, OUTPUT_SCHEMA, RUN_FILE,
+                             SAMPLE_INDEX, SAMPLE_RANGES_KEY, SAMPLER_SCHEMA, bucket_of)
+from pipeline.sink import AtomicParquetSink
 from pipeline.storage import StorageConfig, StorageError, resolve
 from tests.conftest import cpu_manifest
 
@@ -118,17 +121,75 @@ def test_missing_ranges_become_pieces_that_cover_each_sample_once(planned, batch
 
 def test_committed_samples_read_the_footers_and_refuse_a_file_without_its_record(tmp_path):
     data = tmp_path / "out" / DATA_DIR
-    data.mkdir(parents=True)
+    (data / bucket_of(0)).mkdir(parents=True)
     rows = pa.Table.from_pylist([{"sample_id": "a"}, {"sample_id": "b"}], schema=OUTPUT_SCHEMA)
-    for name, indices in (("1", [4, 6]), ("2", [0, 1])):  # as the sink records them
-        record = {SAMPLE_RANGES_KEY: sample_ranges(np.array(indices))}
-        pq.write_table(rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | record), data / f"{DATA_FILE_PREFIX}{name}.parquet")
+    for name, indices in ((f"{DATA_FILE_PREFIX}1", [4, 6]), (f"{bucket_of(0)}/{DATA_FILE_PREFIX}2", [0, 1])):
+        record = {SAMPLE_RANGES_KEY: sample_ranges(np.array(indices))}  # flat (the layout before buckets), in a bucket
+        pq.write_table(rows.replace_schema_metadata(OUTPUT_SCHEMA.metadata | record), data / f"{name}.parquet")
     output = resolve(str(tmp_path / "out"), StorageConfig())
     assert committed_samples(output).ranges.tolist() == [[0, 2], [4, 5], [6, 7]]
     pq.write_table(rows, data / f"{DATA_FILE_PREFIX}3.parquet")  # as an earlier version wrote it
     with pytest.raises(StorageError, match="did not record its samples' indices") as error:
         committed_samples(output)
     assert "\n" not in str(error.value) and f"{DATA_FILE_PREFIX}3.parquet" in str(error.value)
+
+
+def test_a_footer_already_read_is_not_read_again(tmp_path):
+    """Preflight reads each footer once and the run's last count only those of the files it committed: a file
+    known to the plan is never opened again (here it is made unreadable, and the count still holds it)."""
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    sink = AtomicParquetSink(str(tmp_path / "out"), StorageConfig(), max_rows_per_file=8, row_group_size=8)
+    sink.write([sampler_rows([0, 1, 2])], None)
+    known = committed_samples(output)
+    (old,) = known.files
+    sink.write([sampler_rows([3, 4])], None)
+    Path(old).write_bytes(b"not parquet")
+    both = committed_samples(output, known)
+    assert both.union.tolist() == [[0, 5]] and both.count == 5 and len(both.files) == 2
+    with pytest.raises(StorageError, match="is not a readable Parquet file"):
+        committed_samples(output)  # unknown, it is read, and named
+
+
+def sampler_rows(indices: list[int]) -> pa.Table:
+    """Rows as the samplers hand them to the sink: the output columns (ids only) and each one's sample index."""
+    return pa.Table.from_pylist([{"sample_id": f"s{i}", SAMPLE_INDEX: i} for i in indices], schema=SAMPLER_SCHEMA)
+
+
+def test_the_sink_writes_each_file_within_one_bucket(tmp_path):
+    """A batch that straddles a bucket's edge becomes one file per bucket, each in its folder; a curation's rows
+    (no index) lie directly in data/."""
+    edge = BUCKET_SAMPLES
+    sink = AtomicParquetSink(str(tmp_path / "run"), StorageConfig(), max_rows_per_file=2, row_group_size=2)
+    names = sink.write([sampler_rows([edge - 2, edge + 1, edge - 1, edge, edge + 2])], None)
+    assert sorted(name.split("/")[0] for name in names) == [bucket_of(0)] + [bucket_of(edge)] * 2 == ["000000", "000001", "000001"]
+    for name in names:
+        footer = pq.read_metadata(tmp_path / "run" / DATA_DIR / name)
+        held = np.concatenate([np.arange(a, b) for a, b in json.loads(footer.metadata[SAMPLE_RANGES_KEY])])
+        assert {bucket_of(int(i)) for i in held} == {name.split("/")[0]}
+    read = pq.read_table(tmp_path / "run")  # a reader of the folder: every row, no bucket column
+    assert sorted(read.column("sample_id").to_pylist()) == sorted(f"s{i}" for i in range(edge - 2, edge + 3))
+    assert read.column_names == OUTPUT_SCHEMA.names
+    curated = AtomicParquetSink(str(tmp_path / "cur"), StorageConfig(), max_rows_per_file=8, row_group_size=8)
+    (name,) = curated.write([sampler_rows([edge - 1, edge]).drop_columns([SAMPLE_INDEX])], None)
+    assert (tmp_path / "cur" / DATA_DIR / name).is_file() and "/" not in name
+
+
+def test_committed_rows_stream_file_by_file_with_their_file(tmp_path):
+    output = resolve(str(tmp_path / "out"), StorageConfig())
+    sink = AtomicParquetSink(str(tmp_path / "out"), StorageConfig(), max_rows_per_file=2, row_group_size=1)
+    names = sink.write([sampler_rows([0, 1, 2, BUCKET_SAMPLES])], None)
+    rows = pa.Table.from_batches(list(committed_batches(output, ["sample_id", "__filename"]))).to_pylist()
+    where = {f"s{i}": name for name, ids in zip(names, ([0, 1], [2], [BUCKET_SAMPLES])) for i in ids}
+    assert sorted(rows, key=lambda row: row["sample_id"]) == sorted(
+        ({"sample_id": i, "__filename": str(tmp_path / "out" / DATA_DIR / name)} for i, name in where.items()),
+        key=lambda row: row["sample_id"])
+
+
+def test_samples_are_counted_in_their_buckets():
+    b = BUCKET_SAMPLES
+    assert by_bucket(np.array([[3, 5], [b - 1, 2 * b + 7], [5 * b, 5 * b + 1]])) == {
+        bucket_of(0): 3, bucket_of(b): b, bucket_of(2 * b): 7, bucket_of(5 * b): 1}
+    assert by_bucket(np.empty((0, 2), dtype=np.int64)) == {}
 
 
 def test_a_run_an_earlier_version_left_is_refused_in_one_line_and_one_it_finished_stays_complete(

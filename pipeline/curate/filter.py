@@ -47,7 +47,7 @@ from pipeline.curate.selection import VECTOR, ids_digest, rarest_by_group, rows_
 from pipeline.layout import check_layout, dataset_card, missing_columns
 from pipeline.provenance import curation_provenance, mlflow_run
 from pipeline.rows import read_committed
-from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILES, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
+from pipeline.schema import (CARD_FILE, CURATION_FILE, DATA_DIR, DATA_FILE_NAME, FAILURES_DIR, OUTPUT_SCHEMA, RUN_FILE,
                              SELECTION_FILE)
 from pipeline.settings import UserError, flatten, to_dict
 from pipeline.storage import (Location, StorageError, check_reachable, check_writable, commit, delete, exists,
@@ -192,9 +192,9 @@ def _recorded(target: Location) -> dict | None:
 
 
 def _own_files(target: Location) -> list[Location]:
-    """The data files a claimed folder's curation wrote: the sink's names (DATA_FILES)."""
+    """The data files a claimed folder's curation wrote: the sink's names (DATA_FILE_NAME)."""
     return [file for file in list_files(target.child(DATA_DIR), ".parquet")
-            if fnmatch(f"{DATA_DIR}/{file.path.rpartition('/')[2]}", DATA_FILES)]
+            if fnmatch(file.path.rpartition("/")[2], DATA_FILE_NAME)]
 
 
 def check_same_curation(config: FilterConfig, source: Location, target: Location, recorded: dict,

@@ -45,11 +45,12 @@ import pyarrow.parquet as pq
 from pipeline.cluster import WRITERS, connect_ray, leave_ray, logs_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.generate.preflight import Plan
+from pipeline.generate.scores import ScoreSummary
 from pipeline.generate.work import Manifest, expand_ranges
 from pipeline.layout import dataset_card
 from pipeline.progress import show_progress
 from pipeline.provenance import generation_provenance, mlflow_run
-from pipeline.rows import Committed, committed_samples, read_committed
+from pipeline.rows import Committed, by_bucket, committed_batches, committed_samples
 from pipeline.schema import CARD_FILE, DATA_DIR, FAILURES_DIR, MANIFEST_FILE, RUN_FILE, SAMPLE_INDEX
 from pipeline.settings import ConfigError, flatten, to_dict
 from pipeline.storage import Location, StorageError, check_writable, commit, delete, list_files, read_bytes, write_ipc
@@ -152,8 +153,8 @@ def run_generation(plan: Plan) -> GenerationSummary:
                 _sample_on_ray(config, manifest, missing_pieces(missing, config.ray.batch_size), tracker.run_id,
                                plan.gpus_per_actor, output, before)
             except KeyboardInterrupt:
-                raise Interrupted(committed_samples(output).count, planned) from None
-        committed = committed_samples(output)
+                raise Interrupted(committed_samples(output, plan.done).count, planned) from None
+        committed = committed_samples(output, plan.done)  # only the footers of the files this run committed
         failed = failed_ids(output, committed)
         summary = _finish(config, output, manifest, tracker, committed, failed, before, start,
                           plan.gpus_per_actor if todo_count else 0.0)
@@ -200,7 +201,8 @@ def _sample_on_ray(config: GenerateConfig, manifest: Manifest, todo: pa.Table, r
     sink = AtomicParquetSink(config.output.uri, config.storage, config.output.max_rows_per_file,
                              config.output.row_group_size)
     try:
-        with show_progress(output, manifest.planned, already, config.console.status_every):
+        waiting = by_bucket(np.column_stack([todo.column("start").to_numpy(), todo.column("stop").to_numpy()]))
+        with show_progress(output, waiting, manifest.planned, already, config.console.status_every):
             dataset.write_datasink(sink, ray_remote_args={"num_cpus": 0.1}, concurrency=WRITERS)
     except KeyboardInterrupt:
         leave_ray()  # before the job says it stopped: no process of a cluster it started outlives it
@@ -246,19 +248,21 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
     generated = committed.count - before
     accounted = committed.count + len(failed) == planned
     ok = accounted and len(failed) <= config.output.max_failure_fraction * planned
-    scores = read_committed(output, ["sample_id", "jepa_score", "__filename"])
+    scores = ScoreSummary(SHEET_SIZE)
+    for batch in committed_batches(output, ["sample_id", "jepa_score", "__filename"]):
+        scores.add(batch)
     metrics = {
         "planned": planned, "generated": generated, "committed": committed.count, "failed": len(failed),
         "wall_seconds": seconds, "samples_per_second": generated / seconds if seconds else 0.0,
         "accelerator_seconds": seconds * config.ray.pool[1] * gpus_per_actor,  # GPU-seconds held (at most, for a range)
         "truncated_prompts": manifest.truncated_prompts,
     }
-    if len(scores):
-        values = scores.column("jepa_score").to_numpy()
-        metrics |= {"jepa_score_mean": float(values.mean()), "jepa_score_std": float(values.std())}
-        metrics |= {f"jepa_score_p{int(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
-        tracker.log_artifact_bytes("jepa_score_histogram.png", score_histogram(values, config.output.uri))
-        tracker.log_artifact_bytes("rarest_and_typical.png", _sheet(output, scores))
+    if scores.moments.count:
+        sample = scores.reservoir.sample()  # every score up to scores.SAMPLE_SIZE: exact quantiles
+        metrics |= {"jepa_score_mean": scores.moments.mean, "jepa_score_std": scores.moments.std}
+        metrics |= {f"jepa_score_p{int(q * 100):02d}": float(np.quantile(sample, q)) for q in QUANTILES}
+        tracker.log_artifact_bytes("jepa_score_histogram.png", score_histogram(sample, config.output.uri))
+        tracker.log_artifact_bytes("rarest_and_typical.png", _sheet(output, *scores.extremes.ends()))
     tracker.log_metrics(metrics)
     if ok:
         facts = generation_provenance(to_dict(config), manifest.digest, mlflow_run(tracker))
@@ -281,13 +285,11 @@ def _finish(config: GenerateConfig, output: Location, manifest: Manifest, tracke
                              *common_error(failed))
 
 
-def _sheet(output: Location, scores: pa.Table) -> bytes:
+def _sheet(output: Location, rarest: pa.Table, typical: pa.Table) -> bytes:
     """The rarest and the most typical samples, reading images only from the files that hold them."""
     from pipeline.report import contact_sheet
 
-    order = pc.sort_indices(scores, sort_keys=[("jepa_score", "ascending"), ("sample_id", "ascending")])
-    ranked = scores.take(order)
-    picks = {"rarest": ranked.slice(0, SHEET_SIZE), "most typical": ranked.slice(max(0, len(ranked) - SHEET_SIZE))}
+    picks = {"rarest": rarest, "most typical": typical}
     wanted = pa.concat_tables(picks.values())
     images = {}
     for path in set(wanted.column("__filename").to_pylist()):

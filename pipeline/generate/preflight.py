@@ -25,8 +25,8 @@ from guidance.presets import check_model
 from pipeline.folders import check_only
 from pipeline.generate.config import EncoderConfig, GenerateConfig, resolve_dtype
 from pipeline.generate.work import Manifest, build_manifest, check_fits_model, identity_changes
-from pipeline.layout import check_resumable
-from pipeline.rows import Committed, committed_samples
+from pipeline.layout import check_layout, check_resumable
+from pipeline.rows import Committed, Footers, read_footers
 from pipeline.schema import MANIFEST_FILE, RUN_FILE
 from pipeline.settings import ConfigError
 from pipeline.storage import Location, StorageError, check_reachable, exists, read_bytes, read_ipc_schema, resolve
@@ -42,7 +42,7 @@ class Plan:
     gpus_per_actor: float
     started: bool  # the output already holds this config's manifest
     committed: int  # samples already committed there
-    done: Committed  # which, from the data files' footers (none read when complete: its _run.json counts them)
+    done: Committed  # which, and in which files, from the footers read here (none when complete: _run.json counts them)
     complete: bool  # its _run.json is there
 
     @property
@@ -141,10 +141,10 @@ class OtherRunError(StorageError):
         self.uri = uri
 
 
-def check_output(output: Location, manifest: Manifest) -> bool:
-    """The output can hold this run and holds no other; True when it already holds this config's manifest."""
-    check_reachable(output)
-    check_resumable(output)
+def check_output(output: Location, manifest: Manifest, footers: Footers) -> bool:
+    """The output (reachable, in this layout) can hold this run and holds no other, its data files' ``footers``
+    read; True when it already holds this config's manifest."""
+    check_resumable(output, footers)
     target = output.child(MANIFEST_FILE)
     if not exists(target):  # the manifest is a run's first file: anything else there is another job's
         check_only(output, set(), "this run", "choose an empty or new output.uri")
@@ -172,8 +172,11 @@ def preflight_generation(config: GenerateConfig) -> Plan:
     manifest = build_manifest(config)
     check_files(config)
     check_rank_fits(config)
-    started = check_output(output, manifest)
+    check_reachable(output)
+    check_layout(output)
+    footers = read_footers(output)  # each data file's footer read once: its columns and the samples it holds
+    started = check_output(output, manifest, footers)
     complete = started and exists(output.child(RUN_FILE))
-    done = committed_samples(output) if started and not complete else Committed.nothing()
+    done = footers.samples() if started and not complete else Committed.nothing()
     committed = json.loads(read_bytes(output.child(RUN_FILE)))["counts"]["committed"] if complete else done.count
     return Plan(config, output, manifest, gpus, started, committed, done, complete)
