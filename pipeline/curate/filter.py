@@ -374,9 +374,11 @@ def _report(config: FilterConfig, choice: Choice, failed: int, generation_run: s
     methods = {method: tally | {"kept": kept.count(method)} for method, tally in sorted(methods.items())}
     groups = {}
     if config.per:
-        keys = chosen.column(config.per).to_pylist()
+        kept_by_group: dict = {}  # one pass over the kept rows: linear in rows and groups
+        for key, score in zip(chosen.column(config.per).to_pylist(), scores):
+            kept_by_group.setdefault(key, []).append(score)
         for key, valid in sorted(counts.items(), key=lambda item: str(item[0])):
-            mine = [s for k, s in zip(keys, scores) if k == key]
+            mine = kept_by_group.get(key, [])
             groups[str(key)] = {"valid": valid, "kept": len(mine), "threshold": max(mine) if mine else None}
     gate = config.rule["gate"] and config.rule["gate"] | {
         "dropped": sum(dropped.values()),
