@@ -63,7 +63,7 @@ def synthesise(folder: Path, rows: int, rows_per_file: int, seed: int = 0) -> in
         table = pa.Table.from_arrays([
             pa.array(ids), pa.array(np.arange(start, start + n)), pa.nulls(n, pa.string()),
             pa.array(rng.integers(0, 10, n)), image, pa.array(np.full(n, 8, np.int32)),
-            pa.array(np.full(n, 8, np.int32)), score_array, embedding.slice(0, n),
+            pa.array(np.full(n, 8, np.int32)), score_array, pa.array(rng.normal(-20, 3, n)), embedding.slice(0, n),
             pa.array(["jepa"] * n), pa.array(["pixel-unet"] * n), pa.array(["vit_small_patch14_reg4_dinov2"] * n),
             pa.array(["synthetic"] * n), created.slice(0, n),
         ], schema=OUTPUT_SCHEMA)
