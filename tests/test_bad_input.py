@@ -146,7 +146,7 @@ def test_weights_that_pass_the_check_but_not_the_load_fail_in_one_line_and_nothi
     (line,) = [line for line in err.splitlines() if line.startswith("jepa-minority generate: ")]
     assert "the sampler could not load its models" in line and str(broken) in line
     out = tmp_path / "out"
-    assert not (out / "_run.json").exists() and not list((out / "data").glob("*.parquet"))
+    assert not (out / "_run.json").exists() and not list((out / "data").rglob("*.parquet"))
     assert feather.read_table(out / MANIFEST_FILE)["samples"].to_pylist() == [2]  # the config's own work: a rerun resumes
     assert not (out / FAILURES_DIR).exists()  # nothing was sampled, so nothing is recorded as failed
 

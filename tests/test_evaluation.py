@@ -110,7 +110,7 @@ def test_subsample_is_uniform_bounded_and_independent_of_read_order():
 
 
 def stored(folder) -> pa.Table:
-    files = sorted(str(p) for p in (folder / "data").glob(f"{DATA_FILE_PREFIX}*.parquet"))
+    files = sorted(str(p) for p in (folder / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))
     return pads.dataset(files, format="parquet").to_table()
 
 

@@ -74,12 +74,12 @@ def test_generates_to_local_storage_once_tracks_mlflow_and_loads_in_datasets(
     check_output(rows, manifest.table.column("sample_id").to_pylist(), tiny_encoder)
     assert {row["class_label"] for row in rows} == {0, 3, 7}
     assert all(pq.ParquetFile(f).metadata.num_rows <= 4 for f in (out / "data").rglob(f"{DATA_FILE_PREFIX}*.parquet"))
-    assert not list((out / "data").glob("_*"))
+    assert not list((out / "data").rglob("_*"))
 
     run = json.loads((out / "_run.json").read_text())
     assert run["status"] == "complete" and run["counts"] == {"planned": 12, "committed": 12, "failed": 0,
                                                              "truncated_prompts": 0}
-    assert set(run["versions"]) >= {"torch", "diffusers", "timm", "ray"}
+    assert set(run["provenance"]["versions"]) >= {"torch", "diffusers", "timm", "ray"}
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     mlflow_run = client.get_run(run["last_run_id"])
