@@ -34,7 +34,8 @@ def connect_ray(dashboard: bool = True, verbose: bool = True) -> None:
     every interface. Token auth stays on, Ray's default, without its notice that it is the default.
     ``dashboard=False`` starts no dashboard (a head process and about ten module processes).
     ``verbose=False`` keeps Ray's own chatter off the console: workers' output stays in their log
-    files, Ray Data's operator progress in ``ray-data.log`` (the session's logs folder).
+    files, the raylet's notices in ``raylet.out``, Ray Data's operator progress in ``ray-data.log`` (the
+    session's logs folder).
     """
     import ray
 
@@ -51,7 +52,26 @@ def connect_ray(dashboard: bool = True, verbose: bool = True) -> None:
             logging.getLogger(TOKEN_SETUP_LOGGER).addFilter(_not_token_auth_notice)
             _start_local(dashboard, quiet)
     if not verbose:
+        _keep_raylet_notices_off_console()
         quiet_ray_data()
+
+
+def _keep_raylet_notices_off_console() -> None:
+    """Ray prints the raylet's notices (e.g. "N PYTHON worker processes have been started") on the
+    driver's console from a thread that ``log_to_driver`` does not govern (ray-project/ray#63800);
+    this drops them there. The raylet writes each to its own log, ``raylet.out``."""
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream
+    if getattr(printer, "drops_raylet_notices", False):
+        return
+
+    def print_all_but_raylet_notices(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix)
+
+    print_all_but_raylet_notices.drops_raylet_notices = True
+    worker.print_to_stdstream = print_all_but_raylet_notices
 
 
 def _start_local(dashboard: bool, options: dict) -> None:

@@ -120,6 +120,43 @@ def test_ray_that_cannot_start_says_why_in_one_line(write_config, tmp_path):
     assert "107 bytes" in last and "set RAY_TMPDIR to a short folder" in last
 
 
+RAYLET_NOTICE_DRIVER = """
+import os, sys, time
+from pathlib import Path
+import ray
+from pipeline.cluster import connect_ray, logs_folder
+
+connect_ray(dashboard=False, verbose=sys.argv[1] == "verbose")
+
+@ray.remote(num_cpus=0)
+class Idle:
+    def ready(self):
+        return True
+
+# The raylet warns past 4x its startup concurrency (the CPU count), not counting 2 x 4 I/O workers
+idle = [Idle.remote() for _ in range(4 * os.cpu_count() + 2 * 4 + 1)]
+ray.get([actor.ready.remote() for actor in idle])
+raylet_log = Path(logs_folder()) / "raylet.out"
+deadline = time.monotonic() + 60
+while "worker processes have been started" not in raylet_log.read_text() and time.monotonic() < deadline:
+    time.sleep(0.2)
+time.sleep(3)  # the driver's error listener receives the notice well within this
+print("raylet notice logged:", "worker processes have been started" in raylet_log.read_text(), flush=True)
+"""
+
+
+def test_the_raylets_notices_stay_in_its_log_unless_verbose(tmp_path):
+    (tmp_path / "driver.py").write_text(RAYLET_NOTICE_DRIVER)
+    consoles = {mode: subprocess.run([sys.executable, str(tmp_path / "driver.py"), mode], capture_output=True,
+                                     text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL, env=fresh_env())
+                for mode in ("quiet", "verbose")}
+    for mode, done in consoles.items():
+        assert done.returncode == 0 and "raylet notice logged: True" in done.stdout, done.stdout + done.stderr
+    notice = "PYTHON worker processes have been started"
+    assert notice not in consoles["quiet"].stdout + consoles["quiet"].stderr, consoles["quiet"].stdout
+    assert "(raylet)" in consoles["verbose"].stdout and notice in consoles["verbose"].stdout  # it does reach a driver
+
+
 def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     output = resolve(str(tmp_path / "out"), StorageConfig())
     data = output.child(DATA_DIR)
