@@ -79,18 +79,20 @@ def psd_root(sigma: np.ndarray) -> np.ndarray:
     return (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     root1: np.ndarray | None = None) -> float:
     """FD between N(mu1, sigma1) and N(mu2, sigma2), in float64.
 
     ``Tr((S1 S2)^{1/2})`` is the sum of the square roots of the eigenvalues of the symmetric PSD
     matrix ``S1^{1/2} S2 S1^{1/2}`` (similar to ``S1 S2``), so no complex square root is needed.
+    ``root1``: ``S1^{1/2}`` when already known.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
         raise ValueError(f"feature dimensions differ: means {mu1.shape} vs {mu2.shape}, "
                          f"covariances {sigma1.shape} vs {sigma2.shape}")
-    root1 = psd_root(sigma1)
+    root1 = psd_root(sigma1) if root1 is None else root1
     middle = root1 @ sigma2 @ root1
     trace_root = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2), 0, None)).sum()
     diff = mu1 - mu2
@@ -164,7 +166,9 @@ class Gaussian:
         return cls.of(moments)
 
     def distance(self, other: Gaussian) -> float:
-        return frechet_distance(self.mean, self.cov, other.mean, other.cov)
+        """FD to ``other`` (a reference), through its cached covariance root: FD is symmetric, and a reference
+        that many runs are measured against then decomposes once."""
+        return frechet_distance(other.mean, other.cov, self.mean, self.cov, root1=other.cov_root)
 
     @cached_property
     def cov_root(self) -> np.ndarray:
