@@ -22,8 +22,9 @@ browser:
 	  ($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 .PHONY: test
-# Locally the tests marked slow are skipped; CI (the runner sets CI=true) runs them all.
+# Locally the tests marked slow are skipped; CI (the runner sets CI=true) runs them all. Two pytest-xdist
+# workers, each with its own servers and Ray cluster: the suite waits on processes as much as it computes.
 SLOW := $(if $(filter true,$(CI)),,-m "not slow")
 test: $(VENV)/.installed browser
 	@echo "make test: $(if $(SLOW),skipping the tests marked slow (CI=true runs them all),running every test (CI=true))"
-	$(VENV)/bin/python -m pytest $(SLOW) --durations=25
+	$(VENV)/bin/python -m pytest $(SLOW) -n 2 --durations=25
