@@ -95,9 +95,11 @@ def main() -> None:
             kept = pq.read_table(output / DATA_DIR, columns=["sample_id"]).num_rows
             rows.append({"variant": name, "flags": flags, "seconds": measured["seconds"],
                          "peak_rss_bytes": measured["peak_rss_bytes"], "peak_pss_bytes": measured["peak_pss_bytes"],
+                         "driver_peak_rss_bytes": measured["driver_peak_rss_bytes"],
                          "rows_kept": kept, "dedup_removed": report["dedup"]["removed"] if report["dedup"] else 0})
             print(f"{name}: {measured['seconds']:.0f} s, kept {kept}, removed {rows[-1]['dedup_removed']}, peak tree "
-                  f"RSS {measured['peak_rss_bytes'] / 2**20:.0f} MiB, PSS {measured['peak_pss_bytes'] / 2**20:.0f} MiB",
+                  f"RSS {measured['peak_rss_bytes'] / 2**20:.0f} MiB, PSS {measured['peak_pss_bytes'] / 2**20:.0f} MiB, driver "
+                  f"RSS {measured['driver_peak_rss_bytes'] / 2**20:.0f} MiB",
                   flush=True)
 
     settings = {key: value for key, value in vars(args).items() if key != "results"} | {"per": "class_label"}

@@ -93,7 +93,7 @@ def run_filter_measured(command: list[str]) -> dict:
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     watched = psutil.Process(process.pid)
-    peak_rss = peak_pss = 0
+    peak_rss = peak_pss = driver_rss = 0
     at_rss_peak: dict[str, dict[str, int]] = {}
     at_pss_peak: dict[str, dict[str, int]] = {}
     while process.poll() is None:
@@ -102,11 +102,16 @@ def run_filter_measured(command: list[str]) -> dict:
             peak_rss, at_rss_peak = rss, by_name
         if pss > peak_pss:
             peak_pss, at_pss_peak = pss, by_name
+        try:
+            driver_rss = max(driver_rss, watched.memory_info().rss)
+        except psutil.NoSuchProcess:  # the filter ended between the poll and the look
+            pass
         time.sleep(0.2)
     output = process.stdout.read()
     if process.returncode:
         raise RuntimeError(f"filter failed ({process.returncode}):\n{output[-4000:]}")
     return {"seconds": time.perf_counter() - start, "peak_rss_bytes": peak_rss, "peak_pss_bytes": peak_pss,
+            "driver_peak_rss_bytes": driver_rss,
             "at_rss_peak_by_process": dict(sorted(at_rss_peak.items(), key=lambda item: -item[1]["rss"])),
             "at_pss_peak_by_process": dict(sorted(at_pss_peak.items(), key=lambda item: -item[1]["pss"])),
             "output_tail": output.strip().splitlines()[-3:]}
