@@ -1,8 +1,8 @@
 """The GPU benchmark: full-size architectures with random weights on one H200, in under 10 minutes.
 
-GPU NUMBERS ARE PENDING: no GPU was lent when this was written; it was smoke-tested on CPU with
-``--smoke`` (tiny sizes). A session with an H200 runs ``python -m benchmarks.gpu_h200`` from the
-repository root and commits benchmarks/results/gpu_h200.json.
+Stored: benchmarks/results/gpu_h200.json (docs/results.md, "At full size on one H200"). Run from the
+repository root, ``python -m benchmarks.gpu_h200`` on a GPU; ``--smoke`` checks the script on CPU at tiny
+sizes, and ``--stages`` reruns some stages (each failing stage is recorded in the JSON and the next runs).
 
 Architectures (random weights: cost does not depend on the values): DINOv2 ViT-S/14 with registers
 at 224 (LayerScale at 1); a Stable Diffusion 1.5-sized UNet (860M parameters, 64x64 latents), VAE
@@ -32,9 +32,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import platform
 import tempfile
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,7 +170,7 @@ def sampling_stage(model, encoder, device: str, batches: list[int], steps: int, 
     for batch in batches:
         items = [WorkItem(seed, prompt=PROMPTS[seed % len(PROMPTS)]) for seed in range(batch)]
         for name, config in sampling_methods(steps).items():
-            generate_images(model, items[:1], replace(config, steps=1), encoder)  # warm-up
+            generate_images(model, items, replace(config, steps=1), encoder)  # warm-up at the measured batch size
             reset_peak(device)
             (_, guided), seconds = timed(generate_images, model, items, config, encoder)
             rows.append({"dtype": dtype_label, "batch": batch, "method": name, "steps": steps, "guided_steps": guided,
@@ -190,7 +192,7 @@ def cheap_guidance_stage(folder: Path, taesd: Path, encoder, device: str, dtype,
         model = cheap if use_taesd else plain
         config = SamplingConfig(method="unguided" if guidance is None else "jepa", steps=steps, cfg_scale=7.5,
                                 guidance=guidance or GuidanceConfig())
-        generate_images(model, items[:1], replace(config, steps=2), encoder)  # warm-up
+        generate_images(model, items, replace(config, steps=2), encoder)  # warm-up at the measured batch size
         reset_peak(device)
         seconds = timed(generate_images, model, items, config, encoder)[1]
         rows[name] = {"seconds": seconds, "peak_memory_gib": peak_memory_gib(device)}
@@ -201,6 +203,23 @@ def cheap_guidance_stage(folder: Path, taesd: Path, encoder, device: str, dtype,
             "taesd_note": "random weights: only its time is measured, not how well its gradient matches the VAE's"}
 
 
+STAGES = ("exact_score", "guided_branch", "gradient_modes", "sampling", "guided_step_profile", "cheap_guidance",
+          "sampling_float32")
+
+
+def run_stage(result: dict, name: str, stage, save, wanted: set[str]) -> None:
+    """``result[name] = stage()`` if ``name`` is wanted, saved at once; a failing stage is recorded with its error, and
+    the next one runs (on a lent GPU there is one try: a later stage must not be lost to an earlier one's failure)."""
+    if name not in wanted:
+        return
+    try:
+        result[name] = stage()
+    except Exception as error:  # noqa: BLE001 - recorded in the JSON and printed, never swallowed
+        result[name] = {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()[-4000:]}
+        print(f"  {name}: failed ({type(error).__name__}: {str(error)[:200]})", flush=True)
+    save()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device there is (a CPU check)")
@@ -209,9 +228,15 @@ def main() -> None:
     parser.add_argument("--exact-images", type=int, default=16)
     parser.add_argument("--branch-images", type=int, default=8)
     parser.add_argument("--skip-fp32-sampling", action="store_true", help="leave out the fp32 run of the bf16 lever")
+    parser.add_argument("--stages", default=",".join(STAGES), help="the stages to run, comma-separated")
+    parser.add_argument("--out", type=Path, help="the JSON written after each stage (default: benchmarks/results/"
+                                                 "gpu_h200.json, or gpu_smoke.json with --smoke)")
     parser.add_argument("--dry-run", action="store_true",
                         help="parse the arguments and build every sampling config, then stop (no model; any device)")
     args = parser.parse_args()
+    wanted = set(args.stages.split(","))
+    if wanted - set(STAGES):
+        parser.error(f"unknown stage(s) {', '.join(sorted(wanted - set(STAGES)))}: choose from {', '.join(STAGES)}")
     if args.dry_run:
         print("sampling methods:", ", ".join(sampling_methods(args.steps)))
         return
@@ -220,9 +245,10 @@ def main() -> None:
         raise SystemExit("no CUDA device: this is the H200 benchmark; use --smoke for a CPU check of the script")
     batches = [int(b) for b in args.batches.split(",")] if not args.smoke else [1, 2]
     size = 28 if args.smoke else 224
-    out = RESULTS / ("gpu_smoke.json" if args.smoke else "gpu_h200.json")
-    result = {"settings": vars(args), "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
-              "torch": torch.__version__}
+    out = args.out or RESULTS / ("gpu_smoke.json" if args.smoke else "gpu_h200.json")
+    result = {"settings": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
+              "device": torch.cuda.get_device_name() if device == "cuda" else platform.machine(),
+              "versions": {name: importlib.metadata.version(name) for name in ("torch", "diffusers", "transformers", "timm")}}
 
     def save() -> None:
         write_json(out, result)
@@ -232,13 +258,13 @@ def main() -> None:
     torch.manual_seed(0)
     encoder = load_encoder(ENCODER, "random", input_size=size, model_args=model_args).to(device)
     print(f"encoder {ENCODER} at {size} px on {device}", flush=True)
-    result["exact_score"] = exact_score_stage(encoder, device, 4 if args.smoke else args.exact_images, size)
-    save()
-    result["guided_branch"] = guided_branch_stage(encoder, device, 2 if args.smoke else args.branch_images, size)
-    save()
+    run_stage(result, "exact_score", lambda: exact_score_stage(encoder, device, 4 if args.smoke else args.exact_images,
+                                                               size), save, wanted)
+    run_stage(result, "guided_branch", lambda: guided_branch_stage(encoder, device, 2 if args.smoke else args.branch_images,
+                                                                   size), save, wanted)
     branch_images = torch.rand(2 if args.smoke else 4, 3, size, size, generator=torch.Generator().manual_seed(2))
-    result["gradient_modes"] = gradient_modes(f"{ENCODER} at {size} px", encoder, branch_images.to(device), rounds=3)
-    save()
+    run_stage(result, "gradient_modes", lambda: gradient_modes(f"{ENCODER} at {size} px", encoder, branch_images.to(device),
+                                                               rounds=3), save, wanted)
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = save_sd15(Path(scratch) / "sd15", Path(scratch) / "tokenizer", args.smoke)
@@ -246,19 +272,19 @@ def main() -> None:
         model = load_model("sd", folder, dtype=dtype, device=device)
         result["unet_parameters"] = sum(p.numel() for p in model.network.parameters())
         steps = 2 if args.smoke else args.steps
-        result["sampling"] = sampling_stage(model, encoder, device, batches, steps, str(dtype).removeprefix("torch."))
-        save()
+        run_stage(result, "sampling", lambda: sampling_stage(model, encoder, device, batches, steps,
+                                                             str(dtype).removeprefix("torch.")), save, wanted)
         items = [WorkItem(seed, prompt="a photo of a dog") for seed in range(batches[-1])]
-        result["guided_step_profile"] = profile_guided_step(model, items, 7.5, encoder, GuidanceConfig(), steps)
-        print(f"  guided step, batch {len(items)}, part by part: {result['guided_step_profile']}", flush=True)
-        save()
+        run_stage(result, "guided_step_profile",
+                  lambda: profile_guided_step(model, items, 7.5, encoder, GuidanceConfig(), steps), save, wanted)
         taesd = save_taesd_shaped(Path(scratch) / "taesd")
-        result["cheap_guidance"] = cheap_guidance_stage(folder, taesd, encoder, device, dtype, batches[-1] if not args.smoke
-                                                        else 1, 2 if args.smoke else 10)
-        save()
-        if dtype != torch.float32 and not args.skip_fp32_sampling:
+        run_stage(result, "cheap_guidance", lambda: cheap_guidance_stage(
+            folder, taesd, encoder, device, dtype, batches[-1] if not args.smoke else 1, 2 if args.smoke else 10), save, wanted)
+        if dtype != torch.float32 and not args.skip_fp32_sampling and "sampling_float32" in wanted:
+            del model
             model = load_model("sd", folder, dtype=torch.float32, device=device)
-            result["sampling"] += sampling_stage(model, encoder, device, batches[1:2], steps, "float32")
+            run_stage(result, "sampling_float32", lambda: sampling_stage(model, encoder, device, batches[1:2], steps,
+                                                                         "float32"), save, wanted)
     result["seconds"] = time.perf_counter() - started
     save()
     print(f"\n{time.perf_counter() - started:.0f} s; wrote {out}")
