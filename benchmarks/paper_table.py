@@ -4,7 +4,9 @@ The demo (unguided, boost-and-skip, SGMS, JEPA at the demo's default): the minor
 unguided, precision / recall, class accuracy, mean JEPA-SCORE and seconds per sample from
 demo_evidence.json; accuracy on the held-out minority slice of a classifier trained with the arm's
 samples added (the largest volume) from downstream.json. The tiny and mid-size SD (DDIM, MinorityPrompt,
-JEPA): seconds per sample, time ratio to DDIM and peak memory from sd_methods_cpu.json, random
+JEPA): seconds per sample, time ratio to DDIM and peak memory from sd_methods_cpu.json; at SD 1.5
+size on one H200 (unguided, JEPA, SGMS, MinorityPrompt, every step guided): images/s, seconds per
+image-step, time ratio to unguided and peak GPU memory at the largest batch from gpu_h200.json. Random
 weights, so costs only. Each column names its source JSON; a number a file does not hold shows as
 "—", never filled in.
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from benchmarks.paths import RESULTS
 
 MISSING = "—"
-SOURCES = {"E": "demo_evidence.json", "D": "downstream.json", "S": "sd_methods_cpu.json"}
+SOURCES = {"E": "demo_evidence.json", "D": "downstream.json", "S": "sd_methods_cpu.json", "H": "gpu_h200.json"}
 # method -> which demo_evidence / downstream arm stands for it (controls and the kept rarest are other rows)
 DEMO_ARMS: dict[str, Callable[[str], bool]] = {
     "unguided": lambda name: name == "unguided",
@@ -31,6 +33,9 @@ DEMO_ARMS: dict[str, Callable[[str], bool]] = {
     "JEPA": lambda name: name.startswith("JEPA eta") and name.endswith("(demo default)"),
 }
 SD_METHODS = ("DDIM (unguided)", "MinorityPrompt", "JEPA")
+# table row -> gpu_h200.json's sampling method
+H200_METHODS = {"DDIM (unguided)": "unguided", "JEPA": "jepa q=2", "JEPA, warm start q=0": "jepa warm q=0",
+                "SGMS": "sgms", "MinorityPrompt": "minority-prompt"}
 
 
 def read(folder: Path, key: str) -> dict | None:
@@ -97,6 +102,23 @@ def sd_table(sd: dict | None) -> list[str]:
     return lines
 
 
+def h200_table(gpu: dict | None) -> list[str]:
+    head = ("method", "batch (H)", "images / s (H)", "s / image-step (H)", "time vs DDIM (H)", "peak GPU memory, GiB (H)")
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    rows = [row for row in (gpu or {}).get("sampling", []) if isinstance(row, dict) and row.get("dtype") == "bfloat16"]
+    batch = max((row["batch"] for row in rows), default=None)
+    at_batch = {row["method"]: row for row in rows if row["batch"] == batch}
+    unguided = at_batch.get("unguided")
+    for method, name in H200_METHODS.items():
+        row = at_batch.get(name)
+        ratio = (MISSING if row is None or unguided is None
+                 else f"{unguided['images_per_s'] / row['images_per_s']:.2f}x")
+        cells = (method, MISSING if row is None else str(batch), figure(row, "images_per_s", fmt="{:.3f}"),
+                 figure(row, "s_per_image_step", fmt="{:.4f}"), ratio, figure(row, "peak_memory_gib", fmt="{:.1f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def build(folder: Path) -> str:
     """The two tables in markdown, each column's source named under them."""
     data = {key: read(folder, key) for key in SOURCES}
@@ -105,7 +127,9 @@ def build(folder: Path) -> str:
     return "\n".join([
         "## The demo: minority samplers on the digits", "", *demo_table(data["E"], data["D"]), "",
         "## Stable Diffusion family on CPU: cost per sample (random weights, so times and memory only)", "",
-        *sd_table(data["S"]), "", "Sources:", *legend, ""])
+        *sd_table(data["S"]), "",
+        "## SD 1.5 size on one H200: cost per sample (bf16, CFG 7.5, every step guided; random weights, so times "
+        "and memory only)", "", *h200_table(data["H"]), "", "Sources:", *legend, ""])
 
 
 def main() -> None:

@@ -42,7 +42,12 @@ def results(tmp_path):
     ]}
     sd = {"families": {"mid-size sd": {"rows": {
         "MinorityPrompt": {"seconds_per_sample": 12.5, "time_ratio": 2.5, "peak_rss_mib": 2048.4}}}}}
-    for name, record in (("demo_evidence", evidence), ("downstream", downstream), ("sd_methods_cpu", sd)):
+    sampling = [dict(dtype="bfloat16", batch=batch, method=method, images_per_s=rate, s_per_image_step=0.5 / rate,
+                     peak_memory_gib=2.0 * batch) for batch in (1, 8) for method, rate in (("unguided", 8.0 * batch),
+                                                                                            ("sgms", 2.0 * batch))]
+    gpu = {"sampling": sampling + [dict(sampling[-1], dtype="float32", batch=16)]}
+    for name, record in (("demo_evidence", evidence), ("downstream", downstream), ("sd_methods_cpu", sd),
+                         ("gpu_h200", gpu)):
         (tmp_path / f"{name}.json").write_text(json.dumps(record))
     return tmp_path
 
@@ -58,6 +63,9 @@ def test_numbers_land_in_their_cells(results):
     assert sgms["minority-slice accuracy ↑ (D)"] == "0.925 [0.900, 0.950] (+20)"  # the largest volume
     mid = cells(table, "mid-size sd", "MinorityPrompt")
     assert (mid["s / sample (S)"], mid["time vs DDIM (S)"], mid["peak RSS, MiB (S)"]) == ("12.500", "2.50x", "2048")
+    sgms = cells(table, "SGMS", "8")  # the H200 table: the largest bf16 batch, not the float32 row
+    assert (sgms["images / s (H)"], sgms["s / image-step (H)"], sgms["time vs DDIM (H)"]) == ("16.000", "0.0312", "4.00x")
+    assert sgms["peak GPU memory, GiB (H)"] == "16.0"
 
 
 def test_missing_numbers_show_a_dash(results):
@@ -68,3 +76,4 @@ def test_missing_numbers_show_a_dash(results):
     assert set(cells(table, "SGMS").values()) == {"SGMS", "—"}  # no arm, no downstream file
     assert cells(table, "tiny sd", "JEPA")["s / sample (S)"] == "—"
     assert "downstream.json: absent" in table
+    assert cells(table, "MinorityPrompt", "—")["images / s (H)"] == "—"  # no such row in gpu_h200.json
