@@ -1,9 +1,9 @@
 """A run's own progress on the console: samples committed / planned, samples/s, ETA and failures.
 
 Read from storage, the run's one record of what is done, so it shows only what is committed: each poll
-lists the bucket folders still being written (reading each new file's Parquet footer once, for its row
-count) and the failure records written since the run began. A bar on a terminal (tqdm); elsewhere one
-status line every ``every`` seconds, and a last one when the work ends.
+lists the bucket folders still being written, their data files (reading each new file's Parquet footer
+once, for its row count) and their failure records written since the run began. A bar on a terminal
+(tqdm); elsewhere one status line every ``every`` seconds, and a last one when the work ends.
 """
 
 from __future__ import annotations
@@ -30,28 +30,31 @@ BAR_REFRESH = 2.0  # seconds between polls behind a terminal's bar
 class CommitWatch:
     """Counts the rows committed and the failures recorded in an output folder since it was made.
 
-    ``waiting`` is how many samples this run is to commit into each bucket folder (``rows.by_bucket``). A poll
-    lists DATA_DIR's bucket folders, then the files of only those this run writes that still wait for rows:
-    a bucket whose rows are all in is never listed again, so a poll touches what changes, not the whole run.
+    ``waiting`` is how many samples this run is to commit or record as failed in each bucket folder
+    (``rows.by_bucket``). A poll lists DATA_DIR's and FAILURES_DIR's bucket folders, then the files of only
+    those this run writes that still wait: a bucket whose samples are all in is never listed again, so a
+    poll touches what changes, not the whole run.
     """
 
     def __init__(self, output: Location, waiting: dict[str, int]):
         self.output = output
         self.since = datetime.now(timezone.utc)
         self.waiting = dict(waiting)
-        self.counted = {name: {item.path for item in files} for name, files in self._listed().items()}
+        self.counted = {name: {item.path for item in files} for name, files in self._listed(DATA_DIR).items()}
+        self.recorded: dict[str, set[str]] = {}  # this run's failure records, by bucket
         self.committed = 0
         self.failed = 0
 
-    def _listed(self) -> dict[str, list[Location]]:
-        """The committed files of each bucket folder there that still waits for rows."""
-        data = self.output.child(DATA_DIR)
-        there = entries(data)
-        return {name: list_files(data.child(name), ".parquet") for name in self.waiting
+    def _listed(self, folder: str, modified_since: datetime | None = None) -> dict[str, list[Location]]:
+        """The files under ``folder`` (DATA_DIR or FAILURES_DIR) of each bucket there that still waits."""
+        top = self.output.child(folder)
+        there = entries(top)
+        suffix = ".parquet" if folder == DATA_DIR else ".json"
+        return {name: list_files(top.child(name), suffix, modified_since) for name in self.waiting
                 if there.get(name) == FileType.Directory}
 
     def poll(self) -> None:
-        for name, files in self._listed().items():
+        for name, files in self._listed(DATA_DIR).items():
             counted = self.counted.setdefault(name, set())
             for item in files:
                 if item.path not in counted:  # a file is whole once listed (atomic commit), and named by its ids
@@ -59,9 +62,15 @@ class CommitWatch:
                     self.committed += rows
                     self.waiting[name] -= rows
                     counted.add(item.path)
-            if self.waiting[name] <= 0:  # all in: its listing can change no more
-                del self.waiting[name], self.counted[name]
-        self.failed = len(list_files(self.output.child(FAILURES_DIR), ".json", modified_since=self.since))
+        for name, records in self._listed(FAILURES_DIR, modified_since=self.since).items():
+            recorded = self.recorded.setdefault(name, set())
+            new = {item.path for item in records} - recorded
+            self.failed += len(new)
+            self.waiting[name] -= len(new)
+            recorded |= new
+        for name in [name for name, left in self.waiting.items() if left <= 0]:  # all in: no listing can change
+            del self.waiting[name]
+            self.counted.pop(name, None)
 
 
 def status_line(done: int, planned: int, failed: int, rate: float) -> str:

@@ -97,7 +97,8 @@ def bucket_of(index: int) -> str:
     return f"{index // BUCKET_SAMPLES:06d}"
 
 
-FAILURES_DIR = "_failures"  # one <sample_id>.json per failed sample
+FAILURES_DIR = "_failures"  # one <bucket>/<sample_id>.json per failed sample, bucketed as DATA_DIR is (``bucket_of``);
+# a run made before the buckets has them directly in FAILURES_DIR, and ``storage.list_files`` reads both
 # The dataset card (what the folder holds, its configs / data_files), which datasets reads at the folder root;
 # a README.md there would break pyarrow's and pandas' reads of the folder.
 CARD_FILE = ".huggingface.yaml"

@@ -162,24 +162,27 @@ def test_progress_counts_committed_rows_and_only_this_runs_failures(tmp_path):
     data = output.child(DATA_DIR)
     rows = lambda n, tag: pa.table({"sample_id": [f"{tag}{i}" for i in range(n)]})  # noqa: E731
     write_table(data.child("000000", "part-before.parquet"), rows(5, "b"), 2)
-    stale = output.child(FAILURES_DIR).child("old.json")
+    failures = output.child(FAILURES_DIR)
+    stale = failures.child("000001", "old.json")
     write_bytes(stale, b"{}")
     past = (datetime.now(timezone.utc) - timedelta(hours=1)).timestamp()
     os.utime(stale.path, (past, past))  # a record left by an earlier run
-    watch = CommitWatch(output, {"000000": 3, "000001": 4})
+    watch = CommitWatch(output, {"000000": 3, "000001": 5})
     watch.poll()
     assert (watch.committed, watch.failed) == (0, 0)
     write_table(data.child("000000", "part-a.parquet"), rows(3, "a"), 2)
     write_table(data.child("000001", "part-c.parquet"), rows(4, "c"), 2)
     write_table(data.child("000002", "part-d.parquet"), rows(6, "d"), 2)  # a bucket this run does not write
-    write_bytes(output.child(FAILURES_DIR).child("new.json"), json.dumps({"error": "x"}).encode())
+    write_bytes(failures.child("000001", "new.json"), json.dumps({"error": "x"}).encode())
+    write_bytes(failures.child("000002", "other.json"), json.dumps({"error": "x"}).encode())  # nor records
     watch.poll()
     watch.poll()  # a file is counted once however often it is seen
     assert (watch.committed, watch.failed) == (7, 1)
-    assert watch.waiting == {}  # both buckets have all their rows: no poll lists them again
+    assert watch.waiting == {}  # both buckets have all their samples, committed or failed: no poll lists them again
     write_table(data.child("000001", "part-e.parquet"), rows(2, "e"), 2)
+    write_bytes(failures.child("000000", "late.json"), json.dumps({"error": "x"}).encode())
     watch.poll()
-    assert watch.committed == 7
+    assert (watch.committed, watch.failed) == (7, 1)
     assert status_line(12, 20, 1, 0.5) == "12/20 samples committed (60%), 0.50 samples/s, ETA 14s, 1 failed"
     assert status_line(0, 20, 0, 0.0).endswith("ETA unknown, 0 failed")
 

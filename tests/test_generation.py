@@ -158,7 +158,7 @@ def test_failed_samples_are_recorded_counted_and_fail_the_job(ray_cluster, write
                         work={"class_labels": [0, 9], "samples_per_label": 2})  # class 9 turns to NaN
     assert generate_job.main([path]) == 1
     out = tmp_path / "out"
-    failures = sorted((out / FAILURES_DIR).glob("*.json"))
+    failures = sorted((out / FAILURES_DIR / bucket_of(0)).glob("*.json"))  # the samples' bucket
     records = [json.loads(f.read_text()) for f in failures]
     assert len(records) == 2 and all(r["class_label"] == 9 for r in records)
     assert all("NaN or infinite" in r["error"] or "non-finite" in r["error"] for r in records)

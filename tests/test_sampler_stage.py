@@ -16,7 +16,7 @@ from pipeline.generate.config import load_config
 from pipeline.generate.job import failed_ids
 from pipeline.generate.sampler_stage import SampleGenerator
 from pipeline.rows import Committed
-from pipeline.schema import FAILURES_DIR, SAMPLER_SCHEMA
+from pipeline.schema import FAILURES_DIR, SAMPLE_INDEX, SAMPLER_SCHEMA, bucket_of
 from pipeline.settings import ConfigError
 from pipeline.storage import StorageConfig, resolve, write_bytes
 from tests.conftest import cpu_manifest
@@ -32,7 +32,7 @@ def run_stage(path: str, overrides: list[str] = ()) -> tuple[list[dict], dict[st
     table = SampleGenerator(config, run_id="run-1")(cpu_manifest(config).table)
     assert table.schema.equals(SAMPLER_SCHEMA)
     failures = Path(config.output.uri) / FAILURES_DIR
-    records = {p.stem: json.loads(p.read_text()) for p in failures.glob("*.json")}
+    records = {p.stem: json.loads(p.read_text()) for p in failures.glob("*/*.json")}  # <bucket>/<sample_id>.json
     return table.to_pylist(), records
 
 
@@ -46,6 +46,8 @@ def test_a_failing_sample_is_recorded_and_the_rest_of_its_batch_kept(write_confi
     assert sorted(records) == sorted(i for i, row in manifest.items() if row["class_label"] == 9)
     for sample_id, record in records.items():
         assert {k: record[k] for k in manifest[sample_id]} == manifest[sample_id]  # the row, to retry it
+        assert (Path(load_config(path).output.uri) / FAILURES_DIR / bucket_of(record[SAMPLE_INDEX])
+                / f"{sample_id}.json").exists()  # in its bucket, as its row would be
         assert record["run_id"] == "run-1" and record["created_at"]
         assert "NaN or infinite" in record["error"] or "non-finite" in record["error"], record["error"]
 
@@ -74,9 +76,11 @@ def test_models_that_do_not_load_fail_the_first_batch_in_one_line(write_config, 
 
 def test_records_of_ids_committed_since_are_removed_and_the_rest_counted(tmp_path):
     output = resolve(str(tmp_path / "out"), StorageConfig())
-    for index, sample_id in enumerate(("a", "b", "c")):
-        write_bytes(output.child(FAILURES_DIR).child(f"{sample_id}.json"),
-                    json.dumps({"sample_index": index, "error": f"E{index}\nmore"}).encode())
+    for index, sample_id in enumerate(("a", "b", "c")):  # c where a run made before the buckets put it
+        folder = output.child(FAILURES_DIR) if sample_id == "c" else output.child(FAILURES_DIR, bucket_of(index))
+        record = {"sample_index": index, "error": f"E{index}\nmore"}
+        write_bytes(folder.child(f"{sample_id}.json"), json.dumps(record).encode())
     committed = Committed(np.array([[1, 2], [5, 6]]))  # b committed since; sample 5 never failed
     assert failed_ids(output, committed) == {"a": "E0", "c": "E2"}
-    assert sorted(p.name for p in (tmp_path / "out" / FAILURES_DIR).iterdir()) == ["a.json", "c.json"]
+    left = sorted(p.relative_to(tmp_path / "out" / FAILURES_DIR).as_posix() for p in (tmp_path / "out").rglob("*.json"))
+    assert left == [f"{bucket_of(0)}/a.json", "c.json"]

@@ -3,7 +3,7 @@
 Models load once in ``__init__``; ``__call__`` maps a batch of sample rows (the manifest's index ranges
 expanded, pipeline/generate/work.py) to output rows, each with its sample index for the sink, with
 the images already PNG-encoded, so raw arrays never travel through the object store. A sample that
-fails (an exception, a non-finite image or score) is recorded under ``_failures/`` with its error
+fails (an exception, a non-finite image or score) is recorded under ``_failures/<bucket>/`` with its error
 and left out of the output; it is retried on the next run of the same config. With
 ``output.retry_unguided`` a sample that fails under guidance is first sampled again without it
 (same seed), and its row says method "unguided".
@@ -29,7 +29,7 @@ from guidance.lpips import shared_lpips
 from guidance.methods import SamplingConfig, lpips_folder
 from pipeline.generate.config import GenerateConfig
 from pipeline.images import png_bytes
-from pipeline.schema import FAILURES_DIR, SAMPLE_INDEX, SAMPLER_SCHEMA
+from pipeline.schema import FAILURES_DIR, SAMPLE_INDEX, SAMPLER_SCHEMA, bucket_of
 from pipeline.settings import ConfigError
 from pipeline.storage import resolve, write_bytes
 
@@ -120,7 +120,8 @@ class SampleGenerator:
 
     def _record_failure(self, row: dict, error: str, created: datetime) -> None:
         record = row | {"error": error[:4000], "run_id": self.run_id, "created_at": created.isoformat()}
-        write_bytes(self.failures.child(f"{row['sample_id']}.json"), json.dumps(record).encode())
+        write_bytes(self.failures.child(bucket_of(row[SAMPLE_INDEX]), f"{row['sample_id']}.json"),
+                    json.dumps(record).encode())
 
 
 def _non_finite(sample: GeneratedSample) -> str | None:
