@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pyarrow.compute as pc
 import yaml
 
 from pipeline.provenance import provenance_lines
-from pipeline.rows import Footers, read_committed, read_footers
+from pipeline.rows import Footers, committed_batches, read_footers
 from pipeline.schema import DATA_FILES, OLD_LAYOUT
 from pipeline.storage import Location, StorageError, exists
 
@@ -39,8 +40,23 @@ def missing_columns(folder: Location) -> list[str]:
     return list(read_footers(folder).lacking)
 
 
-def _tally(values: list) -> str:
-    return ", ".join(f"{value} ({n})" for value, n in sorted(Counter(values).items(), key=lambda item: str(item[0])))
+CARD_TALLIES = ("model", "encoder", "method")  # the columns a card counts
+
+
+def tallies(folder: Location) -> tuple[int, dict[str, Counter]]:
+    """(rows, each CARD_TALLIES column's values with their counts), counted file by file in columns: memory in a
+    few files and the distinct values, not in the rows."""
+    rows, counts = 0, {column: Counter() for column in CARD_TALLIES}
+    for batch in committed_batches(folder, list(CARD_TALLIES)):
+        rows += batch.num_rows
+        for column in CARD_TALLIES:
+            for entry in pc.value_counts(batch.column(column)).to_pylist():
+                counts[column][entry["values"]] += entry["counts"]
+    return rows, counts
+
+
+def _tally(counts: Counter) -> str:
+    return ", ".join(f"{value} ({n})" for value, n in sorted(counts.items(), key=lambda item: str(item[0])))
 
 
 def dataset_card(folder: Location, title: str, lines: list[str], provenance: dict) -> bytes:
@@ -50,11 +66,11 @@ def dataset_card(folder: Location, title: str, lines: list[str], provenance: dic
     Committed before the folder's completion marker (``storage.commit``). Model, encoder and method come from
     the committed rows themselves, so the card describes what is there.
     """
-    rows = read_committed(folder, ["model", "encoder", "method"]).to_pydict()
+    rows, counts = tallies(folder)
     about = [
         title,
-        f"{len(rows['model'])} rows; model: {_tally(rows['model'])}; encoder: {_tally(rows['encoder'])}; "
-        f"method: {_tally(rows['method'])}",
+        f"{rows} rows; model: {_tally(counts['model'])}; encoder: {_tally(counts['encoder'])}; "
+        f"method: {_tally(counts['method'])}",
         *lines,
         *provenance_lines(provenance),
         f"Rows: {DATA_FILES} (image: PNG; jepa_score: exact JEPA-SCORE; topk_score: exact top-k log-volume at the "

@@ -64,6 +64,17 @@ def run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+def test_the_card_counts_models_encoders_and_methods_over_every_file(run, tmp_path):
+    """Counts over every data file, in bucket folders too, each value with its rows."""
+    folder = resolve(str(tmp_path / "mixed"), StorageConfig())
+    rows = stored_rows(run)
+    for bucket, (part, method) in enumerate(((rows[:3], "jepa"), (rows[3:], "unguided"))):
+        table = pa.Table.from_pylist([row | {"method": method, "model": f"m{bucket}"} for row in part], OUTPUT_SCHEMA)
+        write_table(folder.child(DATA_DIR, f"{bucket:06d}", f"train-{bucket}.parquet"), table, 2)
+    card = dataset_card(folder, "a run", [], json.loads((run / RUN_FILE).read_text())["provenance"]).decode()
+    assert "# 7 rows; model: m0 (3), m1 (4); encoder: tiny (7); method: jepa (3), unguided (4)\n" in card
+
+
 def stored_rows(folder: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
