@@ -22,7 +22,7 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.evaluate.config import EvaluateConfig, ScoreConfig
 from pipeline.evaluate.job import run_evaluation
-from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics
+from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics, subsample_keys
 from pipeline.evaluate.minority import VERDICTS, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import verdict
 from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_factor
@@ -95,17 +95,23 @@ def test_precision_recall_density_coverage_on_known_manifolds():
 
 def test_subsample_is_uniform_bounded_and_independent_of_read_order():
     ids = [f"id{i:04d}" for i in range(1000)]
+    keys = subsample_keys(3, ids)
     features = np.arange(1000, dtype=np.float32)[:, None]
-    forward, backward = Subsample(100, seed=3), Subsample(100, seed=3)
+    smallest = features[np.argsort(keys)[:100]]  # the exact answer: the rows of the 100 smallest keys, in key order
+    forward, backward, uneven = Subsample(100), Subsample(100), Subsample(100)
     for start in range(0, 1000, 64):
-        forward.add(ids[start:start + 64], features[start:start + 64])
+        forward.add(keys[start:start + 64], features[start:start + 64])
     for start in reversed(range(0, 1000, 64)):
-        backward.add(ids[start:start + 64], features[start:start + 64])
-    assert forward.features.shape == (100, 1)
-    assert sorted(forward.features[:, 0]) == sorted(backward.features[:, 0])
+        backward.add(keys[start:start + 64], features[start:start + 64])
+    for start, stop in ((0, 7), (7, 300), (300, 310), (310, 1000)):  # blocks below, above and past the spare room
+        uneven.add(keys[start:stop], features[start:stop])
+    for kept in (forward, backward, uneven):
+        np.testing.assert_array_equal(kept.features, smallest)
     assert 300 < forward.features.mean() < 700  # spread over the whole set, not its first rows
-    other = Subsample(100, seed=4)
-    other.add(ids, features)
+    forward.add(keys[:0], features[:0])  # an empty block changes nothing
+    np.testing.assert_array_equal(forward.features, smallest)
+    other = Subsample(100)
+    other.add(subsample_keys(4, ids), features)
     assert sorted(other.features[:, 0]) != sorted(forward.features[:, 0])
 
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.curate.selection import valid_scores
-from pipeline.evaluate.metrics import Gaussian, Moments, Subsample
+from pipeline.evaluate.metrics import Gaussian, Moments, Subsample, subsample_keys
 from pipeline.settings import UserError
 
 
@@ -44,14 +44,15 @@ class Collector:
     def __init__(self, max_samples: int, seed: int, rarity_column: str | None = None, inception_sample: bool = False):
         self.rows = self.invalid = 0
         self.scores: list[np.ndarray] = []
-        self.subsample = Subsample(max_samples, seed)
+        self.seed = seed
+        self.subsample = Subsample(max_samples)
         self.rarity_column = rarity_column
-        self.rarity = Subsample(max_samples, seed)  # the same keys: the same rows as `subsample`
-        self.rarity_scores = Subsample(max_samples, seed, np.float64)
-        self.rarity_seeds = Subsample(max_samples, seed, np.int64)
-        self.rarity_labels = Subsample(max_samples, seed, np.int64)
+        self.rarity = Subsample(max_samples)  # offered the same keys: the same rows as `subsample`, in one order
+        self.rarity_scores = Subsample(max_samples, np.float64)
+        self.rarity_seeds = Subsample(max_samples, np.int64)
+        self.rarity_labels = Subsample(max_samples, np.int64)
         # the same rows' Inception features, when asked (the reference's, for its minority slice)
-        self.inception_sample = {name: Subsample(max_samples, seed)
+        self.inception_sample = {name: Subsample(max_samples)
                                  for name in (("pool", "spatial") if inception_sample else ())}
         self.moments: dict[str, Moments] = {}
         self.encoders: set[str] = set()
@@ -70,22 +71,22 @@ class Collector:
             self.topk.append(valid_scores(valid, "topk_score").column("topk_score").to_numpy())
         if "encoder" in valid.column_names:
             self.encoders |= set(valid.column("encoder").unique().to_pylist()) - {None}
-        ids = valid.column("sample_id").to_pylist()
+        keys = subsample_keys(self.seed, valid.column("sample_id").to_pylist())
         embeddings = _matrix(valid.column("embedding"))
-        self.subsample.add(ids, embeddings)
+        self.subsample.add(keys, embeddings)
         for name in ("embedding", "pool", "spatial"):
             if name in valid.column_names:
                 features = embeddings if name == "embedding" else _matrix(valid.column(name))
                 self.moments.setdefault(name, Moments(features.shape[1])).add(features)
                 if name in self.inception_sample:
-                    self.inception_sample[name].add(ids, features)
+                    self.inception_sample[name].add(keys, features)
         if self.rarity_column:
             column = self.rarity_column
-            self.rarity.add(ids, embeddings if column == "embedding" else _matrix(valid.column(column)))
-            self.rarity_scores.add(ids, valid.column("jepa_score").to_numpy()[:, None])
+            self.rarity.add(keys, embeddings if column == "embedding" else _matrix(valid.column(column)))
+            self.rarity_scores.add(keys, valid.column("jepa_score").to_numpy()[:, None])
             for name, kept in (("seed", self.rarity_seeds), ("class_label", self.rarity_labels)):
                 if name in valid.column_names:
-                    kept.add(ids, pc.fill_null(valid.column(name), -1).to_numpy()[:, None])
+                    kept.add(keys, pc.fill_null(valid.column(name), -1).to_numpy()[:, None])
         for name, values in self.prompted.items():
             if name in valid.column_names:
                 values.append(valid.column(name).drop_null().to_numpy())

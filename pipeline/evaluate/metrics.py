@@ -122,27 +122,58 @@ def subsample_key(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest(), "big")
 
 
-class Subsample:
-    """At most ``size`` feature rows, uniform over all rows offered, the same whatever the block order."""
+def subsample_keys(seed: int, ids: list[str]) -> np.ndarray:
+    """``subsample_key`` of each id (uint64): computed once per block for every ``Subsample`` of the same rows."""
+    return np.fromiter((subsample_key(seed, i) for i in ids), np.uint64, len(ids))
 
-    def __init__(self, size: int, seed: int, dtype: type = np.float32):
+
+class Subsample:
+    """At most ``size`` rows, uniform over all rows offered: those of the smallest keys (``subsample_keys``),
+    returned in key order, so the same rows in the same order whatever the block order, and rows of several
+    subsamples offered the same keys stay aligned.
+
+    Rows gather in a buffer with a quarter of ``size`` to spare; when it fills, only the ``size`` smallest
+    keys stay. Each row is copied a few times on the way, not once per block (keeping the subsample in one
+    array and concatenating each block to it copies the whole subsample every block: about 1.6 TB of
+    copying for a million 2048-wide Inception rows in blocks of 1,024 with ``size`` 100,000)."""
+
+    def __init__(self, size: int, dtype: type = np.float32):
         self.size = size
-        self.seed = seed
         self.dtype = dtype  # float32 keeps wide features small; float64 for values that must stay exact
         self.keys = np.zeros(0, np.uint64)
-        self.rows: np.ndarray | None = None
+        self.rows: np.ndarray | None = None  # the buffer: its first ``count`` rows are held
+        self.count = 0
 
-    def add(self, ids: list[str], features: np.ndarray) -> None:
-        keys = np.array([subsample_key(self.seed, i) for i in ids], np.uint64)
+    def add(self, keys: np.ndarray, features: np.ndarray) -> None:
         rows = np.asarray(features, self.dtype)
-        keys = np.concatenate([self.keys, keys])
-        rows = rows if self.rows is None else np.concatenate([self.rows, rows])
-        keep = np.sort(np.argpartition(keys, self.size - 1)[: self.size]) if len(keys) > self.size else slice(None)
-        self.keys, self.rows = keys[keep], rows[keep]
+        if len(keys) > self.size:  # a block larger than the subsample: only its own smallest keys can stay
+            keep = np.argpartition(keys, self.size - 1)[: self.size]
+            keys, rows = keys[keep], rows[keep]
+        if self.rows is None:
+            capacity = self.size + max(self.size // 4, len(keys))
+            self.keys, self.rows = np.empty(capacity, np.uint64), np.empty((capacity, *rows.shape[1:]), self.dtype)
+        if self.count + len(keys) > len(self.keys):
+            self._keep_smallest()
+        if self.count + len(keys) > len(self.keys):  # a block larger than the spare room: room for it
+            self.keys = np.concatenate([self.keys[: self.count], np.empty(len(keys), np.uint64)])
+            self.rows = np.concatenate([self.rows[: self.count], np.empty((len(keys), *rows.shape[1:]), self.dtype)])
+        self.keys[self.count: self.count + len(keys)] = keys
+        self.rows[self.count: self.count + len(keys)] = rows
+        self.count += len(keys)
+
+    def _keep_smallest(self) -> None:
+        if self.count > self.size:
+            keep = np.sort(np.argpartition(self.keys[: self.count], self.size - 1)[: self.size])
+            self.keys[: self.size], self.rows[: self.size] = self.keys[keep], self.rows[keep]
+            self.count = self.size
 
     @property
     def features(self) -> np.ndarray:
-        return self.rows if self.rows is not None else np.zeros((0, 0), self.dtype)
+        """The kept rows, in key order (a copy)."""
+        if self.rows is None:
+            return np.zeros((0, 0), self.dtype)
+        self._keep_smallest()
+        return self.rows[np.argsort(self.keys[: self.count], kind="stable")]
 
 
 @dataclass(frozen=True)
