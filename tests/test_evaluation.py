@@ -3,6 +3,7 @@ generated runs (local Ray, MLflow sqlite), tiny random Inception / CLIP weights 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from datetime import datetime, timezone
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.linalg
 import scipy.stats
+from scipy import sparse
 import torch
 from mlflow import MlflowClient
 from PIL import Image
@@ -22,7 +24,7 @@ from PIL import Image
 from jobs import evaluate as evaluate_job
 from pipeline.evaluate.config import EvaluateConfig, ScoreConfig
 from pipeline.evaluate.job import run_evaluation
-from pipeline.evaluate.metrics import Moments, Subsample, frechet_distance, manifold_metrics, subsample_keys
+from pipeline.evaluate.metrics import Balls, Moments, Subsample, frechet_distance, manifold_metrics, subsample_keys
 from pipeline.evaluate.minority import VERDICTS, MinorityConfig, MinorityReference, minority_test
 from pipeline.evaluate.prior import verdict
 from pipeline.evaluate.rarity import avg_knn, avg_knn_within, local_outlier_factor
@@ -91,6 +93,34 @@ def test_precision_recall_density_coverage_on_known_manifolds():
     with pytest.raises(ValueError, match="need at least 7 samples in each set"):
         manifold_metrics(real, real[:6], nearest_k=5)  # k + 1 points: prdc's own radius needs k + 2
     assert set(manifold_metrics(real, real[:7], nearest_k=5)) == {"precision", "recall", "density", "coverage"}
+
+
+@pytest.mark.parametrize("block_mib", [256, 0.01])  # one block, and blocks of a few rows
+def test_blocked_k_nn_balls_equal_prdc_and_hold_only_memberships(block_mib, monkeypatch):
+    """The same four figures as the prdc package's own all-pairs compute_prdc, on clustered and spread points."""
+    from prdc import compute_prdc
+
+    from pipeline.evaluate import metrics
+
+    monkeypatch.setattr(metrics, "BLOCK_MIB", block_mib)
+
+    rng = np.random.default_rng(0)
+    real = np.concatenate([rng.normal(0, 1, (150, 8)), rng.normal(4, 0.5, (50, 8))]).astype(np.float32)
+    fake = np.concatenate([rng.normal(0.3, 1.2, (120, 8)), rng.normal(9, 1, (40, 8))]).astype(np.float32)
+    ours, balls = manifold_metrics(real, fake, nearest_k=5), Balls(real, fake, 5)
+    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
+        theirs = compute_prdc(real, fake, 5)
+    assert ours == {name: float(value) for name, value in theirs.items()}
+    assert 0 < ours["precision"] < 1 and 0 < ours["recall"] < 1 and 0 < ours["coverage"] < 1  # not a trivial case
+    assert sparse.issparse(balls.inside) and balls.inside.nnz < real.shape[0] * fake.shape[0] / 10
+
+
+def test_ball_figures_of_a_resample_equal_those_of_its_rows_drawn_out():
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(0, 1, (80, 4)), rng.normal(0.5, 1, (60, 4))
+    balls, index = Balls(real, fake, 3), rng.integers(0, 60, 60)  # repeats, and rows never drawn
+    drawn = Balls(real, fake[index], 3)()
+    assert balls(index) == pytest.approx(drawn, abs=1e-12)
 
 
 def test_subsample_is_uniform_bounded_and_independent_of_read_order():

@@ -6,24 +6,27 @@
   ``FD = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``, in float64. The means and covariances
   are accumulated block by block (``Moments``), so FD sees every row whatever the set's size.
 - Improved precision / recall (Kynkaanniemi et al. 2019) and density / coverage (Naeem et al.
-  2020) from the ``prdc`` package, on a bounded uniform subsample (``Subsample``): they need all
-  pairwise distances in memory.
+  2020) by the ``prdc`` package's rule, on a bounded uniform subsample (``Subsample``): k-NN balls from
+  distances computed in row blocks (scikit-learn's ``pairwise_distances_chunked``), their memberships
+  kept sparse (``Balls``), so memory grows with the rows and memberships, not with reference x samples
+  as prdc's all-pairs matrices do (40 GB at 100,000 rows); checked against prdc itself in the tests.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+from scipy import sparse
+from sklearn.metrics import pairwise_distances_chunked
 
 from pipeline.settings import UserError
 
 QUANTILES = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95)
 REFERENCE_QUANTILE = 0.1  # "rarer than the reference's 10th percentile"
+BLOCK_MIB = 256  # distances computed per block of rows (a block's partition or comparison copies it once more)
 
 
 def score_summary(scores: np.ndarray) -> dict:
@@ -105,16 +108,59 @@ def knn_ready(samples: int, nearest_k: int) -> bool:
     return samples >= nearest_k + 2
 
 
-def manifold_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
-    """Precision, recall, density and coverage of ``fake`` against ``real`` with k-NN balls (prdc)."""
-    from prdc import compute_prdc
+def kth_neighbour_distances(features: np.ndarray, k: int) -> np.ndarray:
+    """Each row's distance to its k-th nearest other row of the set (the row itself counted first, as prdc
+    counts it): the radius of its k-NN ball. Distances in blocks of rows, BLOCK_MIB at a time."""
+    def kth(block: np.ndarray, start: int) -> np.ndarray:
+        return np.partition(block, k, axis=1)[:, k].copy()  # a copy: a view would keep the whole block alive
 
+    return np.concatenate(list(pairwise_distances_chunked(features, reduce_func=kth, working_memory=BLOCK_MIB)))
+
+
+class Balls:
+    """Which reference k-NN balls hold which samples, by prdc's rule (strictly inside the distance to the
+    reference row's k-th nearest other reference row; Naeem et al. 2020), and which reference rows lie
+    inside a sample's own ball when ``sample_radii`` are given (recall, Kynkaanniemi et al. 2019).
+
+    Distances come in blocks of reference rows; only memberships are kept, sparse (reference x samples),
+    so precision, density and coverage of any resample of the samples (repeats allowed) are a lookup.
+    Recall needs the samples' own balls, which a resample's repeated rows shrink: only the whole set's is
+    kept."""
+
+    def __init__(self, reference: np.ndarray, samples: np.ndarray, k: int, sample_radii: np.ndarray | None = None):
+        radii = kth_neighbour_distances(reference, k)
+
+        def block(distances: np.ndarray, start: int) -> tuple[sparse.csr_matrix, np.ndarray]:
+            inside = sparse.csr_matrix(distances < radii[start:start + len(distances), None])
+            recalled = (distances < sample_radii[None, :]).any(1) if sample_radii is not None else np.zeros(len(distances))
+            return inside, recalled
+
+        parts = list(pairwise_distances_chunked(reference, samples, reduce_func=block, working_memory=BLOCK_MIB))
+        self.inside = sparse.vstack([inside for inside, _ in parts], format="csr")
+        self.recalled = np.concatenate([recalled for _, recalled in parts]).astype(bool)  # reference rows
+        self.held = self.inside.getnnz(axis=0)  # per sample: how many reference balls hold it
+        self.k = k
+
+    def __call__(self, index: np.ndarray | None = None) -> dict[str, float]:
+        """Precision, density and coverage of the samples ``index`` draws (all of them when None)."""
+        index = np.arange(self.inside.shape[1]) if index is None else index
+        held = self.held[index]
+        drawn = np.bincount(index, minlength=self.inside.shape[1]).astype(np.float64)
+        return {"precision": float((held > 0).mean()), "density": float(1.0 / self.k * held.mean()),
+                "coverage": float(((self.inside @ drawn) > 0).mean())}
+
+
+def manifold_metrics(real: np.ndarray, fake: np.ndarray, nearest_k: int) -> dict[str, float]:
+    """Precision, recall, density and coverage of ``fake`` against ``real`` with k-NN balls, as prdc's
+    ``compute_prdc`` computes them from float32 features, in row blocks (``Balls``)."""
     if not (knn_ready(len(real), nearest_k) and knn_ready(len(fake), nearest_k)):
         raise UserError(f"k-NN metrics with k={nearest_k} need at least {nearest_k + 2} samples in each set, "
                          f"got {len(real)} reference and {len(fake)} generated; lower --nearest-k or add samples")
-    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
-        values = compute_prdc(np.asarray(real, np.float32), np.asarray(fake, np.float32), nearest_k)
-    return {name: float(value) for name, value in values.items()}
+    real, fake = np.asarray(real, np.float32), np.asarray(fake, np.float32)
+    balls = Balls(real, fake, nearest_k, sample_radii=kth_neighbour_distances(fake, nearest_k))
+    figures = balls()
+    return {"precision": figures["precision"], "recall": float(balls.recalled.mean()), "density": figures["density"],
+            "coverage": figures["coverage"]}
 
 
 def subsample_key(seed: int, sample_id: str) -> int:

@@ -3,9 +3,9 @@
 AvgkNN-style rarity rewards any move away from the reference, noise included. This test
 (docs/method.md, 'The minority test') measures a generated run and a baseline run against the
 reference's own minority (its rarest ``quantile`` by leave-one-out AvgkNN, per class when labels are
-given), in one feature space (numpy, scikit-learn and prdc on feature arrays, no I/O):
+given), in one feature space (numpy and scikit-learn on feature arrays, no I/O):
 - Frechet distance to the minority and to the whole reference, and their gap;
-- precision / recall / density / coverage against the minority (k-NN balls, prdc);
+- precision / recall / density / coverage against the minority (k-NN balls, prdc's rule);
 - the share of samples whose nearest real neighbour is a minority one;
 - each figure for the run and the baseline, with a bootstrap interval of (run - baseline), paired
   by seed when both runs carry seeds;
@@ -20,10 +20,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.metrics import pairwise_distances
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.evaluate.metrics import FrechetToGaussian, Gaussian, knn_ready, manifold_metrics
+from pipeline.evaluate.metrics import Balls, FrechetToGaussian, Gaussian, knn_ready, manifold_metrics
 from pipeline.evaluate.rarity import DEFAULT_K, avg_knn, avg_knn_within
 from pipeline.settings import UserError
 
@@ -95,25 +94,9 @@ class MinorityReference:
         return SetFigures(self, samples)
 
 
-class Balls:
-    """Which reference k-NN balls hold which samples (prdc's rule: strictly inside the k-th neighbour's radius),
-    so that precision, density and coverage of any resample are a lookup (Naeem et al. 2020). Recall needs
-    the samples' own balls, which a resample's repeated rows shrink: it is computed once, by prdc."""
-
-    def __init__(self, reference: np.ndarray, samples: np.ndarray, k: int):
-        radii = NearestNeighbors(n_neighbors=k + 1).fit(reference).kneighbors(reference)[0][:, -1]
-        distances = pairwise_distances(reference, samples)  # as prdc computes them
-        self.inside = distances < radii[:, None]  # reference x samples
-        self.k = k
-
-    def __call__(self, index: np.ndarray) -> dict[str, float]:
-        inside = self.inside[:, index]
-        return {"precision": float(inside.any(0).mean()), "density": float(inside.sum(0).mean() / self.k),
-                "coverage": float(inside.any(1).mean())}
-
-
 class SetFigures:
-    """One set's figures against a ``MinorityReference``: all its rows by prdc, or a resample by lookup."""
+    """One set's figures against a ``MinorityReference``: all its rows (``manifold_metrics``), or a resample by
+    lookup (``Balls``)."""
 
     def __init__(self, reference: MinorityReference, samples: np.ndarray):
         config = reference.config
@@ -133,7 +116,7 @@ class SetFigures:
                 "avg_knn": float(self.avg_knn[rows].mean())}
 
     def whole(self) -> dict[str, float]:
-        """Every figure on every row (precision / recall / density / coverage by prdc)."""
+        """Every figure on every row (precision / recall / density / coverage by ``manifold_metrics``)."""
         k = self.reference.config.nearest_k
         return {**self._shared(None), **manifold_metrics(self.reference.minority, self.samples, k),
                 "precision_all": manifold_metrics(self.reference.features, self.samples, k)["precision"]}

@@ -16,7 +16,7 @@ from sklearn.neighbors import NearestNeighbors
 from pipeline.settings import UserError
 
 MODES = ("exact", "approximate", "auto")
-APPROXIMATE_ABOVE = 100_000  # prdc's exact pairwise distances of 100k rows take 40 GB; sklearn's brute force hours
+APPROXIMATE_ABOVE = 100_000  # exact k-NN over every pair of 100k rows takes scikit-learn's brute force hours
 PROBES = 32  # cells scanned per query: recall@5 1.0 on 20k clustered points, 0.72 on 200k unclustered (docs/cluster.md)
 CELL_SIZE = 39  # faiss's k-means needs at least 39 training points per cell
 TRAIN_PER_CELL = 64  # k-means rows per cell: a million rows of 2048 dims train in seconds, not an hour
