@@ -89,7 +89,7 @@ def test_a_killed_sampler_actor_is_restarted_and_every_sample_lands_once(ray_clu
     assert committed < 24 and driver.poll() is None  # killed mid-run
     assert finish(driver, log) == 0, log.read_text()[-3000:]
     assert_exactly_once(out)
-    assert not list((out / FAILURES_DIR).glob("*.json"))
+    assert not list((out / FAILURES_DIR).rglob("*.json"))
 
 
 @pytest.fixture
@@ -343,7 +343,7 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     path = write_config(sampling=overflow, work={"class_labels": [0, 3], "samples_per_label": 1})
     assert generate_job.main([path]) == 1
     lines = capsys.readouterr().out.splitlines()
-    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).glob("*.json")]
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / FAILURES_DIR).rglob("*.json")]
     assert len(records) == 2 and all("NaN or infinite" in r["error"] for r in records)
     error = records[0]["error"].splitlines()[0]
     assert "samples:   0 of 2 committed (0 by this run), 2 failed" in lines
@@ -356,7 +356,7 @@ def test_a_guidance_overflow_is_recorded_or_retried_unguided_when_configured(ray
     rows = read_rows(pafs.LocalFileSystem(), str(tmp_path / "out" / "data"))
     assert [r["method"] for r in rows] == ["unguided", "unguided"]
     assert all(np.isfinite(r["jepa_score"]) for r in rows)
-    assert not list((tmp_path / "out" / FAILURES_DIR).glob("*.json"))  # records of committed ids are removed
+    assert not list((tmp_path / "out" / FAILURES_DIR).rglob("*.json"))  # records of committed ids are removed
 
 
 def test_an_unreachable_endpoint_is_not_blamed_on_credentials_whatever_the_object_is_called():
