@@ -120,19 +120,22 @@ def kth_neighbour_distances(features: np.ndarray, k: int) -> np.ndarray:
 class Balls:
     """Which reference k-NN balls hold which samples, by prdc's rule (strictly inside the distance to the
     reference row's k-th nearest other reference row; Naeem et al. 2020), and which reference rows lie
-    inside a sample's own ball when ``sample_radii`` are given (recall, Kynkaanniemi et al. 2019).
+    inside a sample's own ball when ``sample_radii`` are given (recall, Kynkaanniemi et al. 2019). The
+    reference's own ``radii`` (``kth_neighbour_distances``) may be given when many sets are measured against it.
 
     Distances come in blocks of reference rows; only memberships are kept, sparse (reference x samples),
     so precision, density and coverage of any resample of the samples (repeats allowed) are a lookup.
     Recall needs the samples' own balls, which a resample's repeated rows shrink: only the whole set's is
     kept."""
 
-    def __init__(self, reference: np.ndarray, samples: np.ndarray, k: int, sample_radii: np.ndarray | None = None):
-        radii = kth_neighbour_distances(reference, k)
+    def __init__(self, reference: np.ndarray, samples: np.ndarray, k: int, sample_radii: np.ndarray | None = None,
+                 radii: np.ndarray | None = None):
+        radii = kth_neighbour_distances(reference, k) if radii is None else radii
 
         def block(distances: np.ndarray, start: int) -> tuple[sparse.csr_matrix, np.ndarray]:
             inside = sparse.csr_matrix(distances < radii[start:start + len(distances), None])
-            recalled = (distances < sample_radii[None, :]).any(1) if sample_radii is not None else np.zeros(len(distances))
+            recalled = (np.zeros(len(distances)) if sample_radii is None
+                        else (distances < sample_radii[None, :]).any(1))
             return inside, recalled
 
         parts = list(pairwise_distances_chunked(reference, samples, reduce_func=block, working_memory=BLOCK_MIB))

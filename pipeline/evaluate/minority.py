@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
 
-from pipeline.evaluate.metrics import Balls, FrechetToGaussian, Gaussian, knn_ready, manifold_metrics
+from pipeline.evaluate.metrics import (Balls, FrechetToGaussian, Gaussian, knn_ready, kth_neighbour_distances,
+                                      manifold_metrics)
 from pipeline.evaluate.rarity import DEFAULT_K, avg_knn, avg_knn_within
 from pipeline.settings import UserError
 
@@ -88,6 +89,9 @@ class MinorityReference:
                              "reference, a larger quantile or a smaller k")
         self.minority = self.features[self.mask]
         self.gaussians = {name: Gaussian.of_rows(rows) for name, rows in (("minority", self.minority), ("all", self.features))}
+        # the k-NN ball radii of both, once: every set measured against them (run, baseline) uses them
+        self.radii = {name: kth_neighbour_distances(rows, config.nearest_k)
+                      for name, rows in (("minority", self.minority), ("all", self.features))}
         self.nearest = NearestNeighbors(n_neighbors=1).fit(self.features)
 
     def figures(self, samples: np.ndarray) -> SetFigures:
@@ -105,8 +109,8 @@ class SetFigures:
         self.fd = {name: FrechetToGaussian(self.samples, g) for name, g in reference.gaussians.items()}
         self.avg_knn = avg_knn(self.samples, reference.features, config.k)
         self.nearest_minority = reference.mask[reference.nearest.kneighbors(self.samples, return_distance=False)[:, 0]]
-        self.balls = {"minority": Balls(reference.minority, self.samples, config.nearest_k),
-                      "all": Balls(reference.features, self.samples, config.nearest_k)}
+        self.balls = {name: Balls(rows, self.samples, config.nearest_k, radii=reference.radii[name])
+                      for name, rows in (("minority", reference.minority), ("all", reference.features))}
 
     def _shared(self, index: np.ndarray | None) -> dict[str, float]:
         fd_minority, fd_all = self.fd["minority"](index), self.fd["all"](index)
